@@ -1,0 +1,64 @@
+"""Shared CLI plumbing: the stderr console, logging set-up and error → exit-code mapping.
+
+Commands stay thin: they call one library function inside ``handle_errors()``, which turns a
+``DigsegError`` into one red line on stderr and the error's documented exit code (never a traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+import typer
+from rich.console import Console
+
+from digseg_cli import errors
+
+# Logs, progress and tables go to stderr so that `--json` output on stdout stays machine-readable.
+err_console = Console(stderr=True)
+out_console = Console()
+
+log = logging.getLogger("digseg")
+
+
+def setup_logging(verbosity: int) -> None:
+    """-q → warnings only, default → info, -v → debug for digseg, -vv → debug for everything."""
+    from rich.logging import RichHandler
+
+    level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
+    handler = RichHandler(console=err_console, show_path=False, show_time=False, rich_tracebacks=False)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    logging.getLogger("digseg").setLevel(level)
+    if verbosity < 2:
+        # Third-party libraries are chatty at INFO (and print progress bars): keep them quiet.
+        for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print one red line on stderr and return the Exit to raise (``raise fail(...) from None``)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
+@contextlib.contextmanager
+def handle_errors() -> Iterator[None]:
+    """Map library errors to their exit codes; Ctrl-C to 130."""
+    try:
+        yield
+    except errors.DigsegError as exc:
+        raise fail(str(exc), exc.exit_code) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", errors.EXIT_INTERRUPTED) from None
+    except FileNotFoundError as exc:
+        raise fail(f"{exc.strerror}: {exc.filename}", errors.EXIT_USAGE) from None
+
+
+def stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
