@@ -1,0 +1,144 @@
+"""The DiGSeg network (DESIGN §1 steps 1–4): widened U-Net, frozen VAE codec, text encoder, text pathway.
+
+Tensor-only. It knows diffusers' `UNet2DConditionModel` / `AutoencoderKL` and a transformers text
+encoder, but not tokenizers, files, devices, schedulers or which model family (SD or compact) it runs:
+every size is read from the components' own configs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def expand_conv_in(unet: nn.Module, in_channels: int = 8) -> None:
+    """Widen `unet.conv_in` from C to `in_channels` = k·C inputs by copy-and-scale (Marigold's init).
+
+    The pretrained kernel is repeated k times along the input axis and divided by k, so feeding `[z, z]`
+    reproduces the base conv exactly (DESIGN §1.3). Updates `unet.config.in_channels` so
+    `save_pretrained` round-trips.
+    """
+    old = unet.conv_in
+    if old.in_channels == in_channels:
+        return
+    if in_channels % old.in_channels:
+        raise ValueError(f"`in_channels` must be a multiple of {old.in_channels}, got {in_channels}")
+    k = in_channels // old.in_channels
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    new = new.to(device=old.weight.device, dtype=old.weight.dtype)
+    with torch.no_grad():
+        # The bias is added once per output channel, not once per input half, so it is kept as is:
+        # halving it too would break the [z, z] → base-output invariant that DESIGN §1.3 asks for.
+        new.weight.copy_(old.weight.repeat(1, k, 1, 1) / k)  # [C_out, k·C_in, 3, 3]
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+
+
+class TextPathway(nn.Module):
+    """The parallel text pathway (DESIGN §1.4b): pooled prompt embedding → FiLM (scale, shift) per U-Net level.
+
+    One small MLP per level (each down block, the mid block, each up block). The last layer of each MLP
+    is zero-initialised, so a fresh pathway is the identity and a fresh DiGSeg equals the base U-Net.
+    """
+
+    def __init__(self, text_dim: int, level_channels: list[int], hidden: int = 256):
+        super().__init__()
+        self.level_channels = list(level_channels)
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, 2 * c)) for c in level_channels
+        )
+        for mlp in self.mlps:
+            nn.init.zeros_(mlp[-1].weight)
+            nn.init.zeros_(mlp[-1].bias)
+
+    def forward(self, pooled: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = []
+        for mlp in self.mlps:
+            scale, shift = mlp(pooled).chunk(2, dim=-1)  # [B,D] -> 2 × [B,C]
+            out.append((scale[:, :, None, None], shift[:, :, None, None]))  # [B,C,1,1]
+        return out
+
+
+def unet_level_channels(unet: nn.Module) -> list[int]:
+    """Output channels of each down block, the mid block (if any) and each up block, in call order."""
+    chans = list(unet.config.block_out_channels)
+    mid = [chans[-1]] if unet.mid_block is not None else []
+    return chans + mid + list(reversed(chans))
+
+
+class DigsegModel(nn.Module):
+    """U-Net + text pathway + VAE + text encoder, with the few tensor operations DiGSeg needs.
+
+    The FiLM modulation is applied by forward hooks on the U-Net's blocks, so the U-Net stays a plain
+    diffusers module (its `save_pretrained`, gradient checkpointing and attention processors keep working).
+    """
+
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, text_pathway: TextPathway):
+        super().__init__()
+        self.unet, self.vae, self.text_encoder, self.text_pathway = unet, vae, text_encoder, text_pathway
+        self._film: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks)
+        if len(blocks) != len(text_pathway.level_channels):
+            raise ValueError("text pathway levels do not match the U-Net's blocks")
+        for level, block in enumerate(blocks):
+            block.register_forward_hook(self._make_film_hook(level))
+
+    # -- sizes read from the components' configs (never hard-coded) ---------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixel sizes must be multiples of this: the VAE's factor times the U-Net's down-sampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    # -- FiLM hooks ----------------------------------------------------------------------------------
+    def _make_film_hook(self, level: int):
+        def hook(module, args, output):
+            if self._film is None:
+                return output
+            scale, shift = self._film[level]
+            if isinstance(output, tuple):  # down block: (hidden [B,C,h,w], residuals); last residual is hidden
+                hidden, res = output
+                modulated = hidden * (1 + scale) + shift
+                return modulated, res[:-1] + (modulated,)
+            return output * (1 + scale) + shift
+
+        return hook
+
+    # -- the operations of DESIGN §1 -----------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B,3,H,W]` in [-1,1] → latent `[B,4,H/f,W/f]` = scaling_factor · mean(E(x))."""
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return dist.mean * self.vae.config.scaling_factor  # [B,4,h,w]
+
+    def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """Binary mask `[B,1,H,W]` in {0,1} → drawn as 3-channel `2m−1` and encoded like an image."""
+        pixels = (2 * mask - 1).expand(-1, 3, -1, -1)  # [B,3,H,W] in [-1,1]
+        return self.encode_image(pixels)
+
+    def decode_probs(self, latent: torch.Tensor) -> torch.Tensor:
+        """Mask latent `[B,4,h,w]` → probability `[B,H,W]` in [0,1]: decode, mean of channels, (s+1)/2."""
+        decoded = self.vae.decode(latent.to(self.vae.dtype) / self.vae.config.scaling_factor).sample  # [B,3,H,W]
+        return ((decoded.float().mean(dim=1) + 1) / 2).clamp(0, 1)  # [B,H,W]
+
+    def encode_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Token ids `[B,L]` → (sequence embedding `[B,L,D]` for cross-attention, pooled `[B,D]` for FiLM)."""
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state, out.pooler_output
+
+    def forward(self, z_img, z_t, timestep, text_emb, pooled) -> torch.Tensor:
+        """One U-Net pass: `cat([z_img, z_t])` `[B,8,h,w]` at `timestep` `[B]`, steered by the prompt."""
+        # Order matters: the image latent comes first, as in training and in the widened conv_in.
+        sample = torch.cat([z_img, z_t], dim=1).to(self.unet.dtype)  # [B,8,h,w]
+        self._film = self.text_pathway(pooled.to(self.unet.dtype))
+        try:
+            return self.unet(sample, timestep, encoder_hidden_states=text_emb.to(self.unet.dtype)).sample  # [B,4,h,w]
+        finally:
+            self._film = None

@@ -1,0 +1,78 @@
+"""Device and precision resolution, done once at the edge (code-style rule 10).
+
+`auto` picks CUDA, then MPS, then CPU; an explicit device that is not there is an error with its own exit
+code, never a silent fallback. Precision `auto` means bf16 on CUDA where supported (else fp16) and fp32
+on CPU and MPS. This module never mutates environment variables and knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from digseg_cli.errors import DeviceUnavailableError, UsageError
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """`auto|cpu|cuda|cuda:N|mps` → a torch.device that exists on this machine."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not _mps_available():
+            raise DeviceUnavailableError("device `mps` is not available on this machine: use --device cpu or --device auto")
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?|(\d+)", name)
+    if not match:
+        raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    index = int(match.group(1) or match.group(2) or 0)
+    if not torch.cuda.is_available():
+        raise DeviceUnavailableError(f"device `{name}` is not available (no CUDA GPU found): use --device cpu or --device auto")
+    if index >= torch.cuda.device_count():
+        raise DeviceUnavailableError(f"device `cuda:{index}` does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    """`auto|fp32|fp16|bf16` → dtype; `auto` is bf16/fp16 on CUDA and fp32 elsewhere."""
+    precision = (precision or "auto").lower()
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
+    if device.type == "cpu" and precision == "fp16":
+        raise UsageError("fp16 is not supported on the CPU: use --precision fp32 (or bf16 on CPUs with AVX512-BF16/AMX)")
+    return PRECISIONS[precision]
+
+
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """One line for the banner: device name, memory and dtype."""
+    precision = {v: k for k, v in PRECISIONS.items()}[dtype]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB), {precision}"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads), {precision}"
+    return f"{device}, {precision}"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA and MPS out-of-memory errors (which torch raises under different types)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

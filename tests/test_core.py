@@ -1,0 +1,248 @@
+"""Invariants of the DiGSeg core (issue: foundation): conv_in widening, identity at init, samplers, loss,
+checkpoints, determinism and batching, and the core's layering."""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digseg_cli.checkpoint import build_compact, build_from_sd_base, load_checkpoint
+from digseg_cli.core import diffusion
+from digseg_cli.core.model import expand_conv_in
+from digseg_cli.pipeline import DigsegPipeline, load_pipeline
+
+
+def _image(h=40, w=48, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_expand_conv_in_reproduces_base_conv():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    torch.nn.init.normal_(unet.conv_in.bias)  # a non-zero bias must survive the widening too
+    base = copy.deepcopy(unet.conv_in)
+    expand_conv_in(unet, 8)
+    z = torch.randn(2, 4, 16, 16)
+    assert unet.conv_in.in_channels == 8 and unet.config.in_channels == 8
+    torch.testing.assert_close(unet.conv_in(torch.cat([z, z], 1)), base(z), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("source", ["compact", "sd"])
+def test_fresh_model_equals_base_unet(source, tiny_sd_base):
+    """Zero-initialised pathway + copy-and-halve conv_in: DiGSeg on [z, z] is the base U-Net on z."""
+    from diffusers import UNet2DConditionModel
+
+    if source == "compact":
+        loaded = build_compact("tiny", seed=3)
+        base = copy.deepcopy(loaded.model.unet)
+        # Undo the widening on the copy: the base is the 4-channel U-Net the compact config describes.
+        w = base.conv_in.weight.detach()[:, :4] * 2
+        conv = torch.nn.Conv2d(4, w.shape[0], 3, padding=1)
+        conv.weight.data.copy_(w)
+        conv.bias.data.copy_(base.conv_in.bias.detach())
+        base.conv_in = conv
+    else:
+        base = UNet2DConditionModel.from_pretrained(tiny_sd_base, subfolder="unet")
+        loaded = build_from_sd_base(tiny_sd_base)
+    model = loaded.model.eval()
+    # The pathway starts at zero; perturb nothing else.
+    z = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([999, 10])
+    ids = loaded.tokenizer(["road", "tree"], padding="max_length", max_length=loaded.tokenizer.model_max_length,
+                           return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb, pooled = model.encode_prompt(ids)
+        ours = model(z, z, t, emb, pooled)
+        ref = base.eval()(z, t, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_trained_pathway_changes_output():
+    """Guard against a pathway that never reaches the U-Net (the identity test above would still pass)."""
+    loaded = build_compact("tiny")
+    model = loaded.model.eval()
+    z = torch.randn(1, 4, 8, 8)
+    ids = loaded.tokenizer(["road"], padding="max_length", max_length=32, return_tensors="pt").input_ids
+    with torch.no_grad():
+        emb, pooled = model.encode_prompt(ids)
+        before = model(z, z, torch.tensor([999]), emb, pooled)
+        for mlp in model.text_pathway.mlps:
+            torch.nn.init.normal_(mlp[-1].weight, std=0.1)
+        after = model(z, z, torch.tensor([999]), emb, pooled)
+    assert (before - after).abs().max() > 1e-3
+
+
+def _record_timesteps(pipe: DigsegPipeline) -> list[int]:
+    seen: list[int] = []
+
+    def hook(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        seen.extend(torch.as_tensor(t).reshape(-1).tolist())
+
+    pipe.model.unet.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def test_one_step_inference_and_one_step_trailing_ddim_call_unet_at_T_minus_1():
+    pipe = DigsegPipeline(build_compact("tiny"))
+    seen = _record_timesteps(pipe)
+    pipe(_image(), ["road"])
+    T = pipe.scheduler.config.num_train_timesteps
+    assert seen and set(seen) == {T - 1}
+
+    ddim = DigsegPipeline(build_compact("tiny", objective="diffusion"))
+    seen = _record_timesteps(ddim)
+    ddim(_image(), ["road"], steps=1)
+    assert set(seen) == {T - 1}
+    seen.clear()
+    ddim(_image(), ["road"], steps=4)
+    assert seen[0] == T - 1 and len(set(seen)) == 4
+
+
+def test_sample_ddim_rejects_out_of_range_steps():
+    sched = diffusion.make_scheduler(build_compact("tiny").scheduler_config)
+    with pytest.raises(ValueError, match="between 1 and 50"):
+        diffusion.sample_ddim(lambda z, t: z, torch.zeros(1, 4, 4, 4), sched, 51)
+
+
+def test_one_step_model_refuses_more_steps():
+    from digseg_cli.errors import UsageError
+
+    pipe = DigsegPipeline(build_compact("tiny"))
+    with pytest.raises(UsageError, match="one-step"):
+        pipe(_image(), ["road"], steps=4)
+
+
+def test_save_load_gives_identical_probabilities(tmp_path):
+    pipe = load_pipeline("tiny")
+    image = _image()
+    before = pipe(image, ["road", "tree"])
+    pipe.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
+        ["digseg_config.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway"])
+    assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
+    after = load_pipeline(tmp_path / "ckpt")(image, ["road", "tree"])
+    assert torch.equal(before.probs, after.probs) and torch.equal(before.labels, after.labels)
+
+
+def test_load_checks_keys_strictly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from digseg_cli.errors import CheckpointError
+
+    load_pipeline("tiny").save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "text_pathway" / "model.safetensors"
+    state = load_file(str(path))
+    state.pop(next(iter(state)))
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_checkpoint(tmp_path / "ckpt")
+
+
+def test_same_seed_same_output_and_batch_equals_single():
+    pipe = DigsegPipeline(build_compact("tiny", objective="diffusion", default_steps=3))
+    image = _image()
+    a = pipe(image, ["road", "tree", "water"], seed=7)
+    b = pipe(image, ["road", "tree", "water"], seed=7)
+    c = pipe(image, ["road", "tree", "water"], seed=8)
+    assert torch.equal(a.probs, b.probs)
+    assert not torch.equal(a.probs, c.probs)
+    singles = torch.cat([pipe(image, [p], seed=7).probs for p in ["road", "tree", "water"]])
+    torch.testing.assert_close(a.probs, singles, atol=1e-5, rtol=0)
+    pipe.batch_size = 1
+    torch.testing.assert_close(pipe(image, ["road", "tree", "water"], seed=7).probs, a.probs, atol=1e-5, rtol=0)
+
+
+def test_output_shapes_ranges_labels_and_ensemble():
+    pipe = load_pipeline("tiny")
+    image = _image(37, 53)
+    out = pipe(image, ["road", ["tree", "forest"]], ensemble=4, threshold=0.0)
+    assert out.probs.shape == (2, 37, 53) and out.labels.shape == (37, 53) and out.masks.shape == (2, 37, 53)
+    assert out.probs.min() >= 0 and out.probs.max() <= 1
+    # threshold 0: every pixel gets the argmax class (1-based)
+    torch.testing.assert_close(out.labels, out.probs.argmax(0) + 1)
+    none = pipe(image, ["road"], threshold=1.0)
+    assert (none.labels == (none.probs[0] >= 1.0).long()).all()
+
+
+def test_processing_resolution_and_padding():
+    from digseg_cli.core import transforms
+
+    assert transforms.processing_size(300, 200, 64) == (64, 43)
+    x, pad = transforms.pad_to_multiple(torch.zeros(1, 3, 43, 30), 8)
+    assert x.shape[-2:] == (48, 32) and pad == (5, 2)
+    assert transforms.unpad(x, pad).shape[-2:] == (43, 30)
+    k = torch.arange(12.0).reshape(1, 3, 4)
+    for i in range(8):
+        assert torch.equal(transforms.dihedral_inverse(transforms.dihedral(k, i), i), k)
+
+
+def test_sd_base_folder_loads_offline_and_runs(tiny_sd_base, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pipeline(tiny_sd_base)
+    assert pipe.config.prediction_type == "epsilon"
+    assert pipe.model.unet.config.in_channels == 8
+    out = pipe(_image(), ["road"], resolution=32)
+    assert out.probs.shape == (1, 40, 48)
+    pipe.save_pretrained(tmp_path / "from-sd")
+    again = load_pipeline(tmp_path / "from-sd")
+    assert again.config.base_model == str(tiny_sd_base)
+    assert torch.equal(again(_image(), ["road"], resolution=32).probs, out.probs)
+
+
+@pytest.mark.parametrize("objective", ["one-step", "diffusion"])
+def test_training_on_one_batch_lowers_loss_5x(objective):
+    from digseg_cli.train import batch_loss
+
+    torch.manual_seed(0)
+    loaded = build_compact("tiny", objective=objective)
+    model = loaded.model
+    model.vae.requires_grad_(False)
+    sched = diffusion.make_scheduler(loaded.scheduler_config)
+    r = 32
+    target = torch.zeros(4, 1, r, r)
+    target[0, :, 8:24, 8:24] = 1
+    target[1, :, :, 12:20] = 1
+    target[2, :, 20:, :] = 1
+    batch = {
+        "pixel_values": torch.rand(4, 3, r, r) * 2 - 1,
+        "target": target,
+        "input_ids": loaded.tokenizer(["building", "road", "water", "tree"], padding="max_length", max_length=32,
+                                      return_tensors="pt").input_ids,
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-3)
+    losses = []
+    for step in range(200):
+        gen = torch.Generator().manual_seed(step % 4)  # a fixed batch: the same few noise draws repeat
+        loss = batch_loss(model, batch, sched, objective=objective, generator=gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last * 5 <= first, (first, last)
+
+
+def test_core_imports_no_io_or_cli_libraries():
+    forbidden = {"typer", "rich", "PIL", "cv2", "click", "digseg_cli.cli"}
+    core = Path(__file__).resolve().parents[1] / "digseg_cli" / "core"
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in forbidden and name not in forbidden, f"{path.name} imports {name}"
+                assert not name.startswith("digseg_cli.") or name.startswith("digseg_cli.core"), (
+                    f"{path.name} imports {name}: the core must not import the library layer")
