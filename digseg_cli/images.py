@@ -1,0 +1,432 @@
+"""Image files in and out: decoding photos and masks, writing label maps and probabilities, overlays.
+
+Every pixel that enters or leaves digseg through a file passes through here, so decoding rules live in
+one place:
+
+- ``read_image`` detects the type by content (never by extension), applies the EXIF orientation and
+  returns ``HxWx3`` uint8 RGB. Greyscale is repeated over three channels; palette images are expanded
+  to their colours; CMYK/YCbCr/LAB are converted by Pillow; 16-bit greyscale (``I;16``) is scaled
+  linearly to 8 bits (``v / 257``); 32-bit ``I`` and float ``F`` images are scaled by their value range.
+  **Alpha is dropped**, not composited: the colours stored under transparent pixels are kept as they
+  are, because the model segments what was photographed (transparent no-data areas are usually black).
+  Multi-frame files (GIF, TIFF) give their first frame.
+- ``read_mask`` returns ``HxW`` integer class indices. Palette PNGs are read as indices, never as
+  colours; ``L``/``I;16``/``I`` as stored; RGB masks whose three channels are equal as one channel.
+- Writers are atomic (temporary file in the same folder, then ``os.replace``), so a crash never leaves a
+  half-written file under the final name. ``atomic_path`` and ``atomic_write_bytes`` are shared with the
+  rest of the library.
+
+It deliberately knows nothing of models, prompts, tensors, folder layouts or file naming schemes:
+callers decide which file to write; this module only decides how.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageColor, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+from digseg_cli.errors import UsageError
+
+PathLike = str | os.PathLike[str]
+RGB = tuple[int, int, int]
+
+# Hand-picked, mutually distinct colours for the first classes (index 0 = background = black).
+_BASE_COLORS: tuple[RGB, ...] = (
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 250, 200),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (128, 128, 128),
+)
+
+
+class ImageReadError(UsageError):
+    """A file could not be decoded as an image or mask; the message names the file and the reason."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"cannot read image {path}: {reason}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffix); on success it replaces ``path`` atomically.
+
+    On an exception the temporary file is removed and ``path`` is untouched. With ``overwrite=False``
+    an existing ``path`` raises ``UsageError`` before anything is written.
+    """
+    final = Path(path)
+    if not overwrite and final.exists():
+        raise UsageError(f"{final} already exists; pass --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically and return the path."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = True) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically and return the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+
+
+def _open(path: PathLike) -> Image.Image:
+    """Decode ``path`` (first frame, EXIF orientation applied), mapping every failure to ``ImageReadError``."""
+    p = Path(path)
+    if not p.exists():
+        raise ImageReadError(path, "no such file")
+    if p.is_dir():
+        raise ImageReadError(path, "is a folder")
+    try:
+        data = p.read_bytes()  # decoded from memory: no file handle is left open (GIF, TIFF)
+    except OSError as exc:
+        raise ImageReadError(path, exc.strerror or str(exc)) from None
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image file (unknown format)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageReadError(path, f"corrupt or truncated ({exc})") from None
+    return im
+
+
+def is_image_file(path: PathLike) -> bool:
+    """True when Pillow recognises the content of ``path`` as an image (header sniff, no decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im.format is not None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return False
+
+
+def _scale_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Map a wide integer or float single-band array to uint8 (see the module docstring)."""
+    if mode.startswith("I;16"):
+        return np.round(a.astype(np.float32) / 257.0).astype(np.uint8)
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = a * 255.0
+    elif lo >= 0.0 and hi <= 255.0:
+        scaled = a
+    elif lo >= 0.0 and hi <= 65535.0:
+        scaled = a / 257.0
+    else:
+        scaled = (a - lo) / max(hi - lo, 1e-12) * 255.0
+    scaled = np.where(finite, scaled, 0.0)
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def to_rgb_array(im: Image.Image) -> np.ndarray:
+    """Convert a decoded Pillow image of any mode to ``HxWx3`` uint8 RGB (alpha dropped)."""
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        grey = _scale_to_uint8(np.asarray(im), mode)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in ("RGBA", "RGBa", "RGBX"):
+        return np.asarray(im.convert("RGBA"), dtype=np.uint8)[:, :, :3].copy()
+    if mode in ("L", "LA", "La", "1"):
+        grey = np.asarray(im.convert("L"), dtype=np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in ("P", "PA"):
+        return np.asarray(im.convert("RGBA"), dtype=np.uint8)[:, :, :3].copy()
+    # CMYK, YCbCr, LAB, HSV and anything else Pillow knows how to convert.
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read any image file as ``HxWx3`` uint8 RGB, EXIF orientation applied; see the module docstring."""
+    im = _open(path)
+    try:
+        return to_rgb_array(im)
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(path, f"cannot convert {im.mode} image to RGB ({exc})") from None
+
+
+def read_mask(path: PathLike) -> np.ndarray:
+    """Read a class-index mask as ``HxW`` integers (uint8 for 8-bit files, int32 for wider ones).
+
+    Palette images give their indices; RGB(A) masks are accepted only when R == G == B everywhere
+    (otherwise they are colour-coded and need a colour table, which raises ``ImageReadError``).
+    """
+    im = _open(path)
+    mode = im.mode
+    if mode in ("P", "L"):
+        return np.asarray(im, dtype=np.uint8).copy()
+    if mode in ("PA", "LA", "La"):
+        return np.asarray(im, dtype=np.uint8)[:, :, 0].copy()
+    if mode == "1":
+        return np.asarray(im, dtype=np.uint8).copy()  # bool → 0/1
+    if mode.startswith("I"):
+        return np.asarray(im).astype(np.int32)
+    if mode == "F":
+        a = np.asarray(im)
+        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
+            raise ImageReadError(path, "float mask with non-integer values; save masks as integer PNGs")
+        return a.astype(np.int32)
+    if mode in ("RGB", "RGBA", "RGBX"):
+        a = np.asarray(im, dtype=np.uint8)[:, :, :3]
+        if np.array_equal(a[:, :, 0], a[:, :, 1]) and np.array_equal(a[:, :, 0], a[:, :, 2]):
+            return a[:, :, 0].copy()
+        raise ImageReadError(
+            path, "colour-coded RGB mask; save masks as single-channel class-index PNGs (or palette PNGs)"
+        )
+    raise ImageReadError(path, f"unsupported mask mode {mode}; save masks as single-channel PNGs")
+
+
+# --------------------------------------------------------------------------------------------------
+# Colours
+
+
+def default_palette(n: int) -> list[RGB]:
+    """``n`` distinct RGB colours; index 0 is black (background). Deterministic."""
+    colors = list(_BASE_COLORS[:n])
+    golden = 0.618033988749895
+    i = 0
+    while len(colors) < n:
+        hue = (0.11 + i * golden) % 1.0
+        sat = 0.55 + 0.4 * ((i * 7) % 3) / 2
+        val = 0.95 - 0.35 * ((i * 5) % 2)
+        r, g, b = colorsys.hsv_to_rgb(hue, sat, val)
+        colors.append((int(r * 255), int(g * 255), int(b * 255)))
+        i += 1
+    return colors
+
+
+def parse_color(value: str | Sequence[int]) -> RGB:
+    """A colour name (``"orange"``), ``#rrggbb``/``#rgb``, ``rgb(…)`` or ``"r,g,b"`` → (r, g, b)."""
+    if not isinstance(value, str):
+        vals = tuple(int(v) for v in value)
+        if len(vals) != 3 or any(v < 0 or v > 255 for v in vals):
+            raise UsageError(f"colour {list(value)!r} must be three integers in 0..255")
+        return vals  # type: ignore[return-value]
+    text = value.strip()
+    if "," in text and not text.lower().startswith(("rgb", "hsl", "hsv")):
+        try:
+            return parse_color([int(v) for v in text.split(",")])
+        except ValueError:
+            pass
+    try:
+        rgb = ImageColor.getrgb(text)
+    except ValueError:
+        raise UsageError(f"unknown colour {value!r}; use a name like 'orange', '#ff8800' or '255,136,0'") from None
+    return (int(rgb[0]), int(rgb[1]), int(rgb[2]))
+
+
+def colorize_labels(labels: np.ndarray, palette: Sequence[RGB]) -> np.ndarray:
+    """``HxW`` label map → ``HxWx3`` uint8 colours; values beyond the palette are drawn white."""
+    lut = np.full((max(int(labels.max(initial=0)) + 1, len(palette)), 3), 255, np.uint8)
+    lut[: len(palette)] = np.asarray(palette, np.uint8).reshape(-1, 3)
+    return lut[np.clip(labels, 0, None).astype(np.int64)]
+
+
+def _full_palette(palette: Sequence[RGB] | None) -> list[int]:
+    colors = list(palette) if palette is not None else []
+    colors += default_palette(256)[len(colors) :]
+    return [c for rgb in colors[:256] for c in rgb]
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _save_pil(path: PathLike, im: Image.Image, *, overwrite: bool = True, **params: object) -> Path:
+    fmt = _format_for(path)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        im.save(tmp, format=fmt, **params)
+    return Path(path)
+
+
+def _format_for(path: PathLike) -> str:
+    suffix = Path(path).suffix.lower()
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
+               ".tiff": "TIFF", ".bmp": "BMP"}
+    if suffix not in formats:
+        raise UsageError(f"cannot write {path}: unknown image suffix {suffix!r}; use .png, .jpg, .webp or .tif")
+    return formats[suffix]
+
+
+def write_label_png(
+    path: PathLike, labels: np.ndarray, palette: Sequence[RGB] | None = None, *, overwrite: bool = True
+) -> Path:
+    """Write an ``HxW`` class-index map (0..255) as a palette PNG; 0 is black unless ``palette`` says."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"`labels` must be HxW, got shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("`labels` must be in 0..255 for a palette PNG")
+    im = Image.fromarray(labels.astype(np.uint8))
+    im.putpalette(_full_palette(palette))
+    return _save_pil(path, im, overwrite=overwrite, optimize=False)
+
+
+def write_png16(path: PathLike, probs: np.ndarray, *, overwrite: bool = True) -> Path:
+    """Write ``HxW`` probabilities in [0, 1] as a 16-bit greyscale PNG: pixel / 65535 = probability."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"`probs` must be HxW, got shape {probs.shape}")
+    q = np.round(np.clip(np.nan_to_num(probs), 0.0, 1.0) * 65535.0).astype(np.uint16)
+    return _save_pil(path, Image.fromarray(q), overwrite=overwrite)
+
+
+def read_png16(path: PathLike) -> np.ndarray:
+    """Inverse of ``write_png16``: ``HxW`` float32 probabilities in [0, 1]."""
+    im = _open(path)
+    if not im.mode.startswith("I"):
+        raise ImageReadError(path, f"expected a 16-bit probability PNG, got mode {im.mode}")
+    return (np.asarray(im).astype(np.float32) / 65535.0).astype(np.float32)
+
+
+def write_binary_png(path: PathLike, mask: np.ndarray, *, overwrite: bool = True) -> Path:
+    """Write an ``HxW`` boolean mask as an 8-bit PNG with values 0 and 255."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"`mask` must be HxW, got shape {mask.shape}")
+    return _save_pil(path, Image.fromarray(np.where(mask.astype(bool), 255, 0).astype(np.uint8)), overwrite=overwrite)
+
+
+def write_npy(path: PathLike, array: np.ndarray, *, overwrite: bool = True) -> Path:
+    """Save ``array`` with ``np.save`` (no pickling) atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array), allow_pickle=False)
+    return atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
+
+
+def write_image(path: PathLike, array: np.ndarray, quality: int = 95, *, overwrite: bool = True) -> Path:
+    """Write ``HxW``/``HxWx3``/``HxWx4`` uint8 pixels; the format follows the suffix (JPEG uses ``quality``)."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"`array` must be uint8, got {array.dtype}")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4))):
+        raise ValueError(f"`array` must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    fmt = _format_for(path)
+    im = Image.fromarray(array)
+    params: dict[str, object] = {}
+    if fmt in ("JPEG", "WEBP"):
+        params["quality"] = int(quality)
+    if fmt == "JPEG" and im.mode == "RGBA":
+        im = im.convert("RGB")
+    return _save_pil(path, im, overwrite=overwrite, **params)
+
+
+# --------------------------------------------------------------------------------------------------
+# Overlays
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow built without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
+def make_overlay(
+    image: np.ndarray,
+    labels: np.ndarray,
+    palette: Sequence[RGB] | None,
+    class_names: Sequence[str],
+    alpha: float = 0.5,
+    *,
+    legend: bool = True,
+) -> np.ndarray:
+    """Blend class colours over ``image`` and draw a legend of all ``class_names``; returns ``HxWx3`` uint8.
+
+    ``labels`` is ``HxW`` with 0 = background (left unchanged) and ``k`` = ``class_names[k-1]``;
+    ``palette[k]`` is its colour (``default_palette`` when ``None``). Values outside 1..K are not drawn.
+    The legend (swatch + name per class, in prompt order) sits in the top-left corner on a dark box.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    image = image[:, :, :3].astype(np.uint8)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"`labels` shape {labels.shape} does not match image {image.shape[:2]}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError("`alpha` must be in [0, 1]")
+    k = len(class_names)
+    colors = list(palette) if palette is not None else default_palette(k + 1)
+    if len(colors) < k + 1:
+        colors += default_palette(k + 1)[len(colors) :]
+    colors = colors[: k + 1]
+
+    drawn = (labels > 0) & (labels <= k)
+    color_img = colorize_labels(np.where(drawn, labels, 0), colors).astype(np.float32)
+    blend = image.astype(np.float32) * (1.0 - alpha) + color_img * alpha
+    out = np.where(drawn[:, :, None], np.round(blend), image).astype(np.uint8)
+    if not legend or k == 0:
+        return out
+
+    h, w = out.shape[:2]
+    size = int(np.clip(min(h, w) // 32, 10, 32))
+    font = _font(size)
+    pil = Image.fromarray(out).convert("RGBA")
+    layer = Image.new("RGBA", pil.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    pad, gap = max(2, size // 4), max(2, size // 5)
+    row = size + gap
+    text_w = max(int(draw.textlength(name, font=font)) for name in class_names)
+    box_w = pad * 3 + size + text_w
+    box_h = pad * 2 + row * k - gap
+    draw.rectangle([0, 0, min(box_w, w - 1), min(box_h, h - 1)], fill=(0, 0, 0, 150))
+    for i, name in enumerate(class_names):
+        y = pad + i * row
+        draw.rectangle([pad, y, pad + size - 1, y + size - 1], fill=(*colors[i + 1], 255), outline=(255, 255, 255, 255))
+        if isinstance(font, ImageFont.FreeTypeFont):
+            draw.text((pad * 2 + size, y + size // 2), name, fill=(255, 255, 255, 255), font=font, anchor="lm")
+        else:
+            draw.text((pad * 2 + size, y), name, fill=(255, 255, 255, 255), font=font)
+    return np.asarray(Image.alpha_composite(pil, layer).convert("RGB"), dtype=np.uint8).copy()
