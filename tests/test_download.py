@@ -1,0 +1,275 @@
+"""download_file against a real HTTP server on 127.0.0.1 (Range, drops, wrong bytes), and safe_extract.
+
+``LocalServer`` and ``guard_network`` are imported by test_weights.py and test_cli_weights.py too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import socket
+import tarfile
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from digseg_cli import download
+from digseg_cli.download import DownloadError, UnsafeArchiveError, download_file, safe_extract, sha256_file
+from digseg_cli.errors import ChecksumMismatchError, UsageError
+
+
+class LocalServer:
+    """A threaded HTTP server on a free 127.0.0.1 port serving ``files`` (path → bytes), with Range support.
+
+    Misbehaviours, per path: ``drop`` (the first N GETs send half the body, then close the connection),
+    ``wrong`` (serve these bytes instead), ``status`` (answer this HTTP status). ``ignore_range`` makes
+    it answer 200 with the whole file to a Range request. At most ``max_requests`` are served; the rest get
+    500, so a looping client cannot hang a test. ``requests`` records (path, Range header) of each GET.
+    """
+
+    def __init__(self, files: dict[str, bytes], *, max_requests: int = 50) -> None:
+        self.files = dict(files)
+        self.drop: dict[str, int] = {}
+        self.wrong: dict[str, bytes] = {}
+        self.status: dict[str, int] = {}
+        self.ignore_range = False
+        self.max_requests = max_requests
+        self.requests: list[tuple[str, str | None]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:  # keep test output clean
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                server.requests.append((self.path, self.headers.get("Range")))
+                if len(server.requests) > server.max_requests:
+                    return self._send(500, b"too many requests")
+                if self.path in server.status:
+                    return self._send(server.status[self.path], b"nope")
+                if self.path not in server.files:
+                    return self._send(404, b"not found")
+                body = server.wrong.get(self.path, server.files[self.path])
+                start = 0
+                rng = self.headers.get("Range")
+                if rng and not server.ignore_range:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(body):
+                        return self._send(416, b"", {"Content-Range": f"bytes */{len(body)}"})
+                if server.drop.get(self.path, 0) > 0:
+                    server.drop[self.path] -= 1
+                    self.send_response(206 if start else 200)
+                    self.send_header("Content-Length", str(len(body) - start))
+                    if start:
+                        self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+                    self.end_headers()
+                    self.wfile.write(body[start : start + (len(body) - start) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return None
+                if start:
+                    extra = {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
+                    return self._send(206, body[start:], extra)
+                return self._send(200, body)
+
+            def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(code)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> LocalServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)
+
+    def ranges(self, path: str) -> list[str | None]:
+        return [r for p, r in self.requests if p == path]
+
+
+def guard_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail any connection to a host other than 127.0.0.1, and keep proxies away from the local server."""
+    real_connect = socket.socket.connect
+
+    def connect(sock: socket.socket, address: object) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to reach the network: {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(download, "BACKOFF_S", 0.0)
+
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, not a multiple of the read size once halved
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    guard_network(monkeypatch)
+
+
+@pytest.fixture()
+def server():
+    with LocalServer({"/model.bin": PAYLOAD}) as srv:
+        yield srv
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*"))
+
+
+def test_download_with_sha256_and_progress(server: LocalServer, tmp_path: Path) -> None:
+    seen: list[tuple[int, int | None]] = []
+    dest = download_file(f"{server.url}/model.bin", tmp_path / "sub" / "model.bin", sha256=SHA,
+                         size=len(PAYLOAD), progress=lambda d, t: seen.append((d, t)))
+    assert dest.read_bytes() == PAYLOAD and sha256_file(dest) == SHA
+    assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert _leftovers(tmp_path) == ["model.bin", "sub"]
+
+
+def test_dropped_connection_resumes_with_range(server: LocalServer, tmp_path: Path) -> None:
+    server.drop["/model.bin"] = 2  # the first two responses stop halfway
+    dest = download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA, retries=1)
+    assert dest.read_bytes() == PAYLOAD
+    ranges = server.ranges("/model.bin")
+    assert ranges[0] is None and len(ranges) == 3
+    assert ranges[1] == f"bytes={len(PAYLOAD) // 2}-"  # resumed where the first response stopped
+    assert not (tmp_path / "model.bin.part").exists()
+
+
+def test_existing_part_is_resumed(server: LocalServer, tmp_path: Path) -> None:
+    (tmp_path / "model.bin.part").write_bytes(PAYLOAD[:1000])
+    download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA)
+    assert server.ranges("/model.bin") == ["bytes=1000-"]
+    assert (tmp_path / "model.bin").read_bytes() == PAYLOAD
+
+
+def test_server_ignoring_range_restarts_from_zero(server: LocalServer, tmp_path: Path) -> None:
+    server.ignore_range = True
+    (tmp_path / "model.bin.part").write_bytes(b"x" * 1000)  # stale bytes that must not survive
+    download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA)
+    assert (tmp_path / "model.bin").read_bytes() == PAYLOAD
+
+
+def test_416_on_complete_part(server: LocalServer, tmp_path: Path) -> None:
+    (tmp_path / "model.bin.part").write_bytes(PAYLOAD)
+    download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA)  # size unknown: asks, gets 416
+    assert server.ranges("/model.bin") == [f"bytes={len(PAYLOAD)}-"]
+    assert (tmp_path / "model.bin").read_bytes() == PAYLOAD
+
+
+def test_sha256_mismatch_leaves_nothing(server: LocalServer, tmp_path: Path) -> None:
+    server.wrong["/model.bin"] = PAYLOAD[::-1]
+    with pytest.raises(ChecksumMismatchError) as info:
+        download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA)
+    message = str(info.value)
+    assert SHA in message and hashlib.sha256(PAYLOAD[::-1]).hexdigest() in message and server.url in message
+    assert _leftovers(tmp_path) == []
+
+
+def test_http_errors(server: LocalServer, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="404"):
+        download_file(f"{server.url}/missing.bin", tmp_path / "m.bin")
+    assert len(server.requests) == 1  # a 404 is not retried
+    server.status["/model.bin"] = 503
+    with pytest.raises(DownloadError, match="after 3 attempts"):
+        download_file(f"{server.url}/model.bin", tmp_path / "model.bin", retries=2)
+    assert len(server.ranges("/model.bin")) == 3 and _leftovers(tmp_path) == []
+
+
+def test_existing_dest_is_never_overwritten(server: LocalServer, tmp_path: Path) -> None:
+    dest = tmp_path / "model.bin"
+    dest.write_bytes(b"my own fine-tuned file")
+    with pytest.raises(ChecksumMismatchError, match="left untouched"):
+        download_file(f"{server.url}/model.bin", dest, sha256=SHA)
+    assert dest.read_bytes() == b"my own fine-tuned file" and server.requests == []
+
+
+# ------------------------------------------------------------------------------------------ safe_extract
+def _tar(path: Path, members: list[tuple[str, bytes | None, str | None]], mode: str = "w:gz") -> Path:
+    """members: (name, data, symlink target)."""
+    with tarfile.open(path, mode) as tar:
+        for name, data, link in members:
+            info = tarfile.TarInfo(name)
+            if link is not None:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+                tar.addfile(info)
+            else:
+                info.size = len(data or b"")
+                tar.addfile(info, io.BytesIO(data or b""))
+    return path
+
+
+def _zip(path: Path, members: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(zipfile.ZipInfo(name), data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "members",
+    [
+        [("ok.txt", b"ok", None), ("../escape", b"bad", None)],
+        [("/tmp/digseg-abs-escape", b"bad", None)],
+        [("a/../../escape", b"bad", None)],
+        [("link", None, "../../etc"), ("link/passwd", b"bad", None)],
+        [("abs-link", None, "/etc/passwd")],
+    ],
+    ids=["dotdot", "absolute", "normalised-dotdot", "symlink-out", "symlink-absolute"],
+)
+def test_safe_extract_refuses_bad_tar(tmp_path: Path, members: list) -> None:
+    archive = _tar(tmp_path / "bad.tar.gz", members)
+    with pytest.raises(UnsafeArchiveError):
+        safe_extract(archive, tmp_path / "out" / "data")
+    assert _leftovers(tmp_path / "out") == []  # nothing written, temp folder gone
+    assert not (tmp_path / "escape").exists() and not Path("/tmp/digseg-abs-escape").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/escape", "..\\escape"])
+def test_safe_extract_refuses_bad_zip(tmp_path: Path, name: str) -> None:
+    archive = _zip(tmp_path / "bad.zip", {"fine.txt": b"ok", name: b"bad"})
+    with pytest.raises(UnsafeArchiveError):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+
+
+def test_safe_extract_good_archives_and_merge(tmp_path: Path) -> None:
+    tar = _tar(tmp_path / "a.tar.xz", [("README", b"same", None), ("images/1.png", b"png", None),
+                                        ("images/link.png", None, "1.png")], mode="w:xz")
+    zf = _zip(tmp_path / "b.zip", {"README": b"same", "masks/1.png": b"mask"})
+    target = tmp_path / "data" / "ds"
+    assert safe_extract(tar, target) == target
+    safe_extract(zf, target)  # merges: identical README skipped
+    assert (target / "images" / "1.png").read_bytes() == b"png" and (target / "masks" / "1.png").read_bytes() == b"mask"
+    assert (target / "images" / "link.png").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ds"]  # no temp folders left
+    conflict = _zip(tmp_path / "c.zip", {"README": b"different"})
+    with pytest.raises(UsageError, match="overwrite"):
+        safe_extract(conflict, target)
+    assert (target / "README").read_bytes() == b"same"
+    with pytest.raises(UsageError, match="not a zip or tar"):
+        safe_extract(tmp_path / "data" / "ds" / "README", tmp_path / "x")
