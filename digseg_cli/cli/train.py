@@ -1,0 +1,122 @@
+"""`digseg train`: fine-tune DiGSeg on a folder of image/mask pairs (thin wrapper over `digseg_cli.train`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from digseg_cli.cli.common import err_console, handle_errors, stderr_is_terminal
+from digseg_cli.errors import EXIT_CODES_HELP
+
+
+def _parse_duration(text: str | None) -> float | None:
+    """`90`, `90s`, `45m`, `2h` → seconds."""
+    if text is None:
+        return None
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600}
+    try:
+        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
+    except (ValueError, IndexError):
+        raise typer.BadParameter(f"{text!r} is not a duration (examples: 900, 45m, 2h)") from None
+
+
+def train_command(
+    data: Annotated[Path, typer.Option("--data", help="Training folder: images/, masks/, classes.json or classes.txt.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, last/ and best/ checkpoints).")] = Path("digseg-train"),
+    base: Annotated[str, typer.Option(help="SD base (folder or Hub id) or compact config name (tiny, small).")] = "stabilityai/stable-diffusion-2",
+    init: Annotated[Optional[str], typer.Option(help="Start from these weights (checkpoint folder, registry name) instead of a fresh base.")] = None,
+    val: Annotated[Optional[Path], typer.Option(help="Validation folder (default: a split of --data).")] = None,
+    val_split: Annotated[float, typer.Option(help="Fraction of --data held out for validation.")] = 0.1,
+    class_name: Annotated[Optional[str], typer.Option(help="Class name for 0/255 binary masks.")] = None,
+    objective: Annotated[str, typer.Option(help="one-step (default) or diffusion.")] = "one-step",
+    resolution: Annotated[Optional[int], typer.Option(help="Training resolution (default: the model's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Samples per process per micro-batch.")] = 4,
+    effective_batch: Annotated[Optional[int], typer.Option(help="Accumulate gradients up to this many samples per step.")] = None,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-5,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps, then cosine decay.")] = 100,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
+    time_budget: Annotated[Optional[str], typer.Option("--time", help="Wall-clock budget, e.g. 45m or 2h.")] = None,
+    val_every: Annotated[int, typer.Option(help="Validate (mIoU) every N steps.")] = 500,
+    save_every: Annotated[int, typer.Option(help="Write last/ every N steps.")] = 500,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0 = off).")] = 0.0,
+    precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (mixed precision on GPUs).")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory (SD-size U-Nets).")] = False,
+    vae_steps: Annotated[int, typer.Option(help="Compact bases: autoencoder steps for the VAE first (stage 1).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for the split, data order, augmentation and noise.")] = 0,
+    deterministic: Annotated[bool, typer.Option(help="Use deterministic torch algorithms.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last/ checkpoint.")] = False,
+    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this training checkpoint instead.")] = None,
+    cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Start a new run in an --out that already holds one.")] = False,
+) -> None:
+    """Fine-tune a DiGSeg model on a folder of masks; resumable, on one machine or many (accelerate launch)."""
+    from digseg_cli.errors import UsageError
+
+    with handle_errors():
+        resume_path = resume_from or ((out / "last") if resume else None)
+        if resume_path is not None and not (resume_path / "trainer_state.pt").is_file():
+            raise UsageError(f"nothing to resume: {resume_path} has no trainer_state.pt")
+        if resume_path is None and (out / "last").exists() and not overwrite:
+            raise UsageError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start over, "
+                             "or choose another --out")
+        from digseg_cli.train import TrainSettings, train
+
+        settings = TrainSettings(
+            data=data, out=out, base=base, init=init, val=val, val_split=val_split, class_name=class_name,
+            objective=objective, resolution=resolution, batch_size=batch_size, effective_batch=effective_batch, lr=lr,
+            warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, time_limit=_parse_duration(time_budget),
+            val_every=val_every, save_every=save_every, ema=ema, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, vae_steps=vae_steps, seed=seed, deterministic=deterministic,
+            resume=resume_path, cpu=cpu,
+        )
+        with _Progress() as progress:
+            result = train(settings, progress=progress)
+        best = f", best validation mIoU {result.best_miou:.3f} in {result.best}" if result.best_miou is not None else ""
+        err_console.print(f"done: {result.step} steps ({result.stopped_by}); last checkpoint {result.last}{best}")
+
+
+class _Progress:
+    """Rich progress (step, loss, lr, it/s, ETA) on a terminal; a plain line every 30 s otherwise."""
+
+    def __init__(self) -> None:
+        self.rich = stderr_is_terminal()
+        self.last_line = 0.0
+
+    def __enter__(self):
+        if self.rich:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console)
+            self.bar.__enter__()
+            self.tasks: dict[str, int] = {}
+        return self
+
+    def __exit__(self, *exc):
+        if self.rich:
+            self.bar.__exit__(*exc)
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "val":
+            err_console.print(f"step {event['step']}: validation mIoU {event['val_miou']:.4f}")
+            return
+        name = "vae" if kind == "vae_step" else "train"
+        info = f"loss {event['loss']:.4g}" + (f" lr {event['lr']:.2e} {event['it_per_s']:.2f} it/s" if "lr" in event else "")
+        if self.rich:
+            if name not in self.tasks:
+                self.tasks[name] = self.bar.add_task("VAE (stage 1)" if name == "vae" else "train", total=event.get("max_steps"), info="")
+            self.bar.update(self.tasks[name], completed=event["step"], total=event.get("max_steps"), info=info)
+        elif time.monotonic() - self.last_line >= 30 or event["step"] == event.get("max_steps"):
+            self.last_line = time.monotonic()
+            total = f"/{event['max_steps']}" if event.get("max_steps") else ""
+            err_console.print(f"{name} step {event['step']}{total}: {info}", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", epilog=EXIT_CODES_HELP)(train_command)

@@ -1,0 +1,121 @@
+"""What a training run keeps between processes: resumable state, metrics files and stop signals.
+
+The run folder holds `config.json` (resolved settings), `metrics.csv` / `metrics.jsonl`, and the
+checkpoints `last/` and `best/` in the checkpoint format; `last/trainer_state.pt` adds what a resume needs
+(optimizer, schedule, EMA, step, data position, RNG states). Everything is written atomically. The state
+file holds tensors and plain values only and is read with `weights_only=True`. This module does not know
+the training maths.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from digseg_cli.errors import CheckpointError
+
+STATE_FILE = "trainer_state.pt"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write `trainer_state.pt` (temp name, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(folder: Path) -> dict:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no {STATE_FILE}: it is not a resumable training checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+
+
+class MetricsLog:
+    """Appends one record per event to `metrics.jsonl` and the scalar columns to `metrics.csv`."""
+
+    COLUMNS = ("step", "epoch", "loss", "lr", "it_per_s", "val_miou", "elapsed_s")
+
+    def __init__(self, folder: Path, *, truncate_after_step: int | None = None):
+        self.jsonl, self.csv = Path(folder) / "metrics.jsonl", Path(folder) / "metrics.csv"
+        if truncate_after_step is not None:
+            self._truncate(truncate_after_step)
+        if not self.csv.exists():
+            with self.csv.open("w", newline="") as f:
+                csv.writer(f).writerow(self.COLUMNS)
+
+    def _truncate(self, step: int) -> None:
+        """On resume, drop records written after the checkpoint (they will be written again)."""
+        if self.jsonl.exists():
+            keep = [line for line in self.jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            write_lines(self.jsonl, keep)
+        if self.csv.exists():
+            rows = list(csv.reader(self.csv.open()))
+            keep = [",".join(rows[0])] + [",".join(r) for r in rows[1:] if r and int(r[0]) <= step]
+            write_lines(self.csv, keep)
+
+    def write(self, record: dict) -> None:
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+        with self.csv.open("a", newline="") as f:
+            csv.writer(f).writerow([_fmt(record.get(c)) for c in self.COLUMNS])
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+class StopSignals:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (then it saves and exits 130)."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
