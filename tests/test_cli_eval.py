@@ -1,0 +1,163 @@
+"""``digseg eval`` through Typer's CliRunner: --predictions, --check, the model path (patched), exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from digseg_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+def cityscapes_tree(root: Path, n: int = 3) -> list[str]:
+    rng = np.random.default_rng(0)
+    stems = []
+    for i in range(n):
+        stem = f"lindau_000000_{i:06d}"
+        _png(root / f"cityscapes/leftImg8bit/val/lindau/{stem}_leftImg8bit.png", rng.integers(0, 255, (8, 8, 3), np.uint8))
+        raw = rng.choice([7, 8, 26, 0], size=(8, 8)).astype(np.uint8)  # road, sidewalk, car, unlabelled
+        _png(root / f"cityscapes/gtFine/val/lindau/{stem}_gtFine_labelIds.png", raw)
+        stems.append(stem)
+    return stems
+
+
+def user_folder(root: Path, classes_in_masks: int = 3) -> Path:
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        _png(root / f"images/{i}.png", rng.integers(0, 255, (8, 8, 3), np.uint8))
+        _png(root / f"masks/{i}.png", rng.integers(0, classes_in_masks, (8, 8)).astype(np.uint8))
+    (root / "classes.txt").write_text("road\ntree\n")
+    return root
+
+
+def test_predictions_scoring_through_the_cli(tmp_path):
+    stems = cityscapes_tree(tmp_path / "data")
+    preds = tmp_path / "preds"
+    lut = {7: 0, 8: 1, 26: 13, 0: 0}
+    for stem in stems:  # perfect predictions (unlabelled pixels predicted as road: ignored anyway)
+        raw = np.asarray(Image.open(tmp_path / f"data/cityscapes/gtFine/val/lindau/{stem}_gtFine_labelIds.png"))
+        _png(preds / f"{stem}.png", np.vectorize(lut.get)(raw).astype(np.uint8))
+    out = tmp_path / "report"
+    res = runner.invoke(app, ["eval", "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"),
+                              "--predictions", str(preds), "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout)
+    written = json.loads((out / "metrics.json").read_text())
+    assert printed["metrics"] == written["metrics"] and printed["per_class"] == written["per_class"]
+    assert written["metrics"]["miou"] == pytest.approx(1.0) and written["num_classes"] == 19
+    assert written["absent_rule"] == "detectron2" and written["settings"]["predictions"] == str(preds)
+    for name in ("per_class.csv", "per_image.csv", "confusion_matrix.csv", "confusion_matrix.png", "report.md"):
+        assert (out / name).is_file(), name
+    assert "1.0000" in res.stderr  # the Rich table shows the same numbers (4 decimals)
+
+
+def test_absent_rule_option_changes_the_number(tmp_path):
+    folder = user_folder(tmp_path / "mine", classes_in_masks=2)  # "tree" (2) is never in the ground truth ...
+    preds = tmp_path / "preds"
+    for i in range(3):
+        pred = np.asarray(Image.open(folder / f"masks/{i}.png")).copy()
+        pred[0, :] = 2  # ... but predicted
+        _png(preds / f"{i}.png", pred)
+    nums = {}
+    for rule in ("detectron2", "mmseg"):
+        res = runner.invoke(app, ["eval", "-d", str(folder), "--predictions", str(preds), "--absent-rule", rule,
+                                  "--out", str(tmp_path / rule), "--json"])
+        assert res.exit_code == 0, res.output
+        nums[rule] = json.loads(res.stdout)
+    assert nums["mmseg"]["absent_rule"] == "mmseg"
+    assert nums["mmseg"]["metrics"]["miou"] < nums["detectron2"]["metrics"]["miou"]
+    assert not nums["detectron2"]["per_class"][2]["counted"] and nums["mmseg"]["per_class"][2]["counted"]
+    assert nums["detectron2"]["per_class"][0]["name"] == "background"
+
+
+def test_check_reports_and_exit_codes(tmp_path):
+    cityscapes_tree(tmp_path / "data", n=2)
+    ok = runner.invoke(app, ["eval", "-d", "cityscapes", "--data-root", str(tmp_path / "data"), "--check", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["images"] == 2
+    missing = runner.invoke(app, ["eval", "-d", "ade20k", "--data-root", str(tmp_path / "none"), "--check"])
+    assert missing.exit_code == 7
+    gone = runner.invoke(app, ["eval", "-d", "cityscapes", "--data-root", str(tmp_path / "none"),
+                               "--predictions", str(tmp_path)])
+    assert gone.exit_code == 7 and "cityscapes-dataset.com" in gone.stderr
+    manual = runner.invoke(app, ["eval", "-d", "ade20k-full", "--data-root", str(tmp_path), "--download"])
+    assert manual.exit_code == 7 and "request_data" in manual.stderr
+    assert runner.invoke(app, ["eval", "-d", "nope"]).exit_code == 2
+    assert runner.invoke(app, ["eval", "-d", "cityscapes", "--absent-rule", "voc"]).exit_code == 2
+    assert runner.invoke(app, ["eval", "-d", "cityscapes", "--tile", "maybe"]).exit_code == 2
+
+
+class FakePipe:
+    """Stands in for DigsegPipeline: records its calls and returns probabilities at half size."""
+
+    device, dtype = torch.device("cpu"), torch.float32
+
+    class config:  # noqa: N801
+        prompt_template = "{name}"
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, image, prompts, **kw):
+        self.calls.append((image.shape, prompts, kw))
+        g = torch.Generator().manual_seed(kw["seed"])
+
+        class Out:
+            probs = torch.rand(len(prompts), image.shape[0] // 2, image.shape[1] // 2, generator=g)
+
+        return Out()
+
+
+def test_model_path_records_settings(tmp_path, monkeypatch):
+    import digseg_cli.pipeline as pipeline
+
+    pipe = FakePipe()
+    seen = {}
+
+    def fake_load(name, *, device=None, dtype=None, **_):
+        seen.update(name=name, device=device, dtype=dtype)
+        return pipe
+
+    monkeypatch.setattr(pipeline, "load_pipeline", fake_load)
+    folder = user_folder(tmp_path / "mine")
+    out = tmp_path / "report"
+    res = runner.invoke(app, ["eval", "-d", str(folder), "--weights", "my-ckpt", "--limit", "2", "--steps", "1",
+                              "--short-side", "16", "--prompt-template", "a photo of {name}", "--seed", "5",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert seen == {"name": "my-ckpt", "device": "auto", "dtype": None}
+    assert len(pipe.calls) == 2 and pipe.calls[0][0] == (16, 16, 3)  # resized to the short side first
+    assert pipe.calls[0][1] == [["road"], ["tree"]] and pipe.calls[0][2]["prompt_template"] == "a photo of {name}"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_images"] == 2
+    assert m["settings"]["steps"] == 1 and m["settings"]["short_side"] == 16 and m["settings"]["weights"] == "my-ckpt"
+
+
+def test_refuge_official_bmp_predictions(tmp_path):
+    base = tmp_path / "data/refuge2"
+    gt = np.full((8, 8), 255, np.uint8)
+    gt[2:6, 2:6] = 128
+    gt[3:5, 3:5] = 0
+    _png(base / "REFUGE-Test400/T0001.jpg", np.zeros((8, 8, 3), np.uint8))
+    Image.fromarray(gt).save((base / "REFUGE-Test-GT").mkdir(parents=True) or base / "REFUGE-Test-GT/T0001.bmp")
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    Image.fromarray(gt).save(preds / "T0001.bmp")  # the challenge's submission format
+    res = runner.invoke(app, ["eval", "-d", "refuge2", "--data-root", str(tmp_path / "data"), "--predictions",
+                              str(preds), "--out", str(tmp_path / "r"), "--json"])
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)
+    assert m["metrics"]["dice_disc"] == 1.0 and m["metrics"]["dice_cup"] == 1.0
+    assert m["headline"]["name"].startswith("mean per-image Dice") and m["split"] == "test"

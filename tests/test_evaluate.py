@@ -1,0 +1,190 @@
+"""evaluate / score_predictions: label rules, resize-before-argmax, sharding, headline metrics, reports."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from digseg_cli.core import metrics as M
+from digseg_cli.errors import DatasetError, UsageError
+from digseg_cli.evaluate import evaluate, labels_from_probs, score_predictions
+
+
+@dataclass
+class S:
+    stem: str
+    image: np.ndarray
+    label: np.ndarray
+
+
+def make_samples(n=5, c=3, size=8, ignore=255, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = rng.integers(0, c, (size, size)).astype(np.int64)
+        label[0, 0] = ignore
+        out.append(S(f"im{i}", rng.integers(0, 255, (size, size, 3), dtype=np.uint8), label))
+    return out
+
+
+def noisy_oracle(c, flip=0.3, seed=0):
+    """One-hot of the ground truth, with some pixels moved to another class (deterministic per image)."""
+    def predict(image, prompts):
+        label = ORACLE[image.tobytes()]
+        g = torch.Generator().manual_seed(seed + int(image[0, 0, 0]))
+        lab = torch.from_numpy(np.where(label >= c, 0, label))
+        wrong = torch.rand(lab.shape, generator=g) < flip
+        lab = torch.where(wrong, (lab + 1) % c, lab)
+        return F.one_hot(lab, c).permute(2, 0, 1).float()  # [K,H,W]
+    return predict
+
+
+ORACLE: dict[bytes, np.ndarray] = {}
+
+
+@pytest.fixture()
+def samples():
+    s = make_samples()
+    ORACLE.update({x.image.tobytes(): x.label for x in s})
+    return s
+
+
+def test_labels_from_probs_modes():
+    probs = torch.tensor([[[0.9, 0.2, 0.6]], [[0.1, 0.4, 0.7]]])  # [K=2,1,3]
+    assert labels_from_probs(probs, "argmax").tolist() == [[0, 1, 1]]
+    assert labels_from_probs(probs, "background", 0.5).tolist() == [[1, 0, 2]]
+    assert labels_from_probs(probs, "nested", 0.5).tolist() == [[1, 0, 2]]  # inner (cup) wins where both on
+    with pytest.raises(UsageError):
+        labels_from_probs(probs, "vote")
+
+
+def test_probabilities_are_resized_before_argmax():
+    label = np.zeros((8, 8), dtype=np.int64)
+    low = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(3))  # [K,3,3], not the label size
+    expected = F.interpolate(low[None], size=(8, 8), mode="bilinear", align_corners=False)[0].argmax(0)
+    res = evaluate([S("a", np.zeros((8, 8, 3), np.uint8), label)], ["a", "b", "c"], lambda im, p: low,
+                   ignore_index=None, worst_k=0)
+    cm = M.confusion_matrix(expected, torch.from_numpy(label), 3)
+    assert torch.equal(res.confusion, cm)
+
+
+def test_two_shards_sum_to_one_pass(samples):
+    kw = dict(ignore_index=255, worst_k=2)
+    whole = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), **kw)
+    parts = [evaluate(samples, ["a", "b", "c"], noisy_oracle(3), rank=r, world_size=2, **kw) for r in (0, 1)]
+    assert torch.equal(parts[0].confusion + parts[1].confusion, whole.confusion)
+    assert [len(p.per_image) for p in parts] == [3, 2]
+    assert whole.metrics["metrics"]["miou"] == pytest.approx(M.miou(parts[0].confusion + parts[1].confusion))
+    assert int(whole.confusion.sum()) == 5 * 63  # the ignored pixel of every image is not counted
+
+
+def test_reports_are_written(samples, tmp_path):
+    res = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, out_dir=tmp_path, dataset="toy",
+                   split="val", settings={"steps": 1}, limit=4, worst_k=2)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"metrics.json", "per_class.csv", "per_image.csv", "confusion_matrix.csv", "confusion_matrix.png",
+            "report.md", "worst"} <= names
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["num_images"] == 4 and m["absent_rule"] == "detectron2" and m["settings"] == {"steps": 1}
+    assert m["metrics"]["miou"] == pytest.approx(res.metrics["metrics"]["miou"])
+    rows = list(csv.DictReader((tmp_path / "per_class.csv").open()))
+    assert [r["name"] for r in rows] == ["a", "b", "c"]
+    assert float(rows[1]["iou"]) == pytest.approx(m["per_class"][1]["iou"])
+    cm_rows = list(csv.reader((tmp_path / "confusion_matrix.csv").open()))[1:]
+    assert np.array([[int(v) for v in r[1:]] for r in cm_rows]).tolist() == res.confusion.tolist()
+    assert len(list(csv.DictReader((tmp_path / "per_image.csv").open()))) == 4
+    worst = sorted((tmp_path / "worst").iterdir())
+    assert len(worst) == 2 and Image.open(worst[0]).size == (8 * 3 + 8, 8)
+    report = (tmp_path / "report.md").read_text()
+    assert "worst/01_" in report and "mIoU (detectron2 rule)" in report
+    assert Image.open(tmp_path / "confusion_matrix.png").mode == "RGB"
+
+
+def test_absent_rule_is_switchable(samples):
+    # class 2 never in GT but predicted: the two rules differ
+    for s in samples:
+        s.label[s.label == 2] = 1
+    d2 = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, worst_k=0)
+    mm = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, absent_rule="mmseg", worst_k=0)
+    assert d2.metrics["metrics"]["miou"] > mm.metrics["metrics"]["miou"]
+    assert mm.metrics["absent_rule"] == "mmseg" and mm.metrics["per_class"][2]["counted"]
+    with pytest.raises(UsageError):
+        evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, absent_rule="voc")
+
+
+def test_refuge_headline_is_mean_per_image_dice():
+    gt = np.zeros((8, 8), dtype=np.int64)
+    gt[2:6, 2:6] = 1
+    gt[3:5, 3:5] = 2  # cup inside the disc
+    disc = torch.zeros(8, 8)
+    disc[2:6, 2:7] = 1  # disc over-segmented by one column
+    cup = torch.zeros(8, 8)
+    cup[3:5, 3:5] = 1
+    res = evaluate([S("r", np.zeros((8, 8, 3), np.uint8), gt)], ["optic disc", "optic cup"],
+                   lambda im, p: torch.stack([disc, cup]), ignore_index=None, label_mode="nested",
+                   headline="refuge_dice", label_names=["background", "rim", "cup"], worst_k=0)
+    m = res.metrics["metrics"]
+    assert m["dice_disc"] == pytest.approx(2 * 16 / (16 + 20))  # disc = disc ∪ cup
+    assert m["dice_cup"] == pytest.approx(1.0)
+    assert res.metrics["headline"]["value"] == [m["dice_disc"], m["dice_cup"]]
+    assert m["vcdr_mae"] == pytest.approx(0.0)
+
+
+def test_deepglobe_headline_is_road_iou():
+    gt = np.zeros((4, 4), dtype=np.int64)
+    gt[:, 1] = 1
+    road = torch.zeros(1, 4, 4)
+    road[0, :, 1:3] = 0.9  # 4 TP, 4 FP
+    res = evaluate([S("t", np.zeros((4, 4, 3), np.uint8), gt)], ["road"], lambda im, p: road, ignore_index=None,
+                   label_mode="background", headline="road_iou", worst_k=0)
+    m = res.metrics["metrics"]
+    assert m["road_iou"] == pytest.approx(0.5) and res.metrics["headline"]["value"] == pytest.approx(0.5)
+    assert m["miou_2class"] > m["road_iou"]
+
+
+def test_score_predictions_reads_label_maps(samples, tmp_path):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    for s in samples:
+        Image.fromarray(np.where(s.label == 255, 0, s.label).astype(np.uint8)).save(preds / f"{s.stem}.png")
+    res = score_predictions(samples, preds, label_names=["a", "b", "c"], ignore_index=255, out_dir=tmp_path / "r")
+    assert res.metrics["metrics"]["miou"] == pytest.approx(1.0)
+    assert (tmp_path / "r/metrics.json").is_file() and res.metrics["source"].startswith("predictions")
+    (preds / "im3.png").unlink()
+    with pytest.raises(DatasetError, match="im3"):
+        score_predictions(samples, preds, label_names=["a", "b", "c"], ignore_index=255)
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(preds / "im3.png")
+    with pytest.raises(DatasetError, match="predicted values"):
+        score_predictions(samples, preds, label_names=["a", "b", "c"], ignore_index=255)
+
+
+def _dist_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        samples = make_samples()
+        ORACLE.update({x.image.tobytes(): x.label for x in samples})
+        res = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, out_dir=f"{out}/r{rank}",
+                       worst_k=2)
+        torch.save({"cm": res.confusion, "n": len(res.per_image)}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_confusion_matrix_is_all_reduced_under_torch_distributed(samples, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dist_worker, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
+    whole = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, worst_k=0)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert torch.equal(got["cm"], whole.confusion) and got["n"] == 5  # summed, rows gathered
+    assert (tmp_path / "r0/metrics.json").is_file() and not (tmp_path / "r1").exists()  # only rank 0 writes
