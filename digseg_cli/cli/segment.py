@@ -1,0 +1,342 @@
+"""``digseg segment``: segment images, folders, globs and lists with text prompts.
+
+Builds `SegmentSettings` from the flags, resolves device, precision and weights, prints the banner, calls
+`digseg_cli.segment.run_segment` once and renders its progress, per-image records (``--json`` on stdout)
+and summary (stderr). It knows nothing of file layouts, seeds or output formats.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from digseg_cli.cli.common import err_console, handle_errors, stderr_is_terminal
+from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
+
+DEMO_NOTE = ("note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building); "
+             "expect poor masks on other images")
+
+EPILOG = (
+    "Examples:  digseg segment photos/ --recursive --prompt \"road, tree|bush, building\"  ·  "
+    "digseg segment '*.jpg' @more.txt --prompts classes.yaml --save-probs --json > results.jsonl.  "
+    "Outputs per image, mirroring the input tree under --out: <name>.mask.png (palette PNG, 0 = background, "
+    "k = k-th class), <name>.overlay.jpg, <name>.<class>.png (--save-binary), <name>.<class>.prob.png "
+    "(--save-probs; probability = value / 65535), and run.json for the run.  " + EXIT_CODES_HELP
+)
+
+
+class Mode(str, Enum):
+    semantic = "semantic"
+    multilabel = "multilabel"
+
+
+class ProbsFormat(str, Enum):
+    png16 = "png16"
+    npy = "npy"
+
+
+class _Reporter:
+    """Per-image progress: a Rich bar on a terminal, else a plain line about every 10 seconds."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.start = self.last = time.monotonic()
+        self.bar = self.task = None
+
+    def __enter__(self) -> _Reporter:
+        if self.enabled and stderr_is_terminal():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(SpinnerColumn(), TextColumn("segment"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}"),
+                                console=err_console, transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("segment", total=self.total, rate="", current="")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int, current: str | None) -> None:
+        now = time.monotonic()
+        rate = done / (now - self.start) if now > self.start else 0.0
+        if self.bar is not None:
+            fields = {"rate": f"{rate:.2f} img/s"} | ({"current": current} if current else {})
+            self.bar.update(self.task, completed=done, **fields)
+        elif self.enabled and current is None and (now - self.last >= 10 or done == total):
+            self.last = now
+            eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
+            err_console.print(f"segment: {done}/{total} images, {rate:.2f} img/s{eta}", highlight=False, markup=False)
+
+
+def _echo_json(obj: dict) -> None:
+    typer.echo(json.dumps(obj, default=str))
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _print_summary(summary) -> None:
+    from rich.table import Table
+
+    table = Table(title="digseg segment", title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in (
+        ("status", summary.status), ("processed", str(summary.processed)), ("skipped", str(summary.skipped)),
+        ("failed", str(len(summary.failed))), ("not processed", str(summary.not_processed)),
+        ("wall time", f"{summary.wall_s:.1f} s"), ("images/s", f"{summary.images_per_s:.2f}"),
+        ("peak memory", f"{_human_bytes(summary.peak_memory_bytes)} ({summary.peak_memory_kind})"),
+        ("outputs", str(summary.out_dir)), ("manifest", str(summary.manifest)),
+    ):
+        table.add_row(key, value)
+    err_console.print(table)
+
+
+def _weights_folder(weights: str, cache_dir: Optional[Path], offline: bool) -> Optional[Path]:
+    """The local folder behind `weights` (for the manifest's sha256), or None for built-in compact models."""
+    from digseg_cli.checkpoint import COMPACT_PREFIX
+    from digseg_cli.compact import COMPACT_CONFIGS
+
+    if weights.startswith(COMPACT_PREFIX) or (weights in COMPACT_CONFIGS and not Path(weights).exists()):
+        return None
+    from digseg_cli.weights import resolve_weights
+
+    return resolve_weights(weights, cache_dir=cache_dir, offline=offline or None)
+
+
+def segment(
+    inputs: Annotated[list[str], typer.Argument(
+        help="Image files, folders, quoted globs ('**/*.jpg') and @list.txt files (one path per line).",
+        show_default=False)],
+    *,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", "-p", help="Classes, comma-separated: \"road, tree|bush\" (| separates synonyms, scores "
+        "averaged). Repeatable.", show_default=False)] = None,
+    prompts_file: Annotated[Optional[Path], typer.Option(
+        "--prompts", help="JSON/YAML class file: name, prompt, synonyms, color, threshold per class.",
+        show_default=False)] = None,
+    weights: Annotated[str, typer.Option("--weights", "-w", envvar="DIGSEG_WEIGHTS",
+                                         help="Registry name, checkpoint folder or Hub id.")] = "demo",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; the input tree is mirrored in it.")] = Path(
+        "digseg-out"),
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
+    device: Annotated[str, typer.Option("--device", envvar="DIGSEG_DEVICE",
+                                        help="auto|cpu|cuda|cuda:N|mps; an explicit device must exist.")] = "auto",
+    precision: Annotated[str, typer.Option("--precision", help="auto|fp32|fp16|bf16 (auto: bf16/fp16 on CUDA, "
+                                           "fp32 elsewhere).")] = "auto",
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (default: the checkpoint's).",
+                                                 show_default=False)] = None,
+    ensemble: Annotated[Optional[int], typer.Option("--ensemble", help="Average N predictions (seeds, or "
+                                                    "flips for one-step models).", show_default=False)] = None,
+    resolution: Annotated[Optional[int], typer.Option(
+        "--resolution", help="Processing resolution (long side); 0 = native; default: the checkpoint's.",
+        show_default=False)] = None,
+    threshold: Annotated[Optional[list[str]], typer.Option(
+        "--threshold", help="Probability threshold: 0.5, or per class road=0.4 (repeatable, comma-separated).",
+        show_default="checkpoint's (0.5)")] = None,
+    mode: Annotated[Mode, typer.Option("--mode", help="semantic: one label per pixel; multilabel: each class "
+                                       "thresholded alone (writes per-class binary masks).")] = Mode.semantic,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's seed also depends on its file name, "
+                                      "never on order or batch.")] = 0,
+    tile: Annotated[str, typer.Option("--tile", help="auto|off|N: tiled inference at native scale (auto: when "
+                                      "the long side > 1.5× the resolution).")] = "auto",
+    overlap: Annotated[float, typer.Option("--overlap", help="Tile overlap as a fraction of the tile.")] = 0.25,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse larger images (0 = no limit).")] = 100_000_000,
+    save_binary: Annotated[bool, typer.Option("--save-binary", help="Also write <name>.<class>.png (0/255).")] = False,
+    save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write per-class probability maps.")] = False,
+    probs_format: Annotated[ProbsFormat, typer.Option(
+        "--probs-format", help="png16: 16-bit PNG, probability = value / 65535; npy: float32.")] = ProbsFormat.png16,
+    no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Do not write <name>.overlay.jpg.")] = False,
+    overlay_alpha: Annotated[float, typer.Option("--overlay-alpha", help="Opacity of class colours.")] = 0.5,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip images whose outputs all exist "
+                                                "(resume an interrupted run).")] = False,
+    batch_size: Annotated[str, typer.Option("--batch-size", help="Prompts per U-Net batch: auto or N.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="I/O threads reading ahead and writing behind.")] = 2,
+    prompt_template: Annotated[Optional[str], typer.Option(
+        "--prompt-template", help="Template with {name}, e.g. 'aerial photo of {name}'.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: one object per image, then a "
+                                          "summary (schema digseg.segment/1); logs stay on stderr.")] = False,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", envvar="DIGSEG_CACHE_DIR",
+                                                      help="Weights cache folder.", show_default=False)] = None,
+    offline: Annotated[bool, typer.Option("--offline", envvar="DIGSEG_OFFLINE",
+                                          help="Never touch the network; missing weights exit with code 5.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (files, sizes, tiles, outputs) "
+                                          "without loading the model.")] = False,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Use torch's deterministic algorithms "
+                                                "(slower on GPUs).")] = False,
+) -> None:
+    """Segment images with text prompts; one class per comma-separated item of --prompt.
+
+    INPUTS may be `-` (one image on stdin) and --out may be `-` (the label PNG of one image on stdout).
+    """
+    arguments = {k: v for k, v in locals().items()}
+    with handle_errors(), tempfile.TemporaryDirectory(prefix="digseg-") as scratch:
+        # 0. Unix pipes: `-` in → a scratch file; `-o -` → a scratch folder, then the mask to stdout.
+        to_stdout = str(out) == "-"
+        if "-" in inputs:
+            if len(inputs) > 1:
+                raise UsageError("`-` (read one image from stdin) cannot be combined with other inputs")
+            (Path(scratch) / "stdin").write_bytes(sys.stdin.buffer.read())
+            inputs = [str(Path(scratch) / "stdin")]
+        if to_stdout:
+            if as_json or dry_run:
+                raise UsageError("`--out -` writes the label PNG to stdout: it cannot go with --json or --dry-run")
+            out = Path(scratch) / "out"
+        from digseg_cli import segment as seg
+
+        # 1. Flags → settings (no model, no torch yet): every usage error surfaces here.
+        classes, warnings = [], []
+        for text in prompt or []:
+            found, more = seg.parse_prompts(text)
+            classes += found
+            warnings += more
+        if prompts_file is not None:
+            found, more = seg.load_prompt_file(prompts_file)
+            classes += found
+            warnings += more
+        classes = seg.dedupe_classes(classes, warnings)
+        default_threshold, per_class = seg.parse_thresholds(threshold)
+        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
+            raise UsageError(f"`--batch-size` must be auto or a positive integer, got {batch_size!r}")
+        settings = seg.SegmentSettings(
+            classes=tuple(classes), thresholds=per_class, threshold=default_threshold, steps=steps,
+            ensemble=ensemble, resolution=resolution, mode=mode.value, seed=seed, tile=seg.parse_tile(tile),
+            overlap=overlap, max_pixels=max_pixels, prompt_template=prompt_template, recursive=recursive,
+            overlay=not no_overlay, overlay_alpha=overlay_alpha, save_binary=save_binary, save_probs=save_probs,
+            probs_format=probs_format.value, overwrite=overwrite, skip_existing=skip_existing, fail_fast=fail_fast,
+            batch_size=None if batch_size == "auto" else int(batch_size), workers=workers,
+        )
+        files = seg.expand_inputs(inputs, recursive=recursive, exclude=out)
+        if to_stdout and len(files) != 1:
+            raise UsageError(f"`--out -` takes exactly one input image, found {len(files)}")
+        for warning in warnings:
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        if dry_run:
+            _dry_run(seg, files, out, settings, weights, cache_dir, as_json)
+            return
+        # 2. Device, precision and weights: exit codes 4 and 5 before any work.
+        from digseg_cli.device import describe, resolve_device, resolve_dtype
+        from digseg_cli.pipeline import load_pipeline
+
+        dev = resolve_device(device)
+        dtype = resolve_dtype(precision, dev)
+        if deterministic:
+            import torch
+
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        t0 = time.perf_counter()
+        pipe = load_pipeline(weights, device=dev, dtype=dtype, cache_dir=cache_dir, offline=offline or None)
+        folder = _weights_folder(weights, cache_dir, offline)
+        picked = f" (auto → {dev})" if device.strip().lower() == "auto" else ""
+        err_console.print(f"digseg segment: {len(files)} input(s) → {out}; device {describe(dev, dtype)}{picked}; "
+                          f"weights {weights} (loaded in {time.perf_counter() - t0:.1f} s)", highlight=False,
+                          markup=False, soft_wrap=True)
+        if weights == "demo":
+            err_console.print(DEMO_NOTE, style="yellow", highlight=False, markup=False, soft_wrap=True)
+        for c in settings.resolve_classes(pipe.config.classes):
+            for text in c.texts:
+                for warning in pipe.check_prompt(pipe.format_prompt(text, prompt_template)):
+                    err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+
+        # 3. Run, streaming records.
+        def on_result(result) -> None:
+            if as_json:
+                _echo_json(result.to_json())
+            if result.status == "failed":
+                err_console.print(f"[red]failed:[/] {result.relative_path}: {result.reason}", highlight=False,
+                                  soft_wrap=True)
+            for note in result.warnings:
+                err_console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+
+        arguments.update(inputs=arguments["inputs"], out="-" if to_stdout else str(out))
+        summary = None
+        try:
+            with _Reporter(len(files), enabled=True) as reporter:
+                summary = seg.run_segment(files, out, pipe, settings, progress=reporter, on_result=on_result,
+                                          weights=weights, weights_folder=folder, arguments=arguments)
+        except DigsegError as exc:  # interrupted / out of memory: show what was done, then exit
+            summary = getattr(exc, "summary", None)
+            raise
+        finally:
+            if summary is not None:
+                if as_json:
+                    _echo_json(summary.to_json())
+                _print_summary(summary)
+        mask = out / f"{files[0].key}.mask.png"
+        if to_stdout and summary.processed == 1:
+            sys.stdout.buffer.write(mask.read_bytes())
+            sys.stdout.flush()
+    raise typer.Exit(summary.exit_code)
+
+
+def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: bool) -> None:
+    """Print what a run would do, from file headers and the checkpoint config only (no model load)."""
+    resolution, classes, note = settings.resolution, list(settings.classes), ""
+    if resolution is None or not classes:
+        config = _peek_config(weights, cache_dir)
+        if config is None:
+            note = (f"weights {weights!r} are not available locally: a run would download them (or fail offline); "
+                    f"see `digseg weights info {weights}`")
+        else:
+            resolution = config.default_resolution if resolution is None else resolution
+            classes = classes or seg.classes_from_config(config.classes)
+    rows = seg.plan_segment(files, out, settings, classes or [seg.PromptClass("class", ("class",))],
+                            resolution=resolution or 0)
+    if as_json:
+        for row in rows:
+            _echo_json({"schema": seg.SCHEMA, "type": "plan", **row})
+        _echo_json({"schema": seg.SCHEMA, "type": "plan-summary", "inputs": len(rows), "weights": weights,
+                    "resolution": resolution, "note": note or None})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"digseg segment --dry-run: {len(rows)} input(s) → {out}", title_justify="left")
+    for column in ("input", "size", "tiles", "action", "mask"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        size = f"{row['width']}x{row['height']}" if "width" in row else "?"
+        table.add_row(row["relative_path"], size, str(row.get("tiles", "?")), row["action"], row["mask"])
+    err_console.print(table)
+    if note:
+        err_console.print(note, style="yellow", highlight=False, markup=False)
+
+
+def _peek_config(weights: str, cache_dir: Optional[Path]) -> Any:
+    """The checkpoint config behind `weights` without loading weights or touching the network, or None."""
+    from digseg_cli.checkpoint import COMPACT_PREFIX
+    from digseg_cli.compact import COMPACT_CONFIGS, get_compact_config
+    from digseg_cli.config import DigsegConfig
+
+    name = weights.removeprefix(COMPACT_PREFIX)
+    if name in COMPACT_CONFIGS and not Path(weights).exists():
+        spec = get_compact_config(name)
+        return DigsegConfig(base_model=COMPACT_PREFIX + name, default_resolution=spec.resolution)
+    try:
+        folder = _weights_folder(weights, cache_dir, offline=True)
+        return DigsegConfig.load(folder) if folder is not None else None
+    except DigsegError:
+        return None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("segment", epilog=EPILOG, no_args_is_help=True)(segment)

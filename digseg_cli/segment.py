@@ -1,0 +1,876 @@
+"""Folder runs of `digseg segment`: inputs in, per-image label maps, overlays and probabilities out.
+
+One job: expand inputs (files, folders, globs, `@list.txt`) into relative paths that mirror the input tree,
+run a `DigsegPipeline` on each image with an order-independent seed, back off on out-of-memory, write the
+outputs atomically from a background thread and record a `run.json` manifest (also when interrupted).
+Prompt parsing (`--prompt "road|street, tree"`, `--prompts classes.yaml`) lives here too.
+
+It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
+callbacks and `logging.getLogger("digseg")`. Decoding and encoding pixels is `images.py`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from digseg_cli import images
+from digseg_cli.errors import (
+    DigsegError, InterruptedRunError, NoInputsError, OutOfMemoryError, UsageError,
+)
+
+log = logging.getLogger("digseg")
+
+SCHEMA = "digseg.segment/1"
+MANIFEST_SCHEMA = "digseg.run/1"
+PROBABILITY_SCALE = "linear 0-65535: probability = value / 65535 (16-bit PNG); float32 in [0, 1] (npy)"
+MODES = ("semantic", "multilabel")
+PROBS_FORMATS = ("png16", "npy")
+_RESERVED_NAMES = {"mask", "overlay", "prob"}  # would collide with <rel>.mask.png / .overlay.jpg / .prob.*
+_INSTRUCTION = re.compile(
+    r"^(all|every|each|any|segment|find|detect|show|highlight|mark|select|extract|locate|identify|give|please)\b",
+    re.IGNORECASE,
+)
+RGB = tuple[int, int, int]
+ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+@dataclass(frozen=True)
+class PromptClass:
+    """One class: `name` (legends, file names), `texts` whose scores are averaged (main prompt first, then
+    synonyms), and optionally its own colour and threshold."""
+
+    name: str
+    texts: tuple[str, ...]
+    color: RGB | None = None
+    threshold: float | None = None
+
+
+def _check_text(text: str) -> str:
+    text = " ".join(text.split())
+    if _INSTRUCTION.match(text):
+        raise UsageError(
+            f"prompt {text!r} reads like an instruction; give each class as a short noun phrase "
+            f"(e.g. {_INSTRUCTION.sub('', text).strip(' .') or 'road'!r}), several classes separated by commas"
+        )
+    return text
+
+
+def dedupe_classes(classes: list[PromptClass], warnings: list[str]) -> list[PromptClass]:
+    """Drop repeated class names (case-insensitive), noting each in `warnings`."""
+    seen: dict[str, PromptClass] = {}
+    for c in classes:
+        if c.name.lower() in seen:
+            warnings.append(f"class {c.name!r} is given twice; the second one is ignored")
+        else:
+            seen[c.name.lower()] = c
+    return list(seen.values())
+
+
+def parse_prompts(text: str) -> tuple[list[PromptClass], list[str]]:
+    """`"road|street, tree"` → classes (one per comma-separated item; `|` separates synonyms) and warnings."""
+    classes, warnings = [], []
+    for item in text.split(","):
+        synonyms = [_check_text(s) for s in item.split("|") if s.strip()]
+        if not synonyms:
+            warnings.append(f"empty class in prompt {text!r} ignored")
+            continue
+        classes.append(PromptClass(synonyms[0], tuple(dict.fromkeys(synonyms))))
+    if not classes:
+        raise UsageError(f"`--prompt` {text!r} names no class: give e.g. --prompt \"road, tree\"")
+    return dedupe_classes(classes, warnings), warnings
+
+
+_CLASS_KEYS = ("name", "prompt", "synonyms", "color", "colour", "threshold", "id", "description")
+
+
+def _class_from_entry(entry: Any, where: str) -> PromptClass:
+    if isinstance(entry, str):
+        entry = {"name": entry.split("|")[0], "synonyms": entry.split("|")[1:]}
+    if not isinstance(entry, Mapping) or not str(entry.get("name", "")).strip():
+        raise UsageError(f"{where}: each class needs a `name` (got {entry!r})")
+    unknown = [k for k in entry if k not in _CLASS_KEYS]
+    if unknown:
+        hint = difflib.get_close_matches(str(unknown[0]), _CLASS_KEYS, 1)
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} in class {entry['name']!r}"
+                         + (f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(_CLASS_KEYS)}"))
+    synonyms = entry.get("synonyms") or []
+    synonyms = synonyms.split("|") if isinstance(synonyms, str) else list(synonyms)
+    texts = [_check_text(str(t)) for t in [entry.get("prompt") or entry["name"], *synonyms] if str(t).strip()]
+    color = entry.get("color", entry.get("colour"))
+    threshold = entry.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise UsageError(f"{where}: `threshold` of class {entry['name']!r} must be a number in [0, 1], "
+                         f"got {threshold!r}")
+    return PromptClass(str(entry["name"]).strip(), tuple(dict.fromkeys(texts)),
+                       images.parse_color(color) if color is not None else None,
+                       None if threshold is None else float(threshold))
+
+
+def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
+    """Classes from a JSON or YAML file: a list of names/entries, `{classes: [...]}`, or `{name: entry}`.
+
+    An entry has `name` and optionally `prompt` (text, default the name), `synonyms` (list or `a|b`),
+    `color` (name, `#rrggbb` or `r,g,b`), `threshold` (0–1) and `id`/`description` (kept for eval/train).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise UsageError(f"{path} is not valid JSON/YAML: {exc}") from None
+    if isinstance(data, Mapping) and "classes" in data:
+        if set(data) - {"classes"}:
+            extra = sorted(set(data) - {"classes"})
+            raise UsageError(f"{path}: unknown top-level keys {extra}; only `classes` is read")
+        data = data["classes"]
+    if isinstance(data, Mapping):  # {road: {color: ...}} or {road: [street, highway]} or {road: "asphalt road"}
+        data = [{"name": k, **(v if isinstance(v, Mapping) else {"synonyms": v} if isinstance(v, list)
+                               else {"prompt": v} if isinstance(v, str) else {})} for k, v in data.items()]
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"{path}: expected a non-empty list of classes (see `digseg segment --help`)")
+    warnings: list[str] = []
+    return dedupe_classes([_class_from_entry(e, str(path)) for e in data], warnings), warnings
+
+
+def classes_from_config(classes: Sequence[Mapping] | None) -> list[PromptClass]:
+    """A closed-set checkpoint's class list (`[{"id", "name", "synonyms"}]`) as prompt classes."""
+    return [PromptClass(c["name"], tuple(dict.fromkeys([c["name"], *c.get("synonyms", [])]))) for c in classes or []]
+
+
+def parse_thresholds(values: Sequence[str] | None) -> tuple[float | None, dict[str, float]]:
+    """`["0.4"]`, `["road=0.4", "tree=0.3"]` or `["0.5,road=0.4"]` → (default, per-class thresholds)."""
+    default, per_class = None, {}
+    for item in (p.strip() for v in values or () for p in str(v).split(",") if p.strip()):
+        name, _, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"`--threshold` {item!r} must be a number in [0, 1] or CLASS=NUMBER") from None
+        if not 0 <= number <= 1:
+            raise UsageError(f"`--threshold` {item!r} must be in [0, 1]")
+        if name.strip():
+            per_class[name.strip()] = number
+        else:
+            default = number
+    return default, per_class
+
+
+def parse_tile(text: str | int | None) -> str | int:
+    """`auto|off|N` → "auto", "off" or a tile size in pixels."""
+    value = str(text if text is not None else "auto").strip().lower()
+    if value in ("auto", "off"):
+        return value
+    if not value.isdigit() or int(value) < 8:
+        raise UsageError(f"`--tile` must be auto, off or a size in pixels (≥ 8), got {text!r}")
+    return int(value)
+
+
+def file_names(classes: Sequence[PromptClass]) -> list[str]:
+    """File-safe, unique name per class for `<rel>.<name>.png` (no dots, not `mask`/`overlay`/`prob`)."""
+    names: list[str] = []
+    for c in classes:
+        base = re.sub(r"[^\w-]+", "_", c.name).strip("_") or "class"
+        base = base + "_" if base.lower() in _RESERVED_NAMES else base
+        name, i = base, 2
+        while name.lower() in (n.lower() for n in names):
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class InputFile:
+    """One input: its path and the relative path mirrored under the output folder."""
+
+    path: Path
+    rel: PurePosixPath
+    keep_suffix: bool = False  # a sibling shares the stem (img.jpg, img.png): outputs are img.jpg.mask.png
+
+    @property
+    def key(self) -> PurePosixPath:
+        """Output stem: the relative path without its suffix (`a/b/img.jpg` → `a/b/img`)."""
+        return self.rel if self.keep_suffix else self.rel.with_suffix("")
+
+
+def _looks_like_image(path: Path) -> bool:
+    return path.suffix.lower() in images_suffixes() or images.is_image_file(path)
+
+
+def images_suffixes() -> set[str]:
+    from PIL import Image
+
+    return {s.lower() for s in Image.registered_extensions()}
+
+
+def _walk(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (exclude is None or here / d != exclude))
+        found += [here / f for f in sorted(filenames) if not f.startswith(".")]
+        if not recursive:
+            if dirnames:
+                log.debug("%s has %d sub-folders; pass --recursive to include them", folder, len(dirnames))
+            break
+    return [p for p in found if _looks_like_image(p)]
+
+
+def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False,
+                  exclude: str | Path | None = None) -> list[InputFile]:
+    """Files, folders, quoted globs and `@list.txt` files → `InputFile`s, de-duplicated, in the given order.
+
+    Files inside folders and glob matches count when their content or suffix says image (a broken `x.png`
+    is an input that then fails; `notes.txt` is ignored); an explicitly named file always counts. Relative
+    paths are taken from the deepest folder common to all inputs, so the output tree mirrors the input
+    tree and same-named files from different folders never collide. `exclude` (the output folder) is
+    never walked. A named file that does not exist stays in the list (it fails when read, so the run
+    reports it); `NoInputsError` when no existing image is found at all.
+    """
+    exclude = Path(os.path.abspath(exclude)) if exclude is not None else None
+    found: list[tuple[Path, Path]] = []  # (file, root it was found under)
+
+    def collect(text: str, base: Path, from_list: bool) -> None:
+        if text.startswith("@") and not from_list:
+            listing = Path(text[1:]).expanduser()
+            try:
+                lines = listing.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise UsageError(f"cannot read input list {listing}: {exc.strerror or exc}") from None
+            for line in (s.strip() for s in lines):
+                if line and not line.startswith("#"):
+                    collect(line, Path(os.path.abspath(listing)).parent, True)
+            return
+        path = Path(os.path.abspath(base / Path(text).expanduser()))
+        if path.is_dir():
+            found.extend((p, path) for p in _walk(path, recursive, exclude))
+        elif path.exists():
+            found.append((path, path.parent))
+        elif glob.has_magic(text):
+            root = Path(os.path.abspath(base / Path(text).expanduser()))
+            while glob.has_magic(str(root)):
+                root = root.parent
+            matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+            files = [m for m in matches
+                     if m.is_file() and not (exclude and exclude in m.parents) and _looks_like_image(m)]
+            for m in (m for m in matches if m.is_dir()):
+                files += _walk(m, recursive, exclude)
+            if not files:
+                log.warning("no images match %s", text)
+            found.extend((f, root) for f in files)
+        else:
+            found.append((path, path.parent))  # fails when read: "no such file"
+
+    for item in inputs:
+        collect(str(item), Path.cwd(), False)
+    seen: set[Path] = set()
+    unique = [(f, r) for f, r in found if not (f in seen or seen.add(f))]  # first occurrence wins
+    if not any(f.exists() for f, _ in unique):
+        tried = ", ".join(str(i) for i in inputs) or "(none)"
+        absent = [str(f) for f, _ in unique]
+        hint = (f": {', '.join(absent)} do(es) not exist" if absent else
+                "" if recursive else " (sub-folders are searched only with --recursive)")
+        raise NoInputsError(f"no images found in {tried}{hint}")
+    common = Path(os.path.commonpath([str(r) for _, r in unique]))
+    result = [InputFile(f, PurePosixPath(f.relative_to(common).as_posix())) for f, _ in unique]
+    keys: dict[PurePosixPath, int] = {}
+    for item in result:
+        keys[item.key] = keys.get(item.key, 0) + 1
+    for i, item in enumerate(result):
+        if keys[item.key] > 1:  # img.jpg and img.png side by side
+            result[i] = dataclasses.replace(item, keep_suffix=True)
+    return result
+
+
+def image_seed(seed: int, rel: str | PurePosixPath) -> int:
+    """The noise seed of one image: sha256 of the run seed and the file's name (its relative path's last
+    part), so a file gets the same noise alone, in a folder, in any order or shard."""
+    digest = hashlib.sha256(f"{seed}\0{PurePosixPath(rel).name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Everything a folder run needs besides the model. `None` values resolve to the checkpoint's defaults;
+    empty `classes` means the checkpoint's own class list (closed-set models)."""
+
+    classes: tuple[PromptClass, ...] = ()
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # per-class overrides by class name
+    threshold: float | None = None  # for classes without their own
+    steps: int | None = None
+    ensemble: int | None = None
+    resolution: int | None = None
+    mode: str = "semantic"  # semantic: argmax + threshold; multilabel: each class alone (+ binary masks)
+    seed: int = 0
+    tile: int | str = "auto"
+    overlap: float = 0.25
+    max_pixels: int = 100_000_000  # 0 = no limit
+    prompt_template: str | None = None
+    recursive: bool = False
+    overlay: bool = True
+    overlay_alpha: float = 0.5
+    save_binary: bool = False
+    save_probs: bool = False
+    probs_format: str = "png16"
+    overwrite: bool = False
+    skip_existing: bool = False
+    fail_fast: bool = False
+    batch_size: int | None = None  # prompts per U-Net batch; None = the pipeline's
+    workers: int = 2  # I/O threads: reading ahead and writing behind
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.probs_format not in PROBS_FORMATS:
+            raise UsageError(f"`probs_format` must be one of {', '.join(PROBS_FORMATS)}, got {self.probs_format!r}")
+        if self.overwrite and self.skip_existing:
+            raise UsageError("`--overwrite` and `--skip-existing` contradict each other: pick one")
+        if not 0 <= self.overlap < 1:
+            raise UsageError(f"`overlap` must be in [0, 1), got {self.overlap}")
+        if not 0 <= self.overlay_alpha <= 1:
+            raise UsageError(f"`overlay_alpha` must be in [0, 1], got {self.overlay_alpha}")
+        if self.max_pixels < 0 or self.workers < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise UsageError("`max_pixels` must be ≥ 0 (0 = no limit), `workers` and `batch_size` ≥ 1")
+        if len(self.classes) > 255:
+            raise UsageError(f"at most 255 classes fit a label PNG, got {len(self.classes)}")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise UsageError(f"`threshold` must be in [0, 1], got {self.threshold}")
+        parse_tile(self.tile)
+
+    def resolve_classes(self, config_classes: Sequence[Mapping] | None = None) -> list[PromptClass]:
+        """The classes to run, per-class thresholds applied; the checkpoint's own when none were given."""
+        classes = list(self.classes) or classes_from_config(config_classes)
+        if not classes:
+            raise UsageError("no classes to segment: pass --prompt \"road, tree\" or --prompts classes.yaml "
+                             "(this model has no built-in class list)")
+        by_name = {c.name: c for c in classes}
+        for name, value in self.thresholds.items():
+            if name not in by_name:
+                hint = difflib.get_close_matches(name, by_name, 1)
+                known = f"; did you mean {hint[0]!r}?" if hint else f"; classes: {', '.join(by_name)}"
+                raise UsageError(f"`--threshold {name}=…` names no class{known}")
+            by_name[name] = dataclasses.replace(by_name[name], threshold=value)
+        return list(by_name.values())
+
+
+
+
+# ------------------------------------------------------------------------------------------------ results
+@dataclass
+class ImageResult:
+    """The record of one input: JSON schema `digseg.segment/1`, `"type": "image"`.
+
+    `classes[k]`: `fraction` of the image's pixels given to class k (its label in semantic mode, its own
+    mask in multilabel mode) and `mean_confidence`, the mean probability over those pixels (None if none).
+    """
+
+    input: str
+    relative_path: str
+    status: str = "ok"  # ok | skipped | failed
+    reason: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    classes: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def fail(self, reason: str) -> ImageResult:
+        self.status, self.reason, self.outputs, self.classes = "failed", reason, {}, []
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "type": "image", **dataclasses.asdict(self)}
+
+
+@dataclass
+class RunSummary:
+    """What a run did. `status`: completed | stopped (--fail-fast) | interrupted | out-of-memory | error."""
+
+    out_dir: Path
+    manifest: Path
+    total: int
+    status: str = "error"
+    processed: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    wall_s: float = 0.0
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str = ""
+    backoffs: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def not_processed(self) -> int:
+        return self.total - self.processed - self.skipped - len(self.failed)
+
+    @property
+    def exit_code(self) -> int:
+        from digseg_cli.errors import EXIT_OK, EXIT_PARTIAL
+
+        return EXIT_PARTIAL if self.failed or self.not_processed else EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "type": "summary", "status": self.status, "inputs": self.total,
+            "processed": self.processed, "skipped": self.skipped, "failed": len(self.failed),
+            "not_processed": self.not_processed, "failures": [{"input": r, "reason": why} for r, why in self.failed],
+            "wall_s": round(self.wall_s, 3), "images_per_s": round(self.images_per_s, 3),
+            "peak_memory_bytes": self.peak_memory_bytes, "peak_memory_kind": self.peak_memory_kind,
+            "backoffs": self.backoffs, "out_dir": str(self.out_dir), "manifest": str(self.manifest),
+        }
+
+
+def output_paths(out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings
+                 ) -> dict[str, Any]:
+    """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}}` for one input."""
+    base = Path(out_dir) / item.key
+
+    def at(suffix: str) -> Path:
+        return base.parent / f"{base.name}{suffix}"
+
+    names = file_names(classes)
+    paths: dict[str, Any] = {"mask": at(".mask.png")}
+    if settings.overlay:
+        paths["overlay"] = at(".overlay.jpg")
+    if settings.save_binary or settings.mode == "multilabel":
+        paths["binary"] = {c.name: at(f".{n}.png") for c, n in zip(classes, names)}
+    if settings.save_probs:
+        ext = ".prob.png" if settings.probs_format == "png16" else ".prob.npy"
+        paths["probs"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names)}
+    return paths
+
+
+def _flat(paths: Mapping[str, Any]) -> list[Path]:
+    return [p for v in paths.values() for p in (v.values() if isinstance(v, Mapping) else [v])]
+
+
+def _existing_verdict(paths: Mapping[str, Any], settings: SegmentSettings) -> tuple[str, str] | None:
+    """("skipped"|"failed", reason) when existing outputs decide the input's fate, else None."""
+    wanted = _flat(paths)
+    existing = [p for p in wanted if p.exists()]
+    if not existing or settings.overwrite:
+        return None
+    if settings.skip_existing:  # all there: skip; some missing (an interrupted write): redo them all
+        return ("skipped", "outputs exist (--skip-existing)") if len(existing) == len(wanted) else None
+    more = f" +{len(existing) - 1}" if len(existing) > 1 else ""
+    return "failed", f"outputs exist ({existing[0]}{more}): pass --overwrite or --skip-existing"
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, EXIF rotation applied, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            (w, h), orientation = im.size, im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise images.ImageReadError(path, "no such file") from None
+    except UnidentifiedImageError:
+        raise images.ImageReadError(path, "not an image file (unknown format)") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types; read_image gives the precise reason
+        raise images.ImageReadError(path, f"cannot read the header ({type(exc).__name__})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
+    """Decode one image (worker thread), refusing it before decoding when it is over `max_pixels`."""
+    t0 = time.perf_counter()
+
+    def check(w: int, h: int) -> None:
+        if max_pixels and w * h > max_pixels:
+            raise images.ImageReadError(path, f"{w}x{h} is {w * h / 1e6:.1f} MP, over --max-pixels {max_pixels / 1e6:g}"
+                                              " MP: downscale it or raise --max-pixels (0 = no limit)")
+
+    try:
+        size = header_size(path)  # refuse before decoding
+    except Exception:  # noqa: BLE001 - read_image below names the problem precisely
+        size = None
+    if size is not None:
+        check(*size)
+    array = images.read_image(path)  # [H,W,3] uint8, EXIF orientation applied
+    check(array.shape[1], array.shape[0])
+    return array, time.perf_counter() - t0
+
+
+def _write(paths: Mapping[str, Any], image, probs, labels, regions, palette, names, settings) -> float:
+    """Write one image's outputs (worker thread); each file appears atomically under its final name."""
+    t0 = time.perf_counter()
+    images.write_label_png(paths["mask"], labels, palette)
+    if "overlay" in paths:
+        overlay = images.make_overlay(image, labels, palette, names, settings.overlay_alpha)
+        images.write_image(paths["overlay"], overlay, settings.jpeg_quality)
+    for k, path in enumerate(paths.get("binary", {}).values()):
+        images.write_binary_png(path, regions[k])
+    for k, path in enumerate(paths.get("probs", {}).values()):
+        if settings.probs_format == "png16":
+            images.write_png16(path, probs[k])
+        else:
+            images.write_npy(path, probs[k])
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------ out of memory
+def _smaller_tile(pipe, tile: int | str, resolution: int | None, h: int, w: int) -> int | None:
+    """The next tile size to try after an OOM: half the current tile (or of the processing size)."""
+    res = pipe.config.default_resolution if resolution is None else resolution
+    multiple = getattr(pipe.model, "size_multiple", 8)
+    current = tile if isinstance(tile, int) else (res if tile == "auto" and res and max(h, w) > 1.5 * res else 0)
+    base = min(current or res or max(h, w), max(h, w))
+    smaller = base // 2 // multiple * multiple
+    return smaller if smaller >= 4 * multiple else None
+
+
+def _infer(pipe, image, prompts, call: dict, tile: int | str, rel: str, notes: list[str]):
+    """Run the pipeline; on CUDA/MPS out-of-memory halve the prompt batch, then tile smaller and smaller."""
+    from digseg_cli.device import is_out_of_memory
+
+    n_texts = sum(1 if isinstance(p, str) else len(p) for p in prompts)
+    while True:
+        try:
+            return pipe(image, prompts, tile=tile, **call)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            h, w = image.shape[:2]
+            if min(pipe.batch_size, n_texts) > 1:
+                pipe.batch_size = min(pipe.batch_size, n_texts) // 2  # sticky for the rest of the run
+                note = f"out of memory on {rel}: prompt batch lowered to {pipe.batch_size}"
+            elif (smaller := _smaller_tile(pipe, tile, call.get("resolution"), h, w)) is not None:
+                tile, note = smaller, f"out of memory on {rel}: tiled inference with {smaller} px tiles"
+            else:
+                raise OutOfMemoryError(
+                    f"out of memory on {pipe.device} for {rel} ({w}x{h}) even with a prompt batch of 1 and small "
+                    "tiles: try --resolution 256, --tile 256, --precision bf16/fp16, --ensemble 1, fewer classes "
+                    "per run, or --device cpu"
+                ) from None
+            log.warning("%s", note)
+            notes.append(note)
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def run_segment(
+    inputs: Sequence[InputFile | str | Path],
+    out_dir: str | Path,
+    pipe,
+    settings: SegmentSettings,
+    *,
+    progress: ProgressFn | None = None,
+    on_result: Callable[[ImageResult], None] | None = None,
+    weights: str | None = None,
+    weights_folder: str | Path | None = None,
+    arguments: Mapping[str, Any] | None = None,
+) -> RunSummary:
+    """Segment every input with `pipe` and write outputs under `out_dir`, mirroring the input tree.
+
+    `inputs` are `InputFile`s from `expand_inputs`, or raw paths/globs/`@lists` expanded here. Per input,
+    `on_result` gets an `ImageResult` (in input order) and `progress(done, total, current)` is called.
+    A file that cannot be read, is too large or whose outputs exist (without `overwrite`) fails alone and
+    the run goes on (`fail_fast` stops it). `run.json` is written at the end, also on Ctrl-C (then
+    `InterruptedRunError`) and on out-of-memory after back-off (`OutOfMemoryError`); both carry `.summary`.
+    """
+    out_dir = Path(out_dir)
+    started, t_start = datetime.now(timezone.utc), time.perf_counter()
+    files = list(inputs)
+    if not files or not all(isinstance(f, InputFile) for f in files):
+        files = expand_inputs([str(f) for f in files], recursive=settings.recursive, exclude=out_dir)
+    # 0. Resolve classes, thresholds, colours and the pipeline's arguments once.
+    classes = settings.resolve_classes(pipe.config.classes)
+    default_thr = pipe.config.default_threshold if settings.threshold is None else settings.threshold
+    thresholds = [default_thr if c.threshold is None else c.threshold for c in classes]
+    prompts = [c.texts[0] if len(c.texts) == 1 else list(c.texts) for c in classes]
+    names = [c.name for c in classes]
+    palette = [(0, 0, 0)] + [c.color or d for c, d in zip(classes, images.default_palette(len(classes) + 1)[1:])]
+    call = dict(steps=settings.steps, ensemble=settings.ensemble, resolution=settings.resolution,
+                threshold=thresholds, overlap=settings.overlap, prompt_template=settings.prompt_template)
+    if settings.batch_size:
+        pipe.batch_size = settings.batch_size
+    summary = RunSummary(out_dir, out_dir / "run.json", len(files))
+    totals = {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
+    pool = ThreadPoolExecutor(settings.workers + 1, thread_name_prefix="digseg-io")
+    sha_job = None
+    if weights_folder is not None:
+        from digseg_cli.weights import weights_sha256
+
+        sha_job = pool.submit(weights_sha256, weights_folder)
+    jobs: dict[int, tuple[dict, Future | None, tuple[str, str] | None]] = {}
+    pending: deque[tuple[ImageResult, Future | None]] = deque()
+    stop = False
+
+    def schedule(i: int) -> None:  # decide from existing outputs, else start reading ahead
+        if i < len(files) and i not in jobs:
+            paths = output_paths(out_dir, files[i], classes, settings)
+            verdict = _existing_verdict(paths, settings)
+            jobs[i] = paths, None if verdict else pool.submit(_read, files[i].path, settings.max_pixels), verdict
+
+    def flush(block: bool) -> None:  # hand finished results on, in input order
+        nonlocal stop
+        while pending and (block or pending[0][1] is None or pending[0][1].done() or len(pending) > settings.workers):
+            result, job = pending.popleft()
+            if job is not None:
+                try:
+                    result.timings["write"] = job.result()
+                    totals["write_s"] += result.timings["write"]
+                except (OSError, ValueError, DigsegError) as exc:
+                    result.fail(f"cannot write outputs: {exc}")
+            if result.status == "ok":
+                summary.processed += 1
+            elif result.status == "skipped":
+                summary.skipped += 1
+            else:
+                summary.failed.append((result.relative_path, result.reason or "unknown error"))
+                log.debug("failed: %s: %s", result.relative_path, result.reason)
+                stop = stop or settings.fail_fast
+            if on_result is not None:
+                on_result(result)
+            if progress is not None:
+                progress(summary.processed + summary.skipped + len(summary.failed), summary.total, None)
+
+    error: BaseException | None = None
+    try:
+        for i, item in enumerate(files):
+            if stop:
+                summary.status = "stopped"
+                break
+            for j in range(i, i + settings.workers + 1):
+                schedule(j)
+            paths, job, verdict = jobs.pop(i)
+            if progress is not None:
+                progress(summary.processed + summary.skipped + len(summary.failed), summary.total, str(item.rel))
+            result = ImageResult(str(item.path), str(item.rel))
+            write_job = None
+            if verdict is not None:
+                result.status, result.reason = verdict
+            else:
+                write_job = _segment_one(pipe, item, job, paths, result, prompts, call, classes, palette, names,
+                                         settings, pool, totals, summary.backoffs)
+            pending.append((result, write_job))
+            flush(block=False)
+        else:
+            summary.status = "completed"
+    except KeyboardInterrupt:
+        summary.status = "interrupted"
+    except OutOfMemoryError as exc:
+        summary.status, error = "out-of-memory", exc
+    finally:
+        for _, job, _ in jobs.values():
+            if job is not None:
+                job.cancel()
+        flush(block=True)
+        if stop and summary.status == "completed":
+            summary.status = "stopped"
+        summary.wall_s = time.perf_counter() - t_start
+        summary.peak_memory_bytes, summary.peak_memory_kind = peak_memory(getattr(pipe, "device", None))
+        sha = None
+        if sha_job is not None and (sha_job.done() or summary.status != "interrupted"):
+            try:
+                sha = sha_job.result()
+            except OSError as exc:
+                sha = f"unavailable ({exc})"
+        pool.shutdown(wait=summary.status != "interrupted", cancel_futures=True)
+        manifest = _manifest(summary, settings, classes, thresholds, pipe, started, totals, weights, weights_folder,
+                             sha, arguments)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        images.atomic_write_text(summary.manifest, json.dumps(manifest, indent=2, default=str) + "\n")
+    if summary.status == "interrupted":
+        exc = InterruptedRunError(f"interrupted after {summary.processed} of {summary.total} images; "
+                                  f"manifest written to {summary.manifest} (resume with --skip-existing)")
+        exc.summary = summary  # type: ignore[attr-defined]
+        raise exc
+    if error is not None:
+        error.summary = summary  # type: ignore[attr-defined]
+        raise error
+    return summary
+
+
+def _segment_one(pipe, item, job, paths, result, prompts, call, classes, palette, names, settings, pool, totals,
+                 backoffs) -> Future | None:
+    """Read, segment and queue the writes of one image; fills `result`; returns the write job."""
+    try:
+        image, read_s = job.result()
+    except images.ImageReadError as exc:
+        result.fail(exc.reason)
+        return None
+    except Exception as exc:  # MemoryError on a huge file, a decoder bug...
+        result.fail(f"cannot read: {type(exc).__name__}: {exc}")
+        return None
+    totals["read_s"] += read_s
+    result.height, result.width = image.shape[:2]
+    result.seed = image_seed(settings.seed, item.rel)
+    t0 = time.perf_counter()
+    try:
+        out = _infer(pipe, image, prompts, {**call, "seed": result.seed}, settings.tile, str(item.rel), result.warnings)
+    except DigsegError:
+        raise  # a usage error holds for every image; out-of-memory after back-off ends the run
+    except Exception as exc:  # noqa: BLE001 - one image must not end a 10k-image run
+        log.debug("segmentation of %s failed", item.rel, exc_info=True)
+        result.fail(f"segmentation failed: {type(exc).__name__}: {exc}")
+        return None
+    backoffs.extend(result.warnings)
+    model_s = time.perf_counter() - t0
+    totals["model_s"] += model_s
+    probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
+    labels = out.labels.numpy().astype(np.uint8)  # [H,W], 0 = background, k = class k
+    if settings.mode == "multilabel":
+        regions = out.masks.numpy()  # [K,H,W] bool, each class thresholded alone
+    else:
+        regions = labels[None] == np.arange(1, len(classes) + 1, dtype=np.uint8)[:, None, None]  # [K,H,W]
+    for k, c in enumerate(classes):
+        area = int(regions[k].sum())
+        result.classes.append({
+            "name": c.name, "label": k + 1, "threshold": out.thresholds[k], "fraction": area / regions[k].size,
+            "mean_confidence": float(probs[k][regions[k]].mean()) if area else None,
+        })
+    result.outputs = {key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v))
+                      for key, v in paths.items()}
+    result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
+    return pool.submit(_write, paths, image, probs, labels, regions, palette, names, settings)
+
+
+# ------------------------------------------------------------------------------------------ the manifest
+def peak_memory(device=None) -> tuple[int | None, str]:
+    """(bytes, what was measured): CUDA `max_memory_allocated`, else the process's peak resident set."""
+    if device is not None and getattr(device, "type", "") == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
+    try:
+        import resource
+        import sys
+    except ImportError:  # Windows
+        return None, "unavailable"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
+
+
+def versions() -> dict[str, str | None]:
+    """digseg and its main libraries' versions, plus digseg's git revision when run from a checkout."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    from digseg_cli import __version__
+
+    found: dict[str, str | None] = {"digseg": __version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    root = Path(__file__).resolve().parent.parent
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        lines = top.stdout.split()
+        ok = top.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == root
+        found["digseg_git_revision"] = lines[1] if ok else None
+    except (OSError, subprocess.SubprocessError):
+        found["digseg_git_revision"] = None
+    return found
+
+
+def _manifest(summary: RunSummary, settings, classes, thresholds, pipe, started, totals, weights, weights_folder,
+              sha, arguments) -> dict[str, Any]:
+    cfg = pipe.config
+    precision = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(pipe.dtype))
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "command": "segment",
+        "status": summary.status,
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "arguments": dict(arguments or {}),
+        "settings": dataclasses.asdict(settings),
+        "resolved": {
+            "classes": [dataclasses.asdict(c) for c in classes], "thresholds": thresholds,
+            "labels": {str(k + 1): c.name for k, c in enumerate(classes)} | {"0": "background"},
+            "file_names": file_names(classes), "objective": cfg.objective,
+            "steps": cfg.default_steps if settings.steps is None else settings.steps,
+            "ensemble": cfg.default_ensemble if settings.ensemble is None else settings.ensemble,
+            "resolution": cfg.default_resolution if settings.resolution is None else settings.resolution,
+            "prompt_template": settings.prompt_template or cfg.prompt_template,
+            "batch_size": pipe.batch_size, "seed_rule": "sha256(seed, file name)",
+        },
+        "weights": {"name": weights, "folder": None if weights_folder is None else str(weights_folder),
+                    "sha256": sha, "base_model": cfg.base_model},
+        "versions": versions(),
+        "device": str(pipe.device),
+        "precision": precision,
+        "counts": {"inputs": summary.total, "processed": summary.processed, "skipped": summary.skipped,
+                   "failed": len(summary.failed), "not_processed": summary.not_processed},
+        "failures": [{"input": r, "reason": why} for r, why in summary.failed],
+        "backoffs": summary.backoffs,
+        "timings": {"wall_s": round(summary.wall_s, 3), "images_per_s": round(summary.images_per_s, 3),
+                    **{k: round(v, 3) for k, v in totals.items()}},
+        "peak_memory": {"bytes": summary.peak_memory_bytes, "kind": summary.peak_memory_kind},
+        "probability_scale": PROBABILITY_SCALE,
+        "outputs": {
+            "mask": "<rel>.mask.png: palette PNG; 0 = background, k = class k (see resolved.labels)",
+            "overlay": "<rel>.overlay.jpg: label colours over the image, with a legend",
+            "binary": "<rel>.<class>.png: 0/255 per class (--save-binary; always in multilabel mode)",
+            "probs": "<rel>.<class>.prob.png|.prob.npy: per-class probability (--save-probs)",
+        },
+    }
+
+
+# -------------------------------------------------------------------------------------------- dry run
+def count_tiles(height: int, width: int, tile: int | str, resolution: int, overlap: float) -> int:
+    """How many windows the pipeline runs for an image (1 = whole image), by the pipeline's own rule."""
+    size = tile if isinstance(tile, int) else (resolution if tile == "auto" and resolution
+                                               and max(height, width) > 1.5 * resolution else 0)
+    if not size:
+        return 1
+    from digseg_cli.core.transforms import tile_windows
+
+    return len(tile_windows(height, width, size, overlap))
+
+
+def plan_segment(files: Sequence[InputFile], out_dir: str | Path, settings: SegmentSettings,
+                 classes: Sequence[PromptClass], *, resolution: int) -> list[dict[str, Any]]:
+    """What a run would do per input (`--dry-run`), from file headers only: size, tiles, outputs, action."""
+    rows = []
+    for item in files:
+        paths = output_paths(Path(out_dir), item, classes, settings)
+        row: dict[str, Any] = {"input": str(item.path), "relative_path": str(item.rel), "mask": str(paths["mask"])}
+        try:
+            w, h = header_size(item.path)
+            row.update(width=w, height=h, tiles=count_tiles(h, w, settings.tile, resolution, settings.overlap))
+            too_big = settings.max_pixels and w * h > settings.max_pixels
+            verdict = ("failed", "over --max-pixels") if too_big else _existing_verdict(paths, settings)
+        except images.ImageReadError as exc:
+            verdict = ("failed", exc.reason)
+        row["action"] = "segment" if verdict is None else f"{verdict[0]}: {verdict[1]}"
+        rows.append(row)
+    return rows
