@@ -1,0 +1,62 @@
+"""The ``digseg`` Typer application: global options and the list of command modules.
+
+Each command module defines ``register(app)``; its heavy imports (torch, diffusers) happen inside the
+command bodies so that ``digseg --help`` and ``digseg --version`` answer without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Annotated, Optional
+
+import typer
+
+from digseg_cli import __version__
+from digseg_cli.errors import EXIT_CODES_HELP
+
+app = typer.Typer(
+    name="digseg",
+    help="Text-prompted segmentation with a diffusion model (DiGSeg): segment, eval, train, weights, data.",
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Command modules, in the order they appear in --help.
+COMMAND_MODULES = [
+    "digseg_cli.cli.segment",
+    "digseg_cli.cli.eval",
+    "digseg_cli.cli.train",
+    "digseg_cli.cli.data",
+    "digseg_cli.cli.weights",
+]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"digseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = None,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging (-vv: also libraries).")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    from digseg_cli.cli.common import setup_logging
+
+    setup_logging(-1 if quiet else verbose)
+
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+def main() -> None:
+    app()
