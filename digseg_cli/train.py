@@ -83,6 +83,7 @@ class TrainResult:
     best: Path | None
     stopped_by: str  # "max_steps" | "time" | "epochs" | "signal"
     history: list[dict] = field(default_factory=list)
+    is_main_process: bool = True
 
 
 def batch_loss(model, batch: dict, scheduler, *, objective: str, generator=None, noise_strength: float = 0.0):
@@ -135,6 +136,8 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     accelerator = Accelerator(cpu=s.cpu, mixed_precision=_mixed_precision(s.precision),
                               gradient_accumulation_steps=1)
     accum = max(1, math.ceil(per_step / (s.batch_size * accelerator.num_processes)))
+    if not accelerator.is_main_process:  # one process reports; the others train quietly
+        emit = lambda event: None  # noqa: E731
     set_seed(s.seed)
     if s.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -170,7 +173,8 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     if s.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    model.vae.to(accelerator.device, weight_dtype)
+    # Frozen parts run in the low-precision dtype (only cast when it differs: diffusers warns on casts).
+    model.vae.to(accelerator.device, **({"dtype": weight_dtype} if weight_dtype != torch.float32 else {}))
     if not compact:
         model.text_encoder.to(accelerator.device, weight_dtype)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -205,7 +209,7 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     history: list[dict] = []
     # 7. The loop: accumulate `accum` micro-batches per optimizer step; validate and save on schedule.
     rank, world = accelerator.process_index, accelerator.num_processes
-    t0, stopped_by, window = time.monotonic(), "max_steps", []
+    t0, stopped_by, window = time.monotonic(), None, []
     model.train()
     model.vae.eval()
 
@@ -246,7 +250,11 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
                           "it_per_s": len(window[-20:]) / max(sum(window[-20:]), 1e-9),
                           "elapsed_s": elapsed_before + time.monotonic() - t0}
                 emit({"event": "step", "max_steps": max_steps, **record})
-                val_now = s.val_every and val_pairs and step % s.val_every == 0
+                stopped_by = _stop_reason(accelerator, signals, s, elapsed_before + time.monotonic() - t0, step,
+                                          max_steps, epoch, batch_in_epoch + accum > n_batches)
+                # Validate on schedule, and once more at the end of the run (not after a signal: exit fast).
+                val_now = bool(val_pairs) and stopped_by != "signal" and (
+                    bool(s.val_every and step % s.val_every == 0) or stopped_by is not None)
                 if val_now:
                     record["val_miou"], record["val_iou"] = _validate(model, loaded, ema, trainable, val_pairs,
                                                                       classes, resolution, s, accelerator)
@@ -254,52 +262,71 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
                     if best is None or record["val_miou"] > best:
                         best = record["val_miou"]
                         save("best", best)
-                if metrics and (step % s.log_every == 0 or val_now):
+                if metrics and (step % s.log_every == 0 or val_now or stopped_by):
                     metrics.write(record)
                     history.append(record)
-                if s.save_every and step % s.save_every == 0:
+                if s.save_every and step % s.save_every == 0 and not stopped_by:
                     save("last")
-                if signals.requested:
-                    stopped_by = "signal"
+                if stopped_by:
                     break
-                if s.time_limit and elapsed_before + time.monotonic() - t0 >= s.time_limit:
-                    stopped_by = "time"
-                    break
-            if stopped_by != "max_steps" or (max_steps is not None and step >= max_steps):
+            if stopped_by or (max_steps is not None and step >= max_steps):
                 break
             epoch, batch_in_epoch = epoch + 1, 0
-            if s.epochs and epoch >= s.epochs and max_steps is None:
-                stopped_by = "epochs"
-                break
-    # 8. Final validation (if it was not just done) and the last checkpoint.
-    if val_pairs and stopped_by != "signal" and (not s.val_every or step % s.val_every):
-        value, per_class = _validate(model, loaded, ema, trainable, val_pairs, classes, resolution, s, accelerator)
-        emit({"event": "val", "step": step, "val_miou": value, "val_iou": per_class})
-        if metrics:
-            metrics.write({"step": step, "epoch": epoch, "val_miou": value, "val_iou": per_class})
-        if best is None or value > best:
-            best = value
-            save("best", best)
+    # 8. The last checkpoint (with the trainer state), and a check that every process agrees on it.
+    stopped_by = stopped_by or "max_steps"
     last = save("last")
-    accelerator.wait_for_everyone()
+    _check_ranks_agree(model, accelerator)
     if stopped_by == "signal":
-        raise InterruptedRunError(f"interrupted by {signals.requested} at step {step}: checkpoint written to {last}; "
+        raise InterruptedRunError(f"interrupted by {signals.requested or 'a signal'} at step {step}: checkpoint written to {last}; "
                                   f"continue with `digseg train --out {out} --resume`")
     best_path = out / "best" if (out / "best").exists() else None
-    return TrainResult(out, step, best, last, best_path, stopped_by, history)
+    return TrainResult(out, step, best, last, best_path, stopped_by, history, accelerator.is_main_process)
+
+
+def _stop_reason(accelerator, signals, s: TrainSettings, elapsed: float, step: int, max_steps, epoch: int,
+                 epoch_done: bool) -> str | None:
+    """Why the run stops after this step, decided alike on every process (one tiny all-reduce)."""
+    flags = torch.tensor([signals.requested is not None, bool(s.time_limit and elapsed >= s.time_limit)],
+                         dtype=torch.float32, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, "sum")
+    if flags[0] > 0:
+        return "signal"
+    if flags[1] > 0:
+        return "time"
+    if max_steps is not None and step >= max_steps:
+        return "max_steps"
+    if epoch_done and s.epochs and max_steps is None and epoch + 1 >= s.epochs:
+        return "epochs"
+    return None
+
+
+def _check_ranks_agree(model, accelerator) -> None:
+    """Every process must end with the same weights; a cheap exact digest per tensor proves it."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        digest = torch.stack([p.detach().double().sum() + (p.detach().double() ** 2).sum()
+                              for p in model.parameters()]).to(accelerator.device)  # [P]
+    gathered = accelerator.gather(digest[None])  # [world,P]
+    if not bool((gathered == gathered[0]).all()):
+        raise RuntimeError("training processes ended with different weights: the run is not synchronised")
+    if accelerator.is_main_process:
+        log.info("all %d processes hold identical weights", accelerator.num_processes)
 
 
 def _prepare_data(s: TrainSettings, data_lib):
+    from digseg_cli.data_check import check_folder
     from digseg_cli.errors import DatasetError
 
-    report = data_lib.check_folder(s.data, class_name=s.class_name)
+    report = check_folder(s.data, class_name=s.class_name)
     if not report.ok:
         shown = "; ".join(report.problems[:5]) + (f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else "")
         raise DatasetError(f"{s.data} failed the data check: {shown}. Run `digseg data check {s.data}` for the full report")
     classes = data_lib.read_classes(s.data, class_name=s.class_name)
     pairs = data_lib.find_pairs(s.data)
     if s.val:
-        val_report = data_lib.check_folder(s.val, class_name=s.class_name)
+        val_report = check_folder(s.val, class_name=s.class_name)
         if not val_report.ok:
             raise DatasetError(f"{s.val} failed the data check: {val_report.problems[0]}")
         return classes, pairs, data_lib.find_pairs(s.val)

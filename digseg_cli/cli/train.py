@@ -76,6 +76,8 @@ def train_command(
         )
         with _Progress() as progress:
             result = train(settings, progress=progress)
+        if not result.is_main_process:
+            return
         best = f", best validation mIoU {result.best_miou:.3f} in {result.best}" if result.best_miou is not None else ""
         err_console.print(f"done: {result.step} steps ({result.stopped_by}); last checkpoint {result.last}{best}")
 

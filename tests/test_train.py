@@ -1,0 +1,180 @@
+"""`digseg train` (issue: train): checkpoints and metrics, resume after SIGKILL, SIGTERM, two processes,
+fine-tuning from an SD-format base, and (slow) learning synthetic scenes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from digseg_cli.cli.app import app
+
+runner = CliRunner()
+TINY = ["--base", "tiny", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def synth32(tmp_path_factory) -> Path:
+    from digseg_cli.synth import write_synth_dataset
+
+    folder = tmp_path_factory.mktemp("synth") / "scenes"
+    write_synth_dataset(folder, 24, seed=11, size=32)
+    return folder
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DIGSEG_OFFLINE": "1"}
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "digseg_cli", "train", *args]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for part in ("unet/diffusion_pytorch_model.safetensors", "text_pathway/model.safetensors",
+                 "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        out.update({f"{part}:{k}": v for k, v in load_file(str(folder / part)).items()})
+    return out
+
+
+def test_train_writes_checkpoints_metrics_and_config(synth32, tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(out), *TINY, "--max-steps", "6",
+                                 "--val-every", "3", "--save-every", "3", "--vae-steps", "2", "--ema", "0.9"])
+    assert result.exit_code == 0, result.output
+    for name in ("config.json", "metrics.csv", "metrics.jsonl", "last/trainer_state.pt", "last/digseg_config.json",
+                 "best/digseg_config.json"):
+        assert (out / name).exists(), name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_miou" in r] == [3, 6]
+    config = json.loads((out / "last" / "digseg_config.json").read_text())
+    assert config["objective"] == "one-step" and [c["name"] for c in config["classes"]][:2] == ["road", "tree"]
+    assert config["training"]["step"] == 6
+    from digseg_cli import load_pipeline
+
+    pipe = load_pipeline(out / "best")
+    assert pipe(torch.zeros(32, 32, 3, dtype=torch.uint8).numpy(), ["road"]).probs.shape == (1, 32, 32)
+    # A second run into the same folder must not silently overwrite the first.
+    again = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(out), *TINY, "--max-steps", "1"])
+    assert again.exit_code == 2 and "--resume" in again.output
+
+
+def test_data_check_runs_first_and_stops_with_exit_7(tmp_path):
+    from digseg_cli.synth import write_synth_dataset
+
+    data = tmp_path / "bad"
+    write_synth_dataset(data, 4, seed=0, size=32)
+    (data / "masks" / "00001.png").unlink()  # an image without its mask
+    (data / "images" / "00002.png").write_bytes(b"not an image")
+    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "1"])
+    assert result.exit_code == 7
+    assert "00001" in result.output and "00002" in result.output and "Traceback" not in result.output
+
+
+def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    config = out / "last" / "digseg_config.json"
+    while time.monotonic() < deadline:
+        if config.exists():
+            return json.loads(config.read_text())["training"]["step"]
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.01)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_resume_after_sigkill_ends_with_the_same_weights(synth32, tmp_path):
+    args = ["--data", str(synth32), *TINY, "--max-steps", "40", "--save-every", "4", "--val-every", "0",
+            "--deterministic", "--cpu"]
+    full = tmp_path / "full"
+    subprocess.run(_cmd(*args, "--out", str(full)), env=_env(), check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(*args, "--out", str(killed)), env=_env(), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)
+    step = _wait_for_checkpoint(killed, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert step < 40, "the run finished before it could be killed"
+    assert json.loads((killed / "last" / "digseg_config.json").read_text())["training"]["step"] < 40
+    subprocess.run(_cmd(*args, "--out", str(killed), "--resume"), env=_env(), check=True, capture_output=True)
+
+    a, b = _weights(full / "last"), _weights(killed / "last")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run diverged from the uninterrupted one"
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)), "metrics after the resume point were written twice"
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_130_then_resume_extends(synth32, tmp_path):
+    out = tmp_path / "run"
+    args = ["--data", str(synth32), *TINY, "--val-every", "0", "--save-every", "1000", "--cpu"]
+    proc = subprocess.Popen(_cmd(*args, "--out", str(out), "--max-steps", "100000"), env=_env(),
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.csv").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # let it take a few steps
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    step = json.loads((out / "last" / "digseg_config.json").read_text())["training"]["step"]
+    assert 0 < step < 100000
+    done = subprocess.run(_cmd(*args, "--out", str(out), "--resume", "--max-steps", str(step + 2)), env=_env(),
+                          capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads((out / "last" / "digseg_config.json").read_text())["training"]["step"] == step + 2
+
+
+def test_two_processes_end_with_identical_weights(synth32, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "digseg_cli", "-v", "train", "--data", str(synth32), "--out", str(out), *TINY,
+           "--batch-size", "2", "--max-steps", "4", "--val-every", "2", "--save-every", "2", "--cpu"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    assert "all 2 processes hold identical weights" in stderr
+    assert stderr.count("done: 4 steps") == 1  # only the main process reports
+    assert json.loads((out / "last" / "digseg_config.json").read_text())["training"]["step"] == 4
+
+
+def test_finetune_from_tiny_sd_base_keeps_vae_and_text_encoder_frozen(synth32, tiny_sd_base, tmp_path):
+    out = tmp_path / "sd-run"
+    result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(out), "--base", str(tiny_sd_base),
+                                 "--resolution", "32", "--batch-size", "2", "--max-steps", "3", "--val-every", "0",
+                                 "--lr", "1e-3", "--objective", "diffusion"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "last" / "digseg_config.json").read_text())
+    assert config["base_model"] == str(tiny_sd_base) and config["prediction_type"] == "epsilon"
+    tuned = load_file(str(out / "last" / "text_encoder" / "model.safetensors"))
+    base = load_file(str(tiny_sd_base / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(tuned[k], base[k]) for k in base)
+    tuned_unet = load_file(str(out / "last" / "unet" / "diffusion_pytorch_model.safetensors"))
+    base_unet = load_file(str(tiny_sd_base / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert not torch.equal(tuned_unet["conv_out.weight"], base_unet["conv_out.weight"])
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_synthetic_scenes(tmp_path):
+    """A tiny model trained on synthetic scenes reaches validation mIoU >= 0.5 (about 3 minutes)."""
+    from digseg_cli.synth import write_synth_dataset
+    from digseg_cli.train import TrainSettings, train
+
+    data = tmp_path / "scenes"
+    write_synth_dataset(data, 400, seed=5, size=64)
+    result = train(TrainSettings(
+        data=data, out=tmp_path / "run", base="tiny", resolution=64, batch_size=8, lr=2e-3, warmup_steps=50,
+        max_steps=900, vae_steps=300, val_every=300, save_every=900, val_limit=40, seed=0, ema=0.99,
+    ))
+    assert result.best_miou is not None and result.best_miou >= 0.5, result.history[-1]
