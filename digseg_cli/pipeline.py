@@ -166,12 +166,8 @@ class DigsegPipeline:
         return pixels.to(self.device, torch.float32) / 127.5 - 1  # [1,3,H,W] in [-1,1]
 
     def _tile_size(self, tile, resolution: int, height: int, width: int) -> int:
-        if tile in (None, "off", 0):
-            return 0
-        if tile == "auto":
-            # Tile at native scale when the image is much larger than the processing resolution.
-            return resolution if resolution and max(height, width) > 1.5 * resolution else 0
-        return int(tile)
+        # Tile at native scale when the image is much larger than the processing resolution.
+        return transforms.tile_size_for(tile, resolution, height, width)
 
     def _predict(self, pixels, emb, pooled, resolution, steps, ensemble, seed, timings) -> torch.Tensor:
         """Whole image `[1,3,H,W]` → probabilities `[T,H,W]` at the input size, averaged over the ensemble."""
