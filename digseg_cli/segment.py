@@ -1,39 +1,35 @@
 """Folder runs of `digseg segment`: inputs in, per-image label maps, overlays and probabilities out.
 
-One job: expand inputs (files, folders, globs, `@list.txt`) into relative paths that mirror the input tree,
-run a `DigsegPipeline` on each image with an order-independent seed, back off on out-of-memory, write the
-outputs atomically from a background thread and record a `run.json` manifest (also when interrupted).
-Prompt parsing (`--prompt "road|street, tree"`, `--prompts classes.yaml`) lives here too.
+One job: run a `DigsegPipeline` on each input (from `inputs.expand_inputs`) with an order-independent seed,
+back off on out-of-memory, write the outputs atomically from a background thread and record a `run.json`
+manifest (also when interrupted); plan a run without the model for `--dry-run`.
 
 It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
-callbacks and `logging.getLogger("digseg")`. Decoding and encoding pixels is `images.py`'s job.
+callbacks and `logging.getLogger("digseg")`. Parsing prompts is `prompts.py`'s job, finding the input files
+`inputs.py`'s, decoding and encoding pixels `images.py`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
-import hashlib
 import json
 import logging
-import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from digseg_cli import images
-from digseg_cli.errors import (
-    DigsegError, InterruptedRunError, NoInputsError, OutOfMemoryError, UsageError,
-)
+from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError, UsageError
+from digseg_cli.inputs import InputFile, expand_inputs, header_size, image_seed
+from digseg_cli.prompts import PromptClass, classes_from_config, file_names
 
 log = logging.getLogger("digseg")
 
@@ -42,145 +38,10 @@ MANIFEST_SCHEMA = "digseg.run/1"
 PROBABILITY_SCALE = "linear 0-65535: probability = value / 65535 (16-bit PNG); float32 in [0, 1] (npy)"
 MODES = ("semantic", "multilabel")
 PROBS_FORMATS = ("png16", "npy")
-_RESERVED_NAMES = {"mask", "overlay", "prob"}  # would collide with <rel>.mask.png / .overlay.jpg / .prob.*
-_INSTRUCTION = re.compile(
-    r"^(all|every|each|any|segment|find|detect|show|highlight|mark|select|extract|locate|identify|give|please)\b",
-    re.IGNORECASE,
-)
-RGB = tuple[int, int, int]
 ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
 
 
-# ------------------------------------------------------------------------------------------------ prompts
-@dataclass(frozen=True)
-class PromptClass:
-    """One class: `name` (legends, file names), `texts` whose scores are averaged (main prompt first, then
-    synonyms), and optionally its own colour and threshold."""
-
-    name: str
-    texts: tuple[str, ...]
-    color: RGB | None = None
-    threshold: float | None = None
-
-
-def _check_text(text: str) -> str:
-    text = " ".join(text.split())
-    if _INSTRUCTION.match(text):
-        raise UsageError(
-            f"prompt {text!r} reads like an instruction; give each class as a short noun phrase "
-            f"(e.g. {_INSTRUCTION.sub('', text).strip(' .') or 'road'!r}), several classes separated by commas"
-        )
-    return text
-
-
-def dedupe_classes(classes: list[PromptClass], warnings: list[str]) -> list[PromptClass]:
-    """Drop repeated class names (case-insensitive), noting each in `warnings`."""
-    seen: dict[str, PromptClass] = {}
-    for c in classes:
-        if c.name.lower() in seen:
-            warnings.append(f"class {c.name!r} is given twice; the second one is ignored")
-        else:
-            seen[c.name.lower()] = c
-    return list(seen.values())
-
-
-def parse_prompts(text: str) -> tuple[list[PromptClass], list[str]]:
-    """`"road|street, tree"` → classes (one per comma-separated item; `|` separates synonyms) and warnings."""
-    classes, warnings = [], []
-    for item in text.split(","):
-        synonyms = [_check_text(s) for s in item.split("|") if s.strip()]
-        if not synonyms:
-            warnings.append(f"empty class in prompt {text!r} ignored")
-            continue
-        classes.append(PromptClass(synonyms[0], tuple(dict.fromkeys(synonyms))))
-    if not classes:
-        raise UsageError(f"`--prompt` {text!r} names no class: give e.g. --prompt \"road, tree\"")
-    return dedupe_classes(classes, warnings), warnings
-
-
-_CLASS_KEYS = ("name", "prompt", "synonyms", "color", "colour", "threshold", "id", "description")
-
-
-def _class_from_entry(entry: Any, where: str) -> PromptClass:
-    if isinstance(entry, str):
-        entry = {"name": entry.split("|")[0], "synonyms": entry.split("|")[1:]}
-    if not isinstance(entry, Mapping) or not str(entry.get("name", "")).strip():
-        raise UsageError(f"{where}: each class needs a `name` (got {entry!r})")
-    unknown = [k for k in entry if k not in _CLASS_KEYS]
-    if unknown:
-        hint = difflib.get_close_matches(str(unknown[0]), _CLASS_KEYS, 1)
-        raise UsageError(f"{where}: unknown key {unknown[0]!r} in class {entry['name']!r}"
-                         + (f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(_CLASS_KEYS)}"))
-    synonyms = entry.get("synonyms") or []
-    synonyms = synonyms.split("|") if isinstance(synonyms, str) else list(synonyms)
-    texts = [_check_text(str(t)) for t in [entry.get("prompt") or entry["name"], *synonyms] if str(t).strip()]
-    color = entry.get("color", entry.get("colour"))
-    threshold = entry.get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
-        raise UsageError(f"{where}: `threshold` of class {entry['name']!r} must be a number in [0, 1], "
-                         f"got {threshold!r}")
-    return PromptClass(str(entry["name"]).strip(), tuple(dict.fromkeys(texts)),
-                       images.parse_color(color) if color is not None else None,
-                       None if threshold is None else float(threshold))
-
-
-def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
-    """Classes from a JSON or YAML file: a list of names/entries, `{classes: [...]}`, or `{name: entry}`.
-
-    An entry has `name` and optionally `prompt` (text, default the name), `synonyms` (list or `a|b`),
-    `color` (name, `#rrggbb` or `r,g,b`), `threshold` (0–1) and `id`/`description` (kept for eval/train).
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise UsageError(f"{path} is not valid JSON/YAML: {exc}") from None
-    if isinstance(data, Mapping) and "classes" in data:
-        if set(data) - {"classes"}:
-            extra = sorted(set(data) - {"classes"})
-            raise UsageError(f"{path}: unknown top-level keys {extra}; only `classes` is read")
-        data = data["classes"]
-    if isinstance(data, Mapping):  # {road: {color: ...}} or {road: [street, highway]} or {road: "asphalt road"}
-        data = [{"name": k, **(v if isinstance(v, Mapping) else {"synonyms": v} if isinstance(v, list)
-                               else {"prompt": v} if isinstance(v, str) else {})} for k, v in data.items()]
-    if not isinstance(data, list) or not data:
-        raise UsageError(f"{path}: expected a non-empty list of classes (see `digseg segment --help`)")
-    warnings: list[str] = []
-    return dedupe_classes([_class_from_entry(e, str(path)) for e in data], warnings), warnings
-
-
-def classes_from_config(classes: Sequence[Mapping] | None) -> list[PromptClass]:
-    """A closed-set checkpoint's class list (`[{"id", "name", "synonyms"}]`) as prompt classes."""
-    return [PromptClass(c["name"], tuple(dict.fromkeys([c["name"], *c.get("synonyms", [])]))) for c in classes or []]
-
-
-def parse_thresholds(values: Sequence[str] | None) -> tuple[float | None, dict[str, float]]:
-    """`["0.4"]`, `["road=0.4", "tree=0.3"]` or `["0.5,road=0.4"]` → (default, per-class thresholds)."""
-    default, per_class = None, {}
-    for item in (p.strip() for v in values or () for p in str(v).split(",") if p.strip()):
-        name, _, value = item.rpartition("=")
-        try:
-            number = float(value)
-        except ValueError:
-            raise UsageError(f"`--threshold` {item!r} must be a number in [0, 1] or CLASS=NUMBER") from None
-        if not 0 <= number <= 1:
-            raise UsageError(f"`--threshold` {item!r} must be in [0, 1]")
-        if name.strip():
-            per_class[name.strip()] = number
-        else:
-            default = number
-    return default, per_class
-
-
+# ----------------------------------------------------------------------------------------------- settings
 def parse_tile(text: str | int | None) -> str | int:
     """`auto|off|N` → "auto", "off" or a tile size in pixels."""
     value = str(text if text is not None else "auto").strip().lower()
@@ -191,131 +52,6 @@ def parse_tile(text: str | int | None) -> str | int:
     return int(value)
 
 
-def file_names(classes: Sequence[PromptClass]) -> list[str]:
-    """File-safe, unique name per class for `<rel>.<name>.png` (no dots, not `mask`/`overlay`/`prob`)."""
-    names: list[str] = []
-    for c in classes:
-        base = re.sub(r"[^\w-]+", "_", c.name).strip("_") or "class"
-        base = base + "_" if base.lower() in _RESERVED_NAMES else base
-        name, i = base, 2
-        while name.lower() in (n.lower() for n in names):
-            name, i = f"{base}_{i}", i + 1
-        names.append(name)
-    return names
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-@dataclass(frozen=True)
-class InputFile:
-    """One input: its path and the relative path mirrored under the output folder."""
-
-    path: Path
-    rel: PurePosixPath
-    keep_suffix: bool = False  # a sibling shares the stem (img.jpg, img.png): outputs are img.jpg.mask.png
-
-    @property
-    def key(self) -> PurePosixPath:
-        """Output stem: the relative path without its suffix (`a/b/img.jpg` → `a/b/img`)."""
-        return self.rel if self.keep_suffix else self.rel.with_suffix("")
-
-
-def _looks_like_image(path: Path) -> bool:
-    return path.suffix.lower() in images_suffixes() or images.is_image_file(path)
-
-
-def images_suffixes() -> set[str]:
-    from PIL import Image
-
-    return {s.lower() for s in Image.registered_extensions()}
-
-
-def _walk(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (exclude is None or here / d != exclude))
-        found += [here / f for f in sorted(filenames) if not f.startswith(".")]
-        if not recursive:
-            if dirnames:
-                log.debug("%s has %d sub-folders; pass --recursive to include them", folder, len(dirnames))
-            break
-    return [p for p in found if _looks_like_image(p)]
-
-
-def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False,
-                  exclude: str | Path | None = None) -> list[InputFile]:
-    """Files, folders, quoted globs and `@list.txt` files → `InputFile`s, de-duplicated, in the given order.
-
-    Files inside folders and glob matches count when their content or suffix says image (a broken `x.png`
-    is an input that then fails; `notes.txt` is ignored); an explicitly named file always counts. Relative
-    paths are taken from the deepest folder common to all inputs, so the output tree mirrors the input
-    tree and same-named files from different folders never collide. `exclude` (the output folder) is
-    never walked. A named file that does not exist stays in the list (it fails when read, so the run
-    reports it); `NoInputsError` when no existing image is found at all.
-    """
-    exclude = Path(os.path.abspath(exclude)) if exclude is not None else None
-    found: list[tuple[Path, Path]] = []  # (file, root it was found under)
-
-    def collect(text: str, base: Path, from_list: bool) -> None:
-        if text.startswith("@") and not from_list:
-            listing = Path(text[1:]).expanduser()
-            try:
-                lines = listing.read_text(encoding="utf-8").splitlines()
-            except OSError as exc:
-                raise UsageError(f"cannot read input list {listing}: {exc.strerror or exc}") from None
-            for line in (s.strip() for s in lines):
-                if line and not line.startswith("#"):
-                    collect(line, Path(os.path.abspath(listing)).parent, True)
-            return
-        path = Path(os.path.abspath(base / Path(text).expanduser()))
-        if path.is_dir():
-            found.extend((p, path) for p in _walk(path, recursive, exclude))
-        elif path.exists():
-            found.append((path, path.parent))
-        elif glob.has_magic(text):
-            root = Path(os.path.abspath(base / Path(text).expanduser()))
-            while glob.has_magic(str(root)):
-                root = root.parent
-            matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
-            files = [m for m in matches
-                     if m.is_file() and not (exclude and exclude in m.parents) and _looks_like_image(m)]
-            for m in (m for m in matches if m.is_dir()):
-                files += _walk(m, recursive, exclude)
-            if not files:
-                log.warning("no images match %s", text)
-            found.extend((f, root) for f in files)
-        else:
-            found.append((path, path.parent))  # fails when read: "no such file"
-
-    for item in inputs:
-        collect(str(item), Path.cwd(), False)
-    seen: set[Path] = set()
-    unique = [(f, r) for f, r in found if not (f in seen or seen.add(f))]  # first occurrence wins
-    if not any(f.exists() for f, _ in unique):
-        tried = ", ".join(str(i) for i in inputs) or "(none)"
-        absent = [str(f) for f, _ in unique]
-        hint = (f": {', '.join(absent)} do(es) not exist" if absent else
-                "" if recursive else " (sub-folders are searched only with --recursive)")
-        raise NoInputsError(f"no images found in {tried}{hint}")
-    common = Path(os.path.commonpath([str(r) for _, r in unique]))
-    result = [InputFile(f, PurePosixPath(f.relative_to(common).as_posix())) for f, _ in unique]
-    keys: dict[PurePosixPath, int] = {}
-    for item in result:
-        keys[item.key] = keys.get(item.key, 0) + 1
-    for i, item in enumerate(result):
-        if keys[item.key] > 1:  # img.jpg and img.png side by side
-            result[i] = dataclasses.replace(item, keep_suffix=True)
-    return result
-
-
-def image_seed(seed: int, rel: str | PurePosixPath) -> int:
-    """The noise seed of one image: sha256 of the run seed and the file's name (its relative path's last
-    part), so a file gets the same noise alone, in a folder, in any order or shard."""
-    digest = hashlib.sha256(f"{seed}\0{PurePosixPath(rel).name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-# ----------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class SegmentSettings:
     """Everything a folder run needs besides the model. `None` values resolve to the checkpoint's defaults;
@@ -379,8 +115,6 @@ class SegmentSettings:
                 raise UsageError(f"`--threshold {name}=…` names no class{known}")
             by_name[name] = dataclasses.replace(by_name[name], threshold=value)
         return list(by_name.values())
-
-
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -489,22 +223,6 @@ def _existing_verdict(paths: Mapping[str, Any], settings: SegmentSettings) -> tu
     return "failed", f"outputs exist ({existing[0]}{more}): pass --overwrite or --skip-existing"
 
 
-def header_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, EXIF rotation applied, without decoding the pixels."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            (w, h), orientation = im.size, im.getexif().get(0x0112, 1)
-    except FileNotFoundError:
-        raise images.ImageReadError(path, "no such file") from None
-    except UnidentifiedImageError:
-        raise images.ImageReadError(path, "not an image file (unknown format)") from None
-    except Exception as exc:  # noqa: BLE001 - PIL raises many types; read_image gives the precise reason
-        raise images.ImageReadError(path, f"cannot read the header ({type(exc).__name__})") from None
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-
-
 def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
     """Decode one image (worker thread), refusing it before decoding when it is over `max_pixels`."""
     t0 = time.perf_counter()
@@ -545,9 +263,11 @@ def _write(paths: Mapping[str, Any], image, probs, labels, regions, palette, nam
 # ------------------------------------------------------------------------------------------ out of memory
 def _smaller_tile(pipe, tile: int | str, resolution: int | None, h: int, w: int) -> int | None:
     """The next tile size to try after an OOM: half the current tile (or of the processing size)."""
+    from digseg_cli.core.transforms import tile_size_for
+
     res = pipe.config.default_resolution if resolution is None else resolution
     multiple = getattr(pipe.model, "size_multiple", 8)
-    current = tile if isinstance(tile, int) else (res if tile == "auto" and res and max(h, w) > 1.5 * res else 0)
+    current = tile_size_for(tile, res, h, w)
     base = min(current or res or max(h, w), max(h, w))
     smaller = base // 2 // multiple * multiple
     return smaller if smaller >= 4 * multiple else None
@@ -848,13 +568,10 @@ def _manifest(summary: RunSummary, settings, classes, thresholds, pipe, started,
 # -------------------------------------------------------------------------------------------- dry run
 def count_tiles(height: int, width: int, tile: int | str, resolution: int, overlap: float) -> int:
     """How many windows the pipeline runs for an image (1 = whole image), by the pipeline's own rule."""
-    size = tile if isinstance(tile, int) else (resolution if tile == "auto" and resolution
-                                               and max(height, width) > 1.5 * resolution else 0)
-    if not size:
-        return 1
-    from digseg_cli.core.transforms import tile_windows
+    from digseg_cli.core.transforms import tile_size_for, tile_windows
 
-    return len(tile_windows(height, width, size, overlap))
+    size = tile_size_for(tile, resolution, height, width)
+    return len(tile_windows(height, width, size, overlap)) if size else 1
 
 
 def plan_segment(files: Sequence[InputFile], out_dir: str | Path, settings: SegmentSettings,

@@ -12,8 +12,9 @@ A warm cache means zero network calls; offline (``--offline``, ``DIGSEG_OFFLINE=
 plus a miss fails at once with the exact ``digseg weights download`` command. digseg's own cache holds only
 URL entries, as ``<cache>/<name>/<revision-or-sha>/<file>``; Hub entries live in the shared HF cache.
 
-This module does not know how a checkpoint is loaded (``checkpoint.py``) nor how results are shown (CLI);
-it never prints, logs to ``logging.getLogger("digseg")`` and reports bytes through ``progress``.
+This module does not know how a checkpoint is loaded (``checkpoint.py``), how results are shown (CLI)
+nor the Hub's own ways (ids, HF cache layout, ``snapshot_download``: ``hub.py``); it never prints, logs to
+``logging.getLogger("digseg")`` and reports bytes through ``progress``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.resources
-import json
 import logging
 import os
 import re
@@ -31,9 +31,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from digseg_cli import __version__
+from digseg_cli import hub
 from digseg_cli.download import download_file, sha256_file
 from digseg_cli.errors import UsageError, WeightsUnavailableError
+from digseg_cli.hub import HUB_ALLOW, HUB_ALLOW_ANY, parse_hub_id
 
 log = logging.getLogger("digseg")
 
@@ -44,18 +45,6 @@ SOURCES = ("bundled", "hub", "url")
 SUMS_FILE = "SHA256SUMS"
 _TRUE = {"1", "true", "yes", "on"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_HUB_RE = re.compile(r"^([A-Za-z0-9][\w.\-]{0,95})/([A-Za-z0-9][\w.\-]{0,95})(?:@([^\s@]+))?$")
-_HEX40 = re.compile(r"^[0-9a-f]{40}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-# What we take from a diffusers Stable Diffusion repo: the five components, safetensors only.
-SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-HUB_ALLOW = ("model_index.json", "digseg_config.json",
-             *(f"{c}/*.{ext}" for c in SD_COMPONENTS for ext in ("json", "txt", "safetensors")))
-# For any other Hub id (e.g. a digseg checkpoint): every component folder, safetensors/json/txt only.
-HUB_ALLOW_ANY = ("model_index.json", "digseg_config.json", "*/*.json", "*/*.txt", "*/*.safetensors")
-HUB_IGNORE = ("*fp16*", "*non_ema*", "*.ckpt", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*.pb", "*.h5",
-              "safety_checker/*", "feature_extractor/*")
 
 
 @dataclass(frozen=True)
@@ -174,41 +163,6 @@ def entry_dir(spec: WeightsSpec, cache_dir: Path | str | None = None) -> Path:
     return _cache_root(cache_dir) / spec.name / version
 
 
-def parse_hub_id(text: str) -> tuple[str, str | None] | None:
-    """``owner/name[@revision]`` → (repo_id, revision or None); anything else → None."""
-    match = _HUB_RE.match(text)
-    if not match or ".." in text or "--" in match.group(1) + match.group(2):
-        return None
-    return f"{match.group(1)}/{match.group(2)}", match.group(3)
-
-
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    """A complete cached snapshot of a Hub repo at ``revision`` (file system only, no network)."""
-    from huggingface_hub import constants
-
-    repo = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-    commit = revision or "main"
-    if not _HEX40.match(commit):
-        ref = repo / "refs" / commit
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    folder = repo / "snapshots" / commit
-    return folder if _snapshot_complete(folder) else None
-
-
-def _snapshot_complete(folder: Path) -> bool:
-    """A diffusers/digseg folder whose weight components each hold their safetensors (not a cut-off download)."""
-    index = folder / "model_index.json"
-    if not index.is_file():
-        return (folder / "digseg_config.json").is_file()
-    try:
-        components = set(json.loads(index.read_text())) & {"unet", "vae", "text_encoder"}
-    except (ValueError, OSError):
-        return False
-    return all(any((folder / c).glob("*.safetensors")) for c in components)
-
-
 # ---------------------------------------------------------------------------------------------- errors
 def download_command(name: str, cache_dir: Path | str | None) -> str:
     cmd = f"digseg weights download {name}"
@@ -246,7 +200,6 @@ def resolve_weights(
 ) -> Path:
     """Turn a local path, registry name or Hub id into a local folder (see the module docstring)."""
     registry = REGISTRY if registry is None else registry
-    offline = is_offline_env() if offline is None else offline
     text = str(name_or_path).strip()
     if not text:
         raise UsageError("the weights name or path must not be empty")
@@ -255,11 +208,10 @@ def resolve_weights(
         if text in registry:
             log.info("using the local folder %s, not the registry entry of the same name", local)
         return Path(os.path.abspath(local))
-    if text in registry:  # 2. registry
-        return _ensure(registry[text], cache_dir=cache_dir, offline=offline, progress=progress, local_first=True)
-    hub = parse_hub_id(text)
-    if hub is not None:  # 3. any Hub repo
-        return _ensure_hub(text, *hub, allow=HUB_ALLOW_ANY, offline=offline, cache_dir=cache_dir, local_first=True)
+    # 2. a registry name, 3. any Hub repo: the cached copy first
+    folder = _ensure_named(text, registry, cache_dir=cache_dir, offline=offline, progress=progress, local_first=True)
+    if folder is not None:
+        return folder
     if text.startswith((".", "/", "~")) or os.sep in text or "\\" in text:
         raise WeightsUnavailableError(f"no such file or folder: {text}")
     raise unknown_weights_error(text, registry)
@@ -275,13 +227,27 @@ def download_weights(
 ) -> Path:
     """Make a registry entry or Hub id available locally (fetching what is missing); return its folder."""
     registry = REGISTRY if registry is None else registry
+    folder = _ensure_named(name, registry, cache_dir=cache_dir, offline=offline, progress=progress, local_first=False)
+    if folder is None:
+        raise unknown_weights_error(name, registry)
+    return folder
+
+
+def _ensure_named(name: str, registry: Mapping[str, WeightsSpec], *, cache_dir, offline: bool | None, progress,
+                  local_first: bool) -> Path | None:
+    """The local folder of a registry name or Hub id, fetched unless offline; None when ``name`` is neither.
+
+    ``local_first``: a complete cached Hub snapshot is used as is (``resolve``); otherwise the Hub is asked
+    for updates to it (``download``). Registry entries are always served from the cache when complete.
+    """
     offline = is_offline_env() if offline is None else offline
     if name in registry:
-        return _ensure(registry[name], cache_dir=cache_dir, offline=offline, progress=progress, local_first=False)
-    hub = parse_hub_id(name)
-    if hub is not None:
-        return _ensure_hub(name, *hub, allow=HUB_ALLOW_ANY, offline=offline, cache_dir=cache_dir, local_first=False)
-    raise unknown_weights_error(name, registry)
+        return _ensure(registry[name], cache_dir=cache_dir, offline=offline, progress=progress, local_first=local_first)
+    hub_id = parse_hub_id(name)
+    if hub_id is not None:
+        return _ensure_hub(name, *hub_id, allow=HUB_ALLOW_ANY, offline=offline, cache_dir=cache_dir,
+                           local_first=local_first)
+    return None
 
 
 def _ensure(spec: WeightsSpec, *, cache_dir, offline: bool, progress, local_first: bool) -> Path:
@@ -331,36 +297,12 @@ def _ensure_url(spec: WeightsSpec, *, cache_dir, offline: bool, progress) -> Pat
 
 def _ensure_hub(label: str, repo_id: str, revision: str | None, *, allow, offline: bool, cache_dir,
                 local_first: bool) -> Path:
-    cached = _hub_snapshot(repo_id, revision)
+    cached = hub.cached_snapshot(repo_id, revision)
     if cached is not None and (local_first or offline):
         return cached
     if offline:
-        from huggingface_hub import constants
-
-        raise _offline_miss(label, constants.HF_HUB_CACHE, cache_dir)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    where = f"{repo_id}@{revision or 'main'}"
-    log.info("fetching %s from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN and proxies apply)", where)
-    try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow),
-                                 ignore_patterns=list(HUB_IGNORE), library_name="digseg",
-                                 library_version=__version__)
-    except GatedRepoError:
-        raise WeightsUnavailableError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}"
-                                      f", then log in (hf auth login) or set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise WeightsUnavailableError(f"revision '{revision}' not found in {repo_id}") from None
-    except RepositoryNotFoundError:
-        raise WeightsUnavailableError(f"'{label}' is neither a local folder nor a repo on the Hugging Face Hub "
-                                      f"(a private repo needs HF_TOKEN)") from None
-    except Exception as exc:  # network down, proxy, endpoint, disk: one line, with what to try
-        raise WeightsUnavailableError(
-            f"could not fetch {where} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            f"Check the network, HTTPS_PROXY or HF_ENDPOINT; or use a local folder"
-        ) from None
-    return Path(path)
+        raise _offline_miss(label, hub.hub_cache(), cache_dir)
+    return hub.fetch_snapshot(label, repo_id, revision, allow)
 
 
 # -------------------------------------------------------------------------------------------- listing
@@ -384,12 +326,12 @@ def cached_path(name: str, cache_dir: Path | str | None = None, *,
         if spec.source == "bundled":
             return bundled_dir(spec.name)
         if spec.source == "hub":
-            return _hub_snapshot(spec.repo_id, spec.revision)
+            return hub.cached_snapshot(spec.repo_id, spec.revision)
         folder = entry_dir(spec, cache_dir)
         return folder if all(_present(folder / f.path, f.size) for f in spec.files) else None
-    hub = parse_hub_id(name)
-    if hub is not None:
-        return _hub_snapshot(*hub)
+    hub_id = parse_hub_id(name)
+    if hub_id is not None:
+        return hub.cached_snapshot(*hub_id)
     raise unknown_weights_error(name, registry)
 
 
@@ -401,14 +343,6 @@ def _read_sums(folder: Path) -> dict[str, str]:
         if match:
             sums[match.group(2)] = match.group(1).lower()
     return sums
-
-
-def _git_blob_sha1(path: Path) -> str:
-    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_weights(
@@ -447,7 +381,11 @@ def verify_weights(
             status = "unchecked" if not want else "ok" if actual == want else "corrupt"
             results.append({"path": rel, "status": status, "expected": want, "actual": actual})
         return results
-    return _verify_hub(name, folder, repair=repair, offline=offline, cache_dir=cache_dir, registry=registry)
+    results, removed = hub.verify_snapshot(folder, repair=repair)
+    if removed and not offline:
+        download_weights(name, cache_dir=cache_dir, offline=False, registry=registry)
+        _mark_repaired(results, removed)
+    return results
 
 
 def _verify_url(spec: WeightsSpec, cache_dir, *, repair: bool, offline: bool, progress) -> list[dict]:
@@ -469,32 +407,14 @@ def _verify_url(spec: WeightsSpec, cache_dir, *, repair: bool, offline: bool, pr
         results.append({"path": f.path, "status": status, "expected": f.sha256, "actual": actual})
     if bad:
         _ensure_url(spec, cache_dir=cache_dir, offline=False, progress=progress)
-        for i in bad:
-            results[i]["status"], results[i]["actual"] = "repaired", results[i]["expected"]
+        _mark_repaired(results, bad)
     return results
 
 
-def _verify_hub(name: str, folder: Path, *, repair: bool, offline: bool, cache_dir, registry) -> list[dict]:
-    """HF blobs are named by their sha256 (LFS files) or git blob sha1 (small files): check those names."""
-    results, corrupt = [], []
-    for link in sorted(p for p in folder.rglob("*") if p.is_file()):
-        blob = link.resolve()
-        want = blob.name
-        actual = sha256_file(blob) if _HEX64.match(want) else _git_blob_sha1(blob) if _HEX40.match(want) else None
-        status = "unchecked" if actual is None else "ok" if actual == want else "corrupt"
-        if status == "corrupt" and repair:
-            log.warning("%s is corrupt; removing it from the Hugging Face cache", link)
-            blob.unlink()
-            link.unlink(missing_ok=True)
-            status = "removed"
-            corrupt.append(len(results))
-        results.append({"path": link.relative_to(folder).as_posix(), "status": status,
-                        "expected": want if actual else None, "actual": actual})
-    if corrupt and not offline:
-        download_weights(name, cache_dir=cache_dir, offline=False, registry=registry)
-        for i in corrupt:
-            results[i]["status"], results[i]["actual"] = "repaired", results[i]["expected"]
-    return results
+def _mark_repaired(results: list[dict], indices: list[int]) -> None:
+    """After fetching the files at ``indices`` again (the download checked them), record them as repaired."""
+    for i in indices:
+        results[i]["status"], results[i]["actual"] = "repaired", results[i]["expected"]
 
 
 # --------------------------------------------------------------------------------------------- removal

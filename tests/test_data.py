@@ -11,7 +11,6 @@ from PIL import Image
 from digseg_cli.data import (
     ClassList,
     Pair,
-    check_folder,
     find_pairs,
     load_eval_pairs,
     parse_classes_txt,
@@ -19,6 +18,7 @@ from digseg_cli.data import (
     scan_folder,
     split_pairs,
 )
+from digseg_cli.data_check import check_folder
 from digseg_cli.errors import DatasetError, UsageError
 from digseg_cli.images import write_image, write_label_png
 from digseg_cli.synth import write_synth_dataset

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from digseg_cli import inputs, prompts
 from digseg_cli import segment as seg
 from digseg_cli.errors import InterruptedRunError, NoInputsError, OutOfMemoryError, UsageError
 
@@ -48,19 +49,19 @@ def diffusion_pipe():
 
 
 def _settings(**kw) -> seg.SegmentSettings:
-    classes, _ = seg.parse_prompts(kw.pop("prompt", "road, tree"))
+    classes, _ = prompts.parse_prompts(kw.pop("prompt", "road, tree"))
     return seg.SegmentSettings(classes=tuple(classes), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
 def test_parse_prompts_classes_synonyms_duplicates_and_empties():
-    classes, warnings = seg.parse_prompts(" road|street , tree,, Road ")
+    classes, warnings = prompts.parse_prompts(" road|street , tree,, Road ")
     assert [(c.name, c.texts) for c in classes] == [("road", ("road", "street")), ("tree", ("tree",))]
     assert len(warnings) == 2 and any("empty" in w for w in warnings) and any("twice" in w for w in warnings)
     with pytest.raises(UsageError, match="noun phrase"):
-        seg.parse_prompts("all wheels")
+        prompts.parse_prompts("all wheels")
     with pytest.raises(UsageError, match="names no class"):
-        seg.parse_prompts(" , ")
+        prompts.parse_prompts(" , ")
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
@@ -74,7 +75,7 @@ def test_load_prompt_file(tmp_path, suffix):
         import yaml
 
         path.write_text(yaml.safe_dump(data))
-    classes, _ = seg.load_prompt_file(path)
+    classes, _ = prompts.load_prompt_file(path)
     assert [c.name for c in classes] == ["road", "tree", "building"]
     assert classes[0].texts == ("road", "street", "highway") and classes[0].color == (255, 136, 0)
     assert classes[0].threshold == 0.4 and classes[1].texts == ("green tree",) and classes[1].color == (0, 255, 0)
@@ -82,13 +83,13 @@ def test_load_prompt_file(tmp_path, suffix):
     typo = [{"name": "road", "treshold": 0.3}]
     path.write_text(json.dumps(typo) if suffix == ".json" else "- name: road\n  treshold: 0.3\n")
     with pytest.raises(UsageError, match="did you mean 'threshold'"):
-        seg.load_prompt_file(path)
+        prompts.load_prompt_file(path)
 
 
 def test_thresholds_tile_and_settings_validation():
-    assert seg.parse_thresholds(["0.5,road=0.4", "tree=0.3"]) == (0.5, {"road": 0.4, "tree": 0.3})
+    assert prompts.parse_thresholds(["0.5,road=0.4", "tree=0.3"]) == (0.5, {"road": 0.4, "tree": 0.3})
     with pytest.raises(UsageError):
-        seg.parse_thresholds(["road=1.5"])
+        prompts.parse_thresholds(["road=1.5"])
     assert seg.parse_tile("auto") == "auto" and seg.parse_tile("OFF") == "off" and seg.parse_tile("64") == 64
     with pytest.raises(UsageError):
         seg.parse_tile("big")
@@ -99,7 +100,7 @@ def test_thresholds_tile_and_settings_validation():
         _settings(overwrite=True, skip_existing=True)
     with pytest.raises(UsageError, match="mode"):
         _settings(mode="panoptic")
-    assert seg.file_names(seg.parse_prompts("mask, a.b, a b, a_b")[0]) == ["mask_", "a_b", "a_b_2", "a_b_3"]
+    assert prompts.file_names(prompts.parse_prompts("mask, a.b, a b, a_b")[0]) == ["mask_", "a_b", "a_b_2", "a_b_3"]
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -111,23 +112,23 @@ def test_expand_inputs_mirrors_tree_globs_lists_and_content_sniffing(tmp_path, m
     (tmp_path / "data/notes.txt").write_text("not an image")  # ignored
     (tmp_path / "data/broken.png").write_text("not an image")  # kept: fails when read
     _save(tmp_path / "data/out/old.mask.png", 0, (8, 8))  # the output folder is never walked
-    found = seg.expand_inputs(["data"], recursive=True, exclude="data/out")
+    found = inputs.expand_inputs(["data"], recursive=True, exclude="data/out")
     rels = {str(f.rel): str(f.key) for f in found}
     assert rels == {"a/x.png": "a/x", "b/x.png": "b/x", "b/deep/y.png": "b/deep/y", "z.jpg": "z.jpg",
                     "z.png": "z.png", "no_suffix": "no_suffix", "broken.png": "broken"}
-    assert {str(f.rel) for f in seg.expand_inputs(["data"])} == {"z.jpg", "z.png", "no_suffix", "broken.png"}
+    assert {str(f.rel) for f in inputs.expand_inputs(["data"])} == {"z.jpg", "z.png", "no_suffix", "broken.png"}
     # Explicit files from two folders keep their folders; globs and @lists (relative to the list file).
-    assert [str(f.rel) for f in seg.expand_inputs(["data/a/x.png", "data/b/x.png"])] == ["a/x.png", "b/x.png"]
-    assert [str(f.rel) for f in seg.expand_inputs(["data/**/x.png"])] == ["a/x.png", "b/x.png"]
+    assert [str(f.rel) for f in inputs.expand_inputs(["data/a/x.png", "data/b/x.png"])] == ["a/x.png", "b/x.png"]
+    assert [str(f.rel) for f in inputs.expand_inputs(["data/**/x.png"])] == ["a/x.png", "b/x.png"]
     (tmp_path / "data/list.txt").write_text("# comment\nb/deep/y.png\n\na/x.png\nb/deep/y.png\n")
-    assert [str(f.rel) for f in seg.expand_inputs(["@data/list.txt"])] == ["b/deep/y.png", "a/x.png"]
+    assert [str(f.rel) for f in inputs.expand_inputs(["@data/list.txt"])] == ["b/deep/y.png", "a/x.png"]
     with pytest.raises(NoInputsError):
-        seg.expand_inputs(["missing.png", "data/*.tif"])
+        inputs.expand_inputs(["missing.png", "data/*.tif"])
 
 
 def test_image_seed_depends_on_seed_and_name_only():
-    assert seg.image_seed(0, "a/b/img.png") == seg.image_seed(0, "img.png")
-    assert seg.image_seed(0, "img.png") != seg.image_seed(1, "img.png") != seg.image_seed(0, "other.png")
+    assert inputs.image_seed(0, "a/b/img.png") == inputs.image_seed(0, "img.png")
+    assert inputs.image_seed(0, "img.png") != inputs.image_seed(1, "img.png") != inputs.image_seed(0, "other.png")
 
 
 # --------------------------------------------------------------------------------------------------- runs

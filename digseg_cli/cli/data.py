@@ -1,6 +1,6 @@
 """``digseg data check`` and ``digseg data synth``: render a folder check, write a synthetic dataset.
 
-Each command calls one library function (``digseg_cli.data.check_folder``,
+Each command calls one library function (``digseg_cli.data_check.check_folder``,
 ``digseg_cli.synth.write_synth_dataset``) and renders its result on stderr; ``--json`` output goes to
 stdout. It knows nothing of how folders are paired or scenes are painted.
 """
@@ -67,7 +67,7 @@ def check(
 
     Exits 0 when the folder is fine and 7 when it has problems; every bad file is named.
     """
-    from digseg_cli.data import check_folder
+    from digseg_cli.data_check import check_folder
 
     with handle_errors():
         with progress_reporter(f"checking {folder}") as progress:

@@ -202,20 +202,22 @@ def segment(
             if as_json or dry_run:
                 raise UsageError("`--out -` writes the label PNG to stdout: it cannot go with --json or --dry-run")
             out = Path(scratch) / "out"
+        from digseg_cli import prompts as prompt_lib
         from digseg_cli import segment as seg
+        from digseg_cli.inputs import expand_inputs
 
         # 1. Flags → settings (no model, no torch yet): every usage error surfaces here.
         classes, warnings = [], []
         for text in prompt or []:
-            found, more = seg.parse_prompts(text)
+            found, more = prompt_lib.parse_prompts(text)
             classes += found
             warnings += more
         if prompts_file is not None:
-            found, more = seg.load_prompt_file(prompts_file)
+            found, more = prompt_lib.load_prompt_file(prompts_file)
             classes += found
             warnings += more
-        classes = seg.dedupe_classes(classes, warnings)
-        default_threshold, per_class = seg.parse_thresholds(threshold)
+        classes = prompt_lib.dedupe_classes(classes, warnings)
+        default_threshold, per_class = prompt_lib.parse_thresholds(threshold)
         if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
             raise UsageError(f"`--batch-size` must be auto or a positive integer, got {batch_size!r}")
         settings = seg.SegmentSettings(
@@ -226,7 +228,7 @@ def segment(
             probs_format=probs_format.value, overwrite=overwrite, skip_existing=skip_existing, fail_fast=fail_fast,
             batch_size=None if batch_size == "auto" else int(batch_size), workers=workers,
         )
-        files = seg.expand_inputs(inputs, recursive=recursive, exclude=out)
+        files = expand_inputs(inputs, recursive=recursive, exclude=out)
         if to_stdout and len(files) != 1:
             raise UsageError(f"`--out -` takes exactly one input image, found {len(files)}")
         for warning in warnings:
@@ -291,6 +293,8 @@ def segment(
 
 def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: bool) -> None:
     """Print what a run would do, from file headers and the checkpoint config only (no model load)."""
+    from digseg_cli.prompts import PromptClass, classes_from_config
+
     resolution, classes, note = settings.resolution, list(settings.classes), ""
     if resolution is None or not classes:
         config = _peek_config(weights, cache_dir)
@@ -299,8 +303,8 @@ def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: 
                     f"see `digseg weights info {weights}`")
         else:
             resolution = config.default_resolution if resolution is None else resolution
-            classes = classes or seg.classes_from_config(config.classes)
-    rows = seg.plan_segment(files, out, settings, classes or [seg.PromptClass("class", ("class",))],
+            classes = classes or classes_from_config(config.classes)
+    rows = seg.plan_segment(files, out, settings, classes or [PromptClass("class", ("class",))],
                             resolution=resolution or 0)
     if as_json:
         for row in rows:

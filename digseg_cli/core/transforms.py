@@ -52,6 +52,19 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     return [min(i * stride, length - tile) for i in range(n)]
 
 
+def tile_size_for(tile: int | str | None, resolution: int, height: int, width: int) -> int:
+    """The tile size the pipeline runs an `height`x`width` image with; 0 = the whole image at once.
+
+    `tile` is None/"off"/0 (never tile), "auto" (tile at native scale when the image's long side exceeds
+    1.5 × `resolution`; then the tile is `resolution`) or a size in pixels.
+    """
+    if tile in (None, "off", 0):
+        return 0
+    if tile == "auto":
+        return resolution if resolution and max(height, width) > 1.5 * resolution else 0
+    return int(tile)
+
+
 def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
     """Windows `(top, left, h, w)` covering the image with `overlap` (fraction of the tile)."""
     stride = max(1, int(round(tile * (1 - overlap))))

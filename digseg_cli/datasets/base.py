@@ -253,6 +253,14 @@ def files_by_stem(folder: Path, pattern: str, suffix_to_strip: str = "") -> dict
     return out
 
 
+def keep_listed(files: dict[str, Path], ids: Sequence[str] | None) -> dict[str, Path]:
+    """The entries of ``files`` whose stem a split file lists (``read_split_file``); all of them when ``ids`` is None."""
+    if ids is None:
+        return files
+    listed = set(ids)
+    return {stem: path for stem, path in files.items() if stem in listed}
+
+
 def need_dir(path: Path, what: str) -> Path:
     """``path`` if it is a folder, else a ``DatasetError`` naming it (caught by ``check_layout``)."""
     if not path.is_dir():

@@ -19,10 +19,12 @@ from digseg_cli.datasets.base import (
     DatasetSpec,
     Item,
     files_by_stem,
+    keep_listed,
     need_dir,
     pair_by_stem,
     read_raw,
     read_split_file,
+    remap,
 )
 
 log = logging.getLogger("digseg")
@@ -42,7 +44,7 @@ def _items(root: Path, split: str) -> list[Item]:
             log.warning("%s not found: scoring all %d labelled tiles (not the 1,530-tile split papers use)",
                         base / f"{split}.txt", len(images))
         else:
-            images = {k: v for k, v in images.items() if k in set(ids)}
+            images = keep_listed(images, ids)
     return pair_by_stem(images, labels)
 
 
@@ -57,11 +59,8 @@ def _landcover_label(path: Path) -> np.ndarray:
     if raw.ndim != 3:
         raise ValueError("DeepGlobe land-cover masks are RGB colour-coded PNGs")
     bits = (raw[..., :3] >= 128).astype(np.int64)
-    code = bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]
-    lut = np.full(8, 255, dtype=np.int64)
-    for c, t in _LANDCOVER_CODES.items():
-        lut[c] = t
-    return lut[code]
+    code = bits[..., 0] * 4 + bits[..., 1] * 2 + bits[..., 2]  # [H,W] in 0…7
+    return remap(code, _LANDCOVER_CODES, 255)
 
 
 _MANUAL = (

@@ -21,6 +21,7 @@ from digseg_cli.datasets.base import (
     Item,
     MissingLayout,
     files_by_stem,
+    keep_listed,
     need_dir,
     pair_by_label,
     read_raw,
@@ -58,8 +59,7 @@ def _pc59_items(root: Path, split: str) -> list[Item]:
         if (voc / sub).is_dir():
             labels = files_by_stem(voc / sub, "*.png")
             if sub == "SegmentationClassContext":
-                ids = read_split_file(voc / "ImageSets/SegmentationContext/val.txt")
-                labels = {k: v for k, v in labels.items() if ids is None or k in set(ids)}
+                labels = keep_listed(labels, read_split_file(voc / "ImageSets/SegmentationContext/val.txt"))
             return pair_by_label(labels, images, voc / "JPEGImages")
     raise MissingLayout(f"missing folder {voc / 'annotations_detectron2/pc59_val'} (PC-59 labels); " + _CONVERT)
 
@@ -91,7 +91,7 @@ def _pc459_items(root: Path, split: str) -> list[Item]:
             raise MissingLayout(
                 f"missing {voc / 'pascalcontext_val.txt'} (the 5,104 validation ids, from CAT-Seg datasets/)"
             )
-        labels = {k: v for k, v in labels.items() if k in set(ids)}
+        labels = keep_listed(labels, ids)
     else:
         raise MissingLayout(f"missing folder {conv} (PC-459 labels) and {voc / 'trainval'} (official .mat files)")
     return _restrict(pair_by_label(labels, images, voc / "JPEGImages"), voc)
@@ -105,7 +105,8 @@ def _pc459_label(path: Path) -> np.ndarray:
     return np.asarray(read_raw(path), dtype=np.int64)
 
 
-_COMMON = dict(splits=("val",), short_side=640, max_side=2560, folder="pascal-context", download=_DOWNLOADS)
+_COMMON = dict(splits=("val",), short_side=640, max_side=2560, folder="pascal-context", download=_DOWNLOADS,
+               manual="Official source: https://www.cs.stanford.edu/~roozbeh/pascal-context/; " + _CONVERT + ".")
 
 PASCAL_CONTEXT_59 = DatasetSpec(
     name="pascal-context-59",
@@ -115,7 +116,6 @@ PASCAL_CONTEXT_59 = DatasetSpec(
     load_label=_pc59_label,
     ignore_index=255,
     layout="VOCdevkit/VOC2010/JPEGImages/*.jpg and VOCdevkit/VOC2010/annotations_detectron2/pc59_val/*.png",
-    manual="Official source: https://www.cs.stanford.edu/~roozbeh/pascal-context/; " + _CONVERT + ".",
     protocol="dataset-level mIoU over 59 classes without background (background = ignore 255), val",
     **_COMMON,
 )
@@ -128,7 +128,6 @@ PASCAL_CONTEXT_459 = DatasetSpec(
     load_label=_pc459_label,
     ignore_index=65535,
     layout="VOCdevkit/VOC2010/JPEGImages/*.jpg and VOCdevkit/VOC2010/annotations_detectron2/pc459_val/*.tif (uint16)",
-    manual="Official source: https://www.cs.stanford.edu/~roozbeh/pascal-context/; " + _CONVERT + ".",
     protocol="dataset-level mIoU over 459 classes, val; ignore 65535 (SAN; no pixel is ignored in practice)",
     **_COMMON,
 )
