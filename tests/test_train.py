@@ -96,7 +96,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(synth32, tmp_path):
     args = ["--data", str(synth32), *TINY, "--max-steps", "40", "--save-every", "4", "--val-every", "0",
             "--deterministic", "--cpu"]
     full = tmp_path / "full"
-    subprocess.run(_cmd(*args, "--out", str(full)), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cmd(*args, "--out", str(full)), env=_env(), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(*args, "--out", str(killed)), env=_env(), stderr=subprocess.PIPE,
@@ -106,7 +106,7 @@ def test_resume_after_sigkill_ends_with_the_same_weights(synth32, tmp_path):
     proc.wait()
     assert step < 40, "the run finished before it could be killed"
     assert json.loads((killed / "last" / "digseg_config.json").read_text())["training"]["step"] < 40
-    subprocess.run(_cmd(*args, "--out", str(killed), "--resume"), env=_env(), check=True, capture_output=True)
+    subprocess.run(_cmd(*args, "--out", str(killed), "--resume"), env=_env(), check=True, capture_output=True, timeout=300)
 
     a, b = _weights(full / "last"), _weights(killed / "last")
     assert a.keys() == b.keys()
@@ -130,10 +130,13 @@ def test_sigterm_writes_a_checkpoint_and_exits_130_then_resume_extends(synth32, 
     assert "--resume" in stderr and "Traceback" not in stderr
     step = json.loads((out / "last" / "digseg_config.json").read_text())["training"]["step"]
     assert 0 < step < 100000
-    done = subprocess.run(_cmd(*args, "--out", str(out), "--resume", "--max-steps", str(step + 2)), env=_env(),
-                          capture_output=True)
+    # The command the message suggests, plus a longer --max-steps: the run's own settings are reused.
+    done = subprocess.run(_cmd("--out", str(out), "--resume", "--max-steps", str(step + 2)), env=_env(),
+                          capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()
-    assert json.loads((out / "last" / "digseg_config.json").read_text())["training"]["step"] == step + 2
+    resumed = json.loads((out / "last" / "digseg_config.json").read_text())["training"]
+    assert resumed["step"] == step + 2
+    assert resumed["settings"]["data"] == str(synth32) and resumed["settings"]["lr"] == 1e-3
 
 
 def test_two_processes_end_with_identical_weights(synth32, tmp_path):

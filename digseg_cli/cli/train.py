@@ -25,7 +25,8 @@ def _parse_duration(text: str | None) -> float | None:
 
 
 def train_command(
-    data: Annotated[Path, typer.Option("--data", help="Training folder: images/, masks/, classes.json or classes.txt.")],
+    ctx: typer.Context,
+    data: Annotated[Optional[Path], typer.Option("--data", help="Training folder: images/, masks/, classes.json or classes.txt (a resumed run reuses its own).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, last/ and best/ checkpoints).")] = Path("digseg-train"),
     base: Annotated[str, typer.Option(help="SD base (folder or Hub id) or compact config name (tiny, small).")] = "stabilityai/stable-diffusion-2",
     init: Annotated[Optional[str], typer.Option(help="Start from these weights (checkpoint folder, registry name) instead of a fresh base.")] = None,
@@ -46,6 +47,7 @@ def train_command(
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0 = off).")] = 0.0,
     precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (mixed precision on GPUs).")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory (SD-size U-Nets).")] = False,
+    decoded_loss: Annotated[float, typer.Option(help="one-step: weight of a loss on the decoded mask (MSE + Dice).")] = 0.0,
     vae_steps: Annotated[int, typer.Option(help="Compact bases: autoencoder steps for the VAE first (stage 1).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for the split, data order, augmentation and noise.")] = 0,
     deterministic: Annotated[bool, typer.Option(help="Use deterministic torch algorithms.")] = False,
@@ -66,20 +68,53 @@ def train_command(
                              "or choose another --out")
         from digseg_cli.train import TrainSettings, train
 
-        settings = TrainSettings(
+        fields = dict(
             data=data, out=out, base=base, init=init, val=val, val_split=val_split, class_name=class_name,
             objective=objective, resolution=resolution, batch_size=batch_size, effective_batch=effective_batch, lr=lr,
             warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, time_limit=_parse_duration(time_budget),
             val_every=val_every, save_every=save_every, ema=ema, precision=precision,
-            gradient_checkpointing=gradient_checkpointing, vae_steps=vae_steps, seed=seed, deterministic=deterministic,
-            resume=resume_path, cpu=cpu,
+            gradient_checkpointing=gradient_checkpointing, decoded_loss=decoded_loss, vae_steps=vae_steps, seed=seed, deterministic=deterministic,
+            cpu=cpu,
         )
+        if resume_path is not None:
+            # A resumed run keeps its own settings; only options given on this command line change them
+            # (e.g. a longer --max-steps or --time).
+            fields = {**_stored_settings(resume_path), **{k: v for k, v in fields.items() if _given(ctx, k)}}
+            fields["out"] = out if _given(ctx, "out") or resume_from is None else resume_path.parent
+        elif data is None:
+            raise UsageError("--data is required (a folder with images/, masks/ and classes.json or classes.txt)")
+        settings = TrainSettings(**{**fields, "resume": resume_path})
         with _Progress() as progress:
             result = train(settings, progress=progress)
         if not result.is_main_process:
             return
         best = f", best validation mIoU {result.best_miou:.3f} in {result.best}" if result.best_miou is not None else ""
         err_console.print(f"done: {result.step} steps ({result.stopped_by}); last checkpoint {result.last}{best}")
+
+
+def _given(ctx: typer.Context, field: str) -> bool:
+    """Whether a setting was given on the command line or through the environment (not a default)."""
+    name = {"time_limit": "time_budget"}.get(field, field)
+    source = ctx.get_parameter_source(name)
+    # Compared by name: Typer may carry its own copy of click, whose enum is not click's.
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _stored_settings(checkpoint: Path) -> dict:
+    """The settings a training checkpoint was written with (its `digseg_config.json` training record)."""
+    import json
+
+    from digseg_cli.errors import CheckpointError
+
+    try:
+        stored = json.loads((checkpoint / "digseg_config.json").read_text())["training"]["settings"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{checkpoint} does not record the settings it was trained with") from None
+    stored.pop("resume", None)
+    for key in ("data", "out", "val"):
+        if stored.get(key) is not None:
+            stored[key] = Path(stored[key])
+    return stored
 
 
 class _Progress:

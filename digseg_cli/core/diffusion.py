@@ -64,18 +64,21 @@ def training_loss(
     objective: str = "one-step",
     generator: torch.Generator | None = None,
     noise_strength: float = 0.0,
+    clean_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Latent-space MSE for one batch of mask latents `[B,4,h,w]` (DESIGN §1.5).
 
     `one-step` (E2E-FT): t = T−1, the noisy input is zeros, the prediction is turned into the clean latent
-    and compared with `z_mask`. `diffusion`: t uniform over the training steps, target ε or v.
+    and compared with `z_mask`; `clean_loss(clean)`, if given, adds a loss on that latent (E2E-FT's loss on
+    the decoded mask). `diffusion`: t uniform over the training steps, target ε or v.
     """
     b, T = z_mask.shape[0], scheduler.config.num_train_timesteps
     if objective == "one-step":
         t = torch.full((b,), T - 1, device=z_mask.device, dtype=torch.long)
         z_t = torch.zeros_like(z_mask)  # [B,4,h,w]: the mean of the noise at t = T−1
         clean = predicted_clean_latent(denoise(z_t, t), z_t, t, scheduler)
-        return F.mse_loss(clean, z_mask.float())
+        loss = F.mse_loss(clean, z_mask.float())
+        return loss + clean_loss(clean) if clean_loss is not None else loss
     if objective == "diffusion":
         t = torch.randint(0, T, (b,), generator=generator, device=generator.device if generator else "cpu")
         t = t.to(z_mask.device)
