@@ -93,7 +93,7 @@ REGISTRY: dict[str, WeightsSpec] = {
             description="Built-in compact demo model (CPU-sized; synthetic aerial scenes)",
             source="bundled",
             licence="Apache-2.0",
-            classes=("road", "tree", "building"),
+            classes=("road", "tree", "building", "water", "field"),
         ),
         WeightsSpec(
             name="sd2",

@@ -20,8 +20,8 @@ import typer
 from digseg_cli.cli.common import err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
 
-DEMO_NOTE = ("note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building); "
-             "expect poor masks on other images")
+DEMO_NOTE = ("note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building, "
+             "water, field); expect poor masks on other images (choose other weights with --weights)")
 
 EPILOG = (
     "Examples:  digseg segment photos/ --recursive --prompt \"road, tree|bush, building\"  ·  "
