@@ -1,7 +1,8 @@
 """Checkpoint folders (DESIGN §3) and fresh models built from a base: the only code that reads model files.
 
 A checkpoint is `digseg_config.json` plus `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and
-`text_pathway/`, each in diffusers / transformers layout with safetensors weights. Loading rebuilds each
+`text_pathway/`, each in diffusers / transformers layout with safetensors weights, plus optionally
+`fast_decoder/` (a distilled mask decoder: `config.json` + `model.safetensors`). Loading rebuilds each
 module from its config and loads its tensors with strict key checks; nothing is ever unpickled. Saving
 writes a temporary sibling folder and renames it into place, so a kill while saving never leaves a
 checkpoint that loads wrong. This module does not know about devices beyond `.to()`, prompts or training.
@@ -25,6 +26,7 @@ from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet
 from digseg_cli.errors import CheckpointError, UsageError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")
+FAST_DECODER = "fast_decoder"  # optional component
 COMPACT_PREFIX = "compact:"
 
 
@@ -122,6 +124,8 @@ def save_checkpoint(folder: Path, loaded: LoadedModel, *, overwrite: bool = Fals
                  "hidden": pathway.mlps[0][0].out_features})
     save_file({k: v.detach().contiguous().cpu() for k, v in pathway.state_dict().items()},
               str(tmp / "text_pathway" / "model.safetensors"))
+    if m.fast_decoder is not None:
+        save_fast_decoder(tmp / FAST_DECODER, m.fast_decoder)
     if extra is not None:
         extra(tmp)
     loaded.config.save(tmp)  # written last: a folder without it is never taken for a checkpoint
@@ -168,9 +172,32 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     pathway = TextPathway(pcfg["text_dim"], pcfg["level_channels"], hidden=pcfg["hidden"])
     _load_strict(pathway, folder / "text_pathway" / "model.safetensors")
     sched = {k: v for k, v in _read_json(folder / "scheduler" / "scheduler_config.json").items() if not k.startswith("_")}
+    fast = load_fast_decoder(folder / FAST_DECODER) if (folder / FAST_DECODER).is_dir() else None
     for module in (unet, vae, text_encoder, pathway):
         module.eval()
-    return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway), tokenizer, sched, config)
+    return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway, fast), tokenizer, sched, config)
+
+
+def save_fast_decoder(folder: Path, decoder: torch.nn.Module) -> None:
+    """Write a `FastMaskDecoder` as `config.json` (its constructor arguments) + `model.safetensors`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "config.json", dict(decoder.config))
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in decoder.state_dict().items()},
+              str(folder / "model.safetensors"))
+
+
+def load_fast_decoder(folder: Path) -> torch.nn.Module:
+    """Rebuild a `FastMaskDecoder` from its folder (strict keys, safetensors), frozen and in eval mode."""
+    from digseg_cli.core.fast_decoder import FastMaskDecoder
+
+    cfg = _read_json(Path(folder) / "config.json")
+    try:
+        decoder = FastMaskDecoder(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}/config.json is not a fast-decoder config: {exc}") from None
+    _load_strict(decoder, Path(folder) / "model.safetensors")
+    return decoder.requires_grad_(False).eval()
 
 
 def _load_strict(module: torch.nn.Module, path: Path) -> None:

@@ -110,8 +110,12 @@ class DigsegPipeline:
         tile: int | str | None = "auto",
         overlap: float = 0.25,
         prompt_template: str | None = None,
+        decoder: str = "vae",
     ) -> SegmentationOutput:
-        """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`."""
+        """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`.
+
+        `decoder`: "vae" (the VAE decoder), "fast" (the checkpoint's distilled decoder) or "auto" (fast when
+        the checkpoint has one that passed its accuracy check, else vae)."""
         t_start = time.perf_counter()
         # 0. Resolve defaults from the checkpoint config.
         cfg = self.config
@@ -127,6 +131,7 @@ class DigsegPipeline:
         if len(thresholds) != len(classes) or not all(0 <= t <= 1 for t in thresholds):
             raise UsageError("`threshold` must be one value in [0, 1] or one per prompt")
         texts = [self.format_prompt(s, prompt_template) for syns in classes for s in syns]
+        decoder = self.resolve_decoder(decoder)
         # 2. Encode prompts (text encoder; cached per text).
         emb, pooled = self.encode_prompts(texts)  # [T,L,D], [T,D]
         # 3–7. Preprocess, encode image, denoise, decode — whole image or tile by tile.
@@ -134,9 +139,9 @@ class DigsegPipeline:
         tile_size = self._tile_size(tile, resolution, height, width)
         timings: dict[str, float] = {}
         if tile_size:
-            probs = self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings)
+            probs = self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings, decoder)
         else:
-            probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings)  # [T,H,W]
+            probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)  # [T,H,W]
         # 8. Average synonyms' scores into one map per class.
         sizes = [len(s) for s in classes]
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
@@ -144,6 +149,18 @@ class DigsegPipeline:
         labels, masks = probs_to_labels(probs, thresholds)
         timings["total"] = time.perf_counter() - t_start
         return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), thresholds, [c[0] for c in classes], timings)
+
+    def resolve_decoder(self, decoder: str) -> str:
+        """`vae|fast|auto` → `vae` or `fast`; "auto" needs a fast decoder that passed its accuracy check."""
+        fast = self.model.fast_decoder is not None
+        if decoder == "auto":
+            passed = bool((self.config.evaluation.get("fast_decoder") or {}).get("passed"))
+            return "fast" if fast and passed else "vae"
+        if decoder not in ("vae", "fast"):
+            raise UsageError(f"`decoder` must be vae, fast or auto, got {decoder!r}")
+        if decoder == "fast" and not fast:
+            raise UsageError("`decoder` fast needs a checkpoint with a fast decoder (make one with `digseg decoder train`)")
+        return decoder
 
     def _check_inputs(self, image, prompts, steps, ensemble, resolution) -> torch.Tensor:
         if not prompts or any(not (p if isinstance(p, str) else all(p)) for p in prompts):
@@ -169,7 +186,7 @@ class DigsegPipeline:
         # Tile at native scale when the image is much larger than the processing resolution.
         return transforms.tile_size_for(tile, resolution, height, width)
 
-    def _predict(self, pixels, emb, pooled, resolution, steps, ensemble, seed, timings) -> torch.Tensor:
+    def _predict(self, pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
         """Whole image `[1,3,H,W]` → probabilities `[T,H,W]` at the input size, averaged over the ensemble."""
         height, width = pixels.shape[-2:]
         # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
@@ -180,13 +197,13 @@ class DigsegPipeline:
             # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
             k = member if self.config.objective == "one-step" else 0
             xk, pad = transforms.pad_to_multiple(transforms.dihedral(x, k), self.model.size_multiple)
-            probs = self._predict_padded(xk, emb, pooled, steps, generator, timings)  # [T,hp,wp]
+            probs = self._predict_padded(xk, emb, pooled, steps, generator, timings, decoder)  # [T,hp,wp]
             probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [T,h',w']
             # 8. Resize probabilities to the input size (bilinear) before any threshold.
             total += transforms.resize(probs[None], (height, width))[0]  # [T,H,W]
         return total / ensemble
 
-    def _predict_padded(self, x, emb, pooled, steps, generator, timings) -> torch.Tensor:
+    def _predict_padded(self, x, emb, pooled, steps, generator, timings, decoder="vae") -> torch.Tensor:
         """Padded `[1,3,h,w]` → `[T,h,w]`: one image encode, T U-Net passes per step (batched), T decodes."""
         f = self.model.vae_scale_factor
         # 4. Encode the image once (VAE encoder); its latent is shared by every prompt.
@@ -213,20 +230,20 @@ class DigsegPipeline:
             else:
                 clean = diffusion.sample_ddim(denoise, noise.expand(b, -1, -1, -1), self.scheduler, steps)
             t1 = time.perf_counter()
-            # 6. Decode (VAE decoder) → probabilities [b,h,w].
-            out.append(self.model.decode_probs(clean))
+            # 6. Decode (VAE decoder, or the distilled fast decoder) → probabilities [b,h,w].
+            out.append(self.model.decode_probs_fast(clean) if decoder == "fast" else self.model.decode_probs(clean))
             timings["denoise"] = timings.get("denoise", 0.0) + t1 - t0
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
         return torch.cat(out).float()  # [T,h,w]
 
-    def _predict_tiled(self, pixels, emb, pooled, tile, overlap, steps, ensemble, seed, timings) -> torch.Tensor:
+    def _predict_tiled(self, pixels, emb, pooled, tile, overlap, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
         """Slide `tile`-sized windows at native scale; blend probabilities with a feathered window."""
         height, width = pixels.shape[-2:]
         acc = torch.zeros((emb.shape[0], height, width), device=self.device)
         weight = torch.zeros((height, width), device=self.device)
         for top, left, h, w in transforms.tile_windows(height, width, tile, overlap):
             crop = pixels[..., top:top + h, left:left + w]  # [1,3,h,w]
-            probs = self._predict(crop, emb, pooled, 0, steps, ensemble, seed, timings)  # [T,h,w]
+            probs = self._predict(crop, emb, pooled, 0, steps, ensemble, seed, timings, decoder)  # [T,h,w]
             win = transforms.feather_weights(h, w, int(tile * overlap / 2), self.device)  # [h,w]
             acc[:, top:top + h, left:left + w] += probs * win
             weight[top:top + h, left:left + w] += win

@@ -31,6 +31,7 @@ COMMAND_MODULES = [
     "digseg_cli.cli.train",
     "digseg_cli.cli.data",
     "digseg_cli.cli.weights",
+    "digseg_cli.cli.decoder",
 ]
 
 

@@ -74,9 +74,11 @@ class DigsegModel(nn.Module):
     diffusers module (its `save_pretrained`, gradient checkpointing and attention processors keep working).
     """
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, text_pathway: TextPathway):
+    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, text_pathway: TextPathway,
+                 fast_decoder: nn.Module | None = None):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.text_pathway = unet, vae, text_encoder, text_pathway
+        self.fast_decoder = fast_decoder  # optional distilled mask decoder (core/fast_decoder.py)
         self._film: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks)
         if len(blocks) != len(text_pathway.level_channels):
@@ -127,6 +129,12 @@ class DigsegModel(nn.Module):
         """Mask latent `[B,4,h,w]` → probability `[B,H,W]` in [0,1]: decode, mean of channels, (s+1)/2."""
         decoded = self.vae.decode(latent.to(self.vae.dtype) / self.vae.config.scaling_factor).sample  # [B,3,H,W]
         return ((decoded.float().mean(dim=1) + 1) / 2).clamp(0, 1)  # [B,H,W]
+
+    def decode_probs_fast(self, latent: torch.Tensor) -> torch.Tensor:
+        """Mask latent `[B,4,h,w]` → probability `[B,H,W]` through the distilled decoder (imitates `decode_probs`)."""
+        if self.fast_decoder is None:
+            raise ValueError("this model has no fast decoder")
+        return self.fast_decoder(latent)  # [B,H,W] in [0,1]
 
     def encode_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Token ids `[B,L]` → (sequence embedding `[B,L,D]` for cross-attention, pooled `[B,D]` for FiLM)."""

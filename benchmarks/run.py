@@ -1,0 +1,492 @@
+#!/usr/bin/env python
+"""digseg's performance numbers in one command: `python benchmarks/run.py` (issue: Performance).
+
+Builds the model to time (SD 2 sizes with random weights, no download; or the demo / tiny model), then
+measures in one run, on this machine, ratios against baselines timed in the same run:
+
+  (a) ours (default settings) vs a naive loop: per prompt, encode the image, N DDIM steps, VAE decode;
+  (b) ours vs diffusers' MarigoldDepthPipeline built from the same components, run once per prompt;
+  (c) ours vs the floor: one image encode + K U-Net passes + K decodes, each timed alone;
+  (d) peak resident memory against the size of the weights;
+  (e) `digseg --help` vs `python -c pass`;
+  (f) a large image with tiled inference vs (number of tiles × one tile);
+  plus torch's thread count in a CLI process and the fast decoder's decode speed-up and mIoU change.
+
+When the naive loop runs fewer than 50 steps (`--naive-steps`), the per-step cost is measured inside it
+and the 50-step figure is extrapolated; such rows say "extrapolated". Random weights give representative
+timings and meaningless outputs. The table goes to stdout and to `--out` (default benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TITLE = "# digseg performance results\n\nWritten by `benchmarks/run.py`; see its docstring for what each row measures.\n\n"
+DEFAULTS = {  # size → (image px, naive steps, repeats, tile model, big image px)
+    "sd2": (512, 2, 1, "demo", 2048),
+    "demo": (128, 50, 3, "demo", 2048),
+    "tiny": (32, 50, 3, "tiny", 256),
+}
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=list(DEFAULTS), default="sd2", help="model to time (default sd2: SD 2 sizes, random weights)")
+    p.add_argument("--naive-steps", type=int, help="DDIM steps of the naive loop (default: 2 for sd2, else 50)")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement, median reported (default: 1 for sd2, else 3)")
+    p.add_argument("--prompts", default="2,8", help="prompt counts K for (a) (default 2,8)")
+    p.add_argument("--marigold-prompts", default="2", help="prompt counts for (b) (default 2)")
+    p.add_argument("--image", type=int, help="side of the square test image in px (default: 512 for sd2)")
+    p.add_argument("--demo", default="demo", help="demo weights for (f) and --size demo (folder or registry name)")
+    p.add_argument("--tile-image", type=int, help="side of the large image for (f) (default 2048; tiny: 256)")
+    p.add_argument("--tile-size", type=int, help="tile side for (f) (default: the tile model's native resolution)")
+    p.add_argument("--tile-prompts", type=int, default=1, help="prompts for (f) (default 1)")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: naive,marigold,floor,memory,startup,tiling")
+    p.add_argument("--quick", action="store_true", help="one repeat, K=2 only, short startup timing (smoke test)")
+    p.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
+    p.add_argument("--append", action="store_true", help="add this run as a new section of --out instead of replacing it")
+    a = p.parse_args(argv)
+    image, steps, repeats, tile_model, big = DEFAULTS[a.size]
+    a.image = a.image or image
+    a.naive_steps = a.naive_steps or steps
+    a.repeats = 1 if a.quick else (a.repeats or repeats)
+    a.prompts = [2] if a.quick else [int(k) for k in a.prompts.split(",")]
+    a.marigold_prompts = [2] if a.quick else [int(k) for k in a.marigold_prompts.split(",") if k]
+    a.tile_model = tile_model
+    a.tile_image = a.tile_image or big
+    a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    if not 1 <= a.naive_steps <= 50:
+        p.error("--naive-steps must be between 1 and 50")
+    return a
+
+
+# -- machine and memory ---------------------------------------------------------------------------------
+def machine() -> dict:
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "flags": ""}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
+        info["flags"] = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
+    info.update(cores=cores, torch=torch.__version__, threads=torch.get_num_threads(), ram_gib=ram,
+                python=platform.python_version(), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                omp=os.environ.get("OMP_NUM_THREADS", "unset"),
+                load=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
+    return info
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so the next phase is measured alone (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> float:
+    """Peak resident set size in bytes: VmHWM since the last reset, else getrusage's lifetime peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def weights_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+# -- models ---------------------------------------------------------------------------------------------
+def build_sd2():
+    """SD 2 sizes (U-Net, VAE, OpenCLIP-H-size text encoder) with random weights, widened by `assemble`."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from digseg_cli.checkpoint import assemble
+    from digseg_cli.compact import SCHEDULER_CONFIG, build_tokenizer
+    from digseg_cli.config import DigsegConfig
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = 77
+    unet = UNet2DConditionModel(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+                                attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=768,
+                        block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    # OpenCLIP-H's 49,408-token embedding table (the compact tokenizer uses the first ~600 ids), so the
+    # weights in memory are the real text encoder's size.
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=max(len(tokenizer), 49408), hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, projection_dim=512, hidden_act="gelu", max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    config = DigsegConfig(base_model="random weights, SD 2 sizes", prediction_type="v_prediction",
+                          default_resolution=512, film_hidden=256)
+    return assemble(unet, vae, text, tokenizer, dict(SCHEDULER_CONFIG), config)
+
+
+def load(name: str, image: int):
+    """(pipeline, label, fast decoder trained?) for sd2 / tiny / a demo checkpoint; attaches a random fast
+    decoder (timing only) where the weights have none."""
+    from digseg_cli.core.fast_decoder import FastMaskDecoder
+    from digseg_cli.pipeline import DigsegPipeline, load_model
+
+    if name == "sd2":
+        loaded, label = build_sd2(), "SD 2 sizes, random weights (U-Net 8-ch in, SD VAE, OpenCLIP-H-size text)"
+    elif name == "tiny":
+        loaded, label = load_model("tiny"), "compact `tiny`, random weights"
+    else:
+        try:
+            loaded, label = load_model(name), f"demo checkpoint `{name}`"
+        except Exception as exc:  # noqa: BLE001 - the demo may not be built yet: time the same sizes instead
+            print(f"note: cannot load {name!r} ({exc}); timing compact `small` with random weights", file=sys.stderr)
+            loaded, label = load_model("small"), "compact `small` (demo sizes), random weights"
+    trained = loaded.model.fast_decoder is not None
+    if not trained:
+        loaded.model.fast_decoder = FastMaskDecoder(loaded.model.latent_channels, loaded.model.vae_scale_factor)
+    return DigsegPipeline(loaded), label, trained
+
+
+# -- timing ---------------------------------------------------------------------------------------------
+def timed(fn, repeats: int, warmup: int = 0) -> float:
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def ours(pipe, image, texts, decoder):
+    pipe._prompt_cache.clear()  # count the text encoder too: one image, prompts not seen before
+    return pipe(image, texts, decoder=decoder, tile=None, resolution=image.shape[0])  # default settings at the image's size
+
+
+def floor_parts(pipe, x, texts, decoder, repeats) -> dict:
+    """Seconds of the parts ours cannot skip, each timed alone: encode, K U-Net passes (batched), K decodes."""
+    import torch
+
+    from digseg_cli.core import diffusion
+
+    m = pipe.model
+    with torch.no_grad():
+        emb, pooled = pipe.encode_prompts(texts)  # [K,L,D], [K,D]
+        z = m.encode_image(x)  # [1,4,h,w]
+        zb = z.expand(len(texts), -1, -1, -1)  # [K,4,h,w]
+        t = torch.full((len(texts),), pipe.scheduler.config.num_train_timesteps - 1)
+        zeros = torch.zeros_like(zb)
+        pred = m(zb, zeros, t, emb, pooled)  # [K,4,h,w]
+        clean = diffusion.predicted_clean_latent(pred, zeros, t, pipe.scheduler)
+        decode = m.decode_probs_fast if decoder == "fast" else m.decode_probs
+        return {"encode": timed(lambda: m.encode_image(x), repeats),
+                "unet": timed(lambda: m(zb, zeros, t, emb, pooled), repeats),
+                "decode": timed(lambda: decode(clean), repeats)}
+
+
+def naive(pipe, x, texts, steps) -> float:
+    """Per prompt: text encode, image encode, `steps` DDIM steps from noise, VAE decode. Returns the seconds
+    spent in the DDIM loops (for the per-step cost)."""
+    import torch
+
+    from digseg_cli.core import diffusion
+
+    m, gen, in_loops = pipe.model, torch.Generator().manual_seed(0), 0.0
+    scheduler = diffusion.make_scheduler(pipe.loaded.scheduler_config)
+    with torch.no_grad():
+        for text in texts:
+            ids = pipe.tokenizer([text], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            emb, pooled = m.encode_prompt(ids)  # [1,L,D], [1,D]
+            z_img = m.encode_image(x)  # [1,4,h,w]
+            noise = torch.randn(z_img.shape, generator=gen)
+            t0 = time.perf_counter()
+            clean = diffusion.sample_ddim(lambda z_t, t: m(z_img, z_t, t, emb, pooled), noise, scheduler, steps)
+            in_loops += time.perf_counter() - t0
+            m.decode_probs(clean)  # [1,H,W]
+    return in_loops
+
+
+def marigold(pipe, size: int, steps: int):
+    from diffusers import DDIMScheduler, MarigoldDepthPipeline
+
+    m = pipe.model
+    mg = MarigoldDepthPipeline(unet=m.unet, vae=m.vae, scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+                               text_encoder=m.text_encoder, tokenizer=pipe.tokenizer, prediction_type="depth",
+                               default_denoising_steps=steps, default_processing_resolution=size)
+    mg.set_progress_bar_config(disable=True)
+    return mg
+
+
+def startup(repeats: int) -> tuple[float, float]:
+    exe = Path(sys.executable).with_name("digseg")
+    cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "digseg_cli", "--help"]
+    env = {**os.environ, "COLUMNS": "100"}
+
+    def run(argv):
+        return lambda: subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)
+
+    return timed(run(cmd), repeats, warmup=1), timed(run([sys.executable, "-c", "pass"]), repeats, warmup=1)
+
+
+def cli_threads() -> tuple[int, int]:
+    """torch's thread count in a process that imports the CLI and the pipeline, with no thread env vars."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    code = ("import os, torch, digseg_cli.cli.app, digseg_cli.pipeline\n"
+            "print(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') "
+            "else os.cpu_count())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    threads, cores = out.split()
+    return int(threads), int(cores)
+
+
+# -- the run --------------------------------------------------------------------------------------------
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, item, what, ours_s, base_s, ratio, target, met):
+        self.rows.append((item, what, ours_s, base_s, ratio, target, met))
+
+    def markdown(self) -> str:
+        head = ("#", "Measurement", "Ours", "Baseline", "Ratio", "Target", "Met")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def s(x: float) -> str:
+    return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
+
+
+def yes(ok: bool, extrapolated: bool = False) -> str:
+    return ("yes" if ok else "**no**") + (" (extrapolated)" if extrapolated else "")
+
+
+def run(a: argparse.Namespace) -> str:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from digseg_cli.core import transforms
+    from digseg_cli.synth import generate_scene
+
+    t_start = time.perf_counter()
+    info = machine()
+    reset_peak_rss()
+    rss0 = peak_rss()
+    pipe, label, fast_trained = load(a.demo if a.size == "demo" else a.size, a.image)
+    build_s = time.perf_counter() - t_start
+    m = pipe.model
+    image = generate_scene(np.random.default_rng(0), a.image)[0]  # [S,S,3] uint8
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1  # [1,3,S,S] in [-1,1]
+    x, _ = transforms.pad_to_multiple(x, m.size_multiple)
+    words = ["road", "tree", "building", "water", "field", "house", "river", "grass", "car", "roof", "lake", "crop"]
+    prompts = {k: (words * (k // len(words) + 1))[:k] for k in sorted({*a.prompts, *a.marigold_prompts, 2})}
+    steps = pipe.config.default_steps
+    fast_note = "" if fast_trained else " (random weights: timing only)"
+    table, notes = Table(), []
+    wb = weights_bytes(m)
+
+    # Warm up every kernel once at batch 1 (first calls are slower on CPU), then time ours.
+    ours(pipe, image, prompts[2][:1], "vae")
+    ours(pipe, image, prompts[2][:1], "fast")
+    t_ours: dict[tuple[int, str], float] = {}
+    reset_peak_rss()
+    for k in a.prompts:
+        for dec in ("vae", "fast"):
+            t_ours[k, dec] = timed(lambda: ours(pipe, image, prompts[k], dec), a.repeats)
+    peak_ours = peak_rss()
+
+    # (a) naive loop
+    if "naive" not in a.skip:
+        for k in a.prompts:
+            t0 = time.perf_counter()
+            in_loops = naive(pipe, x, prompts[k], a.naive_steps)
+            t_naive = time.perf_counter() - t0
+            per_step = in_loops / (k * a.naive_steps)
+            t50 = t_naive + k * (50 - a.naive_steps) * per_step
+            for dec in ("vae", "fast"):
+                what = f"(a) naive loop / ours, K={k}, {dec} decoder{fast_note if dec == 'fast' else ''}"
+                if a.naive_steps == 50:
+                    table.add("a", what + ", 50 steps", s(t_ours[k, dec]), s(t_naive), f"{t_naive / t_ours[k, dec]:.1f}× faster",
+                              "≥ 40× (K=2)" if k == 2 else "—", yes(t_naive / t_ours[k, dec] >= 40) if k == 2 else "—")
+                    continue
+                table.add("a", what + f", measured with {a.naive_steps} steps", s(t_ours[k, dec]), s(t_naive),
+                          f"{t_naive / t_ours[k, dec]:.1f}× faster", "— (target is for 50 steps)", "—")
+                table.add("a", what + f", **extrapolated** to 50 steps ({per_step:.2f} s/step measured)",
+                          s(t_ours[k, dec]), s(t50) + " (extrap.)", f"{t50 / t_ours[k, dec]:.1f}× faster",
+                          "≥ 40× (K=2)" if k == 2 else "—",
+                          yes(t50 / t_ours[k, dec] >= 40, True) if k == 2 else "—")
+    # (b) Marigold, once per prompt, same steps
+    if "marigold" not in a.skip:
+        mg = marigold(pipe, a.image, steps)
+        pil = Image.fromarray(image)
+        call = lambda: mg(pil, num_inference_steps=steps, processing_resolution=a.image, output_type="pt",  # noqa: E731
+                          generator=torch.Generator().manual_seed(0))
+        call()  # warm-up (and its cached empty-prompt embedding)
+        for k in a.marigold_prompts:
+            t_mg = timed(lambda: [call() for _ in range(k)], a.repeats)
+            for dec in ("vae", "fast"):
+                if (k, dec) not in t_ours:
+                    t_ours[k, dec] = timed(lambda: ours(pipe, image, prompts[k], dec), a.repeats)
+                r = t_ours[k, dec] / t_mg
+                table.add("b", f"(b) ours / Marigold × K, K={k}, {steps} step(s), {dec} decoder"
+                          f"{fast_note if dec == 'fast' else ''}", s(t_ours[k, dec]), s(t_mg), f"{r:.2f}×",
+                          "≤ 0.5× (K=2)" if k == 2 else "—", yes(r <= 0.5) if k == 2 else "—")
+    # (c) floor, and the decode speed-up of the fast decoder
+    if "floor" not in a.skip:
+        k = 2
+        parts = {dec: floor_parts(pipe, x, prompts[k], dec, a.repeats) for dec in ("vae", "fast")}
+        for dec in ("vae", "fast"):
+            f = parts[dec]
+            total = sum(f.values())
+            r = t_ours[k, dec] / total
+            table.add("c", f"(c) ours / floor, K={k}, {dec} decoder (floor = encode {s(f['encode'])} + "
+                      f"U-Net×{k} {s(f['unet'])} + decode×{k} {s(f['decode'])})", s(t_ours[k, dec]), s(total),
+                      f"{r:.2f}×", "≤ 1.10×", yes(r <= 1.10))
+        sp = parts["vae"]["decode"] / parts["fast"]["decode"]
+        table.add("2", f"(2) decode of {k} mask latents: VAE decoder / fast decoder{fast_note}",
+                  s(parts["fast"]["decode"]), s(parts["vae"]["decode"]), f"{sp:.0f}× faster", "—", "—")
+    # (d) memory
+    if "memory" not in a.skip:
+        kmax = max(a.prompts)
+        table.add("d", f"(d) peak RSS while running ours (K up to {kmax}) / weights in memory (fp32)",
+                  size(peak_ours), size(wb), f"{peak_ours / wb:.2f}×", "— (reported)", "—")
+        notes.append(f"Process RSS before building the model: {size(rss0)}; building it took {build_s:.0f} s.")
+    # (e) startup and (3) threads
+    if "startup" not in a.skip:
+        t_help, t_pass = startup(3 if a.quick else 7)
+        table.add("e", "(e) `digseg --help` / `python -c pass` (median wall time)", s(t_help), s(t_pass),
+                  f"{t_help / t_pass:.1f}×", "≤ 4×", yes(t_help / t_pass <= 4))
+    threads, cores = cli_threads()
+    table.add("3", "(3) torch threads in a CLI process / usable cores", str(threads), str(cores),
+              f"{threads}/{cores}", "= cores", yes(threads >= cores))
+    # (f) tiling
+    if "tiling" not in a.skip:
+        table.add(*tiling(a))
+    # (2) the fast decoder's accuracy, as recorded by `digseg decoder train` in the demo checkpoint
+    table.add(*fast_accuracy(a.demo))
+
+    peak_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    notes.append(f"Lifetime peak RSS of the benchmark process (getrusage, includes the baselines): {size(peak_all)}.")
+    notes.append(f"Total benchmark time {time.perf_counter() - t_start:.0f} s. Load average (1 min) at the start "
+                 f"{info['load']:.2f}, at the end {os.getloadavg()[0]:.2f} (other processes on the machine skew timings).")
+    return report(a, info, label, m, wb, table, notes)
+
+
+def tiling(a) -> tuple[str, ...]:
+    import numpy as np
+
+    from digseg_cli.core import transforms
+    from digseg_cli.synth import generate_scene
+
+    pipe, label, _ = load(a.demo if a.tile_model == "demo" else a.tile_model, 0)
+    tile = a.tile_size or pipe.config.default_resolution
+    big = generate_scene(np.random.default_rng(1), a.tile_image)[0]  # [S,S,3] uint8
+    texts = ["road", "tree", "building", "water"][: a.tile_prompts]
+    n = len(transforms.tile_windows(a.tile_image, a.tile_image, tile, 0.25))
+    crop = np.ascontiguousarray(big[:tile, :tile])
+    one = lambda: pipe(crop, texts, tile=None, resolution=0)  # noqa: E731 - one tile, native scale, prompts cached
+    t_one = timed(one, max(3, a.repeats), warmup=1)
+    t_tiled = timed(lambda: ours_tiled(pipe, big, texts, tile), 1)
+    r = t_tiled / (n * t_one)
+    return ("f", f"(f) {a.tile_image}² image tiled ({tile} px tiles, 25 % overlap, {n} tiles, K={len(texts)}, "
+            f"vae decoder; {label}) / ({n} × one tile)", s(t_tiled), s(n * t_one), f"{r:.3f}×", "≤ 1.15×", yes(r <= 1.15))
+
+
+def ours_tiled(pipe, image, texts, tile):
+    pipe._prompt_cache.clear()
+    return pipe(image, texts, tile=tile, overlap=0.25)
+
+
+def fast_accuracy(demo: str) -> tuple[str, ...]:
+    from digseg_cli.pipeline import load_model
+
+    try:
+        ev = load_model(demo).config.evaluation.get("fast_decoder")
+    except Exception:  # noqa: BLE001
+        ev = None
+    if not ev:
+        return ("2", f"(2) fast decoder mIoU change on synth (`{demo}` has no trained fast decoder)", "—", "—", "—",
+                "\\|Δ\\| ≤ 0.5 points", "not measured")
+    return ("2", f"(2) fast decoder mIoU on synth ({ev['images']} images, `{demo}`), recorded by `digseg decoder train`",
+            f"{ev['miou_fast']:.2f}", f"{ev['miou_vae']:.2f} (vae)", f"{ev['miou_change_points']:+.2f} points",
+            "\\|Δ\\| ≤ 0.5 points", yes(bool(ev["passed"])))
+
+
+def report(a, info, label, m, wb, table, notes) -> str:
+    params = {n: sum(p.numel() for p in getattr(m, n).parameters()) / 1e6
+              for n in ("unet", "vae", "text_encoder", "text_pathway", "fast_decoder")}
+    cmd = "python benchmarks/run.py " + " ".join(sys.argv[1:])
+    return "\n".join([
+        f"## Run: `--size {a.size}`",
+        "",
+        f"Generated by `{cmd.strip()}` on {info['date']}.",
+        "",
+        f"- **Machine:** {info['cpu']} ({info['flags'] or 'no AVX flags read'}), {info['cores']} usable cores, "
+        f"{info['ram_gib']:.0f} GiB RAM; Python {info['python']}, torch {info['torch']}, "
+        f"{info['threads']} torch threads in this run (OMP_NUM_THREADS={info['omp']}); CPU, fp32.",
+        f"- **Model timed:** {label}: U-Net {params['unet']:.1f} M, VAE {params['vae']:.1f} M, text encoder "
+        f"{params['text_encoder']:.1f} M, text pathway {params['text_pathway']:.2f} M, fast decoder "
+        f"{params['fast_decoder']:.3f} M parameters ({size(wb)} fp32).",
+        f"- **Test image:** one {a.image}×{a.image} synthetic scene; prompts are class names; default settings with the "
+        f"processing resolution = the image size ({m.vae_scale_factor}× VAE, one-step model: 1 U-Net pass per prompt, "
+        "batched; VAE decoder unless a row says fast); the prompt cache is cleared "
+        "before each timed call, so ours includes the text encoder. Median of "
+        f"{a.repeats} run(s) after a batch-1 warm-up.",
+        "- **Baselines:** naive = per prompt: text encode, image encode, N DDIM steps (trailing) at batch 1, VAE "
+        "decode. Marigold = diffusers `MarigoldDepthPipeline` built from the same U-Net/VAE/text encoder/tokenizer, "
+        "called once per prompt at the same number of steps. Floor = the parts ours cannot skip, each timed alone.",
+        "- Rows marked **extrapolated** are not measurements: 50-step time = measured N-step time + K·(50−N)·(per-step "
+        "cost measured inside the same naive loop).",
+        "",
+        table.markdown(),
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+    ])
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    text = run(a)
+    print(text)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    if a.append and a.out.is_file():
+        a.out.write_text(a.out.read_text().rstrip("\n") + "\n\n" + text)
+    else:
+        a.out.write_text(TITLE + text)
+    print(f"wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The fast mask decoder (issue: Performance): shapes and range, checkpoint round trip, the pipeline's
+`decoder=` switch, and `digseg decoder train` end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from digseg_cli.checkpoint import load_checkpoint
+from digseg_cli.cli.app import app
+from digseg_cli.core.fast_decoder import FastMaskDecoder
+from digseg_cli.errors import CheckpointError, UsageError
+from digseg_cli.pipeline import DigsegPipeline, load_model
+
+
+@pytest.mark.parametrize("factor", [1, 4, 8])
+def test_shape_and_range(factor):
+    dec = FastMaskDecoder(4, factor, width=16, blocks=1).eval()
+    probs = dec(torch.randn(3, 4, 5, 7) * 10)
+    assert probs.shape == (3, 5 * factor, 7 * factor)
+    assert probs.dtype == torch.float32 and 0 <= probs.min() and probs.max() <= 1
+    assert sum(p.numel() for p in FastMaskDecoder(4, 8).parameters()) < 500_000  # the brief: ~0.1–0.5 M
+
+
+def test_rejects_a_scale_factor_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="power of 2"):
+        FastMaskDecoder(4, 6)
+
+
+@pytest.fixture()
+def tiny_with_fast(tmp_path):
+    loaded = load_model("tiny")
+    torch.manual_seed(1)
+    loaded.model.fast_decoder = FastMaskDecoder(loaded.model.latent_channels, loaded.model.vae_scale_factor, width=8)
+    pipe = DigsegPipeline(loaded)
+    return pipe, pipe.save_pretrained(tmp_path / "ckpt")
+
+
+def test_save_load_round_trip_and_strict_keys(tiny_with_fast, tmp_path):
+    pipe, folder = tiny_with_fast
+    assert (folder / "fast_decoder" / "config.json").is_file()
+    assert (folder / "fast_decoder" / "model.safetensors").is_file()
+    again = load_checkpoint(folder).model
+    z = torch.randn(2, 4, 4, 4)
+    assert torch.equal(again.decode_probs_fast(z), pipe.model.decode_probs_fast(z))
+    # A checkpoint without the component still loads (no fast decoder).
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(folder, plain)
+    shutil.rmtree(plain / "fast_decoder")
+    assert load_checkpoint(plain).model.fast_decoder is None
+    # A weights file that does not match its config is refused.
+    cfg = json.loads((folder / "fast_decoder" / "config.json").read_text())
+    (folder / "fast_decoder" / "config.json").write_text(json.dumps({**cfg, "blocks": cfg["blocks"] + 1}))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(folder)
+
+
+def test_pipeline_decoder_switch(tiny_with_fast):
+    pipe, _ = tiny_with_fast
+    image = np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    fast = pipe(image, ["road", "tree"], decoder="fast")
+    vae = pipe(image, ["road", "tree"], decoder="vae")
+    assert fast.probs.shape == vae.probs.shape == (2, 40, 48)
+    assert not torch.equal(fast.probs, vae.probs)
+    # auto: the VAE until the checkpoint records a passed accuracy check, then the fast decoder.
+    assert pipe.resolve_decoder("auto") == "vae"
+    pipe.config.evaluation["fast_decoder"] = {"passed": True}
+    assert pipe.resolve_decoder("auto") == "fast"
+    assert torch.equal(pipe(image, ["road", "tree"], decoder="auto").probs, fast.probs)
+    # tiled inference goes through the same decoder
+    tiled = pipe(image, ["road"], decoder="fast", tile=32)
+    assert tiled.probs.shape == (1, 40, 48)
+    with pytest.raises(UsageError, match="vae, fast or auto"):
+        pipe(image, ["road"], decoder="taesd")
+
+
+def test_fast_needs_a_fast_decoder():
+    pipe = DigsegPipeline(load_model("tiny"))
+    image = np.zeros((32, 32, 3), np.uint8)
+    assert pipe.resolve_decoder("auto") == "vae"
+    with pytest.raises(UsageError, match="decoder train"):
+        pipe(image, ["road"], decoder="fast")
+
+
+def test_decoder_train_command_on_a_tiny_model(tmp_path):
+    base = DigsegPipeline(load_model("tiny")).save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "with-fast"
+    result = CliRunner().invoke(app, ["decoder", "train", "--weights", str(base), "--out", str(out), "--steps", "3",
+                                      "--pool", "2", "--val-limit", "2", "--width", "8", "--blocks", "1"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "digseg_config.json").read_text())
+    ev = config["evaluation"]["fast_decoder"]
+    for key in ("miou_vae", "miou_fast", "miou_change_points", "passed", "decode_speedup", "tolerance_points"):
+        assert key in ev, key
+    assert ev["images"] == 2 and ev["passed"] == (abs(ev["miou_change_points"]) <= 0.5)
+    assert load_checkpoint(out).model.fast_decoder is not None
+    # the source checkpoint is untouched, and --out is not overwritten without --overwrite
+    assert not (base / "fast_decoder").exists()
+    again = CliRunner().invoke(app, ["decoder", "train", "--weights", str(base), "--out", str(out), "--steps", "1"])
+    assert again.exit_code != 0 and "overwrite" in again.output
+
+
+def test_decoder_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.argv = ['digseg', 'decoder', 'train', '--help']\nfrom digseg_cli.cli.app import main\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules\n")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
