@@ -51,7 +51,7 @@ def test_installed_package_carries_the_demo(tmp_path):
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     package, demo = Path(found["package"]), Path(found["demo"])
-    if REPO in package.parents or package.parent == REPO:
+    if package == REPO / "digseg_cli":
         # An editable install imports the checkout itself; the demo then comes from weights/.
         assert demo == DEMO
     else:
