@@ -1,8 +1,8 @@
 """Fetch one file over HTTP(S) safely, and unpack an archive safely.
 
 ``download_file`` writes to ``<dest>.part``, resumes it with a ``Range`` request after a dropped
-connection (or in a later process), checks size and sha256, then renames it into place atomically, so
-``dest`` either does not exist or is complete. It uses urllib only, so ``HTTP(S)_PROXY``/``NO_PROXY``
+connection (or in a later process), checks size and sha256 (or md5, where that is all a publisher gives),
+then renames it into place atomically, so ``dest`` either does not exist or is complete. It uses urllib only, so ``HTTP(S)_PROXY``/``NO_PROXY``
 apply as they do for any urllib client; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``/``SSL_CERT_FILE`` pick
 the CA bundle. ``safe_extract`` unpacks zip and tar archives into a folder, refusing any member that would
 land outside it.
@@ -57,13 +57,19 @@ class _Retry(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- hashing
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
+def file_digests(path: Path, algorithms: tuple[str, ...]) -> dict[str, str]:
+    """Hex digests of a file for each ``hashlib`` algorithm name, in one chunked read (constant memory)."""
+    digests = {name: hashlib.new(name, usedforsecurity=False) for name in algorithms}
     with open(path, "rb") as fh:
         while block := fh.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+            for digest in digests.values():
+                digest.update(block)
+    return {name: digest.hexdigest() for name, digest in digests.items()}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (constant memory)."""
+    return file_digests(path, ("sha256",))["sha256"]
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -162,25 +168,27 @@ def download_file(
     sha256: str | None = None,
     size: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
+    md5: str | None = None,
     timeout: float = 30.0,
     retries: int = 3,
 ) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, resuming and verifying; return ``dest``.
 
-    - An existing ``dest`` is never overwritten: it is returned if it matches ``sha256``/``size`` (or if
-      none is given), otherwise ``ChecksumMismatchError`` says to remove it.
+    - An existing ``dest`` is never overwritten: it is returned if it matches ``sha256``/``md5``/``size`` (or
+      if none is given), otherwise ``ChecksumMismatchError`` says to remove it. ``md5`` is for files whose
+      publisher gives no sha256; both are checked when both are given.
     - An existing ``.part`` is resumed with ``Range: bytes=N-``. A server that ignores ``Range`` (200) makes
       the download start from 0; a 416 means the ``.part`` is already complete or is discarded.
     - ``retries`` more attempts follow a dropped connection, a timeout or an HTTP 5xx/429, each resuming
       where the last stopped; an attempt that received bytes does not use up a retry.
-    - A size or sha256 mismatch deletes the ``.part`` and raises ``ChecksumMismatchError`` (a resumed
+    - A size or checksum mismatch deletes the ``.part`` and raises ``ChecksumMismatchError`` (a resumed
       download is first tried once more from scratch). Other failures raise ``DownloadError``.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
-    sha256 = sha256.lower() if sha256 else None
+    digests = {name: value.lower() for name, value in (("sha256", sha256), ("md5", md5)) if value}
     if dest.exists():
-        return _check_existing(dest, url, sha256=sha256, size=size)
+        return _check_existing(dest, url, digests=digests, size=size)
     dest.parent.mkdir(parents=True, exist_ok=True)
     resumed = part.exists() and part.stat().st_size > 0
     failures, last_error = 0, ""
@@ -188,7 +196,7 @@ def download_file(
         before = part.stat().st_size if part.exists() else 0
         try:
             if _attempt(url, part, size=size, progress=progress, timeout=timeout):
-                problem = _check_part(part, size=size, sha256=sha256)
+                problem = _check_part(part, size=size, digests=digests)
                 if problem is None:
                     break
                 part.unlink(missing_ok=True)
@@ -222,20 +230,20 @@ def download_file(
     return dest
 
 
-def _check_part(part: Path, *, size: int | None, sha256: str | None) -> tuple[str, str] | None:
-    """None when ``part`` matches; else (expected, actual) to report."""
+def _check_part(part: Path, *, size: int | None, digests: dict[str, str]) -> tuple[str, str] | None:
+    """None when ``part`` matches its size and every expected ``{algorithm: hex}``; else (expected, actual)."""
     actual_size = part.stat().st_size
     if size is not None and actual_size != size:
         return f"{size} bytes", f"{actual_size} bytes"
-    if sha256 is not None:
-        actual = sha256_file(part)
-        if actual != sha256:
-            return f"sha256 {sha256}", f"sha256 {actual}"
+    actual = file_digests(part, tuple(digests)) if digests else {}
+    for name, want in digests.items():
+        if actual[name] != want:
+            return f"{name} {want}", f"{name} {actual[name]}"
     return None
 
 
-def _check_existing(dest: Path, url: str, *, sha256: str | None, size: int | None) -> Path:
-    problem = _check_part(dest, size=size, sha256=sha256)
+def _check_existing(dest: Path, url: str, *, digests: dict[str, str], size: int | None) -> Path:
+    problem = _check_part(dest, size=size, digests=digests)
     if problem is None:
         log.debug("%s already present; not downloading %s", dest, url)
         return dest

@@ -1,11 +1,13 @@
-"""``digseg eval --download`` against a local 127.0.0.1 server: fetch, verify, extract, then check the layout;
-an archive with a member escaping the target is refused before anything is written."""
+"""``digseg eval --download`` against a local 127.0.0.1 server: fetch, verify (sha256 or md5), extract, convert
+(PASCAL-Context), then check the layout; an archive with a member escaping the target is refused before anything
+is written."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import io
+import tarfile
 import zipfile
 
 import numpy as np
@@ -17,7 +19,7 @@ from digseg_cli import datasets as D
 from digseg_cli.cli.app import app
 from digseg_cli.datasets.base import DownloadItem
 from digseg_cli.download import UnsafeArchiveError
-from digseg_cli.errors import ChecksumMismatchError
+from digseg_cli.errors import ChecksumMismatchError, DatasetError
 
 try:
     from test_download import LocalServer, guard_network
@@ -93,3 +95,79 @@ def test_escaping_member_is_refused(tmp_path, monkeypatch):
         assert res.exit_code != 0 and "escaped.txt" in res.stderr
     assert not (tmp_path / "escaped.txt").exists() and not (root / "escaped.txt").exists()
     assert not (root / "ade20k/ADEChallengeData2016").exists()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_pinned_checksums_are_well_formed():
+    hexdigits = set("0123456789abcdef")
+    for name in ("ade20k", "pascal-context-59", "coco-stuff", "phenobench"):
+        items = D.DATASETS[name].download
+        assert items, name
+        for item in items:
+            assert item.sha256 is None or (len(item.sha256) == 64 and set(item.sha256) <= hexdigits), item
+            assert item.md5 is None or (len(item.md5) == 32 and set(item.md5) <= hexdigits), item
+    assert D.DATASETS["ade20k"].download[0].sha256 and D.DATASETS["phenobench"].download[0].md5
+
+
+def test_phenobench_download_verifies_md5_then_checks_the_layout(tmp_path, monkeypatch):
+    mask = np.array([[0, 1], [3, 4]], np.uint16)
+    body = _zip({"PhenoBench/val/images/05-15_00028_P0030852.png": _png_bytes(np.zeros((2, 2, 3), np.uint8)),
+                 "PhenoBench/val/semantics/05-15_00028_P0030852.png": _png_bytes(mask)})
+    real = D.DATASETS["phenobench"].download[0]
+    with LocalServer({"/PhenoBench-v110.zip": body, "/flat.zip": _zip({"README.md": b"x"})}) as srv:
+        item = dataclasses.replace(real, url=f"{srv.url}/PhenoBench-v110.zip", size=len(body), sha256=None,
+                                   md5=hashlib.md5(body).hexdigest())
+        monkeypatch.setitem(D.DATASETS, "phenobench", dataclasses.replace(D.DATASETS["phenobench"], download=(item,)))
+        res = CliRunner().invoke(app, ["eval", "-d", "phenobench", "--data-root", str(tmp_path), "--download",
+                                       "--check", "--json"])
+        assert res.exit_code == 0, res.output
+        assert '"ok": true' in res.stdout
+        assert D.open_dataset(D.DATASETS["phenobench"], data_root=tmp_path)[0].label.tolist() == [[0, 1], [1, 2]]
+        flat = dataclasses.replace(item, url=f"{srv.url}/flat.zip", filename="flat.zip", size=None, md5=None)
+        monkeypatch.setitem(D.DATASETS, "phenobench", dataclasses.replace(D.DATASETS["phenobench"], download=(flat,)))
+        with pytest.raises(DatasetError, match="do not have the expected layout"):
+            D.download_dataset(D.DATASETS["phenobench"], data_root=tmp_path / "other")
+        bad = dataclasses.replace(item, md5="0" * 32)
+        monkeypatch.setitem(D.DATASETS, "phenobench", dataclasses.replace(D.DATASETS["phenobench"], download=(bad,)))
+        with pytest.raises(ChecksumMismatchError, match="md5"):
+            D.download_dataset(D.DATASETS["phenobench"], data_root=tmp_path / "third")
+
+
+def test_pascal_context_download_then_converts_the_official_labels(tmp_path, monkeypatch):
+    sio = pytest.importorskip("scipy.io")
+    mat = io.BytesIO()
+    sio.savemat(mat, {"LabelMap": np.array([[2, 459], [1, 0]], np.uint16)}, do_compression=True)
+    voc_tar, labels_tar = io.BytesIO(), io.BytesIO()
+    with tarfile.open(fileobj=voc_tar, mode="w") as tar:
+        _add(tar, "VOCdevkit/VOC2010/JPEGImages/2008_000002.jpg", _png_bytes(np.zeros((2, 2, 3), np.uint8), "JPEG"))
+        _add(tar, "VOCdevkit/VOC2010/ImageSets/Main/val.txt", b"2008_000002\n")
+    with tarfile.open(fileobj=labels_tar, mode="w:gz") as tar:
+        _add(tar, "trainval/2008_000002.mat", mat.getvalue())
+        _add(tar, "labels.txt", b"1: accordion\n2: aeroplane\n")
+    files = {"/voc.tar": voc_tar.getvalue(), "/trainval.tar.gz": labels_tar.getvalue()}
+    with LocalServer(files) as srv:
+        voc_item, labels_item = D.DATASETS["pascal-context-59"].download  # the real items, served locally
+        items = tuple(dataclasses.replace(item, url=srv.url + path, md5=None, sha256=hashlib.sha256(files[path])
+                                          .hexdigest()) for item, path in ((voc_item, "/voc.tar"),
+                                                                           (labels_item, "/trainval.tar.gz")))
+        for name in ("pascal-context-59", "pascal-context-459"):
+            monkeypatch.setitem(D.DATASETS, name, dataclasses.replace(D.DATASETS[name], download=items))
+        D.download_dataset(D.DATASETS["pascal-context-59"], data_root=tmp_path)
+    conv = tmp_path / "pascal-context/VOCdevkit/VOC2010/annotations_detectron2"
+    assert (conv / "pc59_val/2008_000002.png").is_file() and (conv / "pc459_val/2008_000002.tif").is_file()
+    pc59 = D.open_dataset(D.DATASETS["pascal-context-59"], data_root=tmp_path)[0].label
+    pc459 = D.open_dataset(D.DATASETS["pascal-context-459"], data_root=tmp_path)[0].label
+    assert pc59.tolist() == [[0, 255], [255, 255]] and pc459.tolist() == [[1, 458], [0, 65535]]
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

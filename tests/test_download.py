@@ -190,6 +190,19 @@ def test_sha256_mismatch_leaves_nothing(server: LocalServer, tmp_path: Path) -> 
     assert _leftovers(tmp_path) == []
 
 
+def test_md5_only_and_with_sha256(server: LocalServer, tmp_path: Path) -> None:
+    md5 = hashlib.md5(PAYLOAD).hexdigest()
+    dest = download_file(f"{server.url}/model.bin", tmp_path / "model.bin", md5=md5.upper())
+    assert dest.read_bytes() == PAYLOAD
+    assert download_file(f"{server.url}/model.bin", dest, md5=md5, sha256=SHA) == dest  # present and verified
+    with pytest.raises(ChecksumMismatchError, match=f"md5 {'0' * 32}"):
+        download_file(f"{server.url}/model.bin", dest, sha256=SHA, md5="0" * 32)  # both are checked
+    server.wrong["/model.bin"] = PAYLOAD[::-1]
+    with pytest.raises(ChecksumMismatchError, match=hashlib.md5(PAYLOAD[::-1]).hexdigest()):
+        download_file(f"{server.url}/model.bin", tmp_path / "other.bin", md5=md5)
+    assert _leftovers(tmp_path) == ["model.bin"]
+
+
 def test_http_errors(server: LocalServer, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="404"):
         download_file(f"{server.url}/missing.bin", tmp_path / "m.bin")

@@ -155,13 +155,15 @@ def download_dataset(
     """Fetch and extract the official files of an auto-downloadable dataset into its folder; return it.
 
     Datasets whose terms forbid automatic download raise ``DatasetError`` with the manual steps.
-    Archives are verified (sha256 where pinned) and extracted with ``safe_extract`` (no member may escape).
+    Archives are verified (sha256, or md5 where that is all that is published) and extracted with
+    ``safe_extract`` (no member may escape); then ``spec.prepare`` builds derived files and the layout of
+    the default split is checked, so an upstream archive that changed shape fails here, not mid-evaluation.
     """
     root = spec.root(data_root)
-    if spec.prepare is not None:
-        spec.prepare(root)
-        return root
     if not spec.download:
+        if spec.prepare is not None:  # generated data (synth): nothing to fetch
+            spec.prepare(root)
+            return root
         raise DatasetError(f"{spec.title} cannot be downloaded automatically. {spec.manual} "
                            f"Expected layout under {root}: {spec.layout}")
     from digseg_cli.download import download_file, safe_extract
@@ -169,10 +171,12 @@ def download_dataset(
     cache = root / ".downloads"
     for item in spec.download:
         log.info("downloading %s", item.url)
-        if item.sha256 is None:
-            log.warning("no pinned sha256 for %s yet: only the transfer itself is verified", item.filename)
+        if item.sha256 is None and item.md5 is None:
+            log.warning("no published checksum for %s: only a complete transfer (and its size, if known) is verified",
+                        item.filename)
         on_bytes = None if progress is None else (lambda done, total, _n=item.filename: progress(_n, done, total))
-        archive = download_file(item.url, cache / item.filename, sha256=item.sha256, size=item.size, progress=on_bytes)
+        archive = download_file(item.url, cache / item.filename, sha256=item.sha256, md5=item.md5, size=item.size,
+                                progress=on_bytes)
         target = (root / item.extract_to).resolve()
         done = cache / f"{item.filename}.extracted"
         if item.extract and not done.exists():
@@ -182,6 +186,13 @@ def download_dataset(
         elif not item.extract:
             target.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(archive, target / item.filename)
+    if spec.prepare is not None:
+        spec.prepare(root)
+    try:
+        spec.list_items(root, spec.default_split)
+    except MissingLayout as exc:
+        raise DatasetError(f"the downloaded {spec.title} files do not have the expected layout ({exc}); "
+                           f"expected under {root}: {spec.layout}") from None
     return root
 
 

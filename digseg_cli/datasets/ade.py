@@ -26,7 +26,7 @@ from digseg_cli.datasets.base import (
 )
 
 _ADE150_SPLITS = {"val": "validation", "train": "training"}
-_ADE150_ZIP = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"  # sha256 not pinned yet
+_ADE150_ZIP = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 
 
 def _ade150_items(root: Path, split: str) -> list[Item]:
@@ -72,7 +72,10 @@ ADE20K = DatasetSpec(
     layout="ADEChallengeData2016/images/validation/ADE_val_*.jpg and "
     "ADEChallengeData2016/annotations/validation/ADE_val_*.png",
     download=(
-        DownloadItem(_ADE150_ZIP, "ADEChallengeData2016.zip"),
+        # size and sha256 from tensorflow/datasets tensorflow_datasets/url_checksums/ade20k.txt; the same values in
+        # huggingface/datasets datasets/scene_parse_150/dataset_infos.json ("download_checksums").
+        DownloadItem(_ADE150_ZIP, "ADEChallengeData2016.zip", size=967382037,
+                     sha256="7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29"),
     ),
     manual=f"Official source: http://sceneparsing.csail.mit.edu (zip: {_ADE150_ZIP}).",
     protocol="dataset-level mIoU over 150 classes, reduce_zero_label, ignore 255; "

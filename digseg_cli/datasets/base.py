@@ -46,8 +46,9 @@ class DownloadItem:
 
     url: str
     filename: str
-    sha256: str | None = None  # None: not pinned yet (the size and a completed transfer are all we check)
+    sha256: str | None = None  # None: none published (then md5, else the size and a complete transfer, are checked)
     size: int | None = None
+    md5: str | None = None  # where the publisher (or the only public source) gives an md5 rather than a sha256
     extract: bool = True
     extract_to: str = "."
 
@@ -106,6 +107,7 @@ class DatasetSpec:
     synonyms: tuple[tuple[str, ...], ...] | None = None  # per class: extra prompts whose scores are averaged
     table_names: tuple[str, ...] | None = None  # names of label ids when they differ from the prompts
     protocol: str = ""  # one line: what the headline number is and whose protocol it follows
+    # builds derived files in the dataset folder (a no-op once they exist): run on first use and after a download
     prepare: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
     # reads a saved prediction file into label ids when the benchmark has its own submission format
     decode_prediction: Callable[[Path], np.ndarray] | None = field(default=None, compare=False, repr=False)
