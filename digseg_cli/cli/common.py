@@ -12,13 +12,33 @@ import sys
 from collections.abc import Iterator
 
 import typer
-from rich.console import Console
 
 from digseg_cli import errors
 
+
+class LazyConsole:
+    """A rich ``Console`` built on first use: importing rich costs tens of milliseconds that
+    ``digseg --help`` and ``--version`` do not need. ``.real`` is the Console itself (for rich's own
+    classes, such as ``Progress(console=...)``); any other attribute is the Console's."""
+
+    def __init__(self, **kwargs) -> None:
+        self._kwargs, self._console = kwargs, None
+
+    @property
+    def real(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kwargs)
+        return self._console
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+
 # Logs, progress and tables go to stderr so that `--json` output on stdout stays machine-readable.
-err_console = Console(stderr=True)
-out_console = Console()
+err_console = LazyConsole(stderr=True)
+out_console = LazyConsole()
 
 log = logging.getLogger("digseg")
 
@@ -28,7 +48,7 @@ def setup_logging(verbosity: int) -> None:
     from rich.logging import RichHandler
 
     level = logging.WARNING if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
-    handler = RichHandler(console=err_console, show_path=False, show_time=False, rich_tracebacks=False)
+    handler = RichHandler(console=err_console.real, show_path=False, show_time=False, rich_tracebacks=False)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)

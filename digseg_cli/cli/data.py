@@ -34,7 +34,7 @@ def progress_reporter(description: str) -> Iterator[Callable[[int, int], None]]:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err_console, transient=True) as bar:
+                      console=err_console.real, transient=True) as bar:
             task = bar.add_task(description, total=None)
 
             def update(done: int, total: int) -> None:

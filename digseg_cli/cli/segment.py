@@ -58,7 +58,7 @@ class _Reporter:
             self.bar = Progress(SpinnerColumn(), TextColumn("segment"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
                                 TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}"),
-                                console=err_console, transient=False)
+                                console=err_console.real, transient=False)
             self.bar.start()
             self.task = self.bar.add_task("segment", total=self.total, rate="", current="")
         return self

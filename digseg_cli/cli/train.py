@@ -129,7 +129,7 @@ class _Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console)
+                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console.real)
             self.bar.__enter__()
             self.tasks: dict[str, int] = {}
         return self

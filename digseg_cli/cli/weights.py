@@ -52,7 +52,7 @@ class _Reporter:
             from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
             self._progress = Progress("[bold]{task.description}", BarColumn(), DownloadColumn(),
-                                      TransferSpeedColumn(), TimeRemainingColumn(), console=err_console)
+                                      TransferSpeedColumn(), TimeRemainingColumn(), console=err_console.real)
             self._progress.start()
         return self
 
