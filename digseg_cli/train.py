@@ -63,6 +63,7 @@ class TrainSettings:
     prompt_template: str = "{name}"
     noise_strength: float = 0.0  # multi-resolution noise for the `diffusion` objective
     decoded_loss: float = 0.0  # `one-step`: weight of the loss on the VAE-decoded mask (E2E-FT)
+    foreground_weight: float = 1.0  # weight of latent pixels that cover the target (1 = plain latent MSE)
     vae_steps: int = 0  # compact bases: stage-1 autoencoder steps before the U-Net trains
     vae_lr: float = 1e-3
     seed: int = 0
@@ -88,10 +89,14 @@ class TrainResult:
 
 
 def batch_loss(model, batch: dict, scheduler, *, objective: str, generator=None, noise_strength: float = 0.0,
-               decoded_weight: float = 0.0):
+               decoded_weight: float = 0.0, foreground_weight: float = 1.0):
     """Loss of one batch: frozen-VAE latents of image and target, prompt through the text encoder, then
     the objective's latent MSE (`core.diffusion.training_loss`), plus for `one-step` an optional loss on
-    the mask decoded by the frozen VAE decoder (gradients flow through it, its weights stay fixed)."""
+    the mask decoded by the frozen VAE decoder (gradients flow through it, its weights stay fixed).
+
+    `foreground_weight` > 1 weighs the latent pixels that the target touches that much more than the rest:
+    a road or a house covers a few percent of the latent, so with plain MSE the empty background dominates
+    the loss and small classes learn last."""
     with torch.no_grad():
         z_img = model.encode_image(batch["pixel_values"]).float()  # [B,4,h,w]
         z_mask = model.encode_mask(batch["target"]).float()  # [B,4,h,w]
@@ -100,11 +105,18 @@ def batch_loss(model, batch: dict, scheduler, *, objective: str, generator=None,
     def denoise(z_t, t):
         return model(z_img, z_t, t, emb, pooled)
 
+    weight = None
+    if foreground_weight != 1.0:
+        f = model.vae_scale_factor
+        covered = F.max_pool2d(batch["target"].float(), kernel_size=f, stride=f)  # [B,1,R,R] -> [B,1,h,w]
+        weight = 1.0 + (foreground_weight - 1.0) * covered
+
     def decoded_loss(clean: torch.Tensor) -> torch.Tensor:
         return decoded_weight * decoded_mask_loss(model, clean, batch["target"])
 
     return diffusion.training_loss(denoise, z_mask, scheduler, objective=objective, generator=generator,
-                                   noise_strength=noise_strength, clean_loss=decoded_loss if decoded_weight else None)
+                                   noise_strength=noise_strength, clean_loss=decoded_loss if decoded_weight else None,
+                                   weight=weight)
 
 
 def decoded_mask_loss(model, clean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -120,14 +132,15 @@ def decoded_mask_loss(model, clean: torch.Tensor, target: torch.Tensor) -> torch
 class _LossModule(torch.nn.Module):
     """Puts the whole loss inside `forward`, so DDP sees (and all-reduces) every trainable parameter."""
 
-    def __init__(self, model, scheduler, objective, noise_strength, decoded_weight):
+    def __init__(self, model, scheduler, objective, noise_strength, decoded_weight, foreground_weight=1.0):
         super().__init__()
         self.model, self.scheduler, self.objective = model, scheduler, objective
-        self.noise_strength, self.decoded_weight = noise_strength, decoded_weight
+        self.noise_strength, self.decoded_weight, self.foreground_weight = noise_strength, decoded_weight, foreground_weight
 
     def forward(self, batch, generator=None):
         return batch_loss(self.model, batch, self.scheduler, objective=self.objective, generator=generator,
-                          noise_strength=self.noise_strength, decoded_weight=self.decoded_weight)
+                          noise_strength=self.noise_strength, decoded_weight=self.decoded_weight,
+                          foreground_weight=self.foreground_weight)
 
 
 def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
@@ -208,7 +221,7 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(trainable, decay=s.ema)
-    loss_module = _LossModule(model, scheduler, s.objective, s.noise_strength, s.decoded_loss)
+    loss_module = _LossModule(model, scheduler, s.objective, s.noise_strength, s.decoded_loss, s.foreground_weight)
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
@@ -383,21 +396,28 @@ def _train_vae(vae, dataset, s: TrainSettings, accelerator, emit) -> None:
     vae.train().requires_grad_(True).to(accelerator.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
     rng = np.random.default_rng([s.seed, 10**6])
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
     for step in range(1, s.vae_steps + 1):
         idx = rng.choice(len(dataset), size=min(s.batch_size, len(dataset)), replace=False)
         samples = [dataset[int(i)] for i in idx]
         images = torch.stack([x["pixel_values"] for x in samples]).to(accelerator.device)  # [B,3,R,R]
         masks = torch.stack([x["target"] for x in samples]).to(accelerator.device) * 2 - 1  # [B,1,R,R] in [-1,1]
         x = torch.cat([images, masks.expand(-1, 3, -1, -1)])  # [2B,3,R,R]
-        # A fully convolutional VAE learns the same from half-size crops at a quarter of the cost.
-        c = x.shape[-1] // 2
+        # A fully convolutional VAE learns the same from small crops (8 latent pixels a side, or a quarter
+        # of the image) at a fraction of the cost: measured 4× more steps per second than half-size crops.
+        c = min(x.shape[-1], max(x.shape[-1] // 4, 8 * f))
         top, left = (int(v) for v in rng.integers(0, x.shape[-1] - c + 1, size=2))
-        x = x[..., top:top + c, left:left + c]  # [2B,3,R/2,R/2]
+        x = x[..., top:top + c, left:left + c]  # [2B,3,c,c]
         dist = vae.encode(x).latent_dist
-        recon = vae.decode(dist.sample(generator=None)).sample  # [2B,3,R,R]
-        # Masks weigh double: they are what DiGSeg decodes at inference.
-        loss = F.mse_loss(recon[: len(images)], x[: len(images)]) + 2 * F.mse_loss(recon[len(images):], x[len(images):])
-        loss = loss + 1e-6 * dist.kl().mean()
+        recon = vae.decode(dist.sample(generator=None)).sample  # [2B,3,c,c]
+        b = len(images)
+        # Masks are grey (R = G = B) and easy: with equal weight they pull the decoder towards grey and the
+        # image latents lost their colour (red roofs and green fields came back beige). So masks weigh half,
+        # and the images' chroma (each pixel minus its grey level) gets a loss of its own.
+        chroma_recon = recon[:b] - recon[:b].mean(dim=1, keepdim=True)  # [B,3,c,c]
+        chroma_image = x[:b] - x[:b].mean(dim=1, keepdim=True)
+        loss = (F.mse_loss(recon[:b], x[:b]) + 4 * F.mse_loss(chroma_recon, chroma_image)
+                + 0.5 * F.mse_loss(recon[b:], x[b:]) + 1e-6 * dist.kl().mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
