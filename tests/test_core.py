@@ -231,6 +231,32 @@ def test_training_on_one_batch_lowers_loss_5x(objective):
     assert last * 5 <= first, (first, last)
 
 
+@pytest.mark.parametrize("objective", ["one-step", "diffusion"])
+def test_loss_weight_of_ones_is_plain_mse_and_a_weight_moves_the_loss_towards_its_pixels(objective):
+    torch.manual_seed(0)
+    sched = diffusion.make_scheduler(build_compact("tiny").scheduler_config)
+    z_mask = torch.randn(2, 4, 8, 8)
+    pred = torch.randn(2, 4, 8, 8)
+    pred[:, :, :4] = 0  # the top half is predicted far worse than the bottom half for any target scale
+    denoise = lambda z_t, t: pred  # noqa: E731
+
+    def loss(weight=None):
+        return diffusion.training_loss(denoise, z_mask, sched, objective=objective, weight=weight,
+                                       generator=torch.Generator().manual_seed(1))
+
+    assert torch.allclose(loss(torch.ones(2, 1, 8, 8)), loss())
+    top = torch.ones(2, 1, 8, 8)
+    top[:, :, :4] = 5
+    bottom = torch.ones(2, 1, 8, 8)
+    bottom[:, :, 4:] = 5
+    # the same weights scaled give the same loss (normalised by their mean) ...
+    assert torch.allclose(loss(top), loss(top * 3))
+    # ... and weighting one half moves the loss towards that half's error
+    per_half = [float(diffusion.training_loss(denoise, z_mask, sched, objective=objective, weight=w,
+                                              generator=torch.Generator().manual_seed(1))) for w in (top, bottom)]
+    assert per_half[0] != pytest.approx(per_half[1])
+
+
 def test_core_imports_no_io_or_cli_libraries():
     forbidden = {"typer", "rich", "PIL", "cv2", "click", "digseg_cli.cli"}
     core = Path(__file__).resolve().parents[1] / "digseg_cli" / "core"

@@ -48,6 +48,8 @@ def train_command(
     precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (mixed precision on GPUs).")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory (SD-size U-Nets).")] = False,
     decoded_loss: Annotated[float, typer.Option(help="one-step: weight of a loss on the decoded mask (MSE + Dice).")] = 0.0,
+    foreground_weight: Annotated[float, typer.Option(
+        min=1.0, help="Weight of the latent pixels the target covers, against 1 for the rest (small classes learn sooner).")] = 1.0,
     vae_steps: Annotated[int, typer.Option(help="Compact bases: autoencoder steps for the VAE first (stage 1).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for the split, data order, augmentation and noise.")] = 0,
     deterministic: Annotated[bool, typer.Option(help="Use deterministic torch algorithms.")] = False,
@@ -73,7 +75,7 @@ def train_command(
             objective=objective, resolution=resolution, batch_size=batch_size, effective_batch=effective_batch, lr=lr,
             warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, time_limit=_parse_duration(time_budget),
             val_every=val_every, save_every=save_every, ema=ema, precision=precision,
-            gradient_checkpointing=gradient_checkpointing, decoded_loss=decoded_loss, vae_steps=vae_steps, seed=seed, deterministic=deterministic,
+            gradient_checkpointing=gradient_checkpointing, decoded_loss=decoded_loss, foreground_weight=foreground_weight, vae_steps=vae_steps, seed=seed, deterministic=deterministic,
             cpu=cpu,
         )
         if resume_path is not None:

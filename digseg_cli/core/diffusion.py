@@ -56,6 +56,13 @@ def multires_noise(shape, generator, device, strength: float = 0.0, levels: int 
     return noise / noise.std().clamp_min(1e-6) if strength > 0 else noise
 
 
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is None:
+        return F.mse_loss(pred, target)
+    weight = weight.to(pred.dtype).expand_as(pred)  # [B,1,h,w] -> [B,4,h,w]
+    return (weight * (pred - target) ** 2).mean() / weight.mean()
+
+
 def training_loss(
     denoise: Denoise,
     z_mask: torch.Tensor,
@@ -65,19 +72,21 @@ def training_loss(
     generator: torch.Generator | None = None,
     noise_strength: float = 0.0,
     clean_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latent-space MSE for one batch of mask latents `[B,4,h,w]` (DESIGN §1.5).
 
     `one-step` (E2E-FT): t = T−1, the noisy input is zeros, the prediction is turned into the clean latent
     and compared with `z_mask`; `clean_loss(clean)`, if given, adds a loss on that latent (E2E-FT's loss on
-    the decoded mask). `diffusion`: t uniform over the training steps, target ε or v.
+    the decoded mask). `diffusion`: t uniform over the training steps, target ε or v. `weight` `[B,1,h,w]`,
+    if given, weighs each latent pixel's squared error (normalised by its mean, so the scale stays MSE's).
     """
     b, T = z_mask.shape[0], scheduler.config.num_train_timesteps
     if objective == "one-step":
         t = torch.full((b,), T - 1, device=z_mask.device, dtype=torch.long)
         z_t = torch.zeros_like(z_mask)  # [B,4,h,w]: the mean of the noise at t = T−1
         clean = predicted_clean_latent(denoise(z_t, t), z_t, t, scheduler)
-        loss = F.mse_loss(clean, z_mask.float())
+        loss = _weighted_mse(clean, z_mask.float(), weight)
         return loss + clean_loss(clean) if clean_loss is not None else loss
     if objective == "diffusion":
         t = torch.randint(0, T, (b,), generator=generator, device=generator.device if generator else "cpu")
@@ -90,7 +99,7 @@ def training_loss(
         target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z_mask}.get(kind)
         if target is None:
             raise ValueError(f"`diffusion` objective needs an epsilon or v_prediction base, not {kind!r}")
-        return F.mse_loss(denoise(z_t, t).float(), target.float())
+        return _weighted_mse(denoise(z_t, t).float(), target.float(), weight)
     raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
 
 
