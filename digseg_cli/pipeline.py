@@ -297,7 +297,8 @@ def load_model(name_or_path: str | Path, *, cache_dir=None, offline=None, config
         return build_compact(name.removeprefix(COMPACT_PREFIX), **overrides)
     path = Path(name).expanduser()
     if not path.exists():
-        from digseg_cli.weights import REGISTRY, parse_hub_id, resolve_weights  # registry names and Hub ids
+        from digseg_cli.registry import REGISTRY
+        from digseg_cli.weights import parse_hub_id, resolve_weights  # registry names and Hub ids
 
         path = resolve_weights(name, cache_dir=cache_dir, offline=offline)
         if not is_checkpoint(path) and is_sd_base(path):

@@ -1,19 +1,19 @@
 """Folder runs of `digseg segment`: inputs in, per-image label maps, overlays and probabilities out.
 
 One job: run a `DigsegPipeline` on each input (from `inputs.expand_inputs`) with an order-independent seed,
-back off on out-of-memory, write the outputs atomically from a background thread and record a `run.json`
+back off on out-of-memory, hand the outputs to a background thread for writing and record a `run.json`
 manifest (also when interrupted); plan a run without the model for `--dry-run`.
 
 It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
 callbacks and `logging.getLogger("digseg")`. Parsing prompts is `prompts.py`'s job, finding the input files
-`inputs.py`'s, decoding and encoding pixels `images.py`'s.
+`inputs.py`'s, decoding and encoding pixels `images.py`'s, naming and writing the outputs, the per-image
+records and the manifest `segment_outputs.py`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import logging
 import time
 from collections import deque
@@ -29,13 +29,19 @@ import numpy as np
 from digseg_cli import images
 from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError, UsageError
 from digseg_cli.inputs import InputFile, expand_inputs, header_size, image_seed
-from digseg_cli.prompts import PromptClass, classes_from_config, file_names
+from digseg_cli.prompts import PromptClass, classes_from_config
+from digseg_cli.segment_outputs import (
+    ImageResult,
+    RunSummary,
+    existing_verdict,
+    output_paths,
+    peak_memory,
+    write_manifest,
+    write_outputs,
+)
 
 log = logging.getLogger("digseg")
 
-SCHEMA = "digseg.segment/1"
-MANIFEST_SCHEMA = "digseg.run/1"
-PROBABILITY_SCALE = "linear 0-65535: probability = value / 65535 (16-bit PNG); float32 in [0, 1] (npy)"
 MODES = ("semantic", "multilabel")
 PROBS_FORMATS = ("png16", "npy")
 ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
@@ -117,112 +123,7 @@ class SegmentSettings:
         return list(by_name.values())
 
 
-# ------------------------------------------------------------------------------------------------ results
-@dataclass
-class ImageResult:
-    """The record of one input: JSON schema `digseg.segment/1`, `"type": "image"`.
-
-    `classes[k]`: `fraction` of the image's pixels given to class k (its label in semantic mode, its own
-    mask in multilabel mode) and `mean_confidence`, the mean probability over those pixels (None if none).
-    """
-
-    input: str
-    relative_path: str
-    status: str = "ok"  # ok | skipped | failed
-    reason: str | None = None
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
-    classes: list[dict[str, Any]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    def fail(self, reason: str) -> ImageResult:
-        self.status, self.reason, self.outputs, self.classes = "failed", reason, {}, []
-        return self
-
-    def to_json(self) -> dict[str, Any]:
-        return {"schema": SCHEMA, "type": "image", **dataclasses.asdict(self)}
-
-
-@dataclass
-class RunSummary:
-    """What a run did. `status`: completed | stopped (--fail-fast) | interrupted | out-of-memory | error."""
-
-    out_dir: Path
-    manifest: Path
-    total: int
-    status: str = "error"
-    processed: int = 0
-    skipped: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
-    wall_s: float = 0.0
-    peak_memory_bytes: int | None = None
-    peak_memory_kind: str = ""
-    backoffs: list[str] = field(default_factory=list)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.processed / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def not_processed(self) -> int:
-        return self.total - self.processed - self.skipped - len(self.failed)
-
-    @property
-    def exit_code(self) -> int:
-        from digseg_cli.errors import EXIT_OK, EXIT_PARTIAL
-
-        return EXIT_PARTIAL if self.failed or self.not_processed else EXIT_OK
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA, "type": "summary", "status": self.status, "inputs": self.total,
-            "processed": self.processed, "skipped": self.skipped, "failed": len(self.failed),
-            "not_processed": self.not_processed, "failures": [{"input": r, "reason": why} for r, why in self.failed],
-            "wall_s": round(self.wall_s, 3), "images_per_s": round(self.images_per_s, 3),
-            "peak_memory_bytes": self.peak_memory_bytes, "peak_memory_kind": self.peak_memory_kind,
-            "backoffs": self.backoffs, "out_dir": str(self.out_dir), "manifest": str(self.manifest),
-        }
-
-
-def output_paths(out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings
-                 ) -> dict[str, Any]:
-    """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}}` for one input."""
-    base = Path(out_dir) / item.key
-
-    def at(suffix: str) -> Path:
-        return base.parent / f"{base.name}{suffix}"
-
-    names = file_names(classes)
-    paths: dict[str, Any] = {"mask": at(".mask.png")}
-    if settings.overlay:
-        paths["overlay"] = at(".overlay.jpg")
-    if settings.save_binary or settings.mode == "multilabel":
-        paths["binary"] = {c.name: at(f".{n}.png") for c, n in zip(classes, names)}
-    if settings.save_probs:
-        ext = ".prob.png" if settings.probs_format == "png16" else ".prob.npy"
-        paths["probs"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names)}
-    return paths
-
-
-def _flat(paths: Mapping[str, Any]) -> list[Path]:
-    return [p for v in paths.values() for p in (v.values() if isinstance(v, Mapping) else [v])]
-
-
-def _existing_verdict(paths: Mapping[str, Any], settings: SegmentSettings) -> tuple[str, str] | None:
-    """("skipped"|"failed", reason) when existing outputs decide the input's fate, else None."""
-    wanted = _flat(paths)
-    existing = [p for p in wanted if p.exists()]
-    if not existing or settings.overwrite:
-        return None
-    if settings.skip_existing:  # all there: skip; some missing (an interrupted write): redo them all
-        return ("skipped", "outputs exist (--skip-existing)") if len(existing) == len(wanted) else None
-    more = f" +{len(existing) - 1}" if len(existing) > 1 else ""
-    return "failed", f"outputs exist ({existing[0]}{more}): pass --overwrite or --skip-existing"
-
-
+# ------------------------------------------------------------------------------------------------- inputs
 def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
     """Decode one image (worker thread), refusing it before decoding when it is over `max_pixels`."""
     t0 = time.perf_counter()
@@ -241,23 +142,6 @@ def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
     array = images.read_image(path)  # [H,W,3] uint8, EXIF orientation applied
     check(array.shape[1], array.shape[0])
     return array, time.perf_counter() - t0
-
-
-def _write(paths: Mapping[str, Any], image, probs, labels, regions, palette, names, settings) -> float:
-    """Write one image's outputs (worker thread); each file appears atomically under its final name."""
-    t0 = time.perf_counter()
-    images.write_label_png(paths["mask"], labels, palette)
-    if "overlay" in paths:
-        overlay = images.make_overlay(image, labels, palette, names, settings.overlay_alpha)
-        images.write_image(paths["overlay"], overlay, settings.jpeg_quality)
-    for k, path in enumerate(paths.get("binary", {}).values()):
-        images.write_binary_png(path, regions[k])
-    for k, path in enumerate(paths.get("probs", {}).values()):
-        if settings.probs_format == "png16":
-            images.write_png16(path, probs[k])
-        else:
-            images.write_npy(path, probs[k])
-    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------ out of memory
@@ -352,7 +236,7 @@ def run_segment(
     def schedule(i: int) -> None:  # decide from existing outputs, else start reading ahead
         if i < len(files) and i not in jobs:
             paths = output_paths(out_dir, files[i], classes, settings)
-            verdict = _existing_verdict(paths, settings)
+            verdict = existing_verdict(paths, settings)
             jobs[i] = paths, None if verdict else pool.submit(_read, files[i].path, settings.max_pixels), verdict
 
     def flush(block: bool) -> None:  # hand finished results on, in input order
@@ -420,10 +304,8 @@ def run_segment(
             except OSError as exc:
                 sha = f"unavailable ({exc})"
         pool.shutdown(wait=summary.status != "interrupted", cancel_futures=True)
-        manifest = _manifest(summary, settings, classes, thresholds, pipe, started, totals, weights, weights_folder,
-                             sha, arguments)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        images.atomic_write_text(summary.manifest, json.dumps(manifest, indent=2, default=str) + "\n")
+        write_manifest(summary, settings, classes, thresholds, pipe, started=started, totals=totals, weights=weights,
+                       weights_folder=weights_folder, sha=sha, arguments=arguments)
     if summary.status == "interrupted":
         exc = InterruptedRunError(f"interrupted after {summary.processed} of {summary.total} images; "
                                   f"manifest written to {summary.manifest} (resume with --skip-existing)")
@@ -476,93 +358,7 @@ def _segment_one(pipe, item, job, paths, result, prompts, call, classes, palette
     result.outputs = {key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v))
                       for key, v in paths.items()}
     result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
-    return pool.submit(_write, paths, image, probs, labels, regions, palette, names, settings)
-
-
-# ------------------------------------------------------------------------------------------ the manifest
-def peak_memory(device=None) -> tuple[int | None, str]:
-    """(bytes, what was measured): CUDA `max_memory_allocated`, else the process's peak resident set."""
-    if device is not None and getattr(device, "type", "") == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
-    try:
-        import resource
-        import sys
-    except ImportError:  # Windows
-        return None, "unavailable"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
-
-
-def versions() -> dict[str, str | None]:
-    """digseg and its main libraries' versions, plus digseg's git revision when run from a checkout."""
-    import platform
-    import subprocess
-    from importlib import metadata
-
-    from digseg_cli import __version__
-
-    found: dict[str, str | None] = {"digseg": __version__, "python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    root = Path(__file__).resolve().parent.parent
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
-        lines = top.stdout.split()
-        ok = top.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == root
-        found["digseg_git_revision"] = lines[1] if ok else None
-    except (OSError, subprocess.SubprocessError):
-        found["digseg_git_revision"] = None
-    return found
-
-
-def _manifest(summary: RunSummary, settings, classes, thresholds, pipe, started, totals, weights, weights_folder,
-              sha, arguments) -> dict[str, Any]:
-    cfg = pipe.config
-    precision = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(pipe.dtype))
-    return {
-        "schema": MANIFEST_SCHEMA,
-        "command": "segment",
-        "status": summary.status,
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "arguments": dict(arguments or {}),
-        "settings": dataclasses.asdict(settings),
-        "resolved": {
-            "classes": [dataclasses.asdict(c) for c in classes], "thresholds": thresholds,
-            "labels": {str(k + 1): c.name for k, c in enumerate(classes)} | {"0": "background"},
-            "file_names": file_names(classes), "objective": cfg.objective,
-            "steps": cfg.default_steps if settings.steps is None else settings.steps,
-            "ensemble": cfg.default_ensemble if settings.ensemble is None else settings.ensemble,
-            "resolution": cfg.default_resolution if settings.resolution is None else settings.resolution,
-            "prompt_template": settings.prompt_template or cfg.prompt_template,
-            "batch_size": pipe.batch_size, "seed_rule": "sha256(seed, file name)",
-        },
-        "weights": {"name": weights, "folder": None if weights_folder is None else str(weights_folder),
-                    "sha256": sha, "base_model": cfg.base_model},
-        "versions": versions(),
-        "device": str(pipe.device),
-        "precision": precision,
-        "counts": {"inputs": summary.total, "processed": summary.processed, "skipped": summary.skipped,
-                   "failed": len(summary.failed), "not_processed": summary.not_processed},
-        "failures": [{"input": r, "reason": why} for r, why in summary.failed],
-        "backoffs": summary.backoffs,
-        "timings": {"wall_s": round(summary.wall_s, 3), "images_per_s": round(summary.images_per_s, 3),
-                    **{k: round(v, 3) for k, v in totals.items()}},
-        "peak_memory": {"bytes": summary.peak_memory_bytes, "kind": summary.peak_memory_kind},
-        "probability_scale": PROBABILITY_SCALE,
-        "outputs": {
-            "mask": "<rel>.mask.png: palette PNG; 0 = background, k = class k (see resolved.labels)",
-            "overlay": "<rel>.overlay.jpg: label colours over the image, with a legend",
-            "binary": "<rel>.<class>.png: 0/255 per class (--save-binary; always in multilabel mode)",
-            "probs": "<rel>.<class>.prob.png|.prob.npy: per-class probability (--save-probs)",
-        },
-    }
+    return pool.submit(write_outputs, paths, image, probs, labels, regions, palette, names, settings)
 
 
 # -------------------------------------------------------------------------------------------- dry run
@@ -585,7 +381,7 @@ def plan_segment(files: Sequence[InputFile], out_dir: str | Path, settings: Segm
             w, h = header_size(item.path)
             row.update(width=w, height=h, tiles=count_tiles(h, w, settings.tile, resolution, settings.overlap))
             too_big = settings.max_pixels and w * h > settings.max_pixels
-            verdict = ("failed", "over --max-pixels") if too_big else _existing_verdict(paths, settings)
+            verdict = ("failed", "over --max-pixels") if too_big else existing_verdict(paths, settings)
         except images.ImageReadError as exc:
             verdict = ("failed", exc.reason)
         row["action"] = "segment" if verdict is None else f"{verdict[0]}: {verdict[1]}"

@@ -1,4 +1,4 @@
-"""Named weights: the registry, digseg's download cache, and turning a name or path into a local folder.
+"""Named weights: digseg's download cache, and turning a registry name, Hub id or path into a local folder.
 
 ``resolve_weights`` is the one chain every command uses (code-style §4 rule 9):
 
@@ -12,14 +12,14 @@ A warm cache means zero network calls; offline (``--offline``, ``DIGSEG_OFFLINE=
 plus a miss fails at once with the exact ``digseg weights download`` command. digseg's own cache holds only
 URL entries, as ``<cache>/<name>/<revision-or-sha>/<file>``; Hub entries live in the shared HF cache.
 
-This module does not know how a checkpoint is loaded (``checkpoint.py``), how results are shown (CLI)
-nor the Hub's own ways (ids, HF cache layout, ``snapshot_download``: ``hub.py``); it never prints, logs to
-``logging.getLogger("digseg")`` and reports bytes through ``progress``.
+This module does not know which entries exist (``registry.py``), how a checkpoint is loaded
+(``checkpoint.py``), how results are shown (CLI) nor the Hub's own ways (ids, HF cache layout,
+``snapshot_download``: ``hub.py``); it never prints, logs to ``logging.getLogger("digseg")`` and reports
+bytes through ``progress``.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import importlib.resources
 import logging
@@ -27,96 +27,23 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import quote
 
 from digseg_cli import hub
 from digseg_cli.download import download_file, sha256_file
 from digseg_cli.errors import UsageError, WeightsUnavailableError
-from digseg_cli.hub import HUB_ALLOW, HUB_ALLOW_ANY, parse_hub_id
+from digseg_cli.hub import HUB_ALLOW_ANY, parse_hub_id
+from digseg_cli.registry import NAME_RE, REGISTRY, WeightsSpec, unknown_weights_error
 
 log = logging.getLogger("digseg")
 
 # progress(label, bytes_done, bytes_total_or_None) for a whole entry
 WeightsProgress = Callable[[str, int, "int | None"], None]
 
-SOURCES = ("bundled", "hub", "url")
 SUMS_FILE = "SHA256SUMS"
 _TRUE = {"1", "true", "yes", "on"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-@dataclass(frozen=True)
-class FileSpec:
-    """One file of a URL entry: path relative to the entry folder (and to its base URL)."""
-
-    path: str
-    sha256: str
-    size: int
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """A released set of weights. ``source`` says where its files come from."""
-
-    name: str
-    description: str
-    source: str  # "bundled" | "hub" | "url"
-    repo_id: str | None = None  # hub
-    revision: str | None = None  # hub: pinned 40-hex commit; url: a version label (optional)
-    base_url: str | None = None  # url: file i is fetched from base_url/files[i].path
-    files: tuple[FileSpec, ...] = ()
-    licence: str = ""
-    base_model: str | None = None
-    classes: tuple[str, ...] = ()
-    homepage: str = ""
-    size_hint: int | None = None  # bytes, when ``files`` is not listed (hub entries)
-    allow_patterns: tuple[str, ...] = field(default=HUB_ALLOW)
-
-    def __post_init__(self) -> None:
-        assert _NAME_RE.match(self.name), f"bad weights name {self.name!r}"
-        assert self.source in SOURCES, f"{self.name}: source must be one of {SOURCES}"
-        assert self.source != "hub" or (self.repo_id and self.revision), f"{self.name}: hub needs repo_id+revision"
-        assert self.source != "url" or (self.base_url and self.files), f"{self.name}: url needs base_url+files"
-
-    @property
-    def size(self) -> int | None:
-        return sum(f.size for f in self.files) if self.files else self.size_hint
-
-
-REGISTRY: dict[str, WeightsSpec] = {
-    spec.name: spec
-    for spec in (
-        WeightsSpec(
-            name="demo",
-            description="Built-in compact demo model (CPU-sized; synthetic aerial scenes)",
-            source="bundled",
-            licence="Apache-2.0",
-            classes=("road", "tree", "building", "water", "field"),
-        ),
-        WeightsSpec(
-            name="sd2",
-            description="Stable Diffusion 2 (768 px, v-prediction): base for fine-tuning",
-            source="hub",
-            repo_id="stabilityai/stable-diffusion-2",
-            revision="1e128c8891e52218b74cde8f26dbfc701cb99d79",
-            licence="CreativeML Open RAIL++-M",
-            homepage="https://huggingface.co/stabilityai/stable-diffusion-2",
-            size_hint=5_160_000_000,
-        ),
-        WeightsSpec(
-            name="sd15",
-            description="Stable Diffusion 1.5 (512 px, epsilon): base for fine-tuning",
-            source="hub",
-            repo_id="stable-diffusion-v1-5/stable-diffusion-v1-5",
-            revision="451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
-            licence="CreativeML Open RAIL-M",
-            homepage="https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5",
-            size_hint=4_270_000_000,
-        ),
-    )
-}
 
 
 # ------------------------------------------------------------------------------------------- locations
@@ -176,16 +103,6 @@ def _offline_miss(name: str, where: Path | str, cache_dir: Path | str | None) ->
     return WeightsUnavailableError(
         f"weights '{name}' are not in the cache ({where}) and offline mode is on (--offline, DIGSEG_OFFLINE "
         f"or HF_HUB_OFFLINE). On a connected machine run: {download_command(name, cache_dir)}"
-    )
-
-
-def unknown_weights_error(text: str, registry: Mapping[str, WeightsSpec]) -> WeightsUnavailableError:
-    close = difflib.get_close_matches(text, list(registry), n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return WeightsUnavailableError(
-        f"unknown weights '{text}': not a local file or folder, not a registry name "
-        f"({', '.join(sorted(registry))}) and not a Hub id owner/name or owner/name@revision.{hint} "
-        f"See: digseg weights list"
     )
 
 
@@ -434,7 +351,7 @@ def remove_weights(name: str, cache_dir: Path | str | None = None, *, dry_run: b
         hint = f"hf cache rm {snap.name}" if snap else "hf cache rm model/<owner>/<name>"
         raise UsageError(f"'{name}' lives in the shared Hugging Face cache, which digseg does not delete from; "
                          f"use: {hint}")
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise UsageError(f"'{name}' is not a weights name; digseg only removes its own cache entries")
     root = _cache_root(cache_dir)
     target = root / name

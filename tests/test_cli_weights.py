@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from digseg_cli import weights
+from digseg_cli import registry
 from digseg_cli.cli.weights import register
 
 try:
@@ -40,7 +40,7 @@ def env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("DIGSEG_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf-hub"))
     with LocalServer(FILES) as server:
-        monkeypatch.setitem(weights.REGISTRY, "tiny-test", make_spec(server.url))
+        monkeypatch.setitem(registry.REGISTRY, "tiny-test", make_spec(server.url))
         yield server, tmp_path / "cache"
 
 

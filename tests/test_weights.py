@@ -11,9 +11,8 @@ import pytest
 
 from digseg_cli import weights
 from digseg_cli.errors import ChecksumMismatchError, UsageError, WeightsUnavailableError
+from digseg_cli.registry import REGISTRY, FileSpec, WeightsSpec
 from digseg_cli.weights import (
-    FileSpec,
-    WeightsSpec,
     cache_dir,
     list_weights,
     remove_weights,
@@ -179,7 +178,7 @@ def test_hub_snapshot_offline_and_verify(tmp_path: Path) -> None:
 
 def test_remove_only_own_cache_entries(server: LocalServer, tmp_path: Path, monkeypatch) -> None:
     spec, root = make_spec(server.url), tmp_path / "cache"
-    registry = {"tiny-test": spec, "demo": weights.REGISTRY["demo"], "sd2": weights.REGISTRY["sd2"]}
+    registry = {"tiny-test": spec, "demo": REGISTRY["demo"], "sd2": REGISTRY["sd2"]}
     resolve_weights("tiny-test", cache_dir=root, registry=registry)
     assert remove_weights("tiny-test", root, dry_run=True, registry=registry) == [root / "tiny-test"]
     assert remove_weights("tiny-test", root, registry=registry) == [root / "tiny-test"]
@@ -232,7 +231,7 @@ def test_hub_download_calls_snapshot_download_pinned(tmp_path: Path, monkeypatch
         return str(snap)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    spec = weights.REGISTRY["sd2"]
+    spec = REGISTRY["sd2"]
     assert resolve_weights("sd2") == tmp_path / "snap"
     ((repo_id, kwargs),) = calls
     assert repo_id == "stabilityai/stable-diffusion-2" and kwargs["revision"] == spec.revision

@@ -294,6 +294,7 @@ def segment(
 def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: bool) -> None:
     """Print what a run would do, from file headers and the checkpoint config only (no model load)."""
     from digseg_cli.prompts import PromptClass, classes_from_config
+    from digseg_cli.segment_outputs import SCHEMA
 
     resolution, classes, note = settings.resolution, list(settings.classes), ""
     if resolution is None or not classes:
@@ -308,8 +309,8 @@ def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: 
                             resolution=resolution or 0)
     if as_json:
         for row in rows:
-            _echo_json({"schema": seg.SCHEMA, "type": "plan", **row})
-        _echo_json({"schema": seg.SCHEMA, "type": "plan-summary", "inputs": len(rows), "weights": weights,
+            _echo_json({"schema": SCHEMA, "type": "plan", **row})
+        _echo_json({"schema": SCHEMA, "type": "plan-summary", "inputs": len(rows), "weights": weights,
                     "resolution": resolution, "note": note or None})
         return
     from rich.table import Table

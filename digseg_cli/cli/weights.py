@@ -113,7 +113,8 @@ def info_cmd(
     with handle_errors():
         from rich.markup import escape
 
-        from digseg_cli.weights import REGISTRY, human_size, list_weights, unknown_weights_error
+        from digseg_cli.registry import REGISTRY, unknown_weights_error
+        from digseg_cli.weights import human_size, list_weights
 
         row = next((r for r in list_weights(cache_dir) if r["name"] == name), None)
         if row is None:
@@ -143,7 +144,8 @@ def download_cmd(
     with handle_errors():
         from rich.markup import escape
 
-        from digseg_cli.weights import REGISTRY, download_weights
+        from digseg_cli.registry import REGISTRY
+        from digseg_cli.weights import download_weights
 
         with _Reporter() as report:
             for name in names:
