@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from digseg_cli.cli.app import app
@@ -67,3 +68,18 @@ def test_readme_command_segments_the_example_with_the_demo(tmp_path, monkeypatch
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert "run.json" in written and any(n.endswith(".mask.png") for n in written)
     assert any(n.endswith(".overlay.jpg") for n in written)
+
+
+@pytest.mark.slow
+def test_recorded_synthetic_miou_is_what_eval_measures(tmp_path, monkeypatch):
+    """The number the config and weights/README state is the one `digseg eval --dataset synth` gives."""
+    monkeypatch.setenv("DIGSEG_OFFLINE", "1")
+    recorded = json.loads((DEMO / "digseg_config.json").read_text())["evaluation"]["synth"]
+    result = CliRunner().invoke(app, ["eval", "--dataset", "synth", "--weights", str(DEMO), "--out",
+                                      str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert measured["metrics"]["miou"] == pytest.approx(recorded["miou"], abs=2e-3)
+    per_class = {c["name"]: c["iou"] for c in measured["per_class"]}
+    for name, iou in recorded["per_class_iou"].items():
+        assert per_class[name] == pytest.approx(iou, abs=2e-3), name
