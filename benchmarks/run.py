@@ -462,7 +462,7 @@ def report(a, info, label, m, wb, table, notes) -> str:
         f"processing resolution = the image size ({m.vae_scale_factor}× VAE, one-step model: 1 U-Net pass per prompt, "
         "batched; VAE decoder unless a row says fast); the prompt cache is cleared "
         "before each timed call, so ours includes the text encoder. Median of "
-        f"{a.repeats} run(s) after a batch-1 warm-up.",
+        f"{a.repeats} run(s) after an untimed call with the same prompts.",
         "- **Baselines:** naive = per prompt: text encode, image encode, N DDIM steps (trailing) at batch 1, VAE "
         "decode. Marigold = diffusers `MarigoldDepthPipeline` built from the same U-Net/VAE/text encoder/tokenizer, "
         "called once per prompt at the same number of steps. Floor = the parts ours cannot skip, each timed alone.",
