@@ -156,7 +156,10 @@ def convert_labels(root: Path) -> None:
 
 def _restrict(items: list[Item], voc: Path) -> list[Item]:
     ids = read_split_file(voc / "pascalcontext_val.txt")
-    return items if ids is None else [it for it in items if it.stem in set(ids)]
+    if ids is None:
+        return items
+    listed = set(ids)  # built once, not once per item
+    return [it for it in items if it.stem in listed]
 
 
 def _no_labels(voc: Path, sub: str, what: str) -> MissingLayout:
