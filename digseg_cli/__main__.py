@@ -1,6 +1,6 @@
 """``python -m digseg_cli`` runs the same command line as ``digseg``."""
 
-from digseg_cli.cli.app import main
+from digseg_cli.cli.entry import main
 
 if __name__ == "__main__":
     main()
