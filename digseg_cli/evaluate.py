@@ -279,7 +279,7 @@ def evaluate(
 def pipeline_predictor(
     pipe, *, steps: int | None = None, ensemble: int | None = None, seed: int | None = None,
     resolution: int | None = None, tile: str | int | None = "auto", prompt_template: str | None = None,
-    short_side: int | None = None, max_side: int | None = None,
+    short_side: int | None = None, max_side: int | None = None, decoder: str = "auto",
 ) -> Predictor:
     """Wrap a ``DigsegPipeline`` as a predictor: optional test-time resize (short side, capped long side),
     one noise seed per image derived from ``seed`` and the image content (independent of order and
@@ -290,7 +290,7 @@ def pipeline_predictor(
         img = resize_short_side(image, short_side, max_side)
         image_seed = ((seed or 0) + zlib.crc32(np.ascontiguousarray(image).tobytes())) % (2**31)
         out = pipe(img, prompts, steps=steps, ensemble=ensemble, seed=image_seed, resolution=resolution, tile=tile,
-                   prompt_template=prompt_template)
+                   prompt_template=prompt_template, decoder=decoder)
         return out.probs  # [K,h,w]
 
     return predict

@@ -110,7 +110,7 @@ class DigsegPipeline:
         tile: int | str | None = "auto",
         overlap: float = 0.25,
         prompt_template: str | None = None,
-        decoder: str = "vae",
+        decoder: str = "auto",
     ) -> SegmentationOutput:
         """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`.
 

@@ -44,6 +44,7 @@ log = logging.getLogger("digseg")
 
 MODES = ("semantic", "multilabel")
 PROBS_FORMATS = ("png16", "npy")
+DECODERS = ("auto", "vae", "fast")
 ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
 
 
@@ -72,6 +73,7 @@ class SegmentSettings:
     mode: str = "semantic"  # semantic: argmax + threshold; multilabel: each class alone (+ binary masks)
     seed: int = 0
     tile: int | str = "auto"
+    decoder: str = "auto"  # vae | fast | auto (fast when the checkpoint's distilled decoder passed its check)
     overlap: float = 0.25
     max_pixels: int = 100_000_000  # 0 = no limit
     prompt_template: str | None = None
@@ -91,6 +93,8 @@ class SegmentSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.decoder not in DECODERS:
+            raise UsageError(f"`decoder` must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.probs_format not in PROBS_FORMATS:
             raise UsageError(f"`probs_format` must be one of {', '.join(PROBS_FORMATS)}, got {self.probs_format!r}")
         if self.overwrite and self.skip_existing:
@@ -218,7 +222,8 @@ def run_segment(
     names = [c.name for c in classes]
     palette = [(0, 0, 0)] + [c.color or d for c, d in zip(classes, images.default_palette(len(classes) + 1)[1:])]
     call = dict(steps=settings.steps, ensemble=settings.ensemble, resolution=settings.resolution,
-                threshold=thresholds, overlap=settings.overlap, prompt_template=settings.prompt_template)
+                threshold=thresholds, overlap=settings.overlap, prompt_template=settings.prompt_template,
+                decoder=pipe.resolve_decoder(settings.decoder))
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
     summary = RunSummary(out_dir, out_dir / "run.json", len(files))

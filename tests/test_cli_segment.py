@@ -123,6 +123,7 @@ def test_prompts_file_and_multilabel(tmp_path):
         (["--prompt", "find all roads"], 2, "noun phrase"),
         (["--threshold", "raod=0.3"], 2, "did you mean 'road'"),
         (["--tile", "huge"], 2, "--tile"),
+        (["--decoder", "fast"], 2, "decoder train"),
         (["--weights", "no-such-weights", "--offline"], 5, "no-such-weights"),
     ],
 )

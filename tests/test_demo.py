@@ -76,7 +76,8 @@ def test_recorded_synthetic_miou_is_what_eval_measures(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     recorded = json.loads((DEMO / "digseg_config.json").read_text())["evaluation"]["synth"]
     result = CliRunner().invoke(app, ["eval", "--dataset", "synth", "--weights", str(DEMO), "--out",
-                                      str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json"])
+                                      str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json",
+                                      "--decoder", recorded.get("decoder", "vae")])
     assert result.exit_code == 0, result.output
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["metrics"]["miou"] == pytest.approx(recorded["miou"], abs=2e-3)

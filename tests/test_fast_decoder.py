@@ -106,6 +106,35 @@ def test_decoder_train_command_on_a_tiny_model(tmp_path):
     assert again.exit_code != 0 and "overwrite" in again.output
 
 
+def test_segment_and_eval_record_the_decoder_they_used(tiny_with_fast, tmp_path):
+    from PIL import Image
+
+    from digseg_cli.synth import write_synth_dataset
+
+    _, folder = tiny_with_fast
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+
+    def segment(out: str, *extra: str) -> str:
+        result = CliRunner().invoke(app, ["segment", str(image), "-p", "road", "--weights", str(folder),
+                                          "--out", str(tmp_path / out), *extra])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / out / "run.json").read_text())["resolved"]["decoder"]
+
+    assert segment("auto-unchecked") == "vae"  # no passed accuracy check recorded: auto keeps the VAE decoder
+    config_file = folder / "digseg_config.json"
+    config = json.loads(config_file.read_text())
+    config.setdefault("evaluation", {})["fast_decoder"] = {"passed": True}
+    config_file.write_text(json.dumps(config))
+    assert segment("auto-passed") == "fast"
+    assert segment("vae", "--decoder", "vae") == "vae"
+    data = write_synth_dataset(tmp_path / "data", n=2, seed=0, size=32).out_dir
+    result = CliRunner().invoke(app, ["eval", "--dataset", str(data), "--weights", str(folder), "--decoder", "vae",
+                                      "--out", str(tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]["decoder"] == "vae"
+
+
 def test_decoder_help_does_not_import_torch():
     import subprocess
     import sys

@@ -10,10 +10,23 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from enum import Enum
 
 import typer
 
 from digseg_cli import errors
+
+
+class Decoder(str, Enum):
+    """`--decoder` of segment and eval (`DigsegPipeline.resolve_decoder` says what auto picks)."""
+
+    auto = "auto"
+    vae = "vae"
+    fast = "fast"
+
+
+DECODER_HELP = ("Mask decoder: vae, fast (the checkpoint's distilled decoder) or auto (fast when it passed its "
+                "accuracy check, else vae).")
 
 
 class LazyConsole:

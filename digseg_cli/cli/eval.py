@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from digseg_cli.cli.common import err_console, handle_errors, stderr_is_terminal
+from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_DATASET, UsageError
 
 TILES = ("auto", "off")
@@ -126,6 +126,7 @@ def eval_command(
     short_side: Annotated[Optional[int], typer.Option("--short-side", help="Resize test images to this short side "
                           "first (default: the protocol's, e.g. 640 for ADE; 0 = off).")] = None,
     tile: Annotated[str, typer.Option("--tile", help="Sliding-window tiling: auto or off.")] = "auto",
+    decoder: Annotated[Decoder, typer.Option("--decoder", help=DECODER_HELP)] = Decoder.auto,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Prompt text around each "
                                "class name, e.g. 'a photo of a {name}'.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Base seed (each image adds its own content hash).")] = 0,
@@ -186,11 +187,12 @@ def eval_command(
             settings.update(weights=weights, device=str(pipe.device), precision=str(pipe.dtype).removeprefix("torch."),
                             steps=steps, ensemble=ensemble, resolution=resolution, short_side=side or None,
                             max_side=spec.max_side if side else None, tile=tile,
+                            decoder=pipe.resolve_decoder(decoder.value),
                             prompt_template=prompt_template or pipe.config.prompt_template, seed=seed,
                             prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50])
             predictor = pipeline_predictor(pipe, steps=steps, ensemble=ensemble, seed=seed, resolution=resolution,
                                            tile=tile, prompt_template=prompt_template, short_side=side or None,
-                                           max_side=spec.max_side)
+                                           max_side=spec.max_side, decoder=decoder.value)
             result = evaluate(data, spec.class_names or (), predictor, out_dir=out_dir, split=data.split,
                               settings=settings, limit=limit, progress=_progress("evaluating"), **kwargs)
 

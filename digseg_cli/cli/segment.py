@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from digseg_cli.cli.common import err_console, handle_errors, stderr_is_terminal
+from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
 
 DEMO_NOTE = ("note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building, "
@@ -159,6 +159,7 @@ def segment(
     tile: Annotated[str, typer.Option("--tile", help="auto|off|N: tiled inference at native scale (auto: when "
                                       "the long side > 1.5× the resolution).")] = "auto",
     overlap: Annotated[float, typer.Option("--overlap", help="Tile overlap as a fraction of the tile.")] = 0.25,
+    decoder: Annotated[Decoder, typer.Option("--decoder", help=DECODER_HELP)] = Decoder.auto,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse larger images (0 = no limit).")] = 100_000_000,
     save_binary: Annotated[bool, typer.Option("--save-binary", help="Also write <name>.<class>.png (0/255).")] = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write per-class probability maps.")] = False,
@@ -223,7 +224,7 @@ def segment(
         settings = seg.SegmentSettings(
             classes=tuple(classes), thresholds=per_class, threshold=default_threshold, steps=steps,
             ensemble=ensemble, resolution=resolution, mode=mode.value, seed=seed, tile=seg.parse_tile(tile),
-            overlap=overlap, max_pixels=max_pixels, prompt_template=prompt_template, recursive=recursive,
+            decoder=decoder.value, overlap=overlap, max_pixels=max_pixels, prompt_template=prompt_template, recursive=recursive,
             overlay=not no_overlay, overlay_alpha=overlay_alpha, save_binary=save_binary, save_probs=save_probs,
             probs_format=probs_format.value, overwrite=overwrite, skip_existing=skip_existing, fail_fast=fail_fast,
             batch_size=None if batch_size == "auto" else int(batch_size), workers=workers,
