@@ -415,7 +415,8 @@ def tiling(a) -> tuple[str, ...]:
     texts = ["road", "tree", "building", "water"][: a.tile_prompts]
     n = len(transforms.tile_windows(a.tile_image, a.tile_image, tile, 0.25))
     crop = np.ascontiguousarray(big[:tile, :tile])
-    one = lambda: pipe(crop, texts, tile=None, resolution=0, decoder="vae")  # noqa: E731 - one tile, native scale, prompts cached
+    # one tile, native scale, prompts cached
+    one = lambda: pipe(crop, texts, tile=None, resolution=0, decoder="vae")  # noqa: E731
     t_one = timed(one, max(3, a.repeats), warmup=1)
     t_tiled = timed(lambda: ours_tiled(pipe, big, texts, tile), 1)
     r = t_tiled / (n * t_one)

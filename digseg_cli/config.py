@@ -20,6 +20,8 @@ CONFIG_NAME = "digseg_config.json"
 OBJECTIVES = ("one-step", "diffusion")
 MASK_ENCODINGS = ("mask",)  # "overlay" (the mask drawn over the image) is kept for later (DESIGN §1.2)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Mask decoders a pipeline can use; "auto" is the fast one when its recorded accuracy check passed.
+DECODERS = ("auto", "vae", "fast")
 
 
 @dataclass

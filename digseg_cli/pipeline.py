@@ -21,7 +21,7 @@ from digseg_cli.checkpoint import (
     COMPACT_PREFIX, LoadedModel, build_compact, build_from_sd_base, is_checkpoint, is_sd_base, load_checkpoint,
     save_checkpoint,
 )
-from digseg_cli.config import DigsegConfig
+from digseg_cli.config import DECODERS, DigsegConfig
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.errors import UsageError
 
@@ -156,7 +156,7 @@ class DigsegPipeline:
         if decoder == "auto":
             passed = bool((self.config.evaluation.get("fast_decoder") or {}).get("passed"))
             return "fast" if fast and passed else "vae"
-        if decoder not in ("vae", "fast"):
+        if decoder not in DECODERS:
             raise UsageError(f"`decoder` must be vae, fast or auto, got {decoder!r}")
         if decoder == "fast" and not fast:
             raise UsageError("`decoder` fast needs a checkpoint with a fast decoder (make one with `digseg decoder train`)")

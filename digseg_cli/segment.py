@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from digseg_cli import images
+from digseg_cli.config import DECODERS
 from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError, UsageError
 from digseg_cli.inputs import InputFile, expand_inputs, header_size, image_seed
 from digseg_cli.prompts import PromptClass, classes_from_config
@@ -44,7 +45,6 @@ log = logging.getLogger("digseg")
 
 MODES = ("semantic", "multilabel")
 PROBS_FORMATS = ("png16", "npy")
-DECODERS = ("auto", "vae", "fast")
 ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
 
 

@@ -21,7 +21,8 @@ def test_stored_help_is_what_typer_renders_now(name, color):
 def _run(args, **env_changes):
     env = {k: v for k, v in os.environ.items() if k not in entry.RENDER_VARIABLES and k not in ("COLUMNS", "NO_COLOR")}
     env.update(env_changes)
-    code = ("import sys, atexit; atexit.register(lambda: sys.stderr.write('[typer loaded]' if 'typer' in sys.modules else '[typer not loaded]'));"
+    code = ("import sys, atexit; atexit.register(lambda: sys.stderr.write("
+            "'[typer loaded]' if 'typer' in sys.modules else '[typer not loaded]'));"
             f" sys.argv = ['digseg', *{args!r}]; from digseg_cli.cli.entry import main; main()")
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
@@ -36,7 +37,8 @@ def test_help_answers_from_stored_text_without_typer(args, code):
 
 def test_other_command_lines_and_other_render_settings_go_to_typer():
     version = _run(["--version"])
-    assert version.returncode == 0 and version.stdout.startswith("digseg ") and version.stderr.endswith("[typer loaded]")
+    assert version.returncode == 0 and version.stdout.startswith("digseg ")
+    assert version.stderr.endswith("[typer loaded]")
     wide = _run(["--help"], COLUMNS="120")
     assert wide.returncode == 0 and wide.stderr.endswith("[typer loaded]") and wide.stdout != entry.render_help(False)
     sub = _run(["weights", "--help"])

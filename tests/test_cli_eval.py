@@ -146,7 +146,7 @@ def test_model_path_records_settings(tmp_path, monkeypatch):
     m = json.loads((out / "metrics.json").read_text())
     assert m["num_images"] == 2
     assert m["settings"]["steps"] == 1 and m["settings"]["short_side"] == 16 and m["settings"]["weights"] == "my-ckpt"
-    assert m["settings"]["decoder"] == "vae" and pipe.calls[0][2]["decoder"] == "auto"
+    assert m["settings"]["decoder"] == "vae" and pipe.calls[0][2]["decoder"] == "vae"
 
 
 def test_refuge_official_bmp_predictions(tmp_path):

@@ -15,14 +15,11 @@ from enum import Enum
 import typer
 
 from digseg_cli import errors
+from digseg_cli.config import DECODERS
 
 
-class Decoder(str, Enum):
-    """`--decoder` of segment and eval (`DigsegPipeline.resolve_decoder` says what auto picks)."""
-
-    auto = "auto"
-    vae = "vae"
-    fast = "fast"
+# `--decoder` of segment and eval (`DigsegPipeline.resolve_decoder` says what auto picks).
+Decoder = Enum("Decoder", [(name, name) for name in DECODERS], type=str)
 
 
 DECODER_HELP = ("Mask decoder: vae, fast (the checkpoint's distilled decoder) or auto (fast when it passed its "

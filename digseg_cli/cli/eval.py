@@ -184,15 +184,16 @@ def eval_command(
 
             dtype = None if precision == "auto" else precision
             pipe = load_pipeline(weights, device=rank_device or device, dtype=dtype)
+            decoder_used = pipe.resolve_decoder(decoder.value)
             settings.update(weights=weights, device=str(pipe.device), precision=str(pipe.dtype).removeprefix("torch."),
                             steps=steps, ensemble=ensemble, resolution=resolution, short_side=side or None,
                             max_side=spec.max_side if side else None, tile=tile,
-                            decoder=pipe.resolve_decoder(decoder.value),
+                            decoder=decoder_used,
                             prompt_template=prompt_template or pipe.config.prompt_template, seed=seed,
                             prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50])
             predictor = pipeline_predictor(pipe, steps=steps, ensemble=ensemble, seed=seed, resolution=resolution,
                                            tile=tile, prompt_template=prompt_template, short_side=side or None,
-                                           max_side=spec.max_side, decoder=decoder.value)
+                                           max_side=spec.max_side, decoder=decoder_used)
             result = evaluate(data, spec.class_names or (), predictor, out_dir=out_dir, split=data.split,
                               settings=settings, limit=limit, progress=_progress("evaluating"), **kwargs)
 

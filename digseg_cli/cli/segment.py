@@ -224,10 +224,10 @@ def segment(
         settings = seg.SegmentSettings(
             classes=tuple(classes), thresholds=per_class, threshold=default_threshold, steps=steps,
             ensemble=ensemble, resolution=resolution, mode=mode.value, seed=seed, tile=seg.parse_tile(tile),
-            decoder=decoder.value, overlap=overlap, max_pixels=max_pixels, prompt_template=prompt_template, recursive=recursive,
-            overlay=not no_overlay, overlay_alpha=overlay_alpha, save_binary=save_binary, save_probs=save_probs,
-            probs_format=probs_format.value, overwrite=overwrite, skip_existing=skip_existing, fail_fast=fail_fast,
-            batch_size=None if batch_size == "auto" else int(batch_size), workers=workers,
+            decoder=decoder.value, overlap=overlap, max_pixels=max_pixels, prompt_template=prompt_template,
+            recursive=recursive, overlay=not no_overlay, overlay_alpha=overlay_alpha, save_binary=save_binary,
+            save_probs=save_probs, probs_format=probs_format.value, overwrite=overwrite, skip_existing=skip_existing,
+            fail_fast=fail_fast, batch_size=None if batch_size == "auto" else int(batch_size), workers=workers,
         )
         files = expand_inputs(inputs, recursive=recursive, exclude=out)
         if to_stdout and len(files) != 1:
