@@ -35,6 +35,16 @@ def test_synth_then_check_ok(tmp_path):
     assert report["ok"] is True and report["n_pairs"] == 4 and report["problems"] == []
 
 
+def test_synth_zoom_option(tmp_path):
+    from digseg_cli.images import read_mask
+    from digseg_cli.synth import generate_scene, scene_rng
+
+    res = _run("data", "synth", str(tmp_path / "z"), "--n", "1", "--seed", "4", "--size", "32", "--zoom", "2")
+    assert res.exit_code == 0, res.output
+    assert (read_mask(tmp_path / "z" / "masks" / "00000.png") == generate_scene(scene_rng(4, 0), 32, 2.0)[1]).all()
+    assert _run("data", "synth", str(tmp_path / "y"), "--zoom", "9").exit_code == EXIT_USAGE
+
+
 def test_synth_refuses_non_empty_folder(tmp_path):
     out = tmp_path / "syn"
     out.mkdir()

@@ -92,3 +92,20 @@ def test_progress_callback(tmp_path):
     calls = []
     write_synth_dataset(tmp_path / "d", 3, seed=0, size=32, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_zoom_draws_objects_larger():
+    """`zoom=2` doubles object sizes: building footprints grow about 4x in area."""
+    import cv2
+
+    def median_building_area(zoom: float) -> float:
+        areas = []
+        for i in range(40):
+            _, mask = generate_scene(scene_rng(5, i), size=64, zoom=zoom)
+            n, _, stats, _ = cv2.connectedComponentsWithStats((mask == 3).astype(np.uint8))
+            areas += list(stats[1:n, cv2.CC_STAT_AREA])
+        return float(np.median(areas))
+
+    assert median_building_area(2.0) > 2.5 * median_building_area(1.0)
+    with pytest.raises(UsageError, match="zoom"):
+        generate_scene(scene_rng(0, 0), size=64, zoom=10)

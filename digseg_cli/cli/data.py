@@ -112,6 +112,9 @@ def synth(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of scenes.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives identical files.")] = 0,
     size: Annotated[int, typer.Option("--size", min=16, help="Scene width and height in pixels.")] = 128,
+    zoom: Annotated[
+        float, typer.Option("--zoom", min=0.25, max=4.0, help="Draw objects this many times larger (a closer view).")
+    ] = 1.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty OUT.")] = False,
 ) -> None:
     """Write synthetic aerial-like scenes (road, tree, building, water, field) with exact masks."""
@@ -119,7 +122,7 @@ def synth(
 
     with handle_errors():
         with progress_reporter(f"writing {out}") as progress:
-            summary = write_synth_dataset(out, n, seed, size, progress, overwrite=overwrite)
+            summary = write_synth_dataset(out, n, seed, size, progress, zoom=zoom, overwrite=overwrite)
     counts = ", ".join(f"{name} {k}" for name, k in summary.images_with_class.items())
     err_console.print(
         f"wrote {summary.n} scenes ({size}x{size}) to {summary.out_dir} in {summary.seconds:.1f} s; "
