@@ -23,7 +23,7 @@ def test_demo_is_a_small_documented_checkpoint():
     assert [c["name"] for c in config["classes"]] == ["road", "tree", "building", "water", "field"]
     assert "synthetic" in config["description"]
     assert "digseg train" in config["training"]["command"] and "digseg data synth" in config["training"]["command"]
-    assert "miou" in config["evaluation"]["synth"]
+    assert config["evaluation"]["synth"]["miou"] >= 0.80  # the bar, on a split not used in training
     size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
     assert size <= 25 * 2**20, f"demo model is {size / 2**20:.1f} MiB"
 
@@ -35,7 +35,7 @@ def test_demo_loads_offline_and_verifies(monkeypatch):
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = load_pipeline("demo")
-    assert pipe.config.default_resolution == 128
+    assert pipe.config.default_resolution == 192  # 128 px scenes, run 1.5x larger
     statuses = verify_weights("demo", offline=True)
     assert statuses and all(s["status"] == "ok" for s in statuses), statuses
 
