@@ -220,7 +220,7 @@ def test_training_on_one_batch_lowers_loss_5x(objective):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3)
     losses = []
-    for step in range(200):
+    for step in range(100):  # measured: 50x (one-step) and 19x (diffusion) lower by step 100
         gen = torch.Generator().manual_seed(step % 4)  # a fixed batch: the same few noise draws repeat
         loss = batch_loss(model, batch, sched, objective=objective, generator=gen)
         opt.zero_grad()

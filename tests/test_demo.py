@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from digseg_cli.cli.app import app
@@ -75,9 +76,14 @@ def test_recorded_synthetic_miou_is_what_eval_measures(tmp_path, monkeypatch):
     """The number the config and weights/README state is the one `digseg eval --dataset synth` gives."""
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     recorded = json.loads((DEMO / "digseg_config.json").read_text())["evaluation"]["synth"]
-    result = CliRunner().invoke(app, ["eval", "--dataset", "synth", "--weights", str(DEMO), "--out",
-                                      str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json",
-                                      "--decoder", recorded.get("decoder", "vae")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a single process: use both cores of the CI machine
+    try:
+        result = CliRunner().invoke(app, ["eval", "--dataset", "synth", "--weights", str(DEMO), "--out",
+                                          str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json",
+                                          "--decoder", recorded.get("decoder", "vae")])
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["metrics"]["miou"] == pytest.approx(recorded["miou"], abs=2e-3)
