@@ -23,6 +23,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
 
 
+@pytest.fixture
+def both_cores():
+    """Two torch threads for one long single-process test (the CI machine has 2 cores; others use 1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_base(tmp_path_factory):
     """A tiny SD-format base folder written with diffusers' own `save_pretrained` (epsilon prediction)."""

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from digseg_cli.cli.app import app
@@ -72,18 +71,13 @@ def test_readme_command_segments_the_example_with_the_demo(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_recorded_synthetic_miou_is_what_eval_measures(tmp_path, monkeypatch):
+def test_recorded_synthetic_miou_is_what_eval_measures(tmp_path, monkeypatch, both_cores):
     """The number the config and weights/README state is the one `digseg eval --dataset synth` gives."""
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     recorded = json.loads((DEMO / "digseg_config.json").read_text())["evaluation"]["synth"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # a single process: use both cores of the CI machine
-    try:
-        result = CliRunner().invoke(app, ["eval", "--dataset", "synth", "--weights", str(DEMO), "--out",
-                                          str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json",
-                                          "--decoder", recorded.get("decoder", "vae")])
-    finally:
-        torch.set_num_threads(threads)
+    result = CliRunner().invoke(app, ["eval", "--dataset", "synth", "--weights", str(DEMO), "--out",
+                                      str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json",
+                                      "--decoder", recorded.get("decoder", "vae")])
     assert result.exit_code == 0, result.output
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["metrics"]["miou"] == pytest.approx(recorded["miou"], abs=2e-3)
