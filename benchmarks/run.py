@@ -244,10 +244,10 @@ def marigold(pipe, size: int, steps: int):
 def startup(repeats: int) -> tuple[float, float]:
     exe = Path(sys.executable).with_name("digseg")
     cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "digseg_cli", "--help"]
-    from digseg_cli.cli.entry import RENDER_VARIABLES
+    from digseg_cli.cli.entry import plain_render_env
 
     # A user's default: none of the variables (COLUMNS, FORCE_COLOR, ...) that make `digseg` render help with Typer.
-    env = {k: v for k, v in os.environ.items() if k not in RENDER_VARIABLES and k != "COLUMNS"}
+    env = plain_render_env()
 
     def run(argv):
         return lambda: subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=True)

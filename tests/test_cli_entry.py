@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ def test_stored_help_is_what_typer_renders_now(name, color):
 
 
 def _run(args, **env_changes):
-    env = {k: v for k, v in os.environ.items() if k not in entry.RENDER_VARIABLES and k not in ("COLUMNS", "NO_COLOR")}
+    env = entry.plain_render_env()
     env.update(env_changes)
     code = ("import sys, atexit; atexit.register(lambda: sys.stderr.write("
             "'[typer loaded]' if 'typer' in sys.modules else '[typer not loaded]'));"

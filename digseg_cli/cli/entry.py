@@ -53,11 +53,17 @@ def main() -> None:
     typer_main()
 
 
+def plain_render_env() -> dict[str, str]:
+    """This process's environment without any variable that changes how help renders (`RENDER_VARIABLES`,
+    `COLUMNS`, `NO_COLOR`): what a user who set none of them has."""
+    return {k: v for k, v in os.environ.items() if k not in RENDER_VARIABLES and k not in ("NO_COLOR", "COLUMNS")}
+
+
 def render_help(color: bool) -> str:
     """Typer's top-level help at `HELP_WIDTH` columns, rendered in a fresh interpreter."""
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k not in RENDER_VARIABLES and k not in ("NO_COLOR", "COLUMNS")}
+    env = plain_render_env()
     env["COLUMNS"] = str(HELP_WIDTH)
     if color:
         env["FORCE_COLOR"] = "1"
