@@ -1,7 +1,9 @@
 """Fetch one file over HTTP(S) safely, and unpack an archive safely.
 
 ``download_file`` writes to ``<dest>.part``, resumes it with a ``Range`` request after a dropped
-connection (or in a later process), checks size and sha256 (or md5, where that is all a publisher gives),
+connection (or in a later process), guarded by ``If-Range`` with the server's validator so a file that
+changed in between is fetched whole rather than stitched from two versions, checks size and sha256 (or
+md5, where that is all a publisher gives),
 then renames it into place atomically, so ``dest`` either does not exist or is complete. It uses urllib only, so ``HTTP(S)_PROXY``/``NO_PROXY``
 apply as they do for any urllib client; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``/``SSL_CERT_FILE`` pick
 the CA bundle. ``safe_extract`` unpacks zip and tar archives into a folder, refusing any member that would
@@ -105,8 +107,11 @@ def _attempt(
     if size is not None and offset == size:
         return True
     headers = {"User-Agent": f"digseg/{__version__}", "Accept-Encoding": "identity"}
+    validator = _validator_path(part)
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator.is_file():  # the server sends the whole (new) file, not a range, if this no longer matches
+            headers["If-Range"] = validator.read_text().strip()
     request = urllib.request.Request(url, headers=headers)
     try:
         response = _opener().open(request, timeout=timeout)
@@ -136,8 +141,10 @@ def _attempt(
             mode = "ab"
         else:
             if offset:
-                log.info("server ignored the resume request for %s; downloading from the start", url)
+                log.info("the server sent all of %s (it changed since the partial download, or the server does "
+                         "not resume); downloading from the start", url)
             offset, mode = 0, "wb"
+            _remember_validator(validator, response.headers)
         length = response.headers.get("Content-Length")
         expected = int(length) if length and length.isdigit() else None
         total = size if size is not None else (offset + expected if expected is not None else None)
@@ -161,6 +168,20 @@ def _attempt(
     return True
 
 
+def _validator_path(part: Path) -> Path:
+    return part.with_name(part.name + ".validator")
+
+
+def _remember_validator(path: Path, headers) -> None:
+    """Keep the response's strong ETag (else its Last-Modified) beside the ``.part`` for ``If-Range``."""
+    etag = headers.get("ETag")
+    value = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
+    if value:
+        path.write_text(value + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
 def download_file(
     url: str,
     dest: Path,
@@ -177,8 +198,10 @@ def download_file(
     - An existing ``dest`` is never overwritten: it is returned if it matches ``sha256``/``md5``/``size`` (or
       if none is given), otherwise ``ChecksumMismatchError`` says to remove it. ``md5`` is for files whose
       publisher gives no sha256; both are checked when both are given.
-    - An existing ``.part`` is resumed with ``Range: bytes=N-``. A server that ignores ``Range`` (200) makes
-      the download start from 0; a 416 means the ``.part`` is already complete or is discarded.
+    - An existing ``.part`` is resumed with ``Range: bytes=N-`` and ``If-Range`` (the ETag or Last-Modified
+      the server gave when the ``.part`` was started, kept in ``.part.validator``). A server that answers
+      200 (file changed, or no ``Range`` support) makes the download start from 0; a 416 means the ``.part``
+      is already complete or is discarded.
     - ``retries`` more attempts follow a dropped connection, a timeout or an HTTP 5xx/429, each resuming
       where the last stopped; an attempt that received bytes does not use up a retry.
     - A size or checksum mismatch deletes the ``.part`` and raises ``ChecksumMismatchError`` (a resumed
@@ -200,6 +223,7 @@ def download_file(
                 if problem is None:
                     break
                 part.unlink(missing_ok=True)
+                _validator_path(part).unlink(missing_ok=True)
                 if resumed:  # the earlier bytes may be stale: one clean attempt before giving up
                     log.warning("%s did not verify after resuming; downloading it again from the start", url)
                     resumed = False
@@ -226,6 +250,7 @@ def download_file(
             log.warning("download of %s interrupted (%s); retrying in %.1f s", url, last_error, wait)
             time.sleep(wait)
     os.replace(part, dest)
+    _validator_path(part).unlink(missing_ok=True)
     log.debug("downloaded %s → %s", url, dest)
     return dest
 

@@ -25,8 +25,10 @@ class LocalServer:
     """A threaded HTTP server on a free 127.0.0.1 port serving ``files`` (path → bytes), with Range support.
 
     Misbehaviours, per path: ``drop`` (the first N GETs send half the body, then close the connection),
-    ``wrong`` (serve these bytes instead), ``status`` (answer this HTTP status). ``ignore_range`` makes
-    it answer 200 with the whole file to a Range request. At most ``max_requests`` are served; the rest get
+    ``wrong`` (serve these bytes instead), ``status`` (answer this HTTP status). ``etags`` gives a path an
+    ETag, honoured in ``If-Range``; ``replace_after_drop`` (path → (bytes, etag)) publishes a new version
+    of the file once a dropped response has been sent. ``ignore_range`` makes it answer 200 with the whole
+    file to a Range request. At most ``max_requests`` are served; the rest get
     500, so a looping client cannot hang a test. ``requests`` records (path, Range header) of each GET.
     """
 
@@ -35,6 +37,8 @@ class LocalServer:
         self.drop: dict[str, int] = {}
         self.wrong: dict[str, bytes] = {}
         self.status: dict[str, int] = {}
+        self.etags: dict[str, str] = {}
+        self.replace_after_drop: dict[str, tuple[bytes, str]] = {}
         self.ignore_range = False
         self.max_requests = max_requests
         self.requests: list[tuple[str, str | None]] = []
@@ -55,8 +59,12 @@ class LocalServer:
                 if self.path not in server.files:
                     return self._send(404, b"not found")
                 body = server.wrong.get(self.path, server.files[self.path])
+                etag = server.etags.get(self.path)
                 start = 0
                 rng = self.headers.get("Range")
+                if_range = self.headers.get("If-Range")
+                if if_range is not None and if_range != etag:
+                    rng = None  # RFC 9110: a validator that no longer matches gets the whole new file
                 if rng and not server.ignore_range:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(body):
@@ -64,6 +72,8 @@ class LocalServer:
                 if server.drop.get(self.path, 0) > 0:
                     server.drop[self.path] -= 1
                     self.send_response(206 if start else 200)
+                    if etag:
+                        self.send_header("ETag", etag)
                     self.send_header("Content-Length", str(len(body) - start))
                     if start:
                         self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
@@ -72,11 +82,14 @@ class LocalServer:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
+                    if self.path in server.replace_after_drop:
+                        server.files[self.path], server.etags[self.path] = server.replace_after_drop.pop(self.path)
                     return None
+                extra = {"ETag": etag} if etag else {}
                 if start:
-                    extra = {"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"}
+                    extra["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
                     return self._send(206, body[start:], extra)
-                return self._send(200, body)
+                return self._send(200, body, extra)
 
             def _send(self, code: int, body: bytes, headers: dict[str, str] | None = None) -> None:
                 self.send_response(code)
@@ -158,6 +171,19 @@ def test_dropped_connection_resumes_with_range(server: LocalServer, tmp_path: Pa
     assert ranges[0] is None and len(ranges) == 3
     assert ranges[1] == f"bytes={len(PAYLOAD) // 2}-"  # resumed where the first response stopped
     assert not (tmp_path / "model.bin.part").exists()
+
+
+def test_a_file_that_changes_on_the_server_mid_download_is_fetched_whole(server: LocalServer, tmp_path: Path) -> None:
+    """With no checksum to catch it, a resume must not glue the first half of one version to the second
+    half of another: If-Range carries the ETag the first response gave, and the changed file comes whole."""
+    new = PAYLOAD[::-1]  # same length: only the content tells the versions apart
+    server.etags["/model.bin"] = '"v1"'
+    server.drop["/model.bin"] = 1
+    server.replace_after_drop["/model.bin"] = (new, '"v2"')
+    dest = download_file(f"{server.url}/model.bin", tmp_path / "model.bin", retries=1)
+    assert dest.read_bytes() == new
+    assert server.ranges("/model.bin") == [None, f"bytes={len(PAYLOAD) // 2}-"]  # asked to resume, got it all
+    assert _leftovers(tmp_path) == ["model.bin"]
 
 
 def test_existing_part_is_resumed(server: LocalServer, tmp_path: Path) -> None:
