@@ -480,7 +480,7 @@ def tiling(a) -> tuple[str, ...]:
             f"vae decoder; {label}) / ({n} × one tile)", s(t_tiled), s(n * t_one), f"{r:.3f}×", "≤ 1.15×", yes(r <= 1.15))
 
 
-def precision_rows(a, scenes: int = 8, size: int = 128) -> list[tuple[str, ...]]:
+def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]:
     """(5) The demo model's probabilities in fp16 and bf16 against fp32 on the same GPU, `scenes` synthetic
     scenes × its classes, both decoders: the largest and the mean absolute difference, and how many
     pixels change label. The fp32 reference runs with TF32 off (cuDNN's default would round convolutions)."""
@@ -491,11 +491,10 @@ def precision_rows(a, scenes: int = 8, size: int = 128) -> list[tuple[str, ...]]
     from digseg_cli.pipeline import DigsegPipeline, load_model
     from digseg_cli.synth import generate_scene
 
-    images = [generate_scene(np.random.default_rng(7000 + i), size)[0] for i in range(scenes)]
-    config = load_model(a.demo).config
-    names = [c["name"] for c in config.classes]
-    if not config.evaluation.get("fast_decoder"):
-        return []
+    images = [generate_scene(np.random.default_rng(7000 + i), side)[0] for i in range(scenes)]
+    loaded = load_model(a.demo)
+    names = [c["name"] for c in loaded.config.classes]
+    decoders = ("vae", "fast") if loaded.model.fast_decoder is not None else ("vae",)
 
     def probs(dtype, decoder) -> tuple[torch.Tensor, torch.Tensor]:
         # A fresh copy per precision: casting one model fp32 → fp16 → bf16 would round twice.
@@ -506,7 +505,7 @@ def precision_rows(a, scenes: int = 8, size: int = 128) -> list[tuple[str, ...]]
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     rows = []
     try:
-        for decoder in ("vae", "fast"):
+        for decoder in decoders:
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
             ref, ref_labels = probs(torch.float32, decoder)
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -516,9 +515,9 @@ def precision_rows(a, scenes: int = 8, size: int = 128) -> list[tuple[str, ...]]
                 changed = (labels != ref_labels).float().mean().item()
                 worst = diff.max().item()
                 rows.append(("5", f"(5) {name} vs fp32 probabilities, demo, {decoder} decoder ({scenes} scenes × "
-                             f"{len(names)} classes, {size} px; mean \|Δ\| {diff.mean().item():.1e}, 99.9th pct "
+                             f"{len(names)} classes, {side} px; mean \\|Δ\\| {diff.mean().item():.1e}, 99.9th pct "
                              f"{diff.flatten().kthvalue(int(diff.numel() * 0.999)).values.item():.1e}, "
-                             f"labels changed {changed:.3%})", f"{worst:.2e}", "0 (fp32)", f"max \|Δ\| {worst:.1e}",
+                             f"labels changed {changed:.3%})", f"{worst:.2e}", "0 (fp32)", f"max \\|Δ\\| {worst:.1e}",
                              "≤ 1e-2", yes(worst <= 1e-2)))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
