@@ -201,3 +201,14 @@ def test_subprocess_python_m(tmp_path):
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
     assert lines[0]["status"] == "ok" and lines[-1]["type"] == "summary"
     assert "device cpu" in proc.stderr and (tmp_path / "out/a.mask.png").exists()
+
+
+def test_bf16_run_notes_that_reduced_precision_moves_boundaries(tmp_path):
+    """bf16 measurably changes labels (benchmarks/RESULTS.md row 5), so a bf16 run says so; fp32 does not."""
+    image = _save(tmp_path / "in/a.png", 1)
+    bf16 = _run(str(image), "-p", "road", "--device", "cpu", "--precision", "bf16", "--out", str(tmp_path / "bf16"))
+    assert bf16.exit_code == 0, bf16.output
+    assert "bf16 keeps fewer digits" in bf16.stderr and "--precision fp16 or fp32" in bf16.stderr
+    assert json.loads((tmp_path / "bf16" / "run.json").read_text())["precision"] == "bf16"
+    fp32 = _run(str(image), "-p", "road", "--device", "cpu", "--out", str(tmp_path / "fp32"))
+    assert fp32.exit_code == 0 and "bf16 keeps" not in fp32.stderr

@@ -184,6 +184,10 @@ def eval_command(
 
             dtype = None if precision == "auto" else precision
             pipe = load_pipeline(weights, device=rank_device or device, dtype=dtype)
+            from digseg_cli.device import precision_note
+
+            if (note := precision_note(pipe.dtype)) is not None and os.environ.get("RANK", "0") == "0":
+                err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
             decoder_used = pipe.resolve_decoder(decoder.value)
             settings.update(weights=weights, device=str(pipe.device), precision=str(pipe.dtype).removeprefix("torch."),
                             steps=steps, ensemble=ensemble, resolution=resolution, short_side=side or None,

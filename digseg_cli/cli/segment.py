@@ -238,7 +238,7 @@ def segment(
             _dry_run(seg, files, out, settings, weights, cache_dir, as_json)
             return
         # 2. Device, precision and weights: exit codes 4 and 5 before any work.
-        from digseg_cli.device import describe, resolve_device, resolve_dtype
+        from digseg_cli.device import describe, precision_note, resolve_device, resolve_dtype
         from digseg_cli.pipeline import load_pipeline
 
         dev = resolve_device(device)
@@ -256,6 +256,8 @@ def segment(
                           markup=False, soft_wrap=True)
         if weights == "demo":
             err_console.print(DEMO_NOTE, style="yellow", highlight=False, markup=False, soft_wrap=True)
+        if (note := precision_note(dtype)) is not None:
+            err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
         for c in settings.resolve_classes(pipe.config.classes):
             for text in c.texts:
                 for warning in pipe.check_prompt(pipe.format_prompt(text, prompt_template)):
