@@ -317,9 +317,9 @@ class Table:
 
 
 def precision_name(dtype) -> str:
-    from digseg_cli.device import PRECISIONS
+    from digseg_cli.device import PRECISION_NAMES
 
-    return {v: k for k, v in PRECISIONS.items()}[dtype]
+    return PRECISION_NAMES[dtype]
 
 
 def size(n: float) -> str:

@@ -14,6 +14,7 @@ import torch
 from digseg_cli.errors import DeviceUnavailableError, UsageError
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}  # torch.bfloat16 → "bf16"
 
 
 def _mps_available() -> bool:
@@ -73,7 +74,7 @@ def precision_note(dtype: torch.dtype) -> str | None:
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:
     """One line for the banner: device name, memory and dtype."""
-    precision = {v: k for k, v in PRECISIONS.items()}[dtype]
+    precision = PRECISION_NAMES[dtype]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB), {precision}"

@@ -208,8 +208,10 @@ def write_manifest(summary: RunSummary, settings, classes, thresholds, pipe, *, 
 
 def _manifest(summary: RunSummary, settings, classes, thresholds, pipe, started, totals, weights, weights_folder,
               sha, arguments) -> dict[str, Any]:
+    from digseg_cli.device import PRECISION_NAMES  # torch is loaded by now: there is a pipeline
+
     cfg = pipe.config
-    precision = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(pipe.dtype))
+    precision = PRECISION_NAMES.get(pipe.dtype)
     return {
         "schema": MANIFEST_SCHEMA,
         "command": "segment",
