@@ -27,6 +27,9 @@ from digseg_cli.errors import UsageError
 
 log = logging.getLogger("digseg")
 Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores are averaged
+# Tiles batched into one call hold at most this many pixels (four 512² tiles, 64 of 128²): small tiles are
+# launch-bound and gain from batching, large ones are compute-bound and would only multiply peak memory.
+TILE_PIXELS_PER_CALL = 4 * 512 * 512
 
 
 @dataclass
@@ -141,7 +144,7 @@ class DigsegPipeline:
         if tile_size:
             probs = self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings, decoder)
         else:
-            probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)  # [T,H,W]
+            probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]  # [T,H,W]
         # 8. Average synonyms' scores into one map per class.
         sizes = [len(s) for s in classes]
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
@@ -187,38 +190,42 @@ class DigsegPipeline:
         return transforms.tile_size_for(tile, resolution, height, width)
 
     def _predict(self, pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
-        """Whole image `[1,3,H,W]` → probabilities `[T,H,W]` at the input size, averaged over the ensemble."""
-        height, width = pixels.shape[-2:]
+        """Images `[n,3,H,W]` (one image, or n equal-size tiles) → probabilities `[n,T,H,W]` at the input
+        size, averaged over the ensemble."""
+        n, _, height, width = pixels.shape
         # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
-        x = transforms.resize(pixels, transforms.processing_size(height, width, resolution))  # [1,3,h',w']
+        x = transforms.resize(pixels, transforms.processing_size(height, width, resolution))  # [n,3,h',w']
         generator = torch.Generator("cpu").manual_seed(seed)
-        total = torch.zeros((emb.shape[0], height, width), device=self.device)
+        total = torch.zeros((n, emb.shape[0], height, width), device=self.device)
         for member in range(ensemble):
             # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
             k = member if self.config.objective == "one-step" else 0
             xk, pad = transforms.pad_to_multiple(transforms.dihedral(x, k), self.model.size_multiple)
-            probs = self._predict_padded(xk, emb, pooled, steps, generator, timings, decoder)  # [T,hp,wp]
-            probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [T,h',w']
+            probs = self._predict_padded(xk, emb, pooled, steps, generator, timings, decoder)  # [n,T,hp,wp]
+            probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [n,T,h',w']
             # 8. Resize probabilities to the input size (bilinear) before any threshold.
-            total += transforms.resize(probs[None], (height, width))[0]  # [T,H,W]
+            total += transforms.resize(probs, (height, width))  # [n,T,H,W]
         return total / ensemble
 
     def _predict_padded(self, x, emb, pooled, steps, generator, timings, decoder="vae") -> torch.Tensor:
-        """Padded `[1,3,h,w]` → `[T,h,w]`: one image encode, T U-Net passes per step (batched), T decodes."""
+        """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
+        `batch_size` (image, prompt) pairs per call."""
         f = self.model.vae_scale_factor
-        # 4. Encode the image once (VAE encoder); its latent is shared by every prompt.
+        n, texts = x.shape[0], emb.shape[0]
+        # 4. Encode each image once (VAE encoder); its latent is shared by every prompt.
         t0 = time.perf_counter()
-        z_img = self.model.encode_image(x.to(self.model.vae.dtype)).to(self.dtype)  # [1,4,h/f,w/f]
+        z_img = self.model.encode_image(x.to(self.model.vae.dtype)).to(self.dtype)  # [n,4,h/f,w/f]
         latent_shape = (1, z_img.shape[1], x.shape[-2] // f, x.shape[-1] // f)
         noise = None
-        if self.config.objective == "diffusion":  # the same noise for every prompt: batch == one at a time
+        if self.config.objective == "diffusion":  # the same noise for every pair: batched == one at a time
             noise = torch.randn(latent_shape, generator=generator).to(self.device, self.dtype)
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
         out = []
-        for lo in range(0, emb.shape[0], self.batch_size):
-            e, p = emb[lo:lo + self.batch_size], pooled[lo:lo + self.batch_size]  # [b,L,D], [b,D]
-            b = e.shape[0]
-            z_b = z_img.expand(b, -1, -1, -1)  # [b,4,h,w]
+        for lo in range(0, n * texts, self.batch_size):
+            pairs = torch.arange(lo, min(lo + self.batch_size, n * texts), device=self.device)  # pair i·T+t
+            image_of, text_of = pairs // texts, pairs % texts
+            z_b, e, p = z_img[image_of], emb[text_of], pooled[text_of]  # [b,4,h,w], [b,L,D], [b,D]
+            b = z_b.shape[0]
 
             def denoise(z_t, t):
                 return self.model(z_b, z_t, t, e, p)
@@ -234,19 +241,29 @@ class DigsegPipeline:
             out.append(self.model.decode_probs_fast(clean) if decoder == "fast" else self.model.decode_probs(clean))
             timings["denoise"] = timings.get("denoise", 0.0) + t1 - t0
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
-        return torch.cat(out).float()  # [T,h,w]
+        return torch.cat(out).float().unflatten(0, (n, texts))  # [n,T,h,w]
+
+    def _tiles_per_call(self, tile_h: int, tile_w: int, texts: int) -> int:
+        """How many tiles share one encode/U-Net/decode call: as many as fill `batch_size` (image, prompt)
+        pairs, within `TILE_PIXELS_PER_CALL` so that large tiles stay one at a time on small machines."""
+        return max(1, min(self.batch_size // texts, TILE_PIXELS_PER_CALL // (tile_h * tile_w)))
 
     def _predict_tiled(self, pixels, emb, pooled, tile, overlap, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
-        """Slide `tile`-sized windows at native scale; blend probabilities with a feathered window."""
+        """Slide `tile`-sized windows at native scale, several per call; blend with a feathered window."""
         height, width = pixels.shape[-2:]
         acc = torch.zeros((emb.shape[0], height, width), device=self.device)
         weight = torch.zeros((height, width), device=self.device)
-        for top, left, h, w in transforms.tile_windows(height, width, tile, overlap):
-            crop = pixels[..., top:top + h, left:left + w]  # [1,3,h,w]
-            probs = self._predict(crop, emb, pooled, 0, steps, ensemble, seed, timings, decoder)  # [T,h,w]
-            win = transforms.feather_weights(h, w, int(tile * overlap / 2), self.device)  # [h,w]
-            acc[:, top:top + h, left:left + w] += probs * win
-            weight[top:top + h, left:left + w] += win
+        windows = transforms.tile_windows(height, width, tile, overlap)  # all the same size
+        _, _, h, w = windows[0]
+        win = transforms.feather_weights(h, w, int(tile * overlap / 2), self.device)  # [h,w]
+        group = self._tiles_per_call(h, w, emb.shape[0])
+        for lo in range(0, len(windows), group):
+            chunk = windows[lo:lo + group]
+            crops = torch.cat([pixels[..., top:top + h, left:left + w] for top, left, _, _ in chunk])  # [g,3,h,w]
+            probs = self._predict(crops, emb, pooled, 0, steps, ensemble, seed, timings, decoder)  # [g,T,h,w]
+            for (top, left, _, _), tile_probs in zip(chunk, probs):
+                acc[:, top:top + h, left:left + w] += tile_probs * win
+                weight[top:top + h, left:left + w] += win
         return acc / weight
 
     # -- persistence ---------------------------------------------------------------------------------

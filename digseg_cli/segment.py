@@ -86,7 +86,7 @@ class SegmentSettings:
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
-    batch_size: int | None = None  # prompts per U-Net batch; None = the pipeline's
+    batch_size: int | None = None  # (tile, prompt) pairs per U-Net call; None = the pipeline's
     workers: int = 2  # I/O threads: reading ahead and writing behind
     jpeg_quality: int = 90
 
@@ -161,8 +161,14 @@ def _smaller_tile(pipe, tile: int | str, resolution: int | None, h: int, w: int)
     return smaller if smaller >= 4 * multiple else None
 
 
+def _pairs_in_use(pipe, tile: int | str, call: dict, h: int, w: int, n_texts: int) -> int:
+    """How many (tile, prompt) pairs one U-Net call holds for this image: at most `batch_size`."""
+    res = pipe.config.default_resolution if call.get("resolution") is None else call["resolution"]
+    return min(pipe.batch_size, n_texts * count_tiles(h, w, tile, res, call.get("overlap", 0.25)))
+
+
 def _infer(pipe, image, prompts, call: dict, tile: int | str, rel: str, notes: list[str]):
-    """Run the pipeline; on CUDA/MPS out-of-memory halve the prompt batch, then tile smaller and smaller."""
+    """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller."""
     from digseg_cli.device import is_out_of_memory
 
     n_texts = sum(1 if isinstance(p, str) else len(p) for p in prompts)
@@ -173,14 +179,14 @@ def _infer(pipe, image, prompts, call: dict, tile: int | str, rel: str, notes: l
             if not is_out_of_memory(exc):
                 raise
             h, w = image.shape[:2]
-            if min(pipe.batch_size, n_texts) > 1:
-                pipe.batch_size = min(pipe.batch_size, n_texts) // 2  # sticky for the rest of the run
-                note = f"out of memory on {rel}: prompt batch lowered to {pipe.batch_size}"
+            if (in_use := _pairs_in_use(pipe, tile, call, h, w, n_texts)) > 1:
+                pipe.batch_size = in_use // 2  # sticky for the rest of the run
+                note = f"out of memory on {rel}: U-Net batch lowered to {pipe.batch_size}"
             elif (smaller := _smaller_tile(pipe, tile, call.get("resolution"), h, w)) is not None:
                 tile, note = smaller, f"out of memory on {rel}: tiled inference with {smaller} px tiles"
             else:
                 raise OutOfMemoryError(
-                    f"out of memory on {pipe.device} for {rel} ({w}x{h}) even with a prompt batch of 1 and small "
+                    f"out of memory on {pipe.device} for {rel} ({w}x{h}) even with a U-Net batch of 1 and small "
                     "tiles: try --resolution 256, --tile 256, --precision bf16/fp16, --ensemble 1, fewer classes "
                     "per run, or --device cpu"
                 ) from None

@@ -160,6 +160,20 @@ def test_same_seed_same_output_and_batch_equals_single():
     torch.testing.assert_close(pipe(image, ["road", "tree", "water"], seed=7).probs, a.probs, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("objective", ["one-step", "diffusion"])
+def test_tiles_batched_into_one_call_equal_tiles_one_at_a_time(objective):
+    pipe = DigsegPipeline(build_compact("tiny", objective=objective, default_steps=1 if objective == "one-step" else 2))
+    image = _image(40, 56)  # 16 px tiles, 25 % overlap: 3 × 5 windows, the last ones shifted back
+    prompts, call = ["road", "tree", "water"], dict(tile=16, ensemble=2, seed=3)
+    pipe.batch_size = 16  # 15 (tile, prompt) pairs per call: 5 tiles of 3 prompts
+    assert pipe._tiles_per_call(16, 16, len(prompts)) == 5
+    batched = pipe(image, prompts, **call).probs
+    pipe.batch_size = 1  # one tile and one prompt per call
+    torch.testing.assert_close(pipe(image, prompts, **call).probs, batched, atol=1e-5, rtol=0)
+    pipe.batch_size = 2  # one tile per call, its prompts split 2 + 1
+    torch.testing.assert_close(pipe(image, prompts, **call).probs, batched, atol=1e-5, rtol=0)
+
+
 def test_output_shapes_ranges_labels_and_ensemble():
     pipe = load_pipeline("tiny")
     image = _image(37, 53)

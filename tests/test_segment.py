@@ -282,6 +282,12 @@ def test_oom_backs_off_batch_then_tiles_and_records_it(tmp_path, pipe):
             seg.run_segment([str(tmp_path / "a.png")], tmp_path / "out2", always, _settings())
         assert info.value.summary.status == "out-of-memory"
         assert json.loads((tmp_path / "out2/run.json").read_text())["status"] == "out-of-memory"
+        # Tiled, one call holds tiles × prompts: 25 windows × 2 prompts fill the 16 pairs, so the first
+        # back-off halves 16 rather than the prompt count.
+        pipe.batch_size = 16
+        flaky = _FlakyPipe(pipe, lambda p: torch.OutOfMemoryError("CUDA out of memory") if len(p.calls) <= 1 else None)
+        seg.run_segment([str(tmp_path / "a.png")], tmp_path / "out3", flaky, _settings(tile=16))
+        assert flaky.calls == [(16, 16), (8, 16)]
     finally:
         pipe.batch_size = 16
 

@@ -170,7 +170,7 @@ def segment(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip images whose outputs all exist "
                                                 "(resume an interrupted run).")] = False,
-    batch_size: Annotated[str, typer.Option("--batch-size", help="Prompts per U-Net batch: auto or N.")] = "auto",
+    batch_size: Annotated[str, typer.Option("--batch-size", help="(tile, prompt) pairs per U-Net call: auto or N.")] = "auto",
     workers: Annotated[int, typer.Option("--workers", min=1, help="I/O threads reading ahead and writing behind.")] = 2,
     prompt_template: Annotated[Optional[str], typer.Option(
         "--prompt-template", help="Template with {name}, e.g. 'aerial photo of {name}'.", show_default=False)] = None,
