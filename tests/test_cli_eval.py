@@ -165,3 +165,33 @@ def test_refuge_official_bmp_predictions(tmp_path):
     m = json.loads(res.stdout)
     assert m["metrics"]["dice_disc"] == 1.0 and m["metrics"]["dice_cup"] == 1.0
     assert m["headline"]["name"].startswith("mean per-image Dice") and m["split"] == "test"
+
+
+def test_two_processes_under_accelerate_launch_give_the_one_process_metrics(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(2)
+    for i in range(5):  # 5 images: rank 0 scores 3, rank 1 scores 2
+        _png(tmp_path / f"data/images/{i}.png", rng.integers(0, 255, (32, 32, 3), np.uint8))
+        _png(tmp_path / f"data/masks/{i}.png", rng.integers(0, 3, (32, 32)).astype(np.uint8))
+    (tmp_path / "data/classes.txt").write_text("road\ntree\n")
+    args = ["eval", "--dataset", str(tmp_path / "data"), "--weights", "tiny", "--json", "--device", "cpu"]
+    one = runner.invoke(app, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    # On a machine without GPUs, accelerate's torchrun launcher is `--multi_gpu`; the ranks join over gloo.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DIGSEG_OFFLINE": "1"}
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                          "-m", "digseg_cli", *args, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    printed = json.loads(two.stdout)  # one JSON object: only rank 0 prints
+    written = json.loads((tmp_path / "two/metrics.json").read_text())
+    assert written["shard"] == {"rank": 0, "world_size": 2, "all_reduced": True}
+    expected = json.loads((tmp_path / "one/metrics.json").read_text())
+    assert printed["metrics"] == written["metrics"] == expected["metrics"]
+    assert written["per_class"] == expected["per_class"]
+    assert (tmp_path / "two/confusion_matrix.csv").read_text() == (tmp_path / "one/confusion_matrix.csv").read_text()
+    assert two.stderr.count("reports written to") == 1

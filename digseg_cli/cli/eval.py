@@ -51,6 +51,15 @@ def _maybe_init_distributed() -> str | None:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else None
 
 
+def _leave_distributed() -> None:
+    """Meet the other processes, then close the process group (left open, a rank can abort at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _render_check(report) -> None:
     from rich.table import Table
 
@@ -200,7 +209,10 @@ def eval_command(
                                            max_side=spec.max_side, decoder=decoder_used)
             result = evaluate(data, spec.class_names or (), predictor, out_dir=out_dir, split=data.split,
                               settings=settings, limit=limit, progress=_progress("evaluating"), **kwargs)
+            _leave_distributed()
 
+    if os.environ.get("RANK", "0") != "0":  # every process holds the summed metrics; one prints them
+        return
     _render_result(result)
     if as_json:
         from digseg_cli.eval_report import json_safe
