@@ -165,7 +165,7 @@ def download_dataset(
             spec.prepare(root)
             return root
         raise DatasetError(f"{spec.title} cannot be downloaded automatically. {spec.manual} "
-                           f"Expected layout under {root}: {spec.layout}")
+                           f"Expected layout under {root}: {spec.layout.rstrip('.')}.")
     from digseg_cli.download import download_file, safe_extract
 
     cache = root / ".downloads"
@@ -192,7 +192,7 @@ def download_dataset(
         spec.list_items(root, spec.default_split)
     except MissingLayout as exc:
         raise DatasetError(f"the downloaded {spec.title} files do not have the expected layout ({exc}); "
-                           f"expected under {root}: {spec.layout}") from None
+                           f"expected under {root}: {spec.layout.rstrip('.')}.") from None
     return root
 
 

@@ -147,7 +147,7 @@ class DatasetSpec:
         if self.manual:
             parts.append(self.manual)
         if self.layout:
-            parts.append(f"Expected layout under {root}: {self.layout}")
+            parts.append(f"Expected layout under {root}: {self.layout.rstrip('.')}.")
         parts.append(f"Point --data-root (or ${ENV_DATA_ROOT}) at the folder that holds '{self.folder or root.name}'.")
         return " ".join(parts)
 
