@@ -148,7 +148,9 @@ def _step_generator(seed: int, step: int, micro: int) -> torch.Generator:
 
 
 def train(settings: TrainSettings, progress: Callable[[dict], None] | None = None) -> TrainResult:
-    """Run (or resume) a training run; returns where its checkpoints are. See the module docstring."""
+    """Run (or resume) a training run; returns where its checkpoints are. See the module docstring.
+
+    Under several processes it closes the process group when the run ends (one training per process)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
