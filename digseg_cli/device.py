@@ -2,7 +2,8 @@
 
 `auto` picks CUDA, then MPS, then CPU; an explicit device that is not there is an error with its own exit
 code, never a silent fallback. Precision `auto` means bf16 on CUDA where supported (else fp16) and fp32
-on CPU and MPS. This module never mutates environment variables and knows nothing of models.
+on CPU and MPS. `leave_process_group` ends a multi-process run's group cleanly. This module never mutates
+environment variables and knows nothing of models.
 """
 
 from __future__ import annotations
@@ -70,6 +71,18 @@ def precision_note(dtype: torch.dtype) -> str | None:
                 "by up to about 0.1 (about 0.1 % of pixels change label); --precision fp16 or fp32 matches fp32 "
                 "more closely")
     return None
+
+
+def leave_process_group() -> None:
+    """Meet the other processes, then close the process group of a multi-process run (no-op otherwise).
+
+    Left open, its threads are torn down at interpreter exit in no fixed order, and now and then a rank
+    aborts there ("terminate called without an active exception") after a run that finished well. The
+    barrier first: a rank that destroys the group while another is still in a collective can hang it."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def describe(device: torch.device, dtype: torch.dtype) -> str:

@@ -25,6 +25,7 @@ from digseg_cli import train_state
 from digseg_cli.checkpoint import LoadedModel, save_checkpoint
 from digseg_cli.core import diffusion
 from digseg_cli.core.metrics import confusion_matrix, iou_per_class, miou
+from digseg_cli.device import leave_process_group
 from digseg_cli.errors import InterruptedRunError, UsageError
 
 log = logging.getLogger("digseg")
@@ -309,7 +310,7 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     stopped_by = stopped_by or "max_steps"
     last = save("last")
     _check_ranks_agree(model, accelerator)
-    _leave_process_group(accelerator)
+    leave_process_group()
     if stopped_by == "signal":
         raise InterruptedRunError(f"interrupted by {signals.requested or 'a signal'} at step {step}: checkpoint written to {last}; "
                                   f"continue with `digseg train --out {out} --resume`")
@@ -347,17 +348,6 @@ def _check_ranks_agree(model, accelerator) -> None:
         raise RuntimeError("training processes ended with different weights: the run is not synchronised")
     if accelerator.is_main_process:
         log.info("all %d processes hold identical weights", accelerator.num_processes)
-
-
-def _leave_process_group(accelerator) -> None:
-    """Meet the other processes, then close the process group.
-
-    Left open, its threads are torn down at interpreter exit in no fixed order, and now and then a rank
-    aborts there ("terminate called without an active exception") after a run that finished well. The
-    barrier first: a rank that destroys the group while another is still in a collective can hang it."""
-    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
-        accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
 
 
 def _prepare_data(s: TrainSettings, data_lib):

@@ -51,15 +51,6 @@ def _maybe_init_distributed() -> str | None:
     return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else None
 
 
-def _leave_distributed() -> None:
-    """Meet the other processes, then close the process group (left open, a rank can abort at exit)."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def _render_check(report) -> None:
     from rich.table import Table
 
@@ -142,6 +133,7 @@ def eval_command(
 ) -> None:
     """Evaluate on a benchmark with its exact protocol; always writes metrics.json, CSVs, a confusion matrix
     and report.md. Exit 7 when the dataset is missing or invalid, 2 on a usage error."""
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate launch, rank 0 reports
     with handle_errors():
         if absent_rule is not None and absent_rule not in ("detectron2", "mmseg"):
             raise UsageError(f"`--absent-rule` must be detectron2 or mmseg; got {absent_rule!r}")
@@ -193,9 +185,9 @@ def eval_command(
 
             dtype = None if precision == "auto" else precision
             pipe = load_pipeline(weights, device=rank_device or device, dtype=dtype)
-            from digseg_cli.device import precision_note
+            from digseg_cli.device import leave_process_group, precision_note
 
-            if (note := precision_note(pipe.dtype)) is not None and os.environ.get("RANK", "0") == "0":
+            if (note := precision_note(pipe.dtype)) is not None and main_process:
                 err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
             decoder_used = pipe.resolve_decoder(decoder.value)
             settings.update(weights=weights, device=str(pipe.device), precision=str(pipe.dtype).removeprefix("torch."),
@@ -209,9 +201,9 @@ def eval_command(
                                            max_side=spec.max_side, decoder=decoder_used)
             result = evaluate(data, spec.class_names or (), predictor, out_dir=out_dir, split=data.split,
                               settings=settings, limit=limit, progress=_progress("evaluating"), **kwargs)
-            _leave_distributed()
+            leave_process_group()
 
-    if os.environ.get("RANK", "0") != "0":  # every process holds the summed metrics; one prints them
+    if not main_process:  # every process holds the summed metrics; one prints them
         return
     _render_result(result)
     if as_json:
