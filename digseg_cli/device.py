@@ -2,13 +2,17 @@
 
 `auto` picks CUDA, then MPS, then CPU; an explicit device that is not there is an error with its own exit
 code, never a silent fallback. Precision `auto` means bf16 on CUDA where supported (else fp16) and fp32
-on CPU and MPS. `leave_process_group` ends a multi-process run's group cleanly. This module never mutates
+on CPU and MPS; bf16 asked for on a CPU without bf16 instructions gets a note (it is emulated there, and
+slow). `leave_process_group` ends a multi-process run's group cleanly. This module never mutates
 environment variables and knows nothing of models.
 """
 
 from __future__ import annotations
 
+import platform
 import re
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -62,15 +66,57 @@ def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
     return PRECISIONS[precision]
 
 
-def precision_note(dtype: torch.dtype) -> str | None:
-    """A one-line note for precisions known to change results, else None (cli-features: warn when they do)."""
-    if dtype == torch.bfloat16:
-        # Measured on an H200 with the demo (benchmarks/RESULTS.md, row 5): fp16 stays within 8.8e-3 of fp32,
-        # bf16 moves probabilities by up to 8e-2 on class boundaries and changes 0.1 % of the labels.
-        return ("note: bf16 keeps fewer digits than fp16: on class boundaries probabilities can differ from fp32 "
-                "by up to about 0.1 (about 0.1 % of pixels change label); --precision fp16 or fp32 matches fp32 "
-                "more closely")
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU has bf16 instructions (x86 AVX512-BF16 or AMX-BF16, Arm BF16); None where it cannot
+    tell. Without them torch emulates bf16, many times slower than fp32 (performance.md, "bf16 on CPU")."""
+    system = platform.system()
+    if system == "Linux":
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+        return _cpuinfo_has_bf16(text)
+    if system == "Darwin":  # Apple silicon from M2 on
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() == "1" if out.returncode == 0 else None
     return None
+
+
+def _cpuinfo_has_bf16(cpuinfo: str) -> bool | None:
+    """`/proc/cpuinfo` text → whether its flag lines (x86 `flags`, Arm `Features`) name a bf16 extension."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    if not flags:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def emulated_bf16_note(device: torch.device) -> str | None:
+    """A one-line note when bf16 work on `device` would be emulated (a CPU without bf16 instructions), else None."""
+    if device.type != "cpu" or cpu_has_bf16() is not False:
+        return None
+    return ("note: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so torch emulates bf16, "
+            "which can be many times slower than fp32: use --precision fp32 (the CPU default)")
+
+
+def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
+    """A one-line note for inference precisions known to change results or to be slow on `device`, else None
+    (cli-features: warn when reduced precision is known to change results)."""
+    if dtype != torch.bfloat16:
+        return None
+    # Measured on an H200 with the demo (benchmarks/RESULTS.md, row 5): fp16 stays within 8.8e-3 of fp32,
+    # bf16 moves probabilities by up to 8e-2 on class boundaries and changes 0.1 % of the labels.
+    closer = "fp32" if device.type == "cpu" else "fp16 or fp32"  # fp16 is refused on the CPU
+    return emulated_bf16_note(device) or (
+        "note: bf16 keeps fewer digits than fp16: on class boundaries probabilities can differ from fp32 by up to "
+        f"about 0.1 (about 0.1 % of pixels change label); --precision {closer} matches fp32 more closely")
 
 
 def leave_process_group() -> None:

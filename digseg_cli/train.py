@@ -25,7 +25,7 @@ from digseg_cli import train_state
 from digseg_cli.checkpoint import LoadedModel, save_checkpoint
 from digseg_cli.core import diffusion
 from digseg_cli.core.metrics import confusion_matrix, iou_per_class, miou
-from digseg_cli.device import leave_process_group
+from digseg_cli.device import emulated_bf16_note, leave_process_group
 from digseg_cli.errors import InterruptedRunError, UsageError
 
 log = logging.getLogger("digseg")
@@ -171,6 +171,8 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     accum = max(1, math.ceil(per_step / (s.batch_size * accelerator.num_processes)))
     if not accelerator.is_main_process:  # one process reports; the others train quietly
         emit = lambda event: None  # noqa: E731
+    if accelerator.mixed_precision == "bf16" and (note := emulated_bf16_note(accelerator.device)):
+        emit({"event": "note", "text": note})
     set_seed(s.seed)
     if s.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

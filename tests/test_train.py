@@ -69,6 +69,25 @@ def test_train_writes_checkpoints_metrics_and_config(synth32, tmp_path):
     assert again.exit_code == 2 and "--resume" in again.output
 
 
+def test_bf16_training_on_a_cpu_without_bf16_instructions_notes_that_it_is_emulated(synth32, tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from digseg_cli import device
+
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
+    # Accelerate keeps one mixed-precision setting per process: this test's bf16 must not meet the other
+    # in-process runs' fp32, before or after it.
+    AcceleratorState._reset_state()
+    try:
+        result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(tmp_path / "run"), *TINY,
+                                     "--max-steps", "1", "--val-every", "1", "--vae-steps", "0", "--cpu",
+                                     "--precision", "bf16"])
+    finally:
+        AcceleratorState._reset_state()
+    assert result.exit_code == 0, result.output
+    assert "emulates bf16" in result.stderr
+
+
 def test_data_check_runs_first_and_stops_with_exit_7(tmp_path):
     from digseg_cli.synth import write_synth_dataset
 

@@ -187,7 +187,7 @@ def eval_command(
             pipe = load_pipeline(weights, device=rank_device or device, dtype=dtype)
             from digseg_cli.device import leave_process_group, precision_note
 
-            if (note := precision_note(pipe.dtype)) is not None and main_process:
+            if (note := precision_note(pipe.dtype, pipe.device)) is not None and main_process:
                 err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
             decoder_used = pipe.resolve_decoder(decoder.value)
             settings.update(weights=weights, device=str(pipe.device), precision=str(pipe.dtype).removeprefix("torch."),

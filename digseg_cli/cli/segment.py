@@ -256,7 +256,7 @@ def segment(
                           markup=False, soft_wrap=True)
         if weights == "demo":
             err_console.print(DEMO_NOTE, style="yellow", highlight=False, markup=False, soft_wrap=True)
-        if (note := precision_note(dtype)) is not None:
+        if (note := precision_note(dtype, dev)) is not None:
             err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
         for c in settings.resolve_classes(pipe.config.classes):
             for text in c.texts:

@@ -142,6 +142,9 @@ class _Progress:
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
+        if kind == "note":
+            err_console.print(event["text"], style="dim", highlight=False, markup=False, soft_wrap=True)
+            return
         if kind == "val":
             err_console.print(f"step {event['step']}: validation mIoU {event['val_miou']:.4f}")
             return
