@@ -11,7 +11,8 @@ measures in one run, on this machine, ratios against baselines timed in the same
   (e) `digseg --help` vs `python -c pass`;
   (f) a large image with tiled inference vs (number of tiles × one tile);
   plus torch's thread count in a CLI process and the fast decoder's decode speed-up and mIoU change;
-  on a CUDA device also (5): the fp16 and bf16 probabilities of the demo model against fp32.
+  (5): the fp16 and bf16 probabilities of the demo model against fp32 (on a CPU: bf16 only, where the CPU
+  has bf16 instructions), and ours in this run's precision against the other (fp32 against bf16 or fp16).
 
 `--device` (default auto: CUDA when there is one) and `--precision` (default auto: bf16 on CUDA, fp32 on
 CPU, as `digseg segment` picks) choose where and how ours and every baseline run. When the naive loop runs
@@ -447,9 +448,12 @@ def run(a: argparse.Namespace) -> str:
         table.add(*tiling(a))
     # (2) the fast decoder's accuracy, as recorded by `digseg decoder train` in the demo checkpoint
     table.add(*fast_accuracy(a.demo))
-    # (5) half precision against fp32, on a GPU
-    if cuda and "precision" not in a.skip:
-        for row in precision_rows(a):
+    # (5) half precision: accuracy against fp32 (demo), and speed at this run's size
+    if "precision" not in a.skip:
+        for row in precision_rows(a, scenes=2 if a.quick else 8):
+            table.add(*row)
+        t_k2 = t_ours.get((2, "vae")) or timed(lambda: ours(pipe, image, prompts[2], "vae"), a.repeats, warmup=1)
+        if (row := precision_speed(a, image, prompts[2], t_k2)) is not None:
             table.add(*row)
 
     peak_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -480,10 +484,21 @@ def tiling(a) -> tuple[str, ...]:
             f"vae decoder; {label}) / ({n} × one tile)", s(t_tiled), s(n * t_one), f"{r:.3f}×", "≤ 1.15×", yes(r <= 1.15))
 
 
+def half_precisions(device) -> tuple[str, ...]:
+    """The reduced precisions worth measuring on `device`: fp16 and bf16 on a GPU; on a CPU bf16 where it has
+    bf16 instructions (elsewhere torch emulates it, many times slower), never fp16 (digseg refuses it there)."""
+    from digseg_cli.device import cpu_has_bf16
+
+    if device.type != "cpu":
+        return ("fp16", "bf16")
+    return ("bf16",) if cpu_has_bf16() else ()
+
+
 def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]:
-    """(5) The demo model's probabilities in fp16 and bf16 against fp32 on the same GPU, `scenes` synthetic
-    scenes × its classes, both decoders: the largest and the mean absolute difference, and how many
-    pixels change label. The fp32 reference runs with TF32 off (cuDNN's default would round convolutions)."""
+    """(5) The demo model's probabilities in fp16 and bf16 (on a CPU: bf16 where it has the instructions)
+    against fp32 on the same device, `scenes` synthetic scenes × its classes, both decoders: the largest and
+    the mean absolute difference, and how many pixels change label. The fp32 reference runs with TF32 off
+    (cuDNN's default would round convolutions)."""
     import numpy as np
     import torch
 
@@ -491,9 +506,13 @@ def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]
     from digseg_cli.pipeline import DigsegPipeline, load_model
     from digseg_cli.synth import generate_scene
 
+    halves = half_precisions(a.device)
+    if not halves:
+        return [("5", "(5) bf16 vs fp32 probabilities (this CPU has no bf16 instructions; fp16 is not run on a CPU)",
+                 "—", "—", "—", "≤ 1e-2", "not measured")]
     images = [generate_scene(np.random.default_rng(7000 + i), side)[0] for i in range(scenes)]
     loaded = load_model(a.demo)
-    names = [c["name"] for c in loaded.config.classes]
+    names = [c["name"] for c in loaded.config.classes or ()] or ["road", "tree"]  # a random model names none
     decoders = ("vae", "fast") if loaded.model.fast_decoder is not None else ("vae",)
 
     def probs(dtype, decoder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,12 +528,12 @@ def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
             ref, ref_labels = probs(torch.float32, decoder)
             torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-            for name in ("fp16", "bf16"):
+            for name in halves:
                 half, labels = probs(PRECISIONS[name], decoder)
                 diff = (half - ref).abs()
                 changed = (labels != ref_labels).float().mean().item()
                 worst = diff.max().item()
-                rows.append(("5", f"(5) {name} vs fp32 probabilities, demo, {decoder} decoder ({scenes} scenes × "
+                rows.append(("5", f"(5) {name} vs fp32 probabilities on {a.device.type}, `{a.demo}`, {decoder} decoder ({scenes} scenes × "
                              f"{len(names)} classes, {side} px; mean \\|Δ\\| {diff.mean().item():.1e}, 99.9th pct "
                              f"{diff.flatten().kthvalue(int(diff.numel() * 0.999)).values.item():.1e}, "
                              f"labels changed {changed:.3%})", f"{worst:.2e}", "0 (fp32)", f"max \\|Δ\\| {worst:.1e}",
@@ -522,6 +541,26 @@ def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     return rows
+
+
+def precision_speed(a, image, texts, t_this: float) -> tuple[str, ...] | None:
+    """(5) Ours at K=len(texts) with the VAE decoder in this run's precision against the other one (fp32 when
+    this run is reduced, else the reduced precision this device has), on a second copy of the same model.
+    fp32 runs with torch's defaults (on CUDA: TF32 convolutions, as a user's fp32 run gets)."""
+    from digseg_cli.device import PRECISIONS
+
+    this = precision_name(a.dtype)
+    halves = half_precisions(a.device)
+    other = "fp32" if this != "fp32" else ("bf16" if "bf16" in halves else None)
+    if other is None:
+        return None
+    pipe, _, _ = load(a.demo if a.size == "demo" else a.size, a.device, PRECISIONS[other])
+    t_other = timed(lambda: ours(pipe, image, texts, "vae"), a.repeats, warmup=1)
+    del pipe
+    reduced, full = (t_this, t_other) if this != "fp32" else (t_other, t_this)
+    name = this if this != "fp32" else other
+    return ("5", f"(5) speed: ours at {name} / ours at fp32, K={len(texts)}, vae decoder, this run's model and image",
+            s(reduced), s(full) + " (fp32)", f"{reduced / full:.2f}×", "— (reported)", "—")
 
 
 def ours_tiled(pipe, image, texts, tile):
