@@ -10,6 +10,7 @@ measures in one run, on this machine, ratios against baselines timed in the same
   (d) peak resident memory against the size of the weights;
   (e) `digseg --help` vs `python -c pass`;
   (f) a large image with tiled inference vs (number of tiles × one tile);
+  (4) a folder run's wall time vs reading, running and writing its images one after another;
   plus torch's thread count in a CLI process and the fast decoder's decode speed-up and mIoU change;
   (5): the fp16 and bf16 probabilities of the demo model against fp32 (on a CPU: bf16 only, where the CPU
   has bf16 instructions), and ours in this run's precision against the other (fp32 against bf16 or fp16).
@@ -60,7 +61,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--tile-size", type=int, help="tile side for (f) (default: the tile model's native resolution)")
     p.add_argument("--tile-prompts", type=int, default=1, help="prompts for (f) (default 1)")
     p.add_argument("--skip", default="",
-                   help="comma list of parts to skip: naive,marigold,floor,memory,startup,tiling,precision")
+                   help="comma list of parts to skip: naive,marigold,floor,memory,startup,folder,tiling,precision")
     p.add_argument("--quick", action="store_true", help="one repeat, K=2 only, short startup timing (smoke test)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
     p.add_argument("--append", action="store_true", help="add this run as a new section of --out instead of replacing it")
@@ -443,6 +444,8 @@ def run(a: argparse.Namespace) -> str:
     threads, cores = cli_threads()
     table.add("3", "(3) torch threads in a CLI process / usable cores", str(threads), str(cores),
               f"{threads}/{cores}", "= cores", yes(threads >= cores))
+    if "folder" not in a.skip:
+        table.add(*folder_io(a, images=4 if a.quick else 16))
     # (f) tiling
     if "tiling" not in a.skip:
         table.add(*tiling(a))
@@ -461,6 +464,41 @@ def run(a: argparse.Namespace) -> str:
     notes.append(f"Total benchmark time {time.perf_counter() - t_start:.0f} s. Load average (1 min) at the start "
                  f"{info['load']:.2f}, at the end {os.getloadavg()[0]:.2f} (other processes on the machine skew timings).")
     return report(a, info, label, m, wb, table, notes)
+
+
+def folder_io(a, images: int = 16, side: int = 512) -> tuple[str, ...]:
+    """(4) A folder run through `run_segment`, the library under `digseg segment`, with the tile model:
+    `images` synthetic PNGs of `side` px, each run whole at the model's resolution with its classes as prompts,
+    writing the default outputs. Its wall time against the model time alone and against reading, running and
+    writing one after another (the sums it records in run.json): threads read ahead and write behind, so the
+    wall time should be the model time plus the first read and the last write."""
+    import json
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from digseg_cli.prompts import PromptClass
+    from digseg_cli.segment import SegmentSettings, run_segment
+    from digseg_cli.synth import generate_scene
+
+    pipe, label, _ = load(a.demo if a.tile_model == "demo" else a.tile_model, a.device, a.dtype)
+    names = [c["name"] for c in pipe.config.classes or ()] or ["road", "tree"]  # a random model names none
+    settings = SegmentSettings(classes=tuple(PromptClass(n, (n,)) for n in names), tile="off")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "in"
+        folder.mkdir()
+        for i in range(images):
+            Image.fromarray(generate_scene(np.random.default_rng(500 + i), side)[0]).save(folder / f"{i:03d}.png")
+        run_segment([str(folder / "000.png")], Path(tmp) / "warm", pipe, settings)  # prompts cached, buffers made
+        run_segment([str(folder)], Path(tmp) / "out", pipe, settings)
+        t = json.loads((Path(tmp) / "out" / "run.json").read_text())["timings"]
+    serial = t["read_s"] + t["model_s"] + t["write_s"]
+    hidden = 1 - (t["wall_s"] - t["model_s"]) / (t["read_s"] + t["write_s"])
+    return ("4", f"(4) folder of {images} PNGs of {side} px ({len(names)} classes, {label}): wall time / (read + model "
+            f"+ write one after another); model alone {s(t['model_s'])}, read {s(t['read_s'])}, write "
+            f"{s(t['write_s'])}, {hidden:.0%} of the I/O time hidden", s(t["wall_s"]), s(serial),
+            f"{t['wall_s'] / serial:.2f}×", "< 1× (I/O overlaps)", yes(t["wall_s"] < serial))
 
 
 def tiling(a) -> tuple[str, ...]:

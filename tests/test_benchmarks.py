@@ -31,7 +31,7 @@ def test_quick_tiny_run_writes_the_table(tmp_path):
         assert needle in text, needle
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| #")]
     items = {r.split("|")[1].strip() for r in rows}
-    assert {"a", "b", "c", "d", "e", "f", "2", "3", "5"} <= items  # 5: bf16 on CPUs with it, else "not measured"
+    assert {"a", "b", "c", "d", "e", "f", "2", "3", "4", "5"} <= items  # 5: bf16 on CPUs with it, else "not measured"
     # fewer naive steps than 50: one measured row and one extrapolated row, clearly labelled
     assert any("measured with 3 steps" in r for r in rows)
     extrapolated = [r for r in rows if "extrapolated" in r]
