@@ -113,10 +113,12 @@ def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
         return None
     # Measured on an H200 with the demo (benchmarks/RESULTS.md, row 5): fp16 stays within 8.8e-3 of fp32,
     # bf16 moves probabilities by up to 8e-2 on class boundaries and changes 0.1 % of the labels.
-    closer = "fp32" if device.type == "cpu" else "fp16 or fp32"  # fp16 is refused on the CPU
+    # fp16 is refused on the CPU, so there the only closer choice is the default.
+    closer = ("the CPU default, --precision fp32, does not" if device.type == "cpu"
+              else "--precision fp16 or fp32 matches fp32 more closely")
     return emulated_bf16_note(device) or (
         "note: bf16 keeps fewer digits than fp16: on class boundaries probabilities can differ from fp32 by up to "
-        f"about 0.1 (about 0.1 % of pixels change label); --precision {closer} matches fp32 more closely")
+        f"about 0.1 (about 0.1 % of pixels change label); {closer}")
 
 
 def leave_process_group() -> None:
