@@ -66,6 +66,7 @@ class DigsegPipeline:
         self.scheduler = diffusion.make_scheduler(loaded.scheduler_config)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.batch_size = 1 if self.device.type == "mps" else 16
+        self.notes: list[str] = []  # what the pipeline changed on its own (fp32 after an overflow), for run logs
 
     # -- prompts -------------------------------------------------------------------------------------
     def format_prompt(self, name: str, template: str | None = None) -> str:
@@ -146,6 +147,15 @@ class DigsegPipeline:
             probs = self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings, decoder)
         else:
             probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]  # [T,H,W]
+        # 7b. fp16 can overflow (SD VAEs are known to: NaN or black masks): run again with the part in fp32.
+        while not bool(torch.isfinite(probs).all()):
+            self._upcast_after_overflow()
+            emb, pooled = self.encode_prompts(texts)
+            if tile_size:
+                probs = self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings,
+                                            decoder)
+            else:
+                probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]
         # 8. Average synonyms' scores into one map per class.
         sizes = [len(s) for s in classes]
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
@@ -153,6 +163,27 @@ class DigsegPipeline:
         labels, masks = probs_to_labels(probs, thresholds)
         timings["total"] = time.perf_counter() - t_start
         return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), thresholds, [c[0] for c in classes], timings)
+
+    def _upcast_after_overflow(self) -> None:
+        """After non-finite probabilities: the VAE to fp32 first (the usual culprit), then the whole model.
+        Sticky for the pipeline's life; each step adds a line to `notes`. The weights keep their reduced-precision
+        rounding (no second copy is held). In fp32 it is the weights' fault."""
+        from digseg_cli.errors import CheckpointError
+
+        name = str(self.dtype).removeprefix("torch.")
+        if self.model.vae.dtype != torch.float32:
+            self.model.vae.to(torch.float32)
+            note = f"the VAE gave non-finite values in {name}; it runs in float32 from now on"
+        elif self.dtype != torch.float32:
+            self.model.to(torch.float32)
+            self.dtype = torch.float32
+            self._prompt_cache.clear()  # embeddings made in the reduced precision may be what overflowed
+            note = f"the model gave non-finite values in {name}; it runs in float32 from now on"
+        else:
+            raise CheckpointError("the model gives non-finite probabilities in float32: its weights look damaged "
+                                  "(download them again, or check a checkpoint you trained)")
+        log.warning("%s", note)
+        self.notes.append(note)
 
     def resolve_decoder(self, decoder: str) -> str:
         """`vae|fast|auto` → `vae` or `fast`; "auto" needs a fast decoder that passed its accuracy check."""

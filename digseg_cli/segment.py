@@ -168,13 +168,18 @@ def _pairs_in_use(pipe, tile: int | str, call: dict, h: int, w: int, n_texts: in
 
 
 def _infer(pipe, image, prompts, call: dict, tile: int | str, rel: str, notes: list[str]):
-    """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller."""
+    """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller. What the
+    pipeline changed on its own (fp32 after an overflow) joins `notes` too."""
     from digseg_cli.device import is_out_of_memory
 
     n_texts = sum(1 if isinstance(p, str) else len(p) for p in prompts)
     while True:
         try:
-            return pipe(image, prompts, tile=tile, **call)
+            out = pipe(image, prompts, tile=tile, **call)
+            changes = getattr(pipe, "notes", [])  # e.g. fp32 after an fp16 overflow; the pipeline logged them
+            notes.extend(f"{note} (on {rel})" for note in changes)
+            changes.clear()
+            return out
         except Exception as exc:
             if not is_out_of_memory(exc):
                 raise

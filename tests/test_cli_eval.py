@@ -107,14 +107,16 @@ class FakePipe:
     class config:  # noqa: N801
         prompt_template = "{name}"
 
-    def __init__(self):
-        self.calls = []
+    def __init__(self, note: str | None = None):
+        self.calls, self.notes, self.note = [], [], note  # `note`: what the pipeline says on its first call
 
     def resolve_decoder(self, decoder):
         return "vae" if decoder == "auto" else decoder
 
     def __call__(self, image, prompts, **kw):
         self.calls.append((image.shape, prompts, kw))
+        if self.note and len(self.calls) == 1:
+            self.notes.append(self.note)
         g = torch.Generator().manual_seed(kw["seed"])
 
         class Out:
@@ -126,7 +128,7 @@ class FakePipe:
 def test_model_path_records_settings(tmp_path, monkeypatch):
     import digseg_cli.pipeline as pipeline
 
-    pipe = FakePipe()
+    pipe = FakePipe(note="the VAE gave non-finite values in float16; it runs in float32 from now on")
     seen = {}
 
     def fake_load(name, *, device=None, dtype=None, **_):
@@ -147,6 +149,7 @@ def test_model_path_records_settings(tmp_path, monkeypatch):
     assert m["num_images"] == 2
     assert m["settings"]["steps"] == 1 and m["settings"]["short_side"] == 16 and m["settings"]["weights"] == "my-ckpt"
     assert m["settings"]["decoder"] == "vae" and pipe.calls[0][2]["decoder"] == "vae"
+    assert m["settings"]["precision_fallbacks"] == [pipe.note]  # said during the run, recorded at its end
 
 
 def test_refuge_official_bmp_predictions(tmp_path):

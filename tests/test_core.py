@@ -160,6 +160,46 @@ def test_same_seed_same_output_and_batch_equals_single():
     torch.testing.assert_close(pipe(image, ["road", "tree", "water"], seed=7).probs, a.probs, atol=1e-5, rtol=0)
 
 
+def _overflowing(part: str):
+    """The tiny model with one convolution scaled up so that its activations overflow fp16 (max 65504) and
+    not fp32; the weights themselves still fit fp16 (else the fp16 copy would hold inf for good)."""
+    loaded = build_compact("tiny")
+    conv, scale = {"vae": (loaded.model.vae.decoder.conv_in, 3e4), "unet": (loaded.model.unet.conv_out, 2e5)}[part]
+    with torch.no_grad():
+        conv.weight.mul_(scale)
+    assert conv.weight.abs().max() < 65504
+    return loaded
+
+
+@pytest.mark.parametrize(("part", "fallbacks"), [("vae", 1), ("unet", 2)])
+def test_fp16_overflow_runs_again_with_the_vae_then_the_model_in_fp32(part, fallbacks):
+    """A real overflow (fp16 on the CPU): NaN probabilities are never returned; the VAE goes to fp32 first,
+    then, if that is not enough, the whole model. The result is the fp32 one up to the fp16 rounding the
+    weights keep (1.4e-3 here), within the 1e-2 that fp16 itself is held to."""
+    image = _image()
+    reference = DigsegPipeline(_overflowing(part), "cpu", torch.float32)(image, ["road", "tree"])
+    pipe = DigsegPipeline(_overflowing(part), "cpu", torch.float16)
+    out = pipe(image, ["road", "tree"])
+    assert torch.isfinite(out.probs).all()
+    torch.testing.assert_close(out.probs, reference.probs, atol=1e-2, rtol=0)
+    assert len(pipe.notes) == fallbacks and "float16" in pipe.notes[0]  # so fp16 did overflow
+    assert pipe.model.vae.dtype == torch.float32
+    assert pipe.model.unet.dtype == (torch.float16 if part == "vae" else torch.float32)
+    pipe.notes.clear()
+    pipe(image, ["road", "tree"])  # sticky: the next image does not overflow again
+    assert pipe.notes == []
+
+
+def test_non_finite_probabilities_in_fp32_are_a_checkpoint_error():
+    from digseg_cli.errors import CheckpointError
+
+    loaded = build_compact("tiny")
+    with torch.no_grad():
+        loaded.model.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="non-finite probabilities in float32"):
+        DigsegPipeline(loaded, "cpu", torch.float32)(_image(), ["road"])
+
+
 @pytest.mark.parametrize("objective", ["one-step", "diffusion"])
 def test_tiles_batched_into_one_call_equal_tiles_one_at_a_time(objective):
     pipe = DigsegPipeline(build_compact("tiny", objective=objective, default_steps=1 if objective == "one-step" else 2))

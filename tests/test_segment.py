@@ -292,6 +292,24 @@ def test_oom_backs_off_batch_then_tiles_and_records_it(tmp_path, pipe):
         pipe.batch_size = 16
 
 
+def test_fp16_overflow_fallback_is_recorded_once_in_the_manifest(tmp_path):
+    """The pipeline's own fallback to fp32 (tested in test_core) reaches run.json, named with its image."""
+    from digseg_cli.checkpoint import build_compact
+    from digseg_cli.pipeline import DigsegPipeline
+
+    loaded = build_compact("tiny")
+    with torch.no_grad():
+        loaded.model.vae.decoder.conv_in.weight.mul_(3e4)  # overflows fp16, not fp32
+    fp16 = DigsegPipeline(loaded, "cpu", torch.float16)
+    for name in ("a.png", "b.png"):
+        _save(tmp_path / "in" / name, 1)
+    summary = seg.run_segment([str(tmp_path / "in")], tmp_path / "out", fp16, _settings())
+    assert summary.processed == 2
+    assert summary.backoffs == ["the VAE gave non-finite values in float16; it runs in float32 from now on (on a.png)"]
+    assert json.loads((tmp_path / "out/run.json").read_text())["backoffs"] == summary.backoffs
+    assert fp16.notes == []  # handed on, not kept
+
+
 def test_interrupt_writes_manifest_and_finished_outputs(tmp_path, pipe):
     for name in ("a.png", "b.png", "c.png"):
         _save(tmp_path / "in" / name, 1)

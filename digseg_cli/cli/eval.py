@@ -195,7 +195,8 @@ def eval_command(
                             max_side=spec.max_side if side else None, tile=tile,
                             decoder=decoder_used,
                             prompt_template=prompt_template or pipe.config.prompt_template, seed=seed,
-                            prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50])
+                            prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50],
+                            precision_fallbacks=pipe.notes)  # the pipeline's own list: filled if fp16 overflows
             predictor = pipeline_predictor(pipe, steps=steps, ensemble=ensemble, seed=seed, resolution=resolution,
                                            tile=tile, prompt_template=prompt_template, short_side=side or None,
                                            max_side=spec.max_side, decoder=decoder_used)
