@@ -143,19 +143,18 @@ class DigsegPipeline:
         height, width = pixels.shape[-2:]
         tile_size = self._tile_size(tile, resolution, height, width)
         timings: dict[str, float] = {}
-        if tile_size:
-            probs = self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings, decoder)
-        else:
-            probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]  # [T,H,W]
+
+        def predict(emb, pooled) -> torch.Tensor:  # [T,H,W]
+            if tile_size:
+                return self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings,
+                                           decoder)
+            return self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]
+
+        probs = predict(emb, pooled)
         # 7b. fp16 can overflow (SD VAEs are known to: NaN or black masks): run again with the part in fp32.
         while not bool(torch.isfinite(probs).all()):
             self._upcast_after_overflow()
-            emb, pooled = self.encode_prompts(texts)
-            if tile_size:
-                probs = self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings,
-                                            decoder)
-            else:
-                probs = self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]
+            probs = predict(*self.encode_prompts(texts))
         # 8. Average synonyms' scores into one map per class.
         sizes = [len(s) for s in classes]
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
