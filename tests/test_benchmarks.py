@@ -41,7 +41,7 @@ def test_quick_tiny_run_writes_the_table(tmp_path):
     # --append adds a second section to the same file
     again = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--size", "tiny", "--skip",
-         "naive,marigold,floor,startup,tiling", "--demo", "tiny", "--out", str(out), "--append"],
+         "naive,marigold,floor,startup,folder,tiling,precision", "--demo", "tiny", "--out", str(out), "--append"],
         capture_output=True, text=True, env=env, timeout=120,
     )
     assert again.returncode == 0, again.stderr[-3000:]
