@@ -175,7 +175,7 @@ def _overflowing(part: str):
 def test_fp16_overflow_runs_again_with_the_vae_then_the_model_in_fp32(part, fallbacks):
     """A real overflow (fp16 on the CPU): NaN probabilities are never returned; the VAE goes to fp32 first,
     then, if that is not enough, the whole model. The result is the fp32 one up to the fp16 rounding the
-    weights keep (1.4e-3 here), within the 1e-2 that fp16 itself is held to."""
+    weights keep (and, after a VAE fallback, the fp16 U-Net): 2e-3 at most here, within fp16's own 1e-2."""
     image = _image()
     reference = DigsegPipeline(_overflowing(part), "cpu", torch.float32)(image, ["road", "tree"])
     pipe = DigsegPipeline(_overflowing(part), "cpu", torch.float16)
