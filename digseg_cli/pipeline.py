@@ -169,18 +169,19 @@ class DigsegPipeline:
         rounding (no second copy is held). In fp32 it is the weights' fault."""
         from digseg_cli.errors import CheckpointError
 
-        name = str(self.dtype).removeprefix("torch.")
+        # The VAE's dtype is not always the pipeline's: a trainer validating keeps its frozen VAE in its own.
         if self.model.vae.dtype != torch.float32:
+            part, dtype = "VAE", self.model.vae.dtype
             self.model.vae.to(torch.float32)
-            note = f"the VAE gave non-finite values in {name}; it runs in float32 from now on"
         elif self.dtype != torch.float32:
+            part, dtype = "model", self.dtype
             self.model.to(torch.float32)
             self.dtype = torch.float32
             self._prompt_cache.clear()  # embeddings made in the reduced precision may be what overflowed
-            note = f"the model gave non-finite values in {name}; it runs in float32 from now on"
         else:
             raise CheckpointError("the model gives non-finite probabilities in float32: its weights look damaged "
                                   "(download them again, or check a checkpoint you trained)")
+        note = f"the {part} gave non-finite values in {str(dtype).removeprefix('torch.')}; it runs in float32 from now on"
         log.warning("%s", note)
         self.notes.append(note)
 

@@ -190,6 +190,15 @@ def test_fp16_overflow_runs_again_with_the_vae_then_the_model_in_fp32(part, fall
     assert pipe.notes == []
 
 
+def test_overflow_note_names_the_vaes_own_precision_when_it_differs_from_the_pipelines():
+    """A trainer validates in fp32 with its frozen VAE in the training precision (prepare=False)."""
+    loaded = _overflowing("vae")
+    loaded.model.vae.to(torch.float16)
+    pipe = DigsegPipeline(loaded, "cpu", torch.float32, prepare=False)
+    assert torch.isfinite(pipe(_image(), ["road"]).probs).all()
+    assert pipe.notes == ["the VAE gave non-finite values in float16; it runs in float32 from now on"]
+
+
 def test_non_finite_probabilities_in_fp32_are_a_checkpoint_error():
     from digseg_cli.errors import CheckpointError
 
