@@ -468,6 +468,11 @@ def run(a: argparse.Namespace) -> str:
     return report(a, info, label, m, wb, table, notes)
 
 
+def class_names(config) -> list[str]:
+    """The checkpoint's class names as prompts; a random-weights model names none, so two stand-ins."""
+    return [c["name"] for c in config.classes or ()] or ["road", "tree"]
+
+
 def folder_io(a, images: int = 16, side: int = 512) -> tuple[str, ...]:
     """(4) A folder run through `run_segment`, the library under `digseg segment`, with the tile model:
     `images` synthetic PNGs of `side` px, each run whole at the model's resolution with its classes as prompts,
@@ -485,7 +490,7 @@ def folder_io(a, images: int = 16, side: int = 512) -> tuple[str, ...]:
     from digseg_cli.synth import generate_scene
 
     pipe, label, _ = load(a.demo if a.tile_model == "demo" else a.tile_model, a.device, a.dtype)
-    names = [c["name"] for c in pipe.config.classes or ()] or ["road", "tree"]  # a random model names none
+    names = class_names(pipe.config)
     settings = SegmentSettings(classes=tuple(PromptClass(n, (n,)) for n in names), tile="off")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "in"
@@ -552,7 +557,7 @@ def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]
                  "—", "—", "—", "≤ 1e-2", "not measured")]
     images = [generate_scene(np.random.default_rng(7000 + i), side)[0] for i in range(scenes)]
     loaded = load_model(a.demo)
-    names = [c["name"] for c in loaded.config.classes or ()] or ["road", "tree"]  # a random model names none
+    names = class_names(loaded.config)
     decoders = ("vae", "fast") if loaded.model.fast_decoder is not None else ("vae",)
 
     def probs(dtype, decoder) -> tuple[torch.Tensor, torch.Tensor]:
