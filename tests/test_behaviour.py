@@ -1,0 +1,58 @@
+"""Behaviour unchanged by the house move (issue 16, item 9).
+
+`tests/data/behaviour_before_house.npz` was recorded before any module moved: the label maps and
+probabilities that the README's example images get from the built-in demo, and the probabilities of a fresh
+DiGSeg built from the tiny SD base stored in `tests/data/tiny-sd/` (stored, not rebuilt, so a newer
+diffusers' initialisation cannot move it). Both must come out identical: the same torch build, one thread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from digseg_cli.cli.app import app
+
+DATA = Path(__file__).parent / "data"
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["road", "tree", "building", "water", "field"]
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return np.load(DATA / "behaviour_before_house.npz")
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_readme_examples_give_the_recorded_label_maps(tmp_path, recorded, one_thread):
+    images = [str(REPO / "examples" / f"aerial-{i}.png") for i in (1, 2, 3)]
+    result = CliRunner().invoke(app, ["segment", *images, "--prompt", ", ".join(CLASSES), "--out", str(tmp_path),
+                                      "--save-probs", "--probs-format", "npy"])
+    assert result.exit_code == 0, result.output
+    for i in (1, 2, 3):
+        labels = np.array(Image.open(tmp_path / f"aerial-{i}.mask.png"))
+        probs = np.stack([np.load(tmp_path / f"aerial-{i}.{name}.prob.npy") for name in CLASSES])
+        np.testing.assert_array_equal(labels, recorded[f"labels_{i}"])
+        np.testing.assert_array_equal(probs, recorded[f"probs_{i}"])
+
+
+def test_fresh_model_from_a_tiny_sd_base_gives_the_recorded_probabilities(recorded, one_thread):
+    from digseg_cli import load_pipeline
+
+    pipe = load_pipeline(DATA / "tiny-sd")
+    image = np.array(Image.open(REPO / "examples" / "aerial-2.png").resize((64, 64)))
+    out = pipe(image, ["road", ["tree", "forest"]], resolution=64)
+    np.testing.assert_array_equal(out.probs.numpy(), recorded["fresh_sd_probs"])
+    np.testing.assert_array_equal(out.labels.numpy(), recorded["fresh_sd_labels"])
