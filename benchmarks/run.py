@@ -67,7 +67,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--append", action="store_true", help="add this run as a new section of --out instead of replacing it")
     a = p.parse_args(argv)
     image, steps, repeats, tile_model, big = DEFAULTS[a.size]
-    from digseg_cli.device import resolve_device, resolve_dtype
+    from digseg_cli.inference.device import resolve_device, resolve_dtype
     from digseg_cli.errors import DigsegError
 
     try:
@@ -145,9 +145,9 @@ def build_sd2():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from digseg_cli.checkpoint import assemble
-    from digseg_cli.compact import SCHEDULER_CONFIG, build_tokenizer
-    from digseg_cli.config import DigsegConfig
+    from digseg_cli.models.checkpoint import assemble
+    from digseg_cli.models.compact import SCHEDULER_CONFIG, build_tokenizer
+    from digseg_cli.models.config import DigsegConfig
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()
@@ -173,7 +173,7 @@ def load(name: str, device, dtype):
     """(pipeline on `device` in `dtype`, label, fast decoder trained?) for sd2 / tiny / a demo checkpoint;
     attaches a random fast decoder (timing only) where the weights have none."""
     from digseg_cli.core.fast_decoder import FastMaskDecoder
-    from digseg_cli.pipeline import DigsegPipeline, load_model
+    from digseg_cli.inference.pipeline import DigsegPipeline, load_model
 
     if name == "sd2":
         loaded, label = build_sd2(), "SD 2 sizes, random weights (U-Net 8-ch in, SD VAE, OpenCLIP-H-size text)"
@@ -294,7 +294,7 @@ def startup(repeats: int) -> tuple[float, float]:
 def cli_threads() -> tuple[int, int]:
     """torch's thread count in a process that imports the CLI and the pipeline, with no thread env vars."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    code = ("import os, torch, digseg_cli.cli.app, digseg_cli.pipeline\n"
+    code = ("import os, torch, digseg_cli.cli.app, digseg_cli.inference.pipeline\n"
             "print(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') "
             "else os.cpu_count())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
@@ -319,7 +319,7 @@ class Table:
 
 
 def precision_name(dtype) -> str:
-    from digseg_cli.device import PRECISION_NAMES
+    from digseg_cli.inference.device import PRECISION_NAMES
 
     return PRECISION_NAMES[dtype]
 
@@ -342,7 +342,7 @@ def run(a: argparse.Namespace) -> str:
     from PIL import Image
 
     from digseg_cli.core import transforms
-    from digseg_cli.synth import generate_scene
+    from digseg_cli.data.synth import generate_scene
 
     t_start = time.perf_counter()
     info = machine()
@@ -485,9 +485,9 @@ def folder_io(a, images: int = 16, side: int = 512) -> tuple[str, ...]:
     import numpy as np
     from PIL import Image
 
-    from digseg_cli.prompts import PromptClass
-    from digseg_cli.segment import SegmentSettings, run_segment
-    from digseg_cli.synth import generate_scene
+    from digseg_cli.inference.prompts import PromptClass
+    from digseg_cli.segment.run import SegmentSettings, run_segment
+    from digseg_cli.data.synth import generate_scene
 
     pipe, label, _ = load(a.demo if a.tile_model == "demo" else a.tile_model, a.device, a.dtype)
     names = class_names(pipe.config)
@@ -512,7 +512,7 @@ def tiling(a) -> tuple[str, ...]:
     import numpy as np
 
     from digseg_cli.core import transforms
-    from digseg_cli.synth import generate_scene
+    from digseg_cli.data.synth import generate_scene
 
     pipe, label, _ = load(a.demo if a.tile_model == "demo" else a.tile_model, a.device, a.dtype)
     tile = a.tile_size or pipe.config.default_resolution
@@ -532,7 +532,7 @@ def tiling(a) -> tuple[str, ...]:
 def half_precisions(device) -> tuple[str, ...]:
     """The reduced precisions worth measuring on `device`: fp16 and bf16 on a GPU; on a CPU bf16 where it has
     bf16 instructions (elsewhere torch emulates it, many times slower), never fp16 (digseg refuses it there)."""
-    from digseg_cli.device import cpu_has_bf16
+    from digseg_cli.inference.device import cpu_has_bf16
 
     if device.type != "cpu":
         return ("fp16", "bf16")
@@ -547,9 +547,9 @@ def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]
     import numpy as np
     import torch
 
-    from digseg_cli.device import PRECISIONS
-    from digseg_cli.pipeline import DigsegPipeline, load_model
-    from digseg_cli.synth import generate_scene
+    from digseg_cli.inference.device import PRECISIONS
+    from digseg_cli.inference.pipeline import DigsegPipeline, load_model
+    from digseg_cli.data.synth import generate_scene
 
     halves = half_precisions(a.device)
     if not halves:
@@ -593,7 +593,7 @@ def precision_speed(a, image, texts, t_this: float) -> tuple[str, ...] | None:
     """(5) Ours at K=len(texts) with the VAE decoder in this run's precision against the other one (fp32 when
     this run is reduced, else the reduced precision this device has), on a second copy of the same model.
     fp32 runs with torch's defaults (on CUDA: TF32 convolutions, as a user's fp32 run gets)."""
-    from digseg_cli.device import PRECISIONS
+    from digseg_cli.inference.device import PRECISIONS
 
     this = precision_name(a.dtype)
     halves = half_precisions(a.device)
@@ -615,7 +615,7 @@ def ours_tiled(pipe, image, texts, tile):
 
 
 def fast_accuracy(demo: str) -> tuple[str, ...]:
-    from digseg_cli.pipeline import load_model
+    from digseg_cli.inference.pipeline import load_model
 
     try:
         ev = load_model(demo).config.evaluation.get("fast_decoder")

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any
 from digseg_cli._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
-    from digseg_cli.pipeline import DigsegPipeline, SegmentationOutput, load_pipeline
+    from digseg_cli.inference.pipeline import DigsegPipeline, SegmentationOutput, load_pipeline
 
 __all__ = ["__version__", "load_pipeline", "DigsegPipeline", "SegmentationOutput"]
 
 _LAZY = {
-    "load_pipeline": "digseg_cli.pipeline",
-    "DigsegPipeline": "digseg_cli.pipeline",
-    "SegmentationOutput": "digseg_cli.pipeline",
+    "load_pipeline": "digseg_cli.inference.pipeline",
+    "DigsegPipeline": "digseg_cli.inference.pipeline",
+    "SegmentationOutput": "digseg_cli.inference.pipeline",
 }
 
 

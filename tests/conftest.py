@@ -41,7 +41,7 @@ def tiny_sd_base(tmp_path_factory):
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from digseg_cli.compact import build_tokenizer
+    from digseg_cli.models.compact import build_tokenizer
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer()

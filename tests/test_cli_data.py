@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from digseg_cli.cli.app import app
 from digseg_cli.errors import EXIT_DATASET, EXIT_USAGE
-from digseg_cli.images import write_image, write_label_png
+from digseg_cli.inference.images import write_image, write_label_png
 
 runner = CliRunner()
 
@@ -36,8 +36,8 @@ def test_synth_then_check_ok(tmp_path):
 
 
 def test_synth_zoom_option(tmp_path):
-    from digseg_cli.images import read_mask
-    from digseg_cli.synth import generate_scene, scene_rng
+    from digseg_cli.inference.images import read_mask
+    from digseg_cli.data.synth import generate_scene, scene_rng
 
     res = _run("data", "synth", str(tmp_path / "z"), "--n", "1", "--seed", "4", "--size", "32", "--zoom", "2")
     assert res.exit_code == 0, res.output

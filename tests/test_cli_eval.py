@@ -126,7 +126,7 @@ class FakePipe:
 
 
 def test_model_path_records_settings(tmp_path, monkeypatch):
-    import digseg_cli.pipeline as pipeline
+    import digseg_cli.inference.pipeline as pipeline
 
     pipe = FakePipe(note="the VAE gave non-finite values in float16; it runs in float32 from now on")
     seen = {}

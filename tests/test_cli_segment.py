@@ -145,7 +145,7 @@ def test_no_inputs_exits_3(tmp_path):
 
 
 def test_ctrl_c_writes_manifest_and_exits_130(tmp_path, monkeypatch):
-    from digseg_cli.pipeline import DigsegPipeline
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
     for name in ("a.png", "b.png"):
         _save(tmp_path / "in" / name, 1)
@@ -165,9 +165,9 @@ def test_ctrl_c_writes_manifest_and_exits_130(tmp_path, monkeypatch):
 
 
 def test_dry_run_loads_no_model(tmp_path, monkeypatch):
-    import digseg_cli.pipeline
+    import digseg_cli.inference.pipeline
 
-    monkeypatch.setattr(digseg_cli.pipeline, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(digseg_cli.inference.pipeline, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     _save(tmp_path / "a.png", 1, size=(40, 100))
     result = _run(str(tmp_path / "a.png"), "-p", "road", "--dry-run", "--json", "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
@@ -216,7 +216,7 @@ def test_bf16_run_notes_that_reduced_precision_moves_boundaries(tmp_path):
 
 def test_bf16_on_a_cpu_without_bf16_instructions_notes_that_it_is_emulated(tmp_path, monkeypatch):
     """performance.md: without AVX512-BF16/AMX, torch emulates bf16 many times slower than fp32."""
-    from digseg_cli import device
+    from digseg_cli.inference import device
 
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
     image = _save(tmp_path / "in/a.png", 1)

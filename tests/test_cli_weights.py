@@ -10,7 +10,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from digseg_cli import registry
+from digseg_cli.weights import registry
 from digseg_cli.cli.weights import register
 
 try:

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from digseg_cli.checkpoint import build_compact, build_from_sd_base, load_checkpoint
+from digseg_cli.models.checkpoint import build_compact, build_from_sd_base, load_checkpoint
 from digseg_cli.core import diffusion
 from digseg_cli.core.model import expand_conv_in
-from digseg_cli.pipeline import DigsegPipeline, load_pipeline
+from digseg_cli.inference.pipeline import DigsegPipeline, load_pipeline
 
 
 def _image(h=40, w=48, seed=0) -> np.ndarray:
@@ -262,7 +262,7 @@ def test_sd_base_folder_loads_offline_and_runs(tiny_sd_base, monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("objective", ["one-step", "diffusion"])
 def test_training_on_one_batch_lowers_loss_5x(objective):
-    from digseg_cli.train import batch_loss
+    from digseg_cli.train.loop import batch_loss
 
     torch.manual_seed(0)
     loaded = build_compact("tiny", objective=objective)

@@ -1,4 +1,4 @@
-"""digseg_cli.data and digseg_cli.train_data: class files, pairing, the folder check, split, Dataset."""
+"""digseg_cli.data.folders and digseg_cli.train.samples: class files, pairing, the folder check, split, Dataset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digseg_cli.data import (
+from digseg_cli.data.folders import (
     ClassList,
     Pair,
     find_pairs,
@@ -18,10 +18,10 @@ from digseg_cli.data import (
     scan_folder,
     split_pairs,
 )
-from digseg_cli.data_check import check_folder
+from digseg_cli.data.check import check_folder
 from digseg_cli.errors import DatasetError, UsageError
-from digseg_cli.images import write_image, write_label_png
-from digseg_cli.synth import write_synth_dataset
+from digseg_cli.inference.images import write_image, write_label_png
+from digseg_cli.data.synth import write_synth_dataset
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_check_binary_folder(tmp_path):
 
 def test_dataset_deterministic_and_absent_prompts(synth_dir):
     torch = pytest.importorskip("torch")
-    from digseg_cli.train_data import SegmentationTrainDataset
+    from digseg_cli.train.samples import SegmentationTrainDataset
 
     classes = read_classes(synth_dir)
     pairs = find_pairs(synth_dir)
@@ -199,7 +199,7 @@ def test_dataset_deterministic_and_absent_prompts(synth_dir):
 
 def test_dataset_absent_only_gives_empty_targets_and_eval_loader(synth_dir):
     pytest.importorskip("torch")
-    from digseg_cli.train_data import SegmentationTrainDataset
+    from digseg_cli.train.samples import SegmentationTrainDataset
 
     classes = read_classes(synth_dir)
     pairs = find_pairs(synth_dir)
@@ -225,7 +225,7 @@ def test_scan_reports_duplicates(tmp_path):
 
 
 def test_classlist_validation():
-    from digseg_cli.data import ClassSpec
+    from digseg_cli.data.folders import ClassSpec
 
     with pytest.raises(DatasetError, match="background"):
         ClassList((ClassSpec(0, "road"),))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from digseg_cli import datasets as D
-from digseg_cli.datasets import classnames
+from digseg_cli.data.benchmarks import catalog as D
+from digseg_cli.data.benchmarks import classnames
 from digseg_cli.errors import DatasetError, UsageError
 
 H = W = 8
@@ -189,7 +189,7 @@ def test_user_folder_contiguous_labels(tmp_path):
 
 
 def test_synth_is_generated_once_into_the_data_root(tmp_path, monkeypatch):
-    from digseg_cli.datasets import folders
+    from digseg_cli.data.benchmarks import local as folders
 
     assert D.get_spec("synth").name == "synth" and D.get_spec("synth").label_names[0] == "background"
     monkeypatch.setattr(folders, "SYNTH_COUNT", 3)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from digseg_cli import datasets as D
-from digseg_cli.datasets import classnames
-from digseg_cli.datasets.pascal_context import PC59_IDS, convert_labels
+from digseg_cli.data.benchmarks import catalog as D
+from digseg_cli.data.benchmarks import classnames
+from digseg_cli.data.benchmarks.pascal_context import PC59_IDS, convert_labels
 from digseg_cli.errors import DatasetError
 
 try:
@@ -102,7 +102,7 @@ def test_unreadable_mat_file_is_one_clear_error(tmp_path):
     (voc / "trainval").mkdir(parents=True)
     bad = voc / "trainval" / "x.mat"
     bad.write_bytes(b"not a mat file")
-    from digseg_cli.datasets.pascal_context import _read_label_map
+    from digseg_cli.data.benchmarks.pascal_context import _read_label_map
 
     with pytest.raises(DatasetError, match="cannot read LabelMap from .*x.mat"):
         _read_label_map(bad)

@@ -30,7 +30,7 @@ def test_demo_is_a_small_documented_checkpoint():
 
 def test_demo_loads_offline_and_verifies(monkeypatch):
     from digseg_cli import load_pipeline
-    from digseg_cli.weights import verify_weights
+    from digseg_cli.weights.store import verify_weights
 
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -44,7 +44,7 @@ def test_installed_package_carries_the_demo(tmp_path):
     """Run from outside the checkout: a non-editable install must find the demo inside the package."""
     code = (
         "import json, digseg_cli, pathlib\n"
-        "from digseg_cli.weights import bundled_dir\n"
+        "from digseg_cli.weights.store import bundled_dir\n"
         "print(json.dumps({'package': str(pathlib.Path(digseg_cli.__file__).parent), 'demo': str(bundled_dir('demo'))}))\n"
     )
     env = {**os.environ, "DIGSEG_OFFLINE": "1", "PYTHONPATH": ""}

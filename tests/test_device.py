@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from digseg_cli import device
+from digseg_cli.inference import device
 
 X86_BF16 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
 X86_AMX = "flags\t\t: fpu avx2 amx_tile amx_bf16\n"

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from digseg_cli import download
-from digseg_cli.download import DownloadError, UnsafeArchiveError, download_file, safe_extract, sha256_file
+from digseg_cli.weights import download
+from digseg_cli.weights.download import DownloadError, UnsafeArchiveError, download_file, safe_extract, sha256_file
 from digseg_cli.errors import ChecksumMismatchError, UsageError
 
 

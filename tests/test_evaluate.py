@@ -14,7 +14,7 @@ from PIL import Image
 
 from digseg_cli.core import metrics as M
 from digseg_cli.errors import DatasetError, UsageError
-from digseg_cli.evaluate import evaluate, labels_from_probs, score_predictions
+from digseg_cli.evaluate.scoring import evaluate, labels_from_probs, score_predictions
 
 
 @dataclass

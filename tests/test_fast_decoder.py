@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from digseg_cli.checkpoint import load_checkpoint
+from digseg_cli.models.checkpoint import load_checkpoint
 from digseg_cli.cli.app import app
 from digseg_cli.core.fast_decoder import FastMaskDecoder
 from digseg_cli.errors import CheckpointError, UsageError
-from digseg_cli.pipeline import DigsegPipeline, load_model
+from digseg_cli.inference.pipeline import DigsegPipeline, load_model
 
 
 @pytest.mark.parametrize("factor", [1, 4, 8])
@@ -109,7 +109,7 @@ def test_decoder_train_command_on_a_tiny_model(tmp_path):
 def test_segment_and_eval_record_the_decoder_they_used(tiny_with_fast, tmp_path):
     from PIL import Image
 
-    from digseg_cli.synth import write_synth_dataset
+    from digseg_cli.data.synth import write_synth_dataset
 
     _, folder = tiny_with_fast
     image = tmp_path / "a.png"

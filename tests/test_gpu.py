@@ -23,8 +23,8 @@ runner = CliRunner()
 
 def _demo_probs(dtype: torch.dtype, decoder: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo's probabilities `[N,K,H,W]` and labels `[N,H,W]` on 8 synthetic 128 px scenes, on cuda."""
-    from digseg_cli.pipeline import DigsegPipeline, load_model
-    from digseg_cli.synth import generate_scene
+    from digseg_cli.inference.pipeline import DigsegPipeline, load_model
+    from digseg_cli.data.synth import generate_scene
 
     loaded = load_model("demo")  # a fresh fp32 copy per precision: casting one copy twice would round twice
     names = [c["name"] for c in loaded.config.classes]
@@ -100,7 +100,7 @@ def test_eval_on_cuda_matches_the_cpu(tmp_path, monkeypatch):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_train_with_mixed_precision_on_cuda(tmp_path, precision):
     from digseg_cli import load_pipeline
-    from digseg_cli.synth import write_synth_dataset
+    from digseg_cli.data.synth import write_synth_dataset
 
     data = tmp_path / "scenes"
     write_synth_dataset(data, 24, seed=11, size=32)

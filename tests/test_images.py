@@ -1,4 +1,4 @@
-"""digseg_cli.images: decoding by content, EXIF, odd modes, masks as indices, atomic writers, overlays."""
+"""digseg_cli.inference.images: decoding by content, EXIF, odd modes, masks as indices, atomic writers, overlays."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from digseg_cli.errors import UsageError
-from digseg_cli.images import (
+from digseg_cli.inference.images import (
     ImageReadError,
     atomic_path,
     atomic_write_bytes,

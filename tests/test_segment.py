@@ -1,4 +1,4 @@
-"""Library tests for `digseg_cli.segment`: inputs, prompts, settings and `run_segment` on the tiny model."""
+"""Library tests for `digseg_cli.segment.run`: inputs, prompts, settings and `run_segment` on the tiny model."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from digseg_cli import inputs, prompts
-from digseg_cli import segment as seg
+from digseg_cli.segment import inputs
+from digseg_cli.inference import prompts
+from digseg_cli.segment import run as seg
 from digseg_cli.errors import InterruptedRunError, NoInputsError, OutOfMemoryError, UsageError
 
 SIZE = (40, 48)  # (H, W)
@@ -35,15 +36,15 @@ def _save(path: Path, seed: int, size=SIZE) -> Path:
 
 @pytest.fixture(scope="module")
 def pipe():
-    from digseg_cli.pipeline import load_pipeline
+    from digseg_cli.inference.pipeline import load_pipeline
 
     return load_pipeline("tiny")
 
 
 @pytest.fixture(scope="module")
 def diffusion_pipe():
-    from digseg_cli.checkpoint import build_compact
-    from digseg_cli.pipeline import DigsegPipeline
+    from digseg_cli.models.checkpoint import build_compact
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
     return DigsegPipeline(build_compact("tiny", objective="diffusion", default_steps=2))
 
@@ -294,8 +295,8 @@ def test_oom_backs_off_batch_then_tiles_and_records_it(tmp_path, pipe):
 
 def test_fp16_overflow_fallback_is_recorded_once_in_the_manifest(tmp_path):
     """The pipeline's own fallback to fp32 (tested in test_core) reaches run.json, named with its image."""
-    from digseg_cli.checkpoint import build_compact
-    from digseg_cli.pipeline import DigsegPipeline
+    from digseg_cli.models.checkpoint import build_compact
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
     loaded = build_compact("tiny")
     with torch.no_grad():

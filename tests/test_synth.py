@@ -1,4 +1,4 @@
-"""digseg_cli.synth: determinism, class variety, the folder it writes."""
+"""digseg_cli.data.synth: determinism, class variety, the folder it writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from digseg_cli.errors import UsageError
-from digseg_cli.images import read_image, read_mask
-from digseg_cli.synth import SYNTH_CLASSES, generate_scene, make_scene_image, scene_rng, write_synth_dataset
+from digseg_cli.inference.images import read_image, read_mask
+from digseg_cli.data.synth import SYNTH_CLASSES, generate_scene, make_scene_image, scene_rng, write_synth_dataset
 
 
 def _digest(folder) -> dict[str, str]:

@@ -24,7 +24,7 @@ TINY = ["--base", "tiny", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps",
 
 @pytest.fixture(scope="module")
 def synth32(tmp_path_factory) -> Path:
-    from digseg_cli.synth import write_synth_dataset
+    from digseg_cli.data.synth import write_synth_dataset
 
     folder = tmp_path_factory.mktemp("synth") / "scenes"
     write_synth_dataset(folder, 24, seed=11, size=32)
@@ -72,7 +72,7 @@ def test_train_writes_checkpoints_metrics_and_config(synth32, tmp_path):
 def test_bf16_training_on_a_cpu_without_bf16_instructions_notes_that_it_is_emulated(synth32, tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState
 
-    from digseg_cli import device
+    from digseg_cli.inference import device
 
     monkeypatch.setattr(device, "cpu_has_bf16", lambda: False)
     # Accelerate keeps one mixed-precision setting per process: this test's bf16 must not meet the other
@@ -89,7 +89,7 @@ def test_bf16_training_on_a_cpu_without_bf16_instructions_notes_that_it_is_emula
 
 
 def test_data_check_runs_first_and_stops_with_exit_7(tmp_path):
-    from digseg_cli.synth import write_synth_dataset
+    from digseg_cli.data.synth import write_synth_dataset
 
     data = tmp_path / "bad"
     write_synth_dataset(data, 4, seed=0, size=32)
@@ -195,7 +195,7 @@ def test_small_model_trained_on_synthetic_scenes_reaches_validation_miou_0_5(tmp
     900 steps, about 6 minutes. At 64 px, buildings are about one latent pixel wide and stay near 0 IoU;
     water, field and background carry the mean, roads and trees are half learned. The recipe is
     seed-sensitive: seed 1 gave 0.54, seed 2 0.38 (fields confused with bare ground)."""
-    from digseg_cli.synth import write_synth_dataset
+    from digseg_cli.data.synth import write_synth_dataset
 
     write_synth_dataset(tmp_path / "scenes", 400, seed=0, size=128)
     result = runner.invoke(app, [

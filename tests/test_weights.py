@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from digseg_cli import weights
+from digseg_cli.weights import store as weights
 from digseg_cli.errors import ChecksumMismatchError, UsageError, WeightsUnavailableError
-from digseg_cli.registry import REGISTRY, FileSpec, WeightsSpec
-from digseg_cli.weights import (
+from digseg_cli.weights.registry import REGISTRY, FileSpec, WeightsSpec
+from digseg_cli.weights.store import (
     cache_dir,
     list_weights,
     remove_weights,

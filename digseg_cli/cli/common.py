@@ -15,7 +15,7 @@ from enum import Enum
 import typer
 
 from digseg_cli import errors
-from digseg_cli.config import DECODERS
+from digseg_cli.models.config import DECODERS
 
 
 # `--decoder` of segment and eval (`DigsegPipeline.resolve_decoder` says what auto picks).

@@ -1,7 +1,7 @@
 """``digseg data check`` and ``digseg data synth``: render a folder check, write a synthetic dataset.
 
-Each command calls one library function (``digseg_cli.data_check.check_folder``,
-``digseg_cli.synth.write_synth_dataset``) and renders its result on stderr; ``--json`` output goes to
+Each command calls one library function (``digseg_cli.data.check.check_folder``,
+``digseg_cli.data.synth.write_synth_dataset``) and renders its result on stderr; ``--json`` output goes to
 stdout. It knows nothing of how folders are paired or scenes are painted.
 """
 
@@ -67,7 +67,7 @@ def check(
 
     Exits 0 when the folder is fine and 7 when it has problems; every bad file is named.
     """
-    from digseg_cli.data_check import check_folder
+    from digseg_cli.data.check import check_folder
 
     with handle_errors():
         with progress_reporter(f"checking {folder}") as progress:
@@ -118,7 +118,7 @@ def synth(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty OUT.")] = False,
 ) -> None:
     """Write synthetic aerial-like scenes (road, tree, building, water, field) with exact masks."""
-    from digseg_cli.synth import write_synth_dataset
+    from digseg_cli.data.synth import write_synth_dataset
 
     with handle_errors():
         with progress_reporter(f"writing {out}") as progress:

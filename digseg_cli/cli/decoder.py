@@ -1,5 +1,5 @@
 """`digseg decoder train`: distil a checkpoint's VAE mask decoder into a fast one (thin wrapper over
-`digseg_cli.fast_decoder_train`)."""
+`digseg_cli.train.distill_decoder`)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def train_command(
 ) -> None:
     """Train a small mask decoder against the VAE decoder's own output and check its mIoU on synth."""
     with handle_errors():
-        from digseg_cli.fast_decoder_train import DecoderTrainSettings, train_fast_decoder
+        from digseg_cli.train.distill_decoder import DecoderTrainSettings, train_fast_decoder
 
         settings = DecoderTrainSettings(
             weights=weights, out=out, steps=steps, batch_size=batch_size, lr=lr, width=width, blocks=blocks, pool=pool,

@@ -1,6 +1,6 @@
 """``digseg eval``: score a model (or a folder of saved label maps) on a benchmark with its exact protocol.
 
-The command resolves the dataset (``digseg_cli.datasets``), optionally downloads or checks it, then calls
+The command resolves the dataset (``digseg_cli.data.benchmarks.catalog``), optionally downloads or checks it, then calls
 one library function (``evaluate`` with a pipeline predictor, or ``score_predictions``) which always writes
 the reports; it renders the same numbers as a Rich table on stderr and, with ``--json``, the metrics
 object on stdout. It knows nothing of layouts, metrics or the model internals.
@@ -72,7 +72,7 @@ def _render_check(report) -> None:
 def _render_result(result) -> None:
     from rich.table import Table
 
-    from digseg_cli.eval_report import fmt
+    from digseg_cli.evaluate.report import fmt
 
     m = result.metrics
     table = Table(title=f"{m['dataset']} ({m['split']}): {m['num_images']} images, absent rule {m['absent_rule']}",
@@ -148,7 +148,7 @@ def eval_command(
         if predictions is not None and check:
             raise UsageError("`--check` and `--predictions` cannot be combined")
 
-        from digseg_cli import datasets as D
+        from digseg_cli.data.benchmarks import catalog as D
 
         spec = D.get_spec(dataset, class_name=class_name)
         if download:
@@ -165,7 +165,7 @@ def eval_command(
         data = D.open_dataset(spec, split=split, data_root=data_root)
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec.name).name or spec.name).strip("_")
         out_dir = out or Path("digseg-out") / "eval" / f"{slug}-{data.split}"
-        from digseg_cli.evaluate import evaluate, pipeline_predictor, protocol_kwargs, score_predictions
+        from digseg_cli.evaluate.scoring import evaluate, pipeline_predictor, protocol_kwargs, score_predictions
 
         kwargs = protocol_kwargs(spec)
         kwargs["absent_rule"] = absent_rule or spec.absent_rule
@@ -181,11 +181,11 @@ def eval_command(
                                        decode_prediction=spec.decode_prediction, **kwargs)
         else:
             rank_device = _maybe_init_distributed()
-            from digseg_cli.pipeline import load_pipeline
+            from digseg_cli.inference.pipeline import load_pipeline
 
             dtype = None if precision == "auto" else precision
             pipe = load_pipeline(weights, device=rank_device or device, dtype=dtype)
-            from digseg_cli.device import leave_process_group, precision_note
+            from digseg_cli.inference.device import leave_process_group, precision_note
 
             if (note := precision_note(pipe.dtype, pipe.device)) is not None and main_process:
                 err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
@@ -208,7 +208,7 @@ def eval_command(
         return
     _render_result(result)
     if as_json:
-        from digseg_cli.eval_report import json_safe
+        from digseg_cli.evaluate.report import json_safe
 
         typer.echo(json.dumps(json_safe(result.metrics), indent=2))
 

@@ -1,7 +1,7 @@
 """``digseg segment``: segment images, folders, globs and lists with text prompts.
 
 Builds `SegmentSettings` from the flags, resolves device, precision and weights, prints the banner, calls
-`digseg_cli.segment.run_segment` once and renders its progress, per-image records (``--json`` on stdout)
+`digseg_cli.segment.run.run_segment` once and renders its progress, per-image records (``--json`` on stdout)
 and summary (stderr). It knows nothing of file layouts, seeds or output formats.
 """
 
@@ -112,12 +112,12 @@ def _print_summary(summary) -> None:
 
 def _weights_folder(weights: str, cache_dir: Optional[Path], offline: bool) -> Optional[Path]:
     """The local folder behind `weights` (for the manifest's sha256), or None for built-in compact models."""
-    from digseg_cli.checkpoint import COMPACT_PREFIX
-    from digseg_cli.compact import COMPACT_CONFIGS
+    from digseg_cli.models.checkpoint import COMPACT_PREFIX
+    from digseg_cli.models.compact import COMPACT_CONFIGS
 
     if weights.startswith(COMPACT_PREFIX) or (weights in COMPACT_CONFIGS and not Path(weights).exists()):
         return None
-    from digseg_cli.weights import resolve_weights
+    from digseg_cli.weights.store import resolve_weights
 
     return resolve_weights(weights, cache_dir=cache_dir, offline=offline or None)
 
@@ -203,9 +203,9 @@ def segment(
             if as_json or dry_run:
                 raise UsageError("`--out -` writes the label PNG to stdout: it cannot go with --json or --dry-run")
             out = Path(scratch) / "out"
-        from digseg_cli import prompts as prompt_lib
-        from digseg_cli import segment as seg
-        from digseg_cli.inputs import expand_inputs
+        from digseg_cli.inference import prompts as prompt_lib
+        from digseg_cli.segment import run as seg
+        from digseg_cli.segment.inputs import expand_inputs
 
         # 1. Flags → settings (no model, no torch yet): every usage error surfaces here.
         classes, warnings = [], []
@@ -238,8 +238,8 @@ def segment(
             _dry_run(seg, files, out, settings, weights, cache_dir, as_json)
             return
         # 2. Device, precision and weights: exit codes 4 and 5 before any work.
-        from digseg_cli.device import describe, precision_note, resolve_device, resolve_dtype
-        from digseg_cli.pipeline import load_pipeline
+        from digseg_cli.inference.device import describe, precision_note, resolve_device, resolve_dtype
+        from digseg_cli.inference.pipeline import load_pipeline
 
         dev = resolve_device(device)
         dtype = resolve_dtype(precision, dev)
@@ -296,8 +296,8 @@ def segment(
 
 def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: bool) -> None:
     """Print what a run would do, from file headers and the checkpoint config only (no model load)."""
-    from digseg_cli.prompts import PromptClass, classes_from_config
-    from digseg_cli.segment_outputs import SCHEMA
+    from digseg_cli.inference.prompts import PromptClass, classes_from_config
+    from digseg_cli.segment.outputs import SCHEMA
 
     resolution, classes, note = settings.resolution, list(settings.classes), ""
     if resolution is None or not classes:
@@ -331,9 +331,9 @@ def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: 
 
 def _peek_config(weights: str, cache_dir: Optional[Path]) -> Any:
     """The checkpoint config behind `weights` without loading weights or touching the network, or None."""
-    from digseg_cli.checkpoint import COMPACT_PREFIX
-    from digseg_cli.compact import COMPACT_CONFIGS, get_compact_config
-    from digseg_cli.config import DigsegConfig
+    from digseg_cli.models.checkpoint import COMPACT_PREFIX
+    from digseg_cli.models.compact import COMPACT_CONFIGS, get_compact_config
+    from digseg_cli.models.config import DigsegConfig
 
     name = weights.removeprefix(COMPACT_PREFIX)
     if name in COMPACT_CONFIGS and not Path(weights).exists():

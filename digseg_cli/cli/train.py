@@ -1,4 +1,4 @@
-"""`digseg train`: fine-tune DiGSeg on a folder of image/mask pairs (thin wrapper over `digseg_cli.train`)."""
+"""`digseg train`: fine-tune DiGSeg on a folder of image/mask pairs (thin wrapper over `digseg_cli.train.loop`)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def train_command(
         if resume_path is None and (out / "last").exists() and not overwrite:
             raise UsageError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start over, "
                              "or choose another --out")
-        from digseg_cli.train import TrainSettings, train
+        from digseg_cli.train.loop import TrainSettings, train
 
         fields = dict(
             data=data, out=out, base=base, init=init, val=val, val_split=val_split, class_name=class_name,

@@ -2,7 +2,7 @@
 
 The VAE decoder costs about 3× a U-Net pass at 512 px and is paid once per prompt; this network (≈0.05 M
 parameters at the default width 32, ≈2 GFLOP at 512 px against the SD decoder's 2.5 TFLOP) is trained to reproduce
-`DigsegModel.decode_probs` (see `digseg_cli.fast_decoder_train`). Layout: a 3×3 stem and residual blocks
+`DigsegModel.decode_probs` (see `digseg_cli.train.distill_decoder`). Layout: a 3×3 stem and residual blocks
 at latent resolution, then one ×2 stage (nearest up-sample, 3×3 conv) per factor of two of the VAE, a
 3×3 head to one logit, plus a 1×1 shortcut from the latent up-sampled bilinearly.
 

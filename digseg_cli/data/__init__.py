@@ -1,0 +1,1 @@
+"""Data: user training folders, their check, synthetic scenes, and the public benchmarks (`benchmarks/`)."""

@@ -1,0 +1,366 @@
+"""The DiGSeg pipeline: from one image and K prompts to per-prompt probabilities and a label map.
+
+`load_pipeline` resolves a name (compact config, checkpoint folder, SD base folder, registry name or Hub
+id) to a `DigsegPipeline`; calling the pipeline runs the numbered steps of DESIGN §1.6–1.8. Arrays and PIL
+images go in, tensors come out. File writing, overlays and the command line live elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from digseg_cli.models.checkpoint import (
+    COMPACT_PREFIX, LoadedModel, build_compact, build_from_sd_base, is_checkpoint, is_sd_base, load_checkpoint,
+    save_checkpoint,
+)
+from digseg_cli.models.config import DECODERS, DigsegConfig
+from digseg_cli.core import diffusion, transforms
+from digseg_cli.errors import UsageError
+
+log = logging.getLogger("digseg")
+Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores are averaged
+# When tiles share a call, (tile, prompt) pairs × pixels per tile stay under this budget. On a CPU batching
+# pays only while calls are launch-bound: the demo's 192 px tiles with one prompt ran 20 % faster two per
+# call than one, and 20 % slower sixteen per call than two; a GPU keeps gaining up to a batch of 512² tiles.
+PAIR_PIXELS_PER_CALL = {"cpu": 2**17, "cuda": 16 * 512 * 512}
+
+
+@dataclass
+class SegmentationOutput:
+    """Result for one image of size H×W and K prompts.
+
+    probs:  float32 `[K,H,W]` in [0,1], probability that each pixel belongs to prompt k.
+    labels: int64 `[H,W]`; 0 = background, k = prompt k (1-based) where its probability is the largest
+            and reaches its threshold (semantic mode).
+    masks:  bool `[K,H,W]`, each prompt thresholded alone (multilabel mode).
+    """
+
+    probs: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor
+    thresholds: list[float]
+    prompts: list[str]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class DigsegPipeline:
+    """Holds the model on one device; `__call__` segments one image."""
+
+    def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 *, prepare: bool = True):
+        self.loaded = loaded
+        self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
+        self.device, self.dtype = torch.device(device), dtype
+        if prepare:  # a trainer validating its own model (prepare=False) keeps it where and as it is
+            self.model.requires_grad_(False).eval().to(self.device, dtype)
+        if prepare and self.device.type == "mps":  # fp16 VAEs give NaN/black output on MPS (performance.md §3.1)
+            self.model.vae.to(torch.float32)
+        self.scheduler = diffusion.make_scheduler(loaded.scheduler_config)
+        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.batch_size = 1 if self.device.type == "mps" else 16
+        self.notes: list[str] = []  # what the pipeline changed on its own (fp32 after an overflow), for run logs
+
+    # -- prompts -------------------------------------------------------------------------------------
+    def format_prompt(self, name: str, template: str | None = None) -> str:
+        return (template or self.config.prompt_template).format(name=name.strip())
+
+    @torch.no_grad()
+    def encode_prompts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Texts → (`[K,L,D]`, `[K,D]`) through the text encoder, cached per text for the pipeline's life."""
+        new = [t for t in dict.fromkeys(texts) if t not in self._prompt_cache]
+        if new:
+            tok = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt")
+            emb, pooled = self.model.encode_prompt(tok.input_ids.to(self.device))  # [n,L,D], [n,D]
+            for i, text in enumerate(new):
+                self._prompt_cache[text] = (emb[i], pooled[i])
+        return (torch.stack([self._prompt_cache[t][0] for t in texts]),
+                torch.stack([self._prompt_cache[t][1] for t in texts]))
+
+    def check_prompt(self, text: str) -> list[str]:
+        """Warnings for one prompt: longer than the text encoder takes, or words it does not know."""
+        warnings = []
+        limit = self.tokenizer.model_max_length
+        n = len(self.tokenizer(text, truncation=False).input_ids)
+        if n > limit:
+            warnings.append(f"prompt {text!r} is {n} tokens; the text encoder takes {limit}, the rest is cut off")
+        unk = self.tokenizer.unk_token
+        for word in re.findall(r"[^\W\d_]+", text.lower()):
+            pieces = self.tokenizer.tokenize(word)
+            # A word the vocabulary lacks falls back to sub-word or byte pieces (or the unknown token).
+            if unk in pieces or len(pieces) >= 3:
+                warnings.append(f"the model's tokenizer does not know the word {word!r} (split into {len(pieces)} pieces)")
+        return warnings
+
+    # -- the numbered steps --------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        prompts: Sequence[Prompt],
+        *,
+        steps: int | None = None,
+        ensemble: int | None = None,
+        seed: int | None = None,
+        resolution: int | None = None,
+        threshold: float | Sequence[float] | None = None,
+        tile: int | str | None = "auto",
+        overlap: float = 0.25,
+        prompt_template: str | None = None,
+        decoder: str = "auto",
+    ) -> SegmentationOutput:
+        """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`.
+
+        `decoder`: "vae" (the VAE decoder), "fast" (the checkpoint's distilled decoder) or "auto" (fast when
+        the checkpoint has one that passed its accuracy check, else vae)."""
+        t_start = time.perf_counter()
+        # 0. Resolve defaults from the checkpoint config.
+        cfg = self.config
+        steps = cfg.default_steps if steps is None else steps
+        ensemble = cfg.default_ensemble if ensemble is None else ensemble
+        resolution = cfg.default_resolution if resolution is None else resolution
+        threshold = cfg.default_threshold if threshold is None else threshold
+        seed = 0 if seed is None else seed
+        # 1. Check inputs.
+        pixels = self._check_inputs(image, prompts, steps, ensemble, resolution)
+        classes = [[p] if isinstance(p, str) else list(p) for p in prompts]
+        thresholds = [float(threshold)] * len(classes) if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
+        if len(thresholds) != len(classes) or not all(0 <= t <= 1 for t in thresholds):
+            raise UsageError("`threshold` must be one value in [0, 1] or one per prompt")
+        texts = [self.format_prompt(s, prompt_template) for syns in classes for s in syns]
+        decoder = self.resolve_decoder(decoder)
+        # 2. Encode prompts (text encoder; cached per text).
+        emb, pooled = self.encode_prompts(texts)  # [T,L,D], [T,D]
+        # 3–7. Preprocess, encode image, denoise, decode — whole image or tile by tile.
+        height, width = pixels.shape[-2:]
+        tile_size = self._tile_size(tile, resolution, height, width)
+        timings: dict[str, float] = {}
+
+        def predict(emb, pooled) -> torch.Tensor:  # [T,H,W]
+            if tile_size:
+                return self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings,
+                                           decoder)
+            return self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]
+
+        probs = predict(emb, pooled)
+        # 7b. fp16 can overflow (SD VAEs are known to: NaN or black masks): run again with the part in fp32.
+        while not bool(torch.isfinite(probs).all()):
+            self._upcast_after_overflow()
+            probs = predict(*self.encode_prompts(texts))
+        # 8. Average synonyms' scores into one map per class.
+        sizes = [len(s) for s in classes]
+        probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
+        # 9. Threshold: semantic label map and per-prompt masks.
+        labels, masks = probs_to_labels(probs, thresholds)
+        timings["total"] = time.perf_counter() - t_start
+        return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), thresholds, [c[0] for c in classes], timings)
+
+    def _upcast_after_overflow(self) -> None:
+        """After non-finite probabilities: the VAE to fp32 first (the usual culprit), then the whole model.
+        Sticky for the pipeline's life; each step adds a line to `notes`. The weights keep their reduced-precision
+        rounding (no second copy is held). In fp32 it is the weights' fault."""
+        from digseg_cli.errors import CheckpointError
+
+        # The VAE's dtype is not always the pipeline's: a trainer validating keeps its frozen VAE in its own.
+        if self.model.vae.dtype != torch.float32:
+            part, dtype = "VAE", self.model.vae.dtype
+            self.model.vae.to(torch.float32)
+        elif self.dtype != torch.float32:
+            part, dtype = "model", self.dtype
+            self.model.to(torch.float32)
+            self.dtype = torch.float32
+            self._prompt_cache.clear()  # embeddings made in the reduced precision may be what overflowed
+        else:
+            raise CheckpointError("the model gives non-finite probabilities in float32: its weights look damaged "
+                                  "(download them again, or check a checkpoint you trained)")
+        note = f"the {part} gave non-finite values in {str(dtype).removeprefix('torch.')}; it runs in float32 from now on"
+        log.warning("%s", note)
+        self.notes.append(note)
+
+    def resolve_decoder(self, decoder: str) -> str:
+        """`vae|fast|auto` → `vae` or `fast`; "auto" needs a fast decoder that passed its accuracy check."""
+        fast = self.model.fast_decoder is not None
+        if decoder == "auto":
+            passed = bool((self.config.evaluation.get("fast_decoder") or {}).get("passed"))
+            return "fast" if fast and passed else "vae"
+        if decoder not in DECODERS:
+            raise UsageError(f"`decoder` must be vae, fast or auto, got {decoder!r}")
+        if decoder == "fast" and not fast:
+            raise UsageError("`decoder` fast needs a checkpoint with a fast decoder (make one with `digseg decoder train`)")
+        return decoder
+
+    def _check_inputs(self, image, prompts, steps, ensemble, resolution) -> torch.Tensor:
+        if not prompts or any(not (p if isinstance(p, str) else all(p)) for p in prompts):
+            raise UsageError("`prompts` must be a non-empty list of non-empty class names")
+        if self.config.objective == "one-step" and steps != 1:
+            raise UsageError(
+                f"this model was trained with the one-step objective and runs exactly 1 step (asked for {steps}): "
+                "more steps make it worse (DESIGN §1.6); leave --steps out"
+            )
+        if not 1 <= steps <= 50:
+            raise UsageError(f"`steps` must be between 1 and 50, got {steps}")
+        if not 1 <= ensemble <= (8 if self.config.objective == "one-step" else 64):
+            raise UsageError(f"`ensemble` must be between 1 and {8 if self.config.objective == 'one-step' else 64}, got {ensemble}")
+        if resolution < 0 or (resolution and resolution < self.model.size_multiple):
+            raise UsageError(f"`resolution` must be 0 (native) or at least {self.model.size_multiple}, got {resolution}")
+        array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
+        if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+            raise UsageError(f"`image` must be a PIL image or an HxWx3 uint8 array, got {array.dtype} {array.shape}")
+        pixels = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)[None]  # [1,3,H,W] uint8
+        return pixels.to(self.device, torch.float32) / 127.5 - 1  # [1,3,H,W] in [-1,1]
+
+    def _tile_size(self, tile, resolution: int, height: int, width: int) -> int:
+        # Tile at native scale when the image is much larger than the processing resolution.
+        return transforms.tile_size_for(tile, resolution, height, width)
+
+    def _predict(self, pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
+        """Images `[n,3,H,W]` (one image, or n equal-size tiles) → probabilities `[n,T,H,W]` at the input
+        size, averaged over the ensemble."""
+        n, _, height, width = pixels.shape
+        # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
+        x = transforms.resize(pixels, transforms.processing_size(height, width, resolution))  # [n,3,h',w']
+        generator = torch.Generator("cpu").manual_seed(seed)
+        total = torch.zeros((n, emb.shape[0], height, width), device=self.device)
+        for member in range(ensemble):
+            # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
+            k = member if self.config.objective == "one-step" else 0
+            xk, pad = transforms.pad_to_multiple(transforms.dihedral(x, k), self.model.size_multiple)
+            probs = self._predict_padded(xk, emb, pooled, steps, generator, timings, decoder)  # [n,T,hp,wp]
+            probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [n,T,h',w']
+            # 8. Resize probabilities to the input size (bilinear) before any threshold.
+            total += transforms.resize(probs, (height, width))  # [n,T,H,W]
+        return total / ensemble
+
+    def _predict_padded(self, x, emb, pooled, steps, generator, timings, decoder="vae") -> torch.Tensor:
+        """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
+        `batch_size` (image, prompt) pairs per call."""
+        f = self.model.vae_scale_factor
+        n, texts = x.shape[0], emb.shape[0]
+        # 4. Encode each image once (VAE encoder); its latent is shared by every prompt.
+        t0 = time.perf_counter()
+        z_img = self.model.encode_image(x.to(self.model.vae.dtype)).to(self.dtype)  # [n,4,h/f,w/f]
+        latent_shape = (1, z_img.shape[1], x.shape[-2] // f, x.shape[-1] // f)
+        noise = None
+        if self.config.objective == "diffusion":  # the same noise for every pair: batched == one at a time
+            noise = torch.randn(latent_shape, generator=generator).to(self.device, self.dtype)
+        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+        out = []
+        for lo in range(0, n * texts, self.batch_size):
+            pairs = torch.arange(lo, min(lo + self.batch_size, n * texts), device=self.device)  # pair i·T+t
+            image_of, text_of = pairs // texts, pairs % texts
+            z_b, e, p = z_img[image_of], emb[text_of], pooled[text_of]  # [b,4,h,w], [b,L,D], [b,D]
+            b = z_b.shape[0]
+
+            def denoise(z_t, t):
+                return self.model(z_b, z_t, t, e, p)
+
+            # 5. Denoise (U-Net): one step from zeros, or DDIM with trailing spacing from seeded noise.
+            t0 = time.perf_counter()
+            if self.config.objective == "one-step":
+                clean = diffusion.sample_one_step(denoise, (b, *latent_shape[1:]), self.scheduler, self.device, self.dtype)
+            else:
+                clean = diffusion.sample_ddim(denoise, noise.expand(b, -1, -1, -1), self.scheduler, steps)
+            t1 = time.perf_counter()
+            # 6. Decode (VAE decoder, or the distilled fast decoder) → probabilities [b,h,w].
+            out.append(self.model.decode_probs_fast(clean) if decoder == "fast" else self.model.decode_probs(clean))
+            timings["denoise"] = timings.get("denoise", 0.0) + t1 - t0
+            timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
+        return torch.cat(out).float().unflatten(0, (n, texts))  # [n,T,h,w]
+
+    def _tiles_per_call(self, tile_h: int, tile_w: int, texts: int) -> int:
+        """How many tiles share one encode/U-Net/decode call: as many as fit in `batch_size` (tile, prompt)
+        pairs and in the device's `PAIR_PIXELS_PER_CALL`."""
+        budget = PAIR_PIXELS_PER_CALL.get(self.device.type, PAIR_PIXELS_PER_CALL["cpu"])
+        return max(1, min(self.batch_size // texts, budget // (texts * tile_h * tile_w)))
+
+    def _predict_tiled(self, pixels, emb, pooled, tile, overlap, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
+        """Slide `tile`-sized windows at native scale, several per call; blend with a feathered window."""
+        height, width = pixels.shape[-2:]
+        acc = torch.zeros((emb.shape[0], height, width), device=self.device)
+        weight = torch.zeros((height, width), device=self.device)
+        windows = transforms.tile_windows(height, width, tile, overlap)  # all the same size
+        _, _, h, w = windows[0]
+        win = transforms.feather_weights(h, w, int(tile * overlap / 2), self.device)  # [h,w]
+        group = self._tiles_per_call(h, w, emb.shape[0])
+        for lo in range(0, len(windows), group):
+            chunk = windows[lo:lo + group]
+            crops = torch.cat([pixels[..., top:top + h, left:left + w] for top, left, _, _ in chunk])  # [g,3,h,w]
+            probs = self._predict(crops, emb, pooled, 0, steps, ensemble, seed, timings, decoder)  # [g,T,h,w]
+            for (top, left, _, _), tile_probs in zip(chunk, probs):
+                acc[:, top:top + h, left:left + w] += tile_probs * win
+                weight[top:top + h, left:left + w] += win
+        return acc / weight
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write a checkpoint folder that `load_pipeline` reads back (weights saved in fp32)."""
+        original = self.dtype
+        self.model.to(torch.float32)
+        try:
+            return save_checkpoint(Path(path), self.loaded, overwrite=overwrite)
+        finally:
+            self.model.to(original)
+
+
+def probs_to_labels(probs: torch.Tensor, thresholds: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[K,H,W]` → (labels `[H,W]`: k+1 where prompt k is the argmax and reaches its threshold, else 0;
+    masks `[K,H,W]`: each prompt thresholded alone)."""
+    thr = torch.tensor(list(thresholds), device=probs.device, dtype=probs.dtype)[:, None, None]  # [K,1,1]
+    masks = probs >= thr
+    best, idx = probs.max(dim=0)  # [H,W]
+    labels = torch.where(best >= thr[idx, 0, 0], idx + 1, torch.zeros_like(idx))
+    return labels, masks
+
+
+def load_pipeline(
+    name_or_path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    cache_dir: str | Path | None = None,
+    offline: bool | None = None,
+) -> DigsegPipeline:
+    """A pipeline from a checkpoint folder, an SD base (folder or Hub id), a compact config name or a
+    registry name. `device` defaults to CPU and `dtype` to float32; pass `device="auto"` to pick one."""
+    from digseg_cli.inference.device import resolve_device, resolve_dtype
+
+    dev = resolve_device(device or "cpu")
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or ("fp32" if dev.type != "cuda" else "auto"), dev)
+    return DigsegPipeline(load_model(name_or_path, cache_dir=cache_dir, offline=offline), dev, dt)
+
+
+def load_model(name_or_path: str | Path, *, cache_dir=None, offline=None, config_overrides: dict | None = None) -> LoadedModel:
+    """Resolve a name to a `LoadedModel`; a fresh model is built for compact names and SD bases."""
+    from digseg_cli.models.compact import COMPACT_CONFIGS
+
+    name = str(name_or_path)
+    overrides = config_overrides or {}
+    if name.startswith(COMPACT_PREFIX) or (name in COMPACT_CONFIGS and not Path(name).exists()):
+        return build_compact(name.removeprefix(COMPACT_PREFIX), **overrides)
+    path = Path(name).expanduser()
+    if not path.exists():
+        from digseg_cli.weights.registry import REGISTRY
+        from digseg_cli.weights.store import parse_hub_id, resolve_weights  # registry names and Hub ids
+
+        path = resolve_weights(name, cache_dir=cache_dir, offline=offline)
+        if not is_checkpoint(path) and is_sd_base(path):
+            # Record the base as its Hub id and revision, whichever name the user gave it by.
+            spec = REGISTRY.get(name)
+            repo, revision = (spec.repo_id, spec.revision) if spec and spec.repo_id else (parse_hub_id(name) or (name, None))
+            return build_from_sd_base(path, base_id=repo, revision=revision, **overrides)
+    if is_checkpoint(path):
+        return load_checkpoint(path)
+    if is_sd_base(path):
+        return build_from_sd_base(path, **overrides)
+    raise UsageError(
+        f"{path} is neither a digseg checkpoint ({DigsegConfig.__name__} file digseg_config.json) "
+        "nor a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/)"
+    )

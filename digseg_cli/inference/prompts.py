@@ -1,0 +1,171 @@
+"""Class prompts for `digseg segment`: `--prompt "road|street, tree"`, `--prompts classes.yaml`, `--threshold`.
+
+One job: turn what the user typed or wrote in a JSON/YAML file into `PromptClass`es (name, texts whose scores
+are averaged, optional colour and threshold), refusing instruction-like prompts and unknown keys with a hint,
+and give each class a file-safe name for its output files.
+
+It knows nothing of images, models, folders or how a run is carried out (`segment.py`), nor of Typer or Rich.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from digseg_cli.inference import images
+from digseg_cli.errors import UsageError
+
+_INSTRUCTION = re.compile(
+    r"^(all|every|each|any|segment|find|detect|show|highlight|mark|select|extract|locate|identify|give|please)\b",
+    re.IGNORECASE,
+)
+_RESERVED_NAMES = {"mask", "overlay", "prob"}  # would collide with <rel>.mask.png / .overlay.jpg / .prob.*
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class PromptClass:
+    """One class: `name` (legends, file names), `texts` whose scores are averaged (main prompt first, then
+    synonyms), and optionally its own colour and threshold."""
+
+    name: str
+    texts: tuple[str, ...]
+    color: RGB | None = None
+    threshold: float | None = None
+
+
+def _check_text(text: str) -> str:
+    text = " ".join(text.split())
+    if _INSTRUCTION.match(text):
+        raise UsageError(
+            f"prompt {text!r} reads like an instruction; give each class as a short noun phrase "
+            f"(e.g. {_INSTRUCTION.sub('', text).strip(' .') or 'road'!r}), several classes separated by commas"
+        )
+    return text
+
+
+def dedupe_classes(classes: list[PromptClass], warnings: list[str]) -> list[PromptClass]:
+    """Drop repeated class names (case-insensitive), noting each in `warnings`."""
+    seen: dict[str, PromptClass] = {}
+    for c in classes:
+        if c.name.lower() in seen:
+            warnings.append(f"class {c.name!r} is given twice; the second one is ignored")
+        else:
+            seen[c.name.lower()] = c
+    return list(seen.values())
+
+
+def parse_prompts(text: str) -> tuple[list[PromptClass], list[str]]:
+    """`"road|street, tree"` → classes (one per comma-separated item; `|` separates synonyms) and warnings."""
+    classes, warnings = [], []
+    for item in text.split(","):
+        synonyms = [_check_text(s) for s in item.split("|") if s.strip()]
+        if not synonyms:
+            warnings.append(f"empty class in prompt {text!r} ignored")
+            continue
+        classes.append(PromptClass(synonyms[0], tuple(dict.fromkeys(synonyms))))
+    if not classes:
+        raise UsageError(f"`--prompt` {text!r} names no class: give e.g. --prompt \"road, tree\"")
+    return dedupe_classes(classes, warnings), warnings
+
+
+_CLASS_KEYS = ("name", "prompt", "synonyms", "color", "colour", "threshold", "id", "description")
+
+
+def _class_from_entry(entry: Any, where: str) -> PromptClass:
+    if isinstance(entry, str):
+        entry = {"name": entry.split("|")[0], "synonyms": entry.split("|")[1:]}
+    if not isinstance(entry, Mapping) or not str(entry.get("name", "")).strip():
+        raise UsageError(f"{where}: each class needs a `name` (got {entry!r})")
+    unknown = [k for k in entry if k not in _CLASS_KEYS]
+    if unknown:
+        hint = difflib.get_close_matches(str(unknown[0]), _CLASS_KEYS, 1)
+        raise UsageError(f"{where}: unknown key {unknown[0]!r} in class {entry['name']!r}"
+                         + (f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(_CLASS_KEYS)}"))
+    synonyms = entry.get("synonyms") or []
+    synonyms = synonyms.split("|") if isinstance(synonyms, str) else list(synonyms)
+    texts = [_check_text(str(t)) for t in [entry.get("prompt") or entry["name"], *synonyms] if str(t).strip()]
+    color = entry.get("color", entry.get("colour"))
+    threshold = entry.get("threshold")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise UsageError(f"{where}: `threshold` of class {entry['name']!r} must be a number in [0, 1], "
+                         f"got {threshold!r}")
+    return PromptClass(str(entry["name"]).strip(), tuple(dict.fromkeys(texts)),
+                       images.parse_color(color) if color is not None else None,
+                       None if threshold is None else float(threshold))
+
+
+def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
+    """Classes from a JSON or YAML file: a list of names/entries, `{classes: [...]}`, or `{name: entry}`.
+
+    An entry has `name` and optionally `prompt` (text, default the name), `synonyms` (list or `a|b`),
+    `color` (name, `#rrggbb` or `r,g,b`), `threshold` (0–1) and `id`/`description` (kept for eval/train).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except (json.JSONDecodeError, ValueError) as exc:
+        raise UsageError(f"{path} is not valid JSON/YAML: {exc}") from None
+    if isinstance(data, Mapping) and "classes" in data:
+        if set(data) - {"classes"}:
+            extra = sorted(set(data) - {"classes"})
+            raise UsageError(f"{path}: unknown top-level keys {extra}; only `classes` is read")
+        data = data["classes"]
+    if isinstance(data, Mapping):  # {road: {color: ...}} or {road: [street, highway]} or {road: "asphalt road"}
+        data = [{"name": k, **(v if isinstance(v, Mapping) else {"synonyms": v} if isinstance(v, list)
+                               else {"prompt": v} if isinstance(v, str) else {})} for k, v in data.items()]
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"{path}: expected a non-empty list of classes (see `digseg segment --help`)")
+    warnings: list[str] = []
+    return dedupe_classes([_class_from_entry(e, str(path)) for e in data], warnings), warnings
+
+
+def classes_from_config(classes: Sequence[Mapping] | None) -> list[PromptClass]:
+    """A closed-set checkpoint's class list (`[{"id", "name", "synonyms"}]`) as prompt classes."""
+    return [PromptClass(c["name"], tuple(dict.fromkeys([c["name"], *c.get("synonyms", [])]))) for c in classes or []]
+
+
+def parse_thresholds(values: Sequence[str] | None) -> tuple[float | None, dict[str, float]]:
+    """`["0.4"]`, `["road=0.4", "tree=0.3"]` or `["0.5,road=0.4"]` → (default, per-class thresholds)."""
+    default, per_class = None, {}
+    for item in (p.strip() for v in values or () for p in str(v).split(",") if p.strip()):
+        name, _, value = item.rpartition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            raise UsageError(f"`--threshold` {item!r} must be a number in [0, 1] or CLASS=NUMBER") from None
+        if not 0 <= number <= 1:
+            raise UsageError(f"`--threshold` {item!r} must be in [0, 1]")
+        if name.strip():
+            per_class[name.strip()] = number
+        else:
+            default = number
+    return default, per_class
+
+
+
+def file_names(classes: Sequence[PromptClass]) -> list[str]:
+    """File-safe, unique name per class for `<rel>.<name>.png` (no dots, not `mask`/`overlay`/`prob`)."""
+    names: list[str] = []
+    for c in classes:
+        base = re.sub(r"[^\w-]+", "_", c.name).strip("_") or "class"
+        base = base + "_" if base.lower() in _RESERVED_NAMES else base
+        name, i = base, 2
+        while name.lower() in (n.lower() for n in names):
+            name, i = f"{base}_{i}", i + 1
+        names.append(name)
+    return names

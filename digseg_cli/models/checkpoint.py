@@ -1,0 +1,231 @@
+"""Checkpoint folders (DESIGN §3) and fresh models built from a base: the only code that reads model files.
+
+A checkpoint is `digseg_config.json` plus `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and
+`text_pathway/`, each in diffusers / transformers layout with safetensors weights, plus optionally
+`fast_decoder/` (a distilled mask decoder: `config.json` + `model.safetensors`). Loading rebuilds each
+module from its config and loads its tensors with strict key checks; nothing is ever unpickled. Saving
+writes a temporary sibling folder and renames it into place, so a kill while saving never leaves a
+checkpoint that loads wrong. This module does not know about devices beyond `.to()`, prompts or training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
+from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels
+from digseg_cli.errors import CheckpointError, UsageError
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")
+FAST_DECODER = "fast_decoder"  # optional component
+COMPACT_PREFIX = "compact:"
+
+
+@dataclass
+class LoadedModel:
+    """Everything a pipeline or trainer needs: the network, its tokenizer, schedule and settings."""
+
+    model: DigsegModel
+    tokenizer: Any
+    scheduler_config: dict
+    config: DigsegConfig
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def is_sd_base(path: Path) -> bool:
+    path = Path(path)
+    return (path / "model_index.json").is_file() or all((path / c).is_dir() for c in ("unet", "vae", "text_encoder"))
+
+
+def assemble(unet, vae, text_encoder, tokenizer, scheduler_config: dict, config: DigsegConfig) -> LoadedModel:
+    """Widen `conv_in` (4 → 8 channels), add a zero-initialised text pathway, freeze nothing yet."""
+    expand_conv_in(unet, 2 * vae.config.latent_channels)
+    pathway = TextPathway(text_encoder.config.hidden_size, unet_level_channels(unet), hidden=config.film_hidden)
+    return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway), tokenizer, dict(scheduler_config), config)
+
+
+def build_compact(name: str, *, seed: int = 0, **overrides) -> LoadedModel:
+    """A fresh DiGSeg from a named compact config (DESIGN §2); everything randomly initialised."""
+    from digseg_cli.models.compact import build_components, get_compact_config
+
+    try:
+        spec = get_compact_config(name)
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from None
+    unet, vae, text_encoder, tokenizer, sched = build_components(name, seed=seed)
+    config = DigsegConfig(
+        base_model=COMPACT_PREFIX + name, prediction_type=sched["prediction_type"],
+        default_resolution=spec.resolution, film_hidden=spec.film_hidden, description=spec.description, **overrides,
+    )
+    return assemble(unet, vae, text_encoder, tokenizer, sched, config)
+
+
+def build_from_sd_base(folder: Path, *, base_id: str | None = None, revision: str | None = None,
+                       film_hidden: int = 256, **overrides) -> LoadedModel:
+    """A fresh DiGSeg from a diffusers-format Stable Diffusion 1.x/2.x folder (U-Net output = the base's)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    folder = Path(folder)
+    if not is_sd_base(folder):
+        raise CheckpointError(f"{folder} is not a diffusers Stable Diffusion folder (no unet/, vae/, text_encoder/)")
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    sched = _read_json(folder / "scheduler" / "scheduler_config.json")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    config = DigsegConfig(
+        base_model=base_id or str(folder), base_revision=revision,
+        prediction_type=sched.get("prediction_type", "epsilon"),
+        default_resolution=int(unet.config.sample_size) * factor, film_hidden=film_hidden, **overrides,
+    )
+    return assemble(unet, vae, text_encoder, tokenizer, sched, config)
+
+
+# -- saving --------------------------------------------------------------------------------------------
+def save_checkpoint(folder: Path, loaded: LoadedModel, *, overwrite: bool = False,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint folder atomically (temporary sibling, then rename).
+
+    `extra(tmp_folder)` may add files (a trainer's state) that must appear together with the weights.
+    """
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise UsageError(f"{folder} already exists: pass overwrite=True (CLI: --overwrite) or choose another folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    m = loaded.model
+    _quiet_savers()
+    m.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    m.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+    m.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+    loaded.tokenizer.save_pretrained(tmp / "tokenizer")
+    (tmp / "scheduler").mkdir()
+    _write_json(tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **loaded.scheduler_config})
+    (tmp / "text_pathway").mkdir()
+    pathway = m.text_pathway
+    _write_json(tmp / "text_pathway" / "config.json",
+                {"text_dim": pathway.mlps[0][0].in_features, "level_channels": pathway.level_channels,
+                 "hidden": pathway.mlps[0][0].out_features})
+    save_file({k: v.detach().contiguous().cpu() for k, v in pathway.state_dict().items()},
+              str(tmp / "text_pathway" / "model.safetensors"))
+    if m.fast_decoder is not None:
+        save_fast_decoder(tmp / FAST_DECODER, m.fast_decoder)
+    if extra is not None:
+        extra(tmp)
+    loaded.config.save(tmp)  # written last: a folder without it is never taken for a checkpoint
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def _quiet_savers() -> None:
+    """transformers prints a progress bar for every save; a checkpoint save is not worth one."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+# -- loading -------------------------------------------------------------------------------------------
+def load_checkpoint(folder: Path) -> LoadedModel:
+    """Rebuild every component from its config and load its safetensors with strict key checks."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoConfig, AutoTokenizer, CLIPTextModel
+
+    folder = Path(folder)
+    config = DigsegConfig.load(folder)
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}/")
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    _load_strict(unet, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    _load_strict(vae, folder / "vae" / "diffusion_pytorch_model.safetensors")
+    text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
+    _load_strict(text_encoder, folder / "text_encoder" / "model.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    pcfg = _read_json(folder / "text_pathway" / "config.json")
+    pathway = TextPathway(pcfg["text_dim"], pcfg["level_channels"], hidden=pcfg["hidden"])
+    _load_strict(pathway, folder / "text_pathway" / "model.safetensors")
+    sched = {k: v for k, v in _read_json(folder / "scheduler" / "scheduler_config.json").items() if not k.startswith("_")}
+    fast = load_fast_decoder(folder / FAST_DECODER) if (folder / FAST_DECODER).is_dir() else None
+    for module in (unet, vae, text_encoder, pathway):
+        module.eval()
+    return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway, fast), tokenizer, sched, config)
+
+
+def save_fast_decoder(folder: Path, decoder: torch.nn.Module) -> None:
+    """Write a `FastMaskDecoder` as `config.json` (its constructor arguments) + `model.safetensors`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(folder / "config.json", dict(decoder.config))
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in decoder.state_dict().items()},
+              str(folder / "model.safetensors"))
+
+
+def load_fast_decoder(folder: Path) -> torch.nn.Module:
+    """Rebuild a `FastMaskDecoder` from its folder (strict keys, safetensors), frozen and in eval mode."""
+    from digseg_cli.core.fast_decoder import FastMaskDecoder
+
+    cfg = _read_json(Path(folder) / "config.json")
+    try:
+        decoder = FastMaskDecoder(**cfg)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder}/config.json is not a fast-decoder config: {exc}") from None
+    _load_strict(decoder, Path(folder) / "model.safetensors")
+    return decoder.requires_grad_(False).eval()
+
+
+def _load_strict(module: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file {path}")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
+        raise CheckpointError(f"cannot read {path}: {exc} (re-download or re-save the checkpoint)") from None
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its config: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
+        )
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shape mismatch
+        raise CheckpointError(f"{path} does not match its config: {str(exc).splitlines()[-1].strip()}") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,151 @@
+"""Input expansion for `digseg segment`: files, folders, quoted globs and `@list.txt` into `InputFile`s.
+
+One job: find the images a run reads, give each a relative path that mirrors the input tree (so outputs of
+same-named files from different folders never collide), the order-independent noise seed of each file, and
+an image's size from its header alone (for `--dry-run` and `--max-pixels`).
+
+It knows nothing of prompts, models or outputs (`segment.py`), nor of Typer or Rich; decoding pixels is
+`images.py`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from digseg_cli.inference import images
+from digseg_cli.errors import NoInputsError, UsageError
+
+log = logging.getLogger("digseg")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input: its path and the relative path mirrored under the output folder."""
+
+    path: Path
+    rel: PurePosixPath
+    keep_suffix: bool = False  # a sibling shares the stem (img.jpg, img.png): outputs are img.jpg.mask.png
+
+    @property
+    def key(self) -> PurePosixPath:
+        """Output stem: the relative path without its suffix (`a/b/img.jpg` → `a/b/img`)."""
+        return self.rel if self.keep_suffix else self.rel.with_suffix("")
+
+
+def _looks_like_image(path: Path) -> bool:
+    return path.suffix.lower() in images_suffixes() or images.is_image_file(path)
+
+
+def images_suffixes() -> set[str]:
+    from PIL import Image
+
+    return {s.lower() for s in Image.registered_extensions()}
+
+
+def _walk(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (exclude is None or here / d != exclude))
+        found += [here / f for f in sorted(filenames) if not f.startswith(".")]
+        if not recursive:
+            if dirnames:
+                log.debug("%s has %d sub-folders; pass --recursive to include them", folder, len(dirnames))
+            break
+    return [p for p in found if _looks_like_image(p)]
+
+
+def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False,
+                  exclude: str | Path | None = None) -> list[InputFile]:
+    """Files, folders, quoted globs and `@list.txt` files → `InputFile`s, de-duplicated, in the given order.
+
+    Files inside folders and glob matches count when their content or suffix says image (a broken `x.png`
+    is an input that then fails; `notes.txt` is ignored); an explicitly named file always counts. Relative
+    paths are taken from the deepest folder common to all inputs, so the output tree mirrors the input
+    tree and same-named files from different folders never collide. `exclude` (the output folder) is
+    never walked. A named file that does not exist stays in the list (it fails when read, so the run
+    reports it); `NoInputsError` when no existing image is found at all.
+    """
+    exclude = Path(os.path.abspath(exclude)) if exclude is not None else None
+    found: list[tuple[Path, Path]] = []  # (file, root it was found under)
+
+    def collect(text: str, base: Path, from_list: bool) -> None:
+        if text.startswith("@") and not from_list:
+            listing = Path(text[1:]).expanduser()
+            try:
+                lines = listing.read_text(encoding="utf-8").splitlines()
+            except OSError as exc:
+                raise UsageError(f"cannot read input list {listing}: {exc.strerror or exc}") from None
+            for line in (s.strip() for s in lines):
+                if line and not line.startswith("#"):
+                    collect(line, Path(os.path.abspath(listing)).parent, True)
+            return
+        path = Path(os.path.abspath(base / Path(text).expanduser()))
+        if path.is_dir():
+            found.extend((p, path) for p in _walk(path, recursive, exclude))
+        elif path.exists():
+            found.append((path, path.parent))
+        elif glob.has_magic(text):
+            root = Path(os.path.abspath(base / Path(text).expanduser()))
+            while glob.has_magic(str(root)):
+                root = root.parent
+            matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
+            files = [m for m in matches
+                     if m.is_file() and not (exclude and exclude in m.parents) and _looks_like_image(m)]
+            for m in (m for m in matches if m.is_dir()):
+                files += _walk(m, recursive, exclude)
+            if not files:
+                log.warning("no images match %s", text)
+            found.extend((f, root) for f in files)
+        else:
+            found.append((path, path.parent))  # fails when read: "no such file"
+
+    for item in inputs:
+        collect(str(item), Path.cwd(), False)
+    seen: set[Path] = set()
+    unique = [(f, r) for f, r in found if not (f in seen or seen.add(f))]  # first occurrence wins
+    if not any(f.exists() for f, _ in unique):
+        tried = ", ".join(str(i) for i in inputs) or "(none)"
+        absent = [str(f) for f, _ in unique]
+        hint = (f": {', '.join(absent)} do(es) not exist" if absent else
+                "" if recursive else " (sub-folders are searched only with --recursive)")
+        raise NoInputsError(f"no images found in {tried}{hint}")
+    common = Path(os.path.commonpath([str(r) for _, r in unique]))
+    result = [InputFile(f, PurePosixPath(f.relative_to(common).as_posix())) for f, _ in unique]
+    keys: dict[PurePosixPath, int] = {}
+    for item in result:
+        keys[item.key] = keys.get(item.key, 0) + 1
+    for i, item in enumerate(result):
+        if keys[item.key] > 1:  # img.jpg and img.png side by side
+            result[i] = dataclasses.replace(item, keep_suffix=True)
+    return result
+
+
+def image_seed(seed: int, rel: str | PurePosixPath) -> int:
+    """The noise seed of one image: sha256 of the run seed and the file's name (its relative path's last
+    part), so a file gets the same noise alone, in a folder, in any order or shard."""
+    digest = hashlib.sha256(f"{seed}\0{PurePosixPath(rel).name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def header_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, EXIF rotation applied, without decoding the pixels."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            (w, h), orientation = im.size, im.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise images.ImageReadError(path, "no such file") from None
+    except UnidentifiedImageError:
+        raise images.ImageReadError(path, "not an image file (unknown format)") from None
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types; read_image gives the precise reason
+        raise images.ImageReadError(path, f"cannot read the header ({type(exc).__name__})") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
