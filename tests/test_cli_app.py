@@ -8,7 +8,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from digseg_cli import __version__
+from digseg_cli._version import __version__
 from digseg_cli.cli.app import app
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from digseg_cli import __version__
+from digseg_cli._version import __version__
 from digseg_cli.errors import EXIT_CODES_HELP
 
 app = typer.Typer(

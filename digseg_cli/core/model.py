@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 
+def vae_scale_factor(block_out_channels) -> int:
+    """Pixels per latent pixel of an `AutoencoderKL` with these `block_out_channels`: every block but the last
+    halves the size (diffusers' own rule), so 4 blocks give 8 (SD) and 3 give 4."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def expand_conv_in(unet: nn.Module, in_channels: int = 8) -> None:
     """Widen `unet.conv_in` from C to `in_channels` = k·C inputs by copy-and-scale (Marigold's init).
 
@@ -89,7 +95,7 @@ class DigsegModel(nn.Module):
     # -- sizes read from the components' configs (never hard-coded) ---------------------------------
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae.config.block_out_channels)
 
     @property
     def latent_channels(self) -> int:

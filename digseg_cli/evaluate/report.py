@@ -150,7 +150,7 @@ def _report_md(result, files: dict[str, str], worst: list[tuple[str, float, str]
 
 def write_reports(result, out_dir: Path) -> list[Path]:
     """Write every report file of ``result`` into ``out_dir``; return their paths."""
-    from digseg_cli import __version__
+    from digseg_cli._version import __version__
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

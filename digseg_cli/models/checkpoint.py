@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
-from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels
+from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels, vae_scale_factor
 from digseg_cli.errors import CheckpointError, UsageError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")
@@ -86,7 +86,7 @@ def build_from_sd_base(folder: Path, *, base_id: str | None = None, revision: st
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae.config.block_out_channels)
     config = DigsegConfig(
         base_model=base_id or str(folder), base_revision=revision,
         prediction_type=sched.get("prediction_type", "epsilon"),

@@ -145,10 +145,12 @@ def build_components(name: str, seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from digseg_cli.core.model import vae_scale_factor
+
     cfg = get_compact_config(name)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=cfg.resolution // 2 ** (len(cfg.vae["block_out_channels"]) - 1),
+    unet = UNet2DConditionModel(sample_size=cfg.resolution // vae_scale_factor(cfg.vae["block_out_channels"]),
                                 in_channels=4, out_channels=4, **cfg.unet)
     n_vae = len(cfg.vae["block_out_channels"])
     vae = AutoencoderKL(

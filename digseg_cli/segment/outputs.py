@@ -177,7 +177,7 @@ def versions() -> dict[str, str | None]:
     import subprocess
     from importlib import metadata
 
-    from digseg_cli import __version__
+    from digseg_cli._version import __version__
 
     found: dict[str, str | None] = {"digseg": __version__, "python": platform.python_version()}
     for name in ("torch", "diffusers", "transformers"):

@@ -25,6 +25,7 @@ from digseg_cli.train import state as train_state
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
 from digseg_cli.core import diffusion
 from digseg_cli.core.metrics import confusion_matrix, iou_per_class, miou
+from digseg_cli.core.model import vae_scale_factor
 from digseg_cli.inference.device import emulated_bf16_note, leave_process_group
 from digseg_cli.errors import InterruptedRunError, UsageError
 
@@ -402,7 +403,7 @@ def _train_vae(vae, dataset, s: TrainSettings, accelerator, emit) -> None:
     vae.train().requires_grad_(True).to(accelerator.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
     rng = np.random.default_rng([s.seed, 10**6])
-    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    f = vae_scale_factor(vae.config.block_out_channels)
     for step in range(1, s.vae_steps + 1):
         idx = rng.choice(len(dataset), size=min(s.batch_size, len(dataset)), replace=False)
         samples = [dataset[int(i)] for i in idx]

@@ -33,7 +33,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from digseg_cli import __version__
+from digseg_cli._version import __version__
 from digseg_cli.errors import ChecksumMismatchError, DigsegError, UsageError, WeightsUnavailableError
 
 log = logging.getLogger("digseg")

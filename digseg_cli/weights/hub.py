@@ -18,7 +18,7 @@ import logging
 import re
 from pathlib import Path
 
-from digseg_cli import __version__
+from digseg_cli._version import __version__
 from digseg_cli.weights.download import sha256_file
 from digseg_cli.errors import WeightsUnavailableError
 
