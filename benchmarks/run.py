@@ -173,7 +173,8 @@ def load(name: str, device, dtype):
     """(pipeline on `device` in `dtype`, label, fast decoder trained?) for sd2 / tiny / a demo checkpoint;
     attaches a random fast decoder (timing only) where the weights have none."""
     from digseg_cli.core.fast_decoder import FastMaskDecoder
-    from digseg_cli.inference.pipeline import DigsegPipeline, load_model
+    from digseg_cli.inference.pipeline import DigsegPipeline
+    from digseg_cli.models.loader import load_model
 
     if name == "sd2":
         loaded, label = build_sd2(), "SD 2 sizes, random weights (U-Net 8-ch in, SD VAE, OpenCLIP-H-size text)"
@@ -548,7 +549,8 @@ def precision_rows(a, scenes: int = 8, side: int = 128) -> list[tuple[str, ...]]
     import torch
 
     from digseg_cli.inference.device import PRECISIONS
-    from digseg_cli.inference.pipeline import DigsegPipeline, load_model
+    from digseg_cli.inference.pipeline import DigsegPipeline
+    from digseg_cli.models.loader import load_model
     from digseg_cli.data.synth import generate_scene
 
     halves = half_precisions(a.device)
@@ -615,7 +617,7 @@ def ours_tiled(pipe, image, texts, tile):
 
 
 def fast_accuracy(demo: str) -> tuple[str, ...]:
-    from digseg_cli.inference.pipeline import load_model
+    from digseg_cli.models.loader import load_model
 
     try:
         ev = load_model(demo).config.evaluation.get("fast_decoder")

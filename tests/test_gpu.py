@@ -23,7 +23,8 @@ runner = CliRunner()
 
 def _demo_probs(dtype: torch.dtype, decoder: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo's probabilities `[N,K,H,W]` and labels `[N,H,W]` on 8 synthetic 128 px scenes, on cuda."""
-    from digseg_cli.inference.pipeline import DigsegPipeline, load_model
+    from digseg_cli.inference.pipeline import DigsegPipeline
+    from digseg_cli.models.loader import load_model
     from digseg_cli.data.synth import generate_scene
 
     loaded = load_model("demo")  # a fresh fp32 copy per precision: casting one copy twice would round twice

@@ -7,6 +7,7 @@ images go in, tensors come out. File writing, overlays and the command line live
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import time
@@ -17,13 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digseg_cli.models.checkpoint import (
-    COMPACT_PREFIX, LoadedModel, build_compact, build_from_sd_base, is_checkpoint, is_sd_base, load_checkpoint,
-    save_checkpoint,
-)
-from digseg_cli.models.config import DECODERS, DigsegConfig
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.errors import UsageError
+from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
+from digseg_cli.models.config import DECODERS
+from digseg_cli.models.loader import load_model
 
 log = logging.getLogger("digseg")
 Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores are averaged
@@ -31,6 +30,18 @@ Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores
 # pays only while calls are launch-bound: the demo's 192 px tiles with one prompt ran 20 % faster two per
 # call than one, and 20 % slower sixteen per call than two; a GPU keeps gaining up to a batch of 512² tiles.
 PAIR_PIXELS_PER_CALL = {"cpu": 2**17, "cuda": 16 * 512 * 512}
+
+
+@dataclass(frozen=True)
+class _CallSettings:
+    """What one `__call__` resolved, passed down its prediction steps as one value."""
+
+    resolution: int
+    steps: int
+    ensemble: int
+    seed: int
+    decoder: str
+    overlap: float
 
 
 @dataclass
@@ -144,21 +155,22 @@ class DigsegPipeline:
         tile_size = self._tile_size(tile, resolution, height, width)
         timings: dict[str, float] = {}
 
+        run = _CallSettings(resolution, steps, ensemble, seed, decoder, overlap)
+
         def predict(emb, pooled) -> torch.Tensor:  # [T,H,W]
             if tile_size:
-                return self._predict_tiled(pixels, emb, pooled, tile_size, overlap, steps, ensemble, seed, timings,
-                                           decoder)
-            return self._predict(pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder)[0]
+                return self._predict_tiled(pixels, (emb, pooled), tile_size, run, timings)
+            return self._predict(pixels, (emb, pooled), run, timings)[0]
 
         probs = predict(emb, pooled)
-        # 7b. fp16 can overflow (SD VAEs are known to: NaN or black masks): run again with the part in fp32.
+        # 8. fp16 can overflow (SD VAEs are known to: NaN or black masks): run again with the part in fp32.
         while not bool(torch.isfinite(probs).all()):
             self._upcast_after_overflow()
             probs = predict(*self.encode_prompts(texts))
-        # 8. Average synonyms' scores into one map per class.
+        # 9. Average synonyms' scores into one map per class.
         sizes = [len(s) for s in classes]
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
-        # 9. Threshold: semantic label map and per-prompt masks.
+        # 10. Threshold: semantic label map and per-prompt masks.
         labels, masks = probs_to_labels(probs, thresholds)
         timings["total"] = time.perf_counter() - t_start
         return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), thresholds, [c[0] for c in classes], timings)
@@ -221,28 +233,29 @@ class DigsegPipeline:
         # Tile at native scale when the image is much larger than the processing resolution.
         return transforms.tile_size_for(tile, resolution, height, width)
 
-    def _predict(self, pixels, emb, pooled, resolution, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
-        """Images `[n,3,H,W]` (one image, or n equal-size tiles) → probabilities `[n,T,H,W]` at the input
-        size, averaged over the ensemble."""
+    def _predict(self, pixels, text, run: _CallSettings, timings) -> torch.Tensor:
+        """Images `[n,3,H,W]` (one image, or n equal-size tiles) and `text` = (emb `[T,L,D]`, pooled `[T,D]`)
+        → probabilities `[n,T,H,W]` at the input size, averaged over the ensemble."""
         n, _, height, width = pixels.shape
         # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
-        x = transforms.resize(pixels, transforms.processing_size(height, width, resolution))  # [n,3,h',w']
-        generator = torch.Generator("cpu").manual_seed(seed)
-        total = torch.zeros((n, emb.shape[0], height, width), device=self.device)
-        for member in range(ensemble):
+        x = transforms.resize(pixels, transforms.processing_size(height, width, run.resolution))  # [n,3,h',w']
+        generator = torch.Generator("cpu").manual_seed(run.seed)
+        total = torch.zeros((n, text[0].shape[0], height, width), device=self.device)
+        for member in range(run.ensemble):
             # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
             k = member if self.config.objective == "one-step" else 0
             xk, pad = transforms.pad_to_multiple(transforms.dihedral(x, k), self.model.size_multiple)
-            probs = self._predict_padded(xk, emb, pooled, steps, generator, timings, decoder)  # [n,T,hp,wp]
+            probs = self._predict_padded(xk, text, run, generator, timings)  # [n,T,hp,wp]
+            # 7. Undo the padding and the flip, resize to the input size (bilinear) before any threshold.
             probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [n,T,h',w']
-            # 8. Resize probabilities to the input size (bilinear) before any threshold.
             total += transforms.resize(probs, (height, width))  # [n,T,H,W]
-        return total / ensemble
+        return total / run.ensemble
 
-    def _predict_padded(self, x, emb, pooled, steps, generator, timings, decoder="vae") -> torch.Tensor:
+    def _predict_padded(self, x, text, run: _CallSettings, generator, timings) -> torch.Tensor:
         """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
         `batch_size` (image, prompt) pairs per call."""
         f = self.model.vae_scale_factor
+        emb, pooled = text
         n, texts = x.shape[0], emb.shape[0]
         # 4. Encode each image once (VAE encoder); its latent is shared by every prompt.
         t0 = time.perf_counter()
@@ -267,10 +280,10 @@ class DigsegPipeline:
             if self.config.objective == "one-step":
                 clean = diffusion.sample_one_step(denoise, (b, *latent_shape[1:]), self.scheduler, self.device, self.dtype)
             else:
-                clean = diffusion.sample_ddim(denoise, noise.expand(b, -1, -1, -1), self.scheduler, steps)
+                clean = diffusion.sample_ddim(denoise, noise.expand(b, -1, -1, -1), self.scheduler, run.steps)
             t1 = time.perf_counter()
             # 6. Decode (VAE decoder, or the distilled fast decoder) → probabilities [b,h,w].
-            out.append(self.model.decode_probs_fast(clean) if decoder == "fast" else self.model.decode_probs(clean))
+            out.append(self.model.decode_probs_fast(clean) if run.decoder == "fast" else self.model.decode_probs(clean))
             timings["denoise"] = timings.get("denoise", 0.0) + t1 - t0
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
         return torch.cat(out).float().unflatten(0, (n, texts))  # [n,T,h,w]
@@ -281,19 +294,21 @@ class DigsegPipeline:
         budget = PAIR_PIXELS_PER_CALL.get(self.device.type, PAIR_PIXELS_PER_CALL["cpu"])
         return max(1, min(self.batch_size // texts, budget // (texts * tile_h * tile_w)))
 
-    def _predict_tiled(self, pixels, emb, pooled, tile, overlap, steps, ensemble, seed, timings, decoder="vae") -> torch.Tensor:
+    def _predict_tiled(self, pixels, text, tile: int, run: _CallSettings, timings) -> torch.Tensor:
         """Slide `tile`-sized windows at native scale, several per call; blend with a feathered window."""
         height, width = pixels.shape[-2:]
-        acc = torch.zeros((emb.shape[0], height, width), device=self.device)
+        texts = text[0].shape[0]
+        acc = torch.zeros((texts, height, width), device=self.device)
         weight = torch.zeros((height, width), device=self.device)
-        windows = transforms.tile_windows(height, width, tile, overlap)  # all the same size
+        windows = transforms.tile_windows(height, width, tile, run.overlap)  # all the same size
         _, _, h, w = windows[0]
-        win = transforms.feather_weights(h, w, int(tile * overlap / 2), self.device)  # [h,w]
-        group = self._tiles_per_call(h, w, emb.shape[0])
+        win = transforms.feather_weights(h, w, int(tile * run.overlap / 2), self.device)  # [h,w]
+        group = self._tiles_per_call(h, w, texts)
+        native = dataclasses.replace(run, resolution=0)  # tiles run at native scale
         for lo in range(0, len(windows), group):
             chunk = windows[lo:lo + group]
             crops = torch.cat([pixels[..., top:top + h, left:left + w] for top, left, _, _ in chunk])  # [g,3,h,w]
-            probs = self._predict(crops, emb, pooled, 0, steps, ensemble, seed, timings, decoder)  # [g,T,h,w]
+            probs = self._predict(crops, text, native, timings)  # [g,T,h,w]
             for (top, left, _, _), tile_probs in zip(chunk, probs):
                 acc[:, top:top + h, left:left + w] += tile_probs * win
                 weight[top:top + h, left:left + w] += win
@@ -335,32 +350,3 @@ def load_pipeline(
     dev = resolve_device(device or "cpu")
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or ("fp32" if dev.type != "cuda" else "auto"), dev)
     return DigsegPipeline(load_model(name_or_path, cache_dir=cache_dir, offline=offline), dev, dt)
-
-
-def load_model(name_or_path: str | Path, *, cache_dir=None, offline=None, config_overrides: dict | None = None) -> LoadedModel:
-    """Resolve a name to a `LoadedModel`; a fresh model is built for compact names and SD bases."""
-    from digseg_cli.models.compact import COMPACT_CONFIGS
-
-    name = str(name_or_path)
-    overrides = config_overrides or {}
-    if name.startswith(COMPACT_PREFIX) or (name in COMPACT_CONFIGS and not Path(name).exists()):
-        return build_compact(name.removeprefix(COMPACT_PREFIX), **overrides)
-    path = Path(name).expanduser()
-    if not path.exists():
-        from digseg_cli.weights.registry import REGISTRY
-        from digseg_cli.weights.store import parse_hub_id, resolve_weights  # registry names and Hub ids
-
-        path = resolve_weights(name, cache_dir=cache_dir, offline=offline)
-        if not is_checkpoint(path) and is_sd_base(path):
-            # Record the base as its Hub id and revision, whichever name the user gave it by.
-            spec = REGISTRY.get(name)
-            repo, revision = (spec.repo_id, spec.revision) if spec and spec.repo_id else (parse_hub_id(name) or (name, None))
-            return build_from_sd_base(path, base_id=repo, revision=revision, **overrides)
-    if is_checkpoint(path):
-        return load_checkpoint(path)
-    if is_sd_base(path):
-        return build_from_sd_base(path, **overrides)
-    raise UsageError(
-        f"{path} is neither a digseg checkpoint ({DigsegConfig.__name__} file digseg_config.json) "
-        "nor a diffusers Stable Diffusion folder (unet/, vae/, text_encoder/)"
-    )
