@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
-OBJECTIVES = ("one-step", "diffusion")
+from digseg_cli.core import OBJECTIVES
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [B,4,h,w], t [B]) -> prediction [B,4,h,w]
 
 
@@ -41,6 +41,23 @@ def predicted_clean_latent(pred, z_t, t, scheduler: DDIMScheduler) -> torch.Tens
     if kind == "sample":
         return pred
     raise ValueError(f"unsupported `prediction_type` {kind!r}")
+
+
+def noisy_latent(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: DDIMScheduler) -> torch.Tensor:
+    """The forward process: `z_t = sqrt(ᾱ_t)·z0 + sqrt(1−ᾱ_t)·noise`, `[B,4,h,w]` (diffusers' `add_noise`)."""
+    a = _alpha_bar(scheduler, t, z0)
+    return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+
+def diffusion_target(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: DDIMScheduler) -> torch.Tensor:
+    """What the U-Net learns to predict at `z_t`: ε, or v = sqrt(ᾱ_t)·ε − sqrt(1−ᾱ_t)·z0 (`get_velocity`)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        a = _alpha_bar(scheduler, t, z0)
+        return a.sqrt() * noise - (1 - a).sqrt() * z0
+    raise ValueError(f"`diffusion` objective needs an epsilon or v_prediction base, not {kind!r}")
 
 
 def multires_noise(shape, generator, device, strength: float = 0.0, levels: int = 4) -> torch.Tensor:
@@ -93,12 +110,8 @@ def training_loss(
         t = t.to(z_mask.device)
         noise = multires_noise(z_mask.shape, generator, generator.device if generator else "cpu", noise_strength)
         noise = noise.to(z_mask.device)
-        a = _alpha_bar(scheduler, t, z_mask)
-        z_t = a.sqrt() * z_mask + (1 - a).sqrt() * noise  # [B,4,h,w]
-        kind = scheduler.config.prediction_type
-        target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z_mask}.get(kind)
-        if target is None:
-            raise ValueError(f"`diffusion` objective needs an epsilon or v_prediction base, not {kind!r}")
+        target = diffusion_target(z_mask, noise, t, scheduler)  # before the U-Net runs: a bad base fails fast
+        z_t = noisy_latent(z_mask, noise, t, scheduler)  # [B,4,h,w]
         return _weighted_mse(denoise(z_t, t).float(), target.float(), weight)
     raise ValueError(f"`objective` must be one of {OBJECTIVES}, got {objective!r}")
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from digseg_cli.core import OBJECTIVES
 from digseg_cli.errors import CheckpointError, UsageError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "digseg_config.json"
-OBJECTIVES = ("one-step", "diffusion")
 MASK_ENCODINGS = ("mask",)  # "overlay" (the mask drawn over the image) is kept for later (DESIGN §1.2)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Mask decoders a pipeline can use; "auto" is the fast one when its recorded accuracy check passed.
