@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from digseg_cli.models.checkpoint import build_compact, build_from_sd_base, load_checkpoint
+from digseg_cli.models.checkpoint import assemble, build_compact, build_from_sd_base, load_checkpoint
+from digseg_cli.models.config import DigsegConfig
 from digseg_cli.core import diffusion
 from digseg_cli.core.model import expand_conv_in
 from digseg_cli.inference.pipeline import DigsegPipeline, load_pipeline
@@ -40,14 +41,16 @@ def test_fresh_model_equals_base_unet(source, tiny_sd_base):
     from diffusers import UNet2DConditionModel
 
     if source == "compact":
-        loaded = build_compact("tiny", seed=3)
-        base = copy.deepcopy(loaded.model.unet)
-        # Undo the widening on the copy: the base is the 4-channel U-Net the compact config describes.
-        w = base.conv_in.weight.detach()[:, :4] * 2
-        conv = torch.nn.Conv2d(4, w.shape[0], 3, padding=1)
-        conv.weight.data.copy_(w)
-        conv.bias.data.copy_(base.conv_in.bias.detach())
-        base.conv_in = conv
+        from digseg_cli.models.compact import build_components
+
+        # The reference is the compact config's own 4-channel U-Net, copied before DiGSeg widens it: nothing of
+        # the widened conv goes into the reference.
+        unet, vae, text_encoder, tokenizer, sched = build_components("tiny", seed=3)
+        base = copy.deepcopy(unet)
+        torch.nn.init.normal_(base.conv_in.bias)  # a non-zero bias must come through the widening unchanged
+        unet.conv_in.bias.data.copy_(base.conv_in.bias)
+        loaded = assemble(unet, vae, text_encoder, tokenizer, sched, DigsegConfig(base_model="compact:tiny"))
+        assert loaded.model.unet.conv_in.in_channels == 8
     else:
         base = UNet2DConditionModel.from_pretrained(tiny_sd_base, subfolder="unet")
         loaded = build_from_sd_base(tiny_sd_base)
