@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import shutil
 import socket
 import tarfile
 import threading
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from digseg_cli.weights import download
-from digseg_cli.weights.download import DownloadError, UnsafeArchiveError, download_file, safe_extract, sha256_file
+from digseg_cli.weights.archives import UnsafeArchiveError, safe_extract
+from digseg_cli.weights.download import DownloadError, download_file, sha256_file
 from digseg_cli.errors import ChecksumMismatchError, UsageError
 
 
@@ -163,6 +165,36 @@ def test_download_with_sha256_and_progress(server: LocalServer, tmp_path: Path) 
     assert _leftovers(tmp_path) == ["model.bin", "sub"]
 
 
+
+class _RecordingBar:
+    """Stands in for ``tqdm.auto.tqdm``: a real tqdm bar, forced on and written to a buffer, that is kept."""
+
+    bars: list = []
+
+    def __new__(cls, *args, **kwargs):
+        from tqdm.std import tqdm
+
+        bar = tqdm(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+        cls.bars.append((bar, kwargs))
+        return bar
+
+
+def test_no_callback_means_a_tqdm_bar_that_ends_full(server: LocalServer, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tqdm.auto.tqdm", _RecordingBar)
+    monkeypatch.setattr(_RecordingBar, "bars", [])
+    server.drop["/model.bin"] = 1  # a resumed download still ends at the file's size, not beyond
+    download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA, size=len(PAYLOAD))
+    ((bar, kwargs),) = _RecordingBar.bars
+    assert kwargs["desc"] == "model.bin" and kwargs["unit"] == "B" and kwargs["disable"] is None  # off off a tty
+    assert bar.n == bar.total == len(PAYLOAD) and bar.disable is True  # closed after the download
+    download_file(f"{server.url}/model.bin", tmp_path / "other.bin", progress=lambda d, t: None)
+    assert len(_RecordingBar.bars) == 1  # a caller's callback replaces the bar
+
+
+def test_no_callback_off_a_terminal_writes_nothing(server: LocalServer, tmp_path: Path, capfd) -> None:
+    download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA)
+    assert capfd.readouterr().err == ""  # tqdm's disable=None: no bar lines in logs or CI output
+
 def test_dropped_connection_resumes_with_range(server: LocalServer, tmp_path: Path) -> None:
     server.drop["/model.bin"] = 2  # the first two responses stop halfway
     dest = download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA, retries=1)
@@ -295,6 +327,40 @@ def test_safe_extract_refuses_bad_zip(tmp_path: Path, name: str) -> None:
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
 
+
+
+def test_safe_extract_uses_the_data_filter(tmp_path: Path) -> None:
+    archive = tmp_path / "modes.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("run.sh")
+        info.size, info.mode = 2, 0o6777  # setuid, setgid, world-writable
+        tar.addfile(info, io.BytesIO(b"hi"))
+    out = safe_extract(archive, tmp_path / "out")
+    assert (out / "run.sh").stat().st_mode & 0o7777 == 0o755  # PEP 706's data filter cleared them
+
+
+def test_safe_extract_without_the_data_filter_refuses_tar(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delattr(tarfile, "data_filter")  # as on Python < 3.10.12 / 3.11.4
+    archive = _tar(tmp_path / "a.tar.gz", [("ok.txt", b"ok", None)])
+    with pytest.raises(UsageError, match="upgrade Python"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == ["a.tar.gz"]
+    assert (safe_extract(_zip(tmp_path / "a.zip", {"ok.txt": b"ok"}), tmp_path / "z") / "ok.txt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_safe_extract_refuses_more_than_the_free_space(tmp_path: Path, monkeypatch, kind: str) -> None:
+    from digseg_cli.weights import archives
+
+    free = {"bytes": 99}
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, free["bytes"]))
+    archive = (_zip(tmp_path / "a.zip", {"big.bin": b"x" * 100}) if kind == "zip"
+               else _tar(tmp_path / "a.tar", [("big.bin", b"x" * 100, None)], mode="w"))
+    with pytest.raises(UnsafeArchiveError, match="unpacks to 100 bytes and only 99 bytes are free"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    free["bytes"] = 100  # exactly enough
+    assert (safe_extract(archive, tmp_path / "out") / "big.bin").stat().st_size == 100
 
 def test_safe_extract_good_archives_and_merge(tmp_path: Path) -> None:
     tar = _tar(tmp_path / "a.tar.xz", [("README", b"same", None), ("images/1.png", b"png", None),
