@@ -30,8 +30,10 @@ class LocalServer:
     ``wrong`` (serve these bytes instead), ``status`` (answer this HTTP status). ``etags`` gives a path an
     ETag, honoured in ``If-Range``; ``replace_after_drop`` (path → (bytes, etag)) publishes a new version
     of the file once a dropped response has been sent. ``ignore_range`` makes it answer 200 with the whole
-    file to a Range request. At most ``max_requests`` are served; the rest get
-    500, so a looping client cannot hang a test. ``requests`` records (path, Range header) of each GET.
+    file to a Range request. ``headers`` (path → {name: value}) adds response headers; HEAD answers as GET
+    without the body, and a query string is ignored when looking a path up (enough to play the Hugging Face
+    Hub, see ``test_weights.hub_files``). At most ``max_requests`` are served; the rest get
+    500, so a looping client cannot hang a test. ``requests`` records (path, Range header) of each request.
     """
 
     def __init__(self, files: dict[str, bytes], *, max_requests: int = 50) -> None:
@@ -41,6 +43,7 @@ class LocalServer:
         self.status: dict[str, int] = {}
         self.etags: dict[str, str] = {}
         self.replace_after_drop: dict[str, tuple[bytes, str]] = {}
+        self.headers: dict[str, dict[str, str]] = {}
         self.ignore_range = False
         self.max_requests = max_requests
         self.requests: list[tuple[str, str | None]] = []
@@ -48,20 +51,25 @@ class LocalServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            head = False  # answering a HEAD request: headers only
 
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:  # noqa: N802
+                self.do_GET(head=True)
+
+            def do_GET(self, head: bool = False) -> None:  # noqa: N802
                 server.requests.append((self.path, self.headers.get("Range")))
+                self.head, path = head, self.path.split("?")[0]
                 if len(server.requests) > server.max_requests:
                     return self._send(500, b"too many requests")
-                if self.path in server.status:
-                    return self._send(server.status[self.path], b"nope")
-                if self.path not in server.files:
+                if path in server.status:
+                    return self._send(server.status[path], b"nope")
+                if path not in server.files:
                     return self._send(404, b"not found")
-                body = server.wrong.get(self.path, server.files[self.path])
-                etag = server.etags.get(self.path)
+                body = server.wrong.get(path, server.files[path])
+                etag = server.etags.get(path)
                 start = 0
                 rng = self.headers.get("Range")
                 if_range = self.headers.get("If-Range")
@@ -71,8 +79,8 @@ class LocalServer:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(body):
                         return self._send(416, b"", {"Content-Range": f"bytes */{len(body)}"})
-                if server.drop.get(self.path, 0) > 0:
-                    server.drop[self.path] -= 1
+                if server.drop.get(path, 0) > 0:
+                    server.drop[path] -= 1
                     self.send_response(206 if start else 200)
                     if etag:
                         self.send_header("ETag", etag)
@@ -84,10 +92,10 @@ class LocalServer:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
-                    if self.path in server.replace_after_drop:
-                        server.files[self.path], server.etags[self.path] = server.replace_after_drop.pop(self.path)
+                    if path in server.replace_after_drop:
+                        server.files[path], server.etags[path] = server.replace_after_drop.pop(path)
                     return None
-                extra = {"ETag": etag} if etag else {}
+                extra = {**server.headers.get(path, {}), **({"ETag": etag} if etag else {})}
                 if start:
                     extra["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
                     return self._send(206, body[start:], extra)
@@ -99,7 +107,8 @@ class LocalServer:
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not self.head:
+                    self.wfile.write(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -214,7 +214,7 @@ def _ensure_url(spec: WeightsSpec, *, cache_dir, offline: bool, progress) -> Pat
 
 def _ensure_hub(label: str, repo_id: str, revision: str | None, *, allow, offline: bool, cache_dir,
                 local_first: bool) -> Path:
-    cached = hub.cached_snapshot(repo_id, revision)
+    cached = hub.cached_snapshot(repo_id, revision, allow=allow)
     if cached is not None and (local_first or offline):
         return cached
     if offline:
@@ -243,12 +243,12 @@ def cached_path(name: str, cache_dir: Path | str | None = None, *,
         if spec.source == "bundled":
             return bundled_dir(spec.name)
         if spec.source == "hub":
-            return hub.cached_snapshot(spec.repo_id, spec.revision)
+            return hub.cached_snapshot(spec.repo_id, spec.revision, allow=spec.allow_patterns)
         folder = entry_dir(spec, cache_dir)
         return folder if all(_present(folder / f.path, f.size) for f in spec.files) else None
     hub_id = parse_hub_id(name)
     if hub_id is not None:
-        return hub.cached_snapshot(*hub_id)
+        return hub.cached_snapshot(*hub_id, allow=HUB_ALLOW_ANY)
     raise unknown_weights_error(name, registry)
 
 
