@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from digseg_cli.errors import ChecksumMismatchError, UsageError
 from digseg_cli.weights import download
 from digseg_cli.weights.archives import UnsafeArchiveError, safe_extract
 from digseg_cli.weights.download import DownloadError, download_file, sha256_file
-from digseg_cli.errors import ChecksumMismatchError, UsageError
 
 
 class LocalServer:

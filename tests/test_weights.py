@@ -11,17 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from digseg_cli.weights import store as weights
 from digseg_cli.errors import ChecksumMismatchError, UsageError, WeightsUnavailableError
+from digseg_cli.weights import store as weights
+from digseg_cli.weights.cache import list_weights, remove_weights, verify_weights
 from digseg_cli.weights.registry import REGISTRY, FileSpec, WeightsSpec
-from digseg_cli.weights.store import (
-    cache_dir,
-    list_weights,
-    remove_weights,
-    resolve_weights,
-    verify_weights,
-    weights_sha256,
-)
+from digseg_cli.weights.store import cache_dir, resolve_weights, weights_sha256
 
 try:
     from test_download import LocalServer, guard_network

@@ -23,8 +23,8 @@ import re
 from pathlib import Path, PurePosixPath
 
 from digseg_cli._version import __version__
-from digseg_cli.weights.download import sha256_file
 from digseg_cli.errors import WeightsUnavailableError
+from digseg_cli.weights.download import sha256_file
 
 log = logging.getLogger("digseg")
 
