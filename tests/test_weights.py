@@ -218,6 +218,21 @@ def test_hub_snapshot_offline_and_verify(tmp_path: Path, monkeypatch: pytest.Mon
             remove_weights("someone/model")
 
 
+def test_verify_of_a_damaged_hub_entry_says_how_to_fix(tmp_path: Path) -> None:
+    """A cache entry as an older huggingface_hub leaves it (no file listing), with a blob deleted by hand."""
+    repo = tmp_path / "hf-hub" / "models--someone--model"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    snap = repo / "snapshots" / COMMIT
+    (snap / "unet").mkdir(parents=True)
+    for rel, blob in (("model_index.json", "a" * 40), ("unet/config.json", "b" * 40)):
+        (snap / rel).symlink_to(repo / "blobs" / blob)
+    (repo / "blobs" / ("a" * 40)).write_bytes(b"{}")  # unet/config.json's blob is missing: a broken link
+    with pytest.raises(WeightsUnavailableError, match="cannot read the cache entry.*digseg weights download"):
+        verify_weights("someone/model", offline=True)
+
+
 def test_remove_only_own_cache_entries(server: LocalServer, tmp_path: Path, monkeypatch) -> None:
     spec, root = make_spec(server.url), tmp_path / "cache"
     registry = {"tiny-test": spec, "demo": REGISTRY["demo"], "sd2": REGISTRY["sd2"]}
