@@ -10,8 +10,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from digseg_cli.weights import registry
 from digseg_cli.cli.weights import register
+from digseg_cli.weights import registry
 
 try:
     from test_download import LocalServer, guard_network

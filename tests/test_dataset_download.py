@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from digseg_cli.data.benchmarks import catalog as D
 from digseg_cli.cli.app import app
+from digseg_cli.data.benchmarks import catalog as D
 from digseg_cli.data.benchmarks.base import DownloadItem
-from digseg_cli.weights.download import UnsafeArchiveError
 from digseg_cli.errors import ChecksumMismatchError, DatasetError
+from digseg_cli.weights.archives import UnsafeArchiveError
 
 try:
     from test_download import LocalServer, guard_network

@@ -35,7 +35,7 @@ def test_demo_is_a_small_documented_checkpoint():
 
 def test_demo_loads_offline_and_verifies(monkeypatch):
     from digseg_cli import load_pipeline
-    from digseg_cli.weights.store import verify_weights
+    from digseg_cli.weights.cache import verify_weights
 
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import shutil
 import socket
 import tarfile
 import threading
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from digseg_cli.weights import download
-from digseg_cli.weights.download import DownloadError, UnsafeArchiveError, download_file, safe_extract, sha256_file
 from digseg_cli.errors import ChecksumMismatchError, UsageError
+from digseg_cli.weights import download
+from digseg_cli.weights.archives import UnsafeArchiveError, safe_extract
+from digseg_cli.weights.download import DownloadError, download_file, sha256_file
 
 
 class LocalServer:
@@ -28,8 +30,10 @@ class LocalServer:
     ``wrong`` (serve these bytes instead), ``status`` (answer this HTTP status). ``etags`` gives a path an
     ETag, honoured in ``If-Range``; ``replace_after_drop`` (path → (bytes, etag)) publishes a new version
     of the file once a dropped response has been sent. ``ignore_range`` makes it answer 200 with the whole
-    file to a Range request. At most ``max_requests`` are served; the rest get
-    500, so a looping client cannot hang a test. ``requests`` records (path, Range header) of each GET.
+    file to a Range request. ``headers`` (path → {name: value}) adds response headers; HEAD answers as GET
+    without the body, and a query string is ignored when looking a path up (enough to play the Hugging Face
+    Hub, see ``test_weights.hub_files``). At most ``max_requests`` are served; the rest get
+    500, so a looping client cannot hang a test. ``requests`` records (path, Range header) of each request.
     """
 
     def __init__(self, files: dict[str, bytes], *, max_requests: int = 50) -> None:
@@ -39,6 +43,7 @@ class LocalServer:
         self.status: dict[str, int] = {}
         self.etags: dict[str, str] = {}
         self.replace_after_drop: dict[str, tuple[bytes, str]] = {}
+        self.headers: dict[str, dict[str, str]] = {}
         self.ignore_range = False
         self.max_requests = max_requests
         self.requests: list[tuple[str, str | None]] = []
@@ -46,20 +51,25 @@ class LocalServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            head = False  # answering a HEAD request: headers only
 
             def log_message(self, *args: object) -> None:  # keep test output clean
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_HEAD(self) -> None:  # noqa: N802
+                self.do_GET(head=True)
+
+            def do_GET(self, head: bool = False) -> None:  # noqa: N802
                 server.requests.append((self.path, self.headers.get("Range")))
+                self.head, path = head, self.path.split("?")[0]
                 if len(server.requests) > server.max_requests:
                     return self._send(500, b"too many requests")
-                if self.path in server.status:
-                    return self._send(server.status[self.path], b"nope")
-                if self.path not in server.files:
+                if path in server.status:
+                    return self._send(server.status[path], b"nope")
+                if path not in server.files:
                     return self._send(404, b"not found")
-                body = server.wrong.get(self.path, server.files[self.path])
-                etag = server.etags.get(self.path)
+                body = server.wrong.get(path, server.files[path])
+                etag = server.etags.get(path)
                 start = 0
                 rng = self.headers.get("Range")
                 if_range = self.headers.get("If-Range")
@@ -69,8 +79,8 @@ class LocalServer:
                     start = int(rng.split("=")[1].split("-")[0])
                     if start >= len(body):
                         return self._send(416, b"", {"Content-Range": f"bytes */{len(body)}"})
-                if server.drop.get(self.path, 0) > 0:
-                    server.drop[self.path] -= 1
+                if server.drop.get(path, 0) > 0:
+                    server.drop[path] -= 1
                     self.send_response(206 if start else 200)
                     if etag:
                         self.send_header("ETag", etag)
@@ -82,10 +92,10 @@ class LocalServer:
                     self.wfile.flush()
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
-                    if self.path in server.replace_after_drop:
-                        server.files[self.path], server.etags[self.path] = server.replace_after_drop.pop(self.path)
+                    if path in server.replace_after_drop:
+                        server.files[path], server.etags[path] = server.replace_after_drop.pop(path)
                     return None
-                extra = {"ETag": etag} if etag else {}
+                extra = {**server.headers.get(path, {}), **({"ETag": etag} if etag else {})}
                 if start:
                     extra["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
                     return self._send(206, body[start:], extra)
@@ -97,7 +107,8 @@ class LocalServer:
                     self.send_header(key, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if not self.head:
+                    self.wfile.write(body)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -162,6 +173,36 @@ def test_download_with_sha256_and_progress(server: LocalServer, tmp_path: Path) 
     assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
     assert _leftovers(tmp_path) == ["model.bin", "sub"]
 
+
+
+class _RecordingBar:
+    """Stands in for ``tqdm.auto.tqdm``: a real tqdm bar, forced on and written to a buffer, that is kept."""
+
+    bars: list = []
+
+    def __new__(cls, *args, **kwargs):
+        from tqdm.std import tqdm
+
+        bar = tqdm(*args, **{**kwargs, "disable": False, "file": io.StringIO()})
+        cls.bars.append((bar, kwargs))
+        return bar
+
+
+def test_no_callback_means_a_tqdm_bar_that_ends_full(server: LocalServer, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("tqdm.auto.tqdm", _RecordingBar)
+    monkeypatch.setattr(_RecordingBar, "bars", [])
+    server.drop["/model.bin"] = 1  # a resumed download still ends at the file's size, not beyond
+    download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA, size=len(PAYLOAD))
+    ((bar, kwargs),) = _RecordingBar.bars
+    assert kwargs["desc"] == "model.bin" and kwargs["unit"] == "B" and kwargs["disable"] is None  # off off a tty
+    assert bar.n == bar.total == len(PAYLOAD) and bar.disable is True  # closed after the download
+    download_file(f"{server.url}/model.bin", tmp_path / "other.bin", progress=lambda d, t: None)
+    assert len(_RecordingBar.bars) == 1  # a caller's callback replaces the bar
+
+
+def test_no_callback_off_a_terminal_writes_nothing(server: LocalServer, tmp_path: Path, capfd) -> None:
+    download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA)
+    assert capfd.readouterr().err == ""  # tqdm's disable=None: no bar lines in logs or CI output
 
 def test_dropped_connection_resumes_with_range(server: LocalServer, tmp_path: Path) -> None:
     server.drop["/model.bin"] = 2  # the first two responses stop halfway
@@ -295,6 +336,40 @@ def test_safe_extract_refuses_bad_zip(tmp_path: Path, name: str) -> None:
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
 
+
+
+def test_safe_extract_uses_the_data_filter(tmp_path: Path) -> None:
+    archive = tmp_path / "modes.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("run.sh")
+        info.size, info.mode = 2, 0o6777  # setuid, setgid, world-writable
+        tar.addfile(info, io.BytesIO(b"hi"))
+    out = safe_extract(archive, tmp_path / "out")
+    assert (out / "run.sh").stat().st_mode & 0o7777 == 0o755  # PEP 706's data filter cleared them
+
+
+def test_safe_extract_without_the_data_filter_refuses_tar(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delattr(tarfile, "data_filter")  # as on Python < 3.10.12 / 3.11.4
+    archive = _tar(tmp_path / "a.tar.gz", [("ok.txt", b"ok", None)])
+    with pytest.raises(UsageError, match="upgrade Python"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == ["a.tar.gz"]
+    assert (safe_extract(_zip(tmp_path / "a.zip", {"ok.txt": b"ok"}), tmp_path / "z") / "ok.txt").is_file()
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_safe_extract_refuses_more_than_the_free_space(tmp_path: Path, monkeypatch, kind: str) -> None:
+    from digseg_cli.weights import archives
+
+    free = {"bytes": 99}
+    monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, free["bytes"]))
+    archive = (_zip(tmp_path / "a.zip", {"big.bin": b"x" * 100}) if kind == "zip"
+               else _tar(tmp_path / "a.tar", [("big.bin", b"x" * 100, None)], mode="w"))
+    with pytest.raises(UnsafeArchiveError, match="unpacks to 100 bytes and only 99 bytes are free"):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    free["bytes"] = 100  # exactly enough
+    assert (safe_extract(archive, tmp_path / "out") / "big.bin").stat().st_size == 100
 
 def test_safe_extract_good_archives_and_merge(tmp_path: Path) -> None:
     tar = _tar(tmp_path / "a.tar.xz", [("README", b"same", None), ("images/1.png", b"png", None),

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from digseg_cli.weights import store as weights
 from digseg_cli.errors import ChecksumMismatchError, UsageError, WeightsUnavailableError
+from digseg_cli.weights import store as weights
+from digseg_cli.weights.cache import list_weights, remove_weights, verify_weights
 from digseg_cli.weights.registry import REGISTRY, FileSpec, WeightsSpec
-from digseg_cli.weights.store import (
-    cache_dir,
-    list_weights,
-    remove_weights,
-    resolve_weights,
-    verify_weights,
-    weights_sha256,
-)
+from digseg_cli.weights.store import cache_dir, resolve_weights, weights_sha256
 
 try:
     from test_download import LocalServer, guard_network
@@ -38,6 +34,42 @@ def make_spec(url: str, name: str = "tiny-test", unet: bytes = UNET) -> WeightsS
                FileSpec("digseg_config.json", hashlib.sha256(CONFIG).hexdigest(), len(CONFIG))),
         licence="test-licence", classes=("road", "tree"),
     )
+
+
+COMMIT = "c0ffee" * 6 + "c0de"
+
+
+def hub_files(repo_id: str, commit: str, files: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """What the Hugging Face Hub answers for one repo at one commit: (path → body, path → headers) for
+    ``LocalServer``. Blob ids: sha256 for ``*.safetensors`` (LFS files), git blob sha1 for the rest."""
+    def blob_id(rel: str, body: bytes) -> str:
+        return hashlib.sha256(body).hexdigest() if rel.endswith(".safetensors") else \
+            hashlib.sha1(f"blob {len(body)}\0".encode() + body).hexdigest()
+
+    tree = [{"type": "file", "oid": blob_id("", body), "size": len(body), "path": rel,
+             **({"lfs": {"oid": blob_id(rel, body), "size": len(body), "pointerSize": 134}}
+                if rel.endswith(".safetensors") else {})} for rel, body in files.items()]
+    info = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": rel} for rel in files]}
+    bodies = {f"/api/models/{repo_id}/revision/main": json.dumps(info).encode(),
+              f"/api/models/{repo_id}/tree/{commit}": json.dumps(tree).encode()}
+    headers = {}
+    for rel, body in files.items():
+        bodies[f"/{repo_id}/resolve/{commit}/{rel}"] = body
+        headers[f"/{repo_id}/resolve/{commit}/{rel}"] = {"X-Repo-Commit": commit, "ETag": f'"{blob_id(rel, body)}"'}
+    return bodies, headers
+
+
+@contextlib.contextmanager
+def local_hub(monkeypatch: pytest.MonkeyPatch, repo_id: str, files: dict[str, bytes], *, commit: str = COMMIT):
+    """A Hugging Face Hub on 127.0.0.1 serving one repo, with huggingface_hub pointed at it and online."""
+    bodies, headers = hub_files(repo_id, commit, files)
+    with LocalServer(bodies, max_requests=200) as srv:
+        srv.headers.update(headers)
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+        monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", srv.url)
+        monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                            srv.url + "/{repo_id}/resolve/{revision}/{filename}")
+        yield srv
 
 
 @pytest.fixture(autouse=True)
@@ -153,27 +185,52 @@ def test_unknown_name_suggests_closest() -> None:
         resolve_weights("./runs/missing", offline=True)
 
 
-def test_hub_snapshot_offline_and_verify(tmp_path: Path) -> None:
-    hub = tmp_path / "hf-hub" / "models--someone--model"
-    data = {"model_index.json": b"{}", "unet/diffusion_pytorch_model.safetensors": os.urandom(5000)}
-    snap = hub / "snapshots" / ("a" * 40)
-    for rel, content in data.items():
-        name = hashlib.sha256(content).hexdigest() if rel.endswith("safetensors") else \
-            hashlib.sha1(f"blob {len(content)}\0".encode() + content).hexdigest()
-        (hub / "blobs").mkdir(parents=True, exist_ok=True)
-        (hub / "blobs" / name).write_bytes(content)
-        (snap / rel).parent.mkdir(parents=True, exist_ok=True)
-        (snap / rel).symlink_to(hub / "blobs" / name)
-    (hub / "refs").mkdir()
-    (hub / "refs" / "main").write_text("a" * 40)
-    assert resolve_weights("someone/model", offline=True) == snap
-    assert resolve_weights("someone/model@" + "a" * 40, offline=True) == snap
-    assert {r["status"] for r in verify_weights("someone/model", offline=True)} == {"ok"}
-    (snap / "unet/diffusion_pytorch_model.safetensors").resolve().write_bytes(b"bad")
-    rows = {r["path"]: r["status"] for r in verify_weights("someone/model", repair=False, offline=True)}
-    assert rows["unet/diffusion_pytorch_model.safetensors"] == "corrupt"
-    with pytest.raises(UsageError, match="hf cache rm"):
-        remove_weights("someone/model")
+def test_hub_snapshot_offline_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fetched by huggingface_hub itself from a Hub on 127.0.0.1; then found offline, verified and repaired."""
+    weights_file = "unet/diffusion_pytorch_model.safetensors"
+    files = {"model_index.json": b'{"unet": ["diffusers", "UNet2DConditionModel"]}', weights_file: os.urandom(5000),
+             "unet/config.json": b"{}"}
+    with local_hub(monkeypatch, "someone/model", files) as srv:
+        snap = weights.download_weights("someone/model")
+        assert snap.parent.name == "snapshots" and (snap / weights_file).read_bytes() == files[weights_file]
+        fetched = len(srv.requests)
+        assert resolve_weights("someone/model", offline=True) == snap
+        assert resolve_weights("someone/model@" + COMMIT, offline=True) == snap
+        assert resolve_weights("someone/model") == snap  # a complete snapshot: no Hub call
+        assert len(srv.requests) == fetched
+        assert {r["path"]: r["status"] for r in verify_weights("someone/model", offline=True)} == dict.fromkeys(
+            ["model_index.json", "unet/config.json", weights_file], "ok")
+        (snap / weights_file).resolve().write_bytes(b"bad")
+        rows = {r["path"]: r["status"] for r in verify_weights("someone/model", repair=False, offline=True)}
+        assert rows[weights_file] == "corrupt"
+        rows = {r["path"]: r["status"] for r in verify_weights("someone/model", offline=True)}
+        assert rows[weights_file] == "removed" and not (snap / weights_file).exists()
+        with pytest.raises(WeightsUnavailableError, match="digseg weights download someone/model"):
+            resolve_weights("someone/model", offline=True)  # a snapshot with a file missing is not served
+        assert len(srv.requests) == fetched
+        with pytest.raises(WeightsUnavailableError, match="digseg weights download someone/model"):
+            verify_weights("someone/model")  # nothing complete to verify: the message says how to fetch it
+        assert weights.download_weights("someone/model") == snap and len(srv.requests) > fetched
+        (snap / weights_file).resolve().write_bytes(b"bad")
+        rows = {r["path"]: r["status"] for r in verify_weights("someone/model")}  # online: removed and fetched
+        assert rows[weights_file] == "repaired" and (snap / weights_file).read_bytes() == files[weights_file]
+        with pytest.raises(UsageError, match="hf cache rm"):
+            remove_weights("someone/model")
+
+
+def test_verify_of_a_damaged_hub_entry_says_how_to_fix(tmp_path: Path) -> None:
+    """A cache entry as an older huggingface_hub leaves it (no file listing), with a blob deleted by hand."""
+    repo = tmp_path / "hf-hub" / "models--someone--model"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    snap = repo / "snapshots" / COMMIT
+    (snap / "unet").mkdir(parents=True)
+    for rel, blob in (("model_index.json", "a" * 40), ("unet/config.json", "b" * 40)):
+        (snap / rel).symlink_to(repo / "blobs" / blob)
+    (repo / "blobs" / ("a" * 40)).write_bytes(b"{}")  # unet/config.json's blob is missing: a broken link
+    with pytest.raises(WeightsUnavailableError, match="cannot read the cache entry.*digseg weights download"):
+        verify_weights("someone/model", offline=True)
 
 
 def test_remove_only_own_cache_entries(server: LocalServer, tmp_path: Path, monkeypatch) -> None:
@@ -219,24 +276,22 @@ def test_weights_sha256_is_stable(tmp_path: Path) -> None:
     assert len(weights_sha256(a)) == 64
 
 
-def test_hub_download_calls_snapshot_download_pinned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
-
-    calls = []
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        snap = tmp_path / "snap"
-        (snap / "unet").mkdir(parents=True, exist_ok=True)
-        return str(snap)
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+def test_hub_download_is_pinned_and_takes_only_safetensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = REGISTRY["sd2"]
-    assert resolve_weights("sd2") == tmp_path / "snap"
-    ((repo_id, kwargs),) = calls
-    assert repo_id == "stabilityai/stable-diffusion-2" and kwargs["revision"] == spec.revision
-    assert "unet/*.safetensors" in kwargs["allow_patterns"] and "*fp16*" in kwargs["ignore_patterns"]
-    assert kwargs.get("cache_dir") is None  # HF_HOME / HF_HUB_CACHE apply
-    with pytest.raises(WeightsUnavailableError, match="digseg weights download sd15"):
-        resolve_weights("sd15", offline=True)
-    assert len(calls) == 1  # offline: no Hub call at all
+    files = {"model_index.json": b"{}", "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"w",
+             "unet/diffusion_pytorch_model.bin": b"pickle", "unet/diffusion_pytorch_model.fp16.safetensors": b"h",
+             "safety_checker/model.safetensors": b"s", "tokenizer/vocab.json": b"{}"}
+    with local_hub(monkeypatch, spec.repo_id, files, commit=spec.revision) as srv:
+        snap = resolve_weights("sd2")
+        assert snap == tmp_path / "hf-hub" / f"models--{spec.repo_id.replace('/', '--')}" / "snapshots" / spec.revision
+        assert _files(snap) == ["model_index.json", "tokenizer/vocab.json", "unet/config.json",
+                                "unet/diffusion_pytorch_model.safetensors"]  # HF_HUB_CACHE applies
+        assert not any("/revision/" in path for path, _ in srv.requests)  # pinned: no branch look-up
+        (snap / "tokenizer/vocab.json").unlink()  # a cut-off download: huggingface_hub's file listing tells
+        with pytest.raises(WeightsUnavailableError, match="digseg weights download sd2"):
+            resolve_weights("sd2", offline=True)
+        assert resolve_weights("sd2") == snap and (snap / "tokenizer/vocab.json").is_file()  # fetched again
+        before = len(srv.requests)
+        with pytest.raises(WeightsUnavailableError, match="digseg weights download sd15"):
+            resolve_weights("sd15", offline=True)
+        assert len(srv.requests) == before  # offline: no Hub call at all

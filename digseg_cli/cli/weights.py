@@ -1,7 +1,8 @@
 """``digseg weights list|info|download|path|verify|rm``: show, fetch, check and remove named weights.
 
-Each command calls one function of ``digseg_cli.weights.store`` and renders its result: tables and progress on
-stderr, ``--json`` and ``path`` output on stdout. It knows nothing of URLs, caches or checksums itself.
+Each command calls one function of ``digseg_cli.weights.store`` or ``digseg_cli.weights.cache`` and renders its
+result: tables and progress on stderr, ``--json`` and ``path`` output on stdout. It knows nothing of URLs, caches
+or checksums itself.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def list_cmd(
 ) -> None:
     """List the registry: name, source, size, whether it is cached, description, licence."""
     with handle_errors():
-        from digseg_cli.weights.store import human_size, list_weights
+        from digseg_cli.weights.cache import list_weights
+        from digseg_cli.weights.store import human_size
 
         rows = list_weights(cache_dir)
         if as_json:
@@ -113,8 +115,9 @@ def info_cmd(
     with handle_errors():
         from rich.markup import escape
 
+        from digseg_cli.weights.cache import list_weights
         from digseg_cli.weights.registry import REGISTRY, unknown_weights_error
-        from digseg_cli.weights.store import human_size, list_weights
+        from digseg_cli.weights.store import human_size
 
         row = next((r for r in list_weights(cache_dir) if r["name"] == name), None)
         if row is None:
@@ -168,7 +171,8 @@ def path_cmd(
 ) -> None:
     """Print the local folder of cached weights (exit 5 if not cached), or of the cache itself. No network."""
     with handle_errors():
-        from digseg_cli.weights.store import download_command, cache_dir as resolve_cache_dir, cached_path
+        from digseg_cli.weights.store import cache_dir as resolve_cache_dir
+        from digseg_cli.weights.store import cached_path, download_command
 
         if name is None:
             typer.echo(str(resolve_cache_dir(cache_dir)))
@@ -190,7 +194,7 @@ def verify_cmd(
 ) -> None:
     """Recompute the sha256 of cached files; corrupt ones are removed and fetched again unless --offline."""
     with handle_errors():
-        from digseg_cli.weights.store import list_weights, verify_weights
+        from digseg_cli.weights.cache import list_weights, verify_weights
 
         names = [name] if name else [r["name"] for r in list_weights(cache_dir) if r["cached"]]
         report: dict[str, list[dict]] = {}
@@ -226,7 +230,7 @@ def rm_cmd(
 ) -> None:
     """Delete digseg's cached copy of a registry entry (never bundled weights, the HF cache or your folders)."""
     with handle_errors():
-        from digseg_cli.weights.store import remove_weights
+        from digseg_cli.weights.cache import remove_weights
 
         targets = remove_weights(name, cache_dir, dry_run=True)
         if not targets:

@@ -1,40 +1,38 @@
-"""Fetch one file over HTTP(S) safely, and unpack an archive safely.
+"""Fetch one file over HTTP(S) safely: ``download_file``, and the file digests it checks with.
 
 ``download_file`` writes to ``<dest>.part``, resumes it with a ``Range`` request after a dropped
 connection (or in a later process), guarded by ``If-Range`` with the server's validator so a file that
 changed in between is fetched whole rather than stitched from two versions, checks size and sha256 (or
-md5, where that is all a publisher gives),
-then renames it into place atomically, so ``dest`` either does not exist or is complete. It uses urllib only, so ``HTTP(S)_PROXY``/``NO_PROXY``
-apply as they do for any urllib client; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``/``SSL_CERT_FILE`` pick
-the CA bundle. ``safe_extract`` unpacks zip and tar archives into a folder, refusing any member that would
-land outside it.
+md5, where that is all a publisher gives), then renames it into place atomically, so ``dest`` either does
+not exist or is complete. No library does this resume-and-verify (``huggingface_hub`` only for Hub repos),
+hence the code. It uses urllib only, so ``HTTP(S)_PROXY``/``NO_PROXY`` apply as they do for any urllib
+client; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``/``SSL_CERT_FILE`` pick the CA bundle.
+
+Progress goes to an optional ``progress(done, total)`` callback; without one, a ``tqdm.auto`` bar (a
+widget in a notebook, a bar on a terminal, nothing when stderr is not a terminal), as ``huggingface_hub``
+shows for Hub downloads.
 
 This module knows nothing of weights, datasets, registries or caches: callers choose URLs, destinations
-and checksums. It never prints; it logs to ``logging.getLogger("digseg")`` and reports bytes through an
-optional ``progress(done, total)`` callback.
+and checksums; unpacking archives is ``archives.py``'s. It logs to ``logging.getLogger("digseg")``.
 """
 
 from __future__ import annotations
 
-import filecmp
+import contextlib
 import hashlib
 import http.client
 import logging
 import os
 import re
-import shutil
 import ssl
-import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
-from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from digseg_cli._version import __version__
-from digseg_cli.errors import ChecksumMismatchError, DigsegError, UsageError, WeightsUnavailableError
+from digseg_cli.errors import ChecksumMismatchError, WeightsUnavailableError
 
 log = logging.getLogger("digseg")
 
@@ -48,10 +46,6 @@ _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 class DownloadError(WeightsUnavailableError):
     """A file could not be fetched (HTTP error, network down, retries used up)."""
-
-
-class UnsafeArchiveError(DigsegError):
-    """An archive member would be written outside the extraction folder (or is a device/fifo)."""
 
 
 class _Retry(Exception):
@@ -188,7 +182,7 @@ def download_file(
     *,
     sha256: str | None = None,
     size: int | None = None,
-    progress: Callable[[int, int | None], None] | None = None,
+    progress: ProgressFn | None = None,
     md5: str | None = None,
     timeout: float = 30.0,
     retries: int = 3,
@@ -206,6 +200,7 @@ def download_file(
       where the last stopped; an attempt that received bytes does not use up a retry.
     - A size or checksum mismatch deletes the ``.part`` and raises ``ChecksumMismatchError`` (a resumed
       download is first tried once more from scratch). Other failures raise ``DownloadError``.
+    - Without ``progress``, a ``tqdm.auto`` bar shows the bytes (see the module docstring).
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -213,6 +208,38 @@ def download_file(
     if dest.exists():
         return _check_existing(dest, url, digests=digests, size=size)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _progress_or_bar(progress, dest.name, size) as report:
+        _fetch_part(url, part, size=size, digests=digests, progress=report, timeout=timeout, retries=retries)
+    os.replace(part, dest)
+    _validator_path(part).unlink(missing_ok=True)
+    log.debug("downloaded %s → %s", url, dest)
+    return dest
+
+
+@contextlib.contextmanager
+def _progress_or_bar(progress: ProgressFn | None, label: str, size: int | None) -> Iterator[ProgressFn]:
+    """``progress`` itself, or (when None) the callback of a ``tqdm.auto`` byte bar that is closed afterwards.
+
+    ``disable=None`` is tqdm's "only on a terminal": logs and CI output stay free of bar lines, while a
+    notebook (tqdm.auto's widget) always shows it.
+    """
+    if progress is not None:
+        yield progress
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=size, desc=label, unit="B", unit_scale=True, disable=None) as bar:
+
+        def report(done: int, total: int | None) -> None:
+            bar.total = total
+            bar.update(done - bar.n)  # done counts from 0 again when a server sends the whole file anew
+
+        yield report
+
+
+def _fetch_part(url: str, part: Path, *, size: int | None, digests: dict[str, str], progress: ProgressFn,
+                timeout: float, retries: int) -> None:
+    """Attempt, resume and retry until ``part`` holds the verified file (``download_file``'s rules)."""
     resumed = part.exists() and part.stat().st_size > 0
     failures, last_error = 0, ""
     while True:
@@ -249,10 +276,6 @@ def download_file(
             wait = min(BACKOFF_S * 2 ** (failures - 1), MAX_BACKOFF_S)
             log.warning("download of %s interrupted (%s); retrying in %.1f s", url, last_error, wait)
             time.sleep(wait)
-    os.replace(part, dest)
-    _validator_path(part).unlink(missing_ok=True)
-    log.debug("downloaded %s → %s", url, dest)
-    return dest
 
 
 def _check_part(part: Path, *, size: int | None, digests: dict[str, str]) -> tuple[str, str] | None:
@@ -277,106 +300,3 @@ def _check_existing(dest: Path, url: str, *, digests: dict[str, str], size: int 
         f"{dest} already exists and does not match {url}: expected {expected}, got {actual}; "
         f"it is left untouched: remove it to download again"
     )
-
-
-# ------------------------------------------------------------------------------------------ extraction
-def _unsafe(member: str, archive: Path, why: str) -> UnsafeArchiveError:
-    return UnsafeArchiveError(f"refusing to extract {archive}: member {member!r} {why}")
-
-
-def _member_path(name: str, archive: Path) -> PurePosixPath:
-    """The normalised relative path of a member; raises if absolute or escaping."""
-    clean = name.replace("\\", "/")
-    if clean.startswith("/") or re.match(r"^[A-Za-z]:", clean):
-        raise _unsafe(name, archive, "has an absolute path")
-    normal = os.path.normpath(clean).replace("\\", "/")
-    if normal == ".." or normal.startswith("../"):
-        raise _unsafe(name, archive, "would be written outside the target folder")
-    return PurePosixPath(normal)
-
-
-def _check_tar(tar: tarfile.TarFile, archive: Path) -> None:
-    links: set[PurePosixPath] = set()
-    for member in tar.getmembers():
-        path = _member_path(member.name, archive)
-        if any(parent in links for parent in path.parents):
-            raise _unsafe(member.name, archive, "lies under a link inside the archive")
-        if member.issym() or member.islnk():
-            target = member.linkname.replace("\\", "/")
-            if target.startswith("/") or re.match(r"^[A-Za-z]:", target):
-                raise _unsafe(member.name, archive, f"links to an absolute path {member.linkname!r}")
-            base = path.parent if member.issym() else PurePosixPath(".")
-            resolved = os.path.normpath(str(base / target)).replace("\\", "/")
-            if resolved == ".." or resolved.startswith("../"):
-                raise _unsafe(member.name, archive, f"links outside the target folder ({member.linkname!r})")
-            links.add(path)
-        elif not (member.isfile() or member.isdir()):
-            raise _unsafe(member.name, archive, "is a device, fifo or other special file")
-
-
-def _extract_into(archive: Path, folder: Path) -> None:
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                _member_path(info.filename, archive)
-            zf.extractall(folder)
-        return
-    try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise UsageError(f"{archive} is not a zip or tar(.gz/.bz2/.xz) archive ({exc})") from None
-    with tar:
-        _check_tar(tar, archive)
-        try:
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(folder, filter="data")  # second line of defence
-            else:  # pragma: no cover - Python < 3.11.4
-                tar.extractall(folder)
-        except tarfile.FilterError as exc:
-            raise UnsafeArchiveError(f"refusing to extract {archive}: {exc}") from None
-
-
-def _plan_merge(source: Path, target: Path) -> list[tuple[Path, Path]]:
-    """(from, to) moves that put ``source``'s files into ``target``; raises on a conflicting file."""
-    moves: list[tuple[Path, Path]] = []
-    for entry in sorted(source.iterdir()):
-        dest = target / entry.name
-        if not dest.exists() and not dest.is_symlink():
-            moves.append((entry, dest))
-        elif entry.is_dir() and not entry.is_symlink() and dest.is_dir():
-            moves.extend(_plan_merge(entry, dest))
-        elif entry.is_file() and dest.is_file() and filecmp.cmp(entry, dest, shallow=False):
-            continue  # identical file already there (archives that share a README/licence)
-        else:
-            raise UsageError(f"extracting would overwrite {dest}, which differs; remove it first")
-    return moves
-
-
-def safe_extract(archive: Path, target: Path) -> Path:
-    """Extract a zip or tar(.gz/.bz2/.xz) archive into ``target`` and return ``target``.
-
-    Every member is checked first: an absolute path, a ``..`` escape, a symlink or hardlink pointing
-    outside, a member under a link, or a device/fifo raises ``UnsafeArchiveError`` before anything is
-    written. Extraction goes to a temporary folder beside ``target`` that is then renamed (or, when
-    ``target`` already exists, merged into it file by file). Files already in ``target`` are never
-    overwritten: an identical file is skipped, a different one raises ``UsageError``.
-    """
-    archive, target = Path(archive), Path(target)
-    if not archive.is_file():
-        raise UsageError(f"archive not found: {archive}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.extract-", dir=target.parent))
-    try:
-        _extract_into(archive, tmp)
-        if not target.exists():
-            os.replace(tmp, target)
-            return target
-        if not target.is_dir():
-            raise UsageError(f"cannot extract into {target}: it exists and is not a folder")
-        for src, dest in _plan_merge(tmp, target):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(src, dest)
-        return target
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

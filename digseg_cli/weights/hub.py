@@ -1,11 +1,15 @@
 """The Hugging Face Hub side of the weights chain: Hub ids, the shared HF cache, snapshot downloads, checks.
 
 One job: parse ``owner/name[@revision]``; find a complete snapshot of a repo in the shared Hugging Face
-cache (``HF_HOME``/``HF_HUB_CACHE``; file system only); fetch one with ``huggingface_hub.snapshot_download``
+cache (``HF_HOME``/``HF_HUB_CACHE``) with ``snapshot_download(local_files_only=True)`` (no network; it
+resolves branch names through the cache's refs and, where huggingface_hub caches the repo's file listing
+(2.4 does), checks the snapshot against it for the same patterns); fetch one with ``snapshot_download``
 (safetensors, JSON and text files only), turning its errors into one-line ``WeightsUnavailableError``s;
-and check cached files against their blob names (sha256 for LFS files, git blob sha1 for small ones).
+and check the cached files ``scan_cache_dir`` lists against their blob names (sha256 for LFS files, git
+blob sha1 for small ones). The cache's folder layout is huggingface_hub's business: nothing here builds a
+path into it.
 
-It knows nothing of digseg's registry, its own URL cache or the offline policy (``weights.py`` decides
+It knows nothing of digseg's registry, its own URL cache or the offline policy (``store.py`` decides
 whether the network may be used), nor of how a checkpoint is loaded; it never prints, logs to
 ``logging.getLogger("digseg")``, and never deletes anything but corrupt blobs it was asked to repair.
 """
@@ -16,11 +20,11 @@ import hashlib
 import json
 import logging
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from digseg_cli._version import __version__
-from digseg_cli.weights.download import sha256_file
 from digseg_cli.errors import WeightsUnavailableError
+from digseg_cli.weights.download import sha256_file
 
 log = logging.getLogger("digseg")
 
@@ -53,21 +57,24 @@ def hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
-    """A complete cached snapshot of a Hub repo at ``revision`` (file system only, no network)."""
-    repo = Path(hub_cache()) / ("models--" + repo_id.replace("/", "--"))
-    commit = revision or "main"
-    if not _HEX40.match(commit):
-        ref = repo / "refs" / commit
-        if not ref.is_file():
-            return None
-        commit = ref.read_text().strip()
-    folder = repo / "snapshots" / commit
+def cached_snapshot(repo_id: str, revision: str | None, *, allow) -> Path | None:
+    """A complete cached snapshot of a Hub repo at ``revision`` holding the ``allow``-ed files; no network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:  # local_files_only: never a request, whatever HF_HUB_OFFLINE says
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(allow),
+                                        ignore_patterns=list(HUB_IGNORE), local_files_only=True))
+    except LocalEntryNotFoundError:  # not cached, or cached with files missing (IncompleteSnapshotError)
+        return None
     return folder if _snapshot_complete(folder) else None
 
 
 def _snapshot_complete(folder: Path) -> bool:
-    """A diffusers/digseg folder whose weight components each hold their safetensors (not a cut-off download)."""
+    """A diffusers/digseg folder whose weight components each hold their safetensors (not a cut-off download).
+
+    A huggingface_hub that keeps no file listing returns any snapshot folder that exists: this check stays.
+    """
     index = folder / "model_index.json"
     if not index.is_file():
         return (folder / "digseg_config.json").is_file()
@@ -113,6 +120,22 @@ def _git_blob_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _snapshot_blobs(folder: Path) -> dict[str, Path]:
+    """``{relative path: blob}`` of every file of the cached snapshot ``folder``, as ``scan_cache_dir`` sees it."""
+    from huggingface_hub import scan_cache_dir
+
+    folder = folder.resolve()
+    scan = scan_cache_dir(hub_cache())
+    for repo in scan.repos:
+        for rev in repo.revisions:
+            if rev.snapshot_path.resolve() == folder:
+                return {f.file_path.relative_to(rev.snapshot_path).as_posix(): f.blob_path for f in rev.files}
+    # A repo the scan cannot read (e.g. a blob deleted by hand) is left out of ``repos`` and named in ``warnings``.
+    raise WeightsUnavailableError(
+        f"huggingface_hub cannot read the cache entry of {folder} "
+        f"({'; '.join(map(str, scan.warnings)) or 'not listed'}); fetch it again with: digseg weights download NAME")
+
+
 def verify_snapshot(folder: Path, *, repair: bool) -> tuple[list[dict], list[int]]:
     """Check every file of a cached snapshot against its blob name; return (``[{path, status, expected,
     actual}]``, the indices of the files removed as corrupt, which the caller fetches again).
@@ -121,17 +144,17 @@ def verify_snapshot(folder: Path, *, repair: bool) -> tuple[list[dict], list[int
     Status: ``ok``, ``unchecked`` (a blob name that is neither), ``corrupt`` (``repair=False``) or ``removed``.
     """
     results, removed = [], []
-    for link in sorted(p for p in folder.rglob("*") if p.is_file()):
-        blob = link.resolve()
+    blobs = _snapshot_blobs(folder)
+    for rel in sorted(blobs, key=PurePosixPath):
+        blob = blobs[rel]
         want = blob.name
         actual = sha256_file(blob) if _HEX64.match(want) else _git_blob_sha1(blob) if _HEX40.match(want) else None
         status = "unchecked" if actual is None else "ok" if actual == want else "corrupt"
         if status == "corrupt" and repair:
-            log.warning("%s is corrupt; removing it from the Hugging Face cache", link)
-            blob.unlink()
-            link.unlink(missing_ok=True)
+            log.warning("%s is corrupt; removing it from the Hugging Face cache", folder / rel)
+            blob.unlink()  # huggingface_hub deletes whole revisions only; the next fetch restores this one file
+            (folder / rel).unlink(missing_ok=True)
             status = "removed"
             removed.append(len(results))
-        results.append({"path": link.relative_to(folder).as_posix(), "status": status,
-                        "expected": want if actual else None, "actual": actual})
+        results.append({"path": rel, "status": status, "expected": want if actual else None, "actual": actual})
     return results, removed

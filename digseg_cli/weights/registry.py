@@ -3,8 +3,9 @@
 One job: describe the weights digseg can fetch by name (``FileSpec``, ``WeightsSpec``) and list them
 (``REGISTRY``), with the error that names an unknown entry and the closest known one.
 
-It does not know where entries are cached, how they are downloaded or verified (``weights.py``), how a
-checkpoint is loaded (``checkpoint.py``) nor the Hub's own ways (``hub.py``); it does no I/O.
+It does not know where entries are cached or how they are fetched (``store.py``), listed, verified or removed
+(``cache.py``), how a checkpoint is loaded (``models.checkpoint``) nor the Hub's own ways (``hub.py``); it does
+no I/O.
 """
 
 from __future__ import annotations

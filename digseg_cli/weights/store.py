@@ -1,4 +1,4 @@
-"""Named weights: digseg's download cache, and turning a registry name, Hub id or path into a local folder.
+"""Named weights: where they are cached, and turning a registry name, Hub id or path into a local folder.
 
 ``resolve_weights`` is the one chain every command uses (code-style §4 rule 9):
 
@@ -11,11 +11,13 @@
 A warm cache means zero network calls; offline (``--offline``, ``DIGSEG_OFFLINE=1``, ``HF_HUB_OFFLINE=1``)
 plus a miss fails at once with the exact ``digseg weights download`` command. digseg's own cache holds only
 URL entries, as ``<cache>/<name>/<revision-or-sha>/<file>``; Hub entries live in the shared HF cache.
+``cached_path`` is the same look-up without fetching; ``weights_sha256`` the digest manifests record.
 
 This module does not know which entries exist (``registry.py``), how a checkpoint is loaded
-(``checkpoint.py``), how results are shown (CLI) nor the Hub's own ways (ids, HF cache layout,
-``snapshot_download``: ``hub.py``); it never prints, logs to ``logging.getLogger("digseg")`` and reports
-bytes through ``progress``.
+(``models.checkpoint``), how results are shown (CLI), how cache entries are listed, verified or removed
+(``cache.py``) nor the Hub's own ways (ids, the HF cache, ``snapshot_download``: ``hub.py``); it never
+prints, logs to ``logging.getLogger("digseg")`` and reports bytes through ``progress`` (without one, URL
+files show ``download_file``'s tqdm bar and Hub files huggingface_hub's).
 """
 
 from __future__ import annotations
@@ -24,18 +26,15 @@ import hashlib
 import importlib.resources
 import logging
 import os
-import re
-import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import quote
 
+from digseg_cli.errors import UsageError, WeightsUnavailableError
 from digseg_cli.weights import hub
 from digseg_cli.weights.download import download_file, sha256_file
-from digseg_cli.errors import UsageError, WeightsUnavailableError
 from digseg_cli.weights.hub import HUB_ALLOW_ANY, parse_hub_id
-from digseg_cli.weights.registry import NAME_RE, REGISTRY, WeightsSpec, unknown_weights_error
+from digseg_cli.weights.registry import REGISTRY, WeightsSpec, unknown_weights_error
 
 log = logging.getLogger("digseg")
 
@@ -214,7 +213,7 @@ def _ensure_url(spec: WeightsSpec, *, cache_dir, offline: bool, progress) -> Pat
 
 def _ensure_hub(label: str, repo_id: str, revision: str | None, *, allow, offline: bool, cache_dir,
                 local_first: bool) -> Path:
-    cached = hub.cached_snapshot(repo_id, revision)
+    cached = hub.cached_snapshot(repo_id, revision, allow=allow)
     if cached is not None and (local_first or offline):
         return cached
     if offline:
@@ -222,18 +221,7 @@ def _ensure_hub(label: str, repo_id: str, revision: str | None, *, allow, offlin
     return hub.fetch_snapshot(label, repo_id, revision, allow)
 
 
-# -------------------------------------------------------------------------------------------- listing
-def list_weights(cache_dir: Path | str | None = None, *, registry: Mapping[str, WeightsSpec] | None = None
-                 ) -> list[dict]:
-    """One dict per registry entry: its fields plus ``cached`` and ``path`` (no network)."""
-    rows = []
-    for spec in (REGISTRY if registry is None else registry).values():
-        path = cached_path(spec.name, cache_dir, registry=registry)
-        row = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items() if k != "allow_patterns"}
-        rows.append({**row, "size": spec.size, "cached": path is not None, "path": str(path) if path else None})
-    return rows
-
-
+# ------------------------------------------------------------------------------------------- look-up
 def cached_path(name: str, cache_dir: Path | str | None = None, *,
                 registry: Mapping[str, WeightsSpec] | None = None) -> Path | None:
     """The local folder of a registry name or Hub id if it is complete on disk, else None. No network."""
@@ -243,127 +231,13 @@ def cached_path(name: str, cache_dir: Path | str | None = None, *,
         if spec.source == "bundled":
             return bundled_dir(spec.name)
         if spec.source == "hub":
-            return hub.cached_snapshot(spec.repo_id, spec.revision)
+            return hub.cached_snapshot(spec.repo_id, spec.revision, allow=spec.allow_patterns)
         folder = entry_dir(spec, cache_dir)
         return folder if all(_present(folder / f.path, f.size) for f in spec.files) else None
     hub_id = parse_hub_id(name)
     if hub_id is not None:
-        return hub.cached_snapshot(*hub_id)
+        return hub.cached_snapshot(*hub_id, allow=HUB_ALLOW_ANY)
     raise unknown_weights_error(name, registry)
-
-
-# --------------------------------------------------------------------------------------- verification
-def _read_sums(folder: Path) -> dict[str, str]:
-    sums = {}
-    for line in (folder / SUMS_FILE).read_text().splitlines():
-        match = re.match(r"^([0-9a-fA-F]{64})\s+\*?(.+)$", line.strip())
-        if match:
-            sums[match.group(2)] = match.group(1).lower()
-    return sums
-
-
-def verify_weights(
-    name: str,
-    cache_dir: Path | str | None = None,
-    *,
-    repair: bool = True,
-    offline: bool | None = None,
-    progress: WeightsProgress | None = None,
-    registry: Mapping[str, WeightsSpec] | None = None,
-) -> list[dict]:
-    """Recompute the checksum of every file of a cached entry; return ``[{path, status, expected, actual}]``.
-
-    Status: ``ok``; ``unchecked`` (no recorded checksum); ``missing``; ``corrupt`` (left in place:
-    ``repair=False`` or a bundled file); ``removed`` (corrupt, deleted, not fetched because offline);
-    ``repaired`` (corrupt or missing, fetched again and verified).
-    """
-    registry = REGISTRY if registry is None else registry
-    offline = is_offline_env() if offline is None else offline
-    spec = registry.get(name)
-    if spec is not None and spec.source == "url":
-        return _verify_url(spec, cache_dir, repair=repair, offline=offline, progress=progress)
-    folder = cached_path(name, cache_dir, registry=registry)
-    if folder is None:
-        raise WeightsUnavailableError(
-            f"'{name}' is not cached, nothing to verify: {download_command(name, cache_dir)}")
-    if spec is not None and spec.source == "bundled":
-        expected = {f.path: f.sha256 for f in spec.files}
-        if not expected and (folder / SUMS_FILE).is_file():
-            expected = _read_sums(folder)
-        results = []
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS_FILE):
-            rel = path.relative_to(folder).as_posix()
-            want = expected.get(rel)
-            actual = sha256_file(path) if want else None
-            status = "unchecked" if not want else "ok" if actual == want else "corrupt"
-            results.append({"path": rel, "status": status, "expected": want, "actual": actual})
-        return results
-    results, removed = hub.verify_snapshot(folder, repair=repair)
-    if removed and not offline:
-        download_weights(name, cache_dir=cache_dir, offline=False, registry=registry)
-        _mark_repaired(results, removed)
-    return results
-
-
-def _verify_url(spec: WeightsSpec, cache_dir, *, repair: bool, offline: bool, progress) -> list[dict]:
-    folder = entry_dir(spec, cache_dir)
-    if not any((folder / f.path).is_file() for f in spec.files):
-        raise WeightsUnavailableError(
-            f"'{spec.name}' is not cached, nothing to verify: {download_command(spec.name, cache_dir)}")
-    results, bad = [], []
-    for f in spec.files:
-        path = folder / f.path
-        actual = sha256_file(path) if path.is_file() else None
-        status = "missing" if actual is None else "ok" if actual == f.sha256 else "corrupt"
-        if status == "corrupt" and repair:
-            log.warning("%s is corrupt (sha256 %s, expected %s); removing it", path, actual, f.sha256)
-            path.unlink()
-            status = "removed"
-        if status in ("missing", "removed") and repair and not offline:
-            bad.append(len(results))
-        results.append({"path": f.path, "status": status, "expected": f.sha256, "actual": actual})
-    if bad:
-        _ensure_url(spec, cache_dir=cache_dir, offline=False, progress=progress)
-        _mark_repaired(results, bad)
-    return results
-
-
-def _mark_repaired(results: list[dict], indices: list[int]) -> None:
-    """After fetching the files at ``indices`` again (the download checked them), record them as repaired."""
-    for i in indices:
-        results[i]["status"], results[i]["actual"] = "repaired", results[i]["expected"]
-
-
-# --------------------------------------------------------------------------------------------- removal
-def remove_weights(name: str, cache_dir: Path | str | None = None, *, dry_run: bool = False,
-                   registry: Mapping[str, WeightsSpec] | None = None) -> list[Path]:
-    """Delete digseg's cached copy of ``name`` (all its versions); return what was (``dry_run``: would be) removed.
-
-    Only folders inside digseg's cache are ever removed: bundled weights, Hub entries (the HF cache is
-    shared with other tools) and user folders are refused with a ``UsageError``.
-    """
-    registry = REGISTRY if registry is None else registry
-    spec = registry.get(name)
-    if spec is not None and spec.source == "bundled":
-        raise UsageError(f"'{name}' is bundled with digseg; there is nothing to remove")
-    if spec is not None and spec.source == "hub" or spec is None and parse_hub_id(name):
-        snap = cached_path(name, cache_dir, registry=registry)
-        hint = f"hf cache rm {snap.name}" if snap else "hf cache rm model/<owner>/<name>"
-        raise UsageError(f"'{name}' lives in the shared Hugging Face cache, which digseg does not delete from; "
-                         f"use: {hint}")
-    if not NAME_RE.match(name):
-        raise UsageError(f"'{name}' is not a weights name; digseg only removes its own cache entries")
-    root = _cache_root(cache_dir)
-    target = root / name
-    if not target.is_dir() or target.is_symlink() or target.resolve().parent != root.resolve():
-        if spec is None:
-            raise unknown_weights_error(name, registry)
-        return []
-    if dry_run:
-        return [target]
-    shutil.rmtree(target)
-    log.debug("removed %s", target)
-    return [target]
 
 
 def _prune_empty(folder: Path, root: Path) -> None:

@@ -166,7 +166,8 @@ def download_dataset(
             return root
         raise DatasetError(f"{spec.title} cannot be downloaded automatically. {spec.manual} "
                            f"Expected layout under {root}: {spec.layout.rstrip('.')}.")
-    from digseg_cli.weights.download import download_file, safe_extract
+    from digseg_cli.weights.archives import safe_extract
+    from digseg_cli.weights.download import download_file
 
     cache = root / ".downloads"
     for item in spec.download:
