@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
-from digseg_cli.evaluate.scoring import EvalResult, Progress, pipeline_predictor, protocol_kwargs
+from digseg_cli.evaluate.scoring import (
+    EvalResult, Progress, evaluate, pipeline_predictor, protocol_kwargs, score_predictions,
+)
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -118,11 +120,9 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
                               "absent_rule_source": "option" if s.absent_rule else "benchmark default"}
     # 3. Processes (one shard of the samples each), then the scores.
     processes = join_processes(s.device)
-    common = dict(out_dir=out_dir, split=data.split, settings=record, limit=s.limit, progress=progress,
-                  processes=processes, **protocol)
+    common = {"out_dir": out_dir, "split": data.split, "settings": record, "limit": s.limit, "progress": progress,
+              "processes": processes, **protocol}
     if s.predictions is not None:
-        from digseg_cli.evaluate.scoring import score_predictions
-
         record["predictions"] = str(s.predictions)
         result = score_predictions(data, s.predictions, decode_prediction=spec.decode_prediction, **common)
     else:
@@ -134,8 +134,7 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
 def _score_model(s: EvalSettings, spec: DatasetSpec, data: BenchmarkDataset, *, processes: PartialState | None,
                  note: Note | None, record: dict[str, Any], common: dict[str, Any]) -> EvalResult:
     """Load the model on this process's device, record the settings it runs with, score it."""
-    from digseg_cli.evaluate.scoring import evaluate
-    from digseg_cli.inference import pipeline
+    from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
     from digseg_cli.inference.device import PRECISION_NAMES, precision_note
 
     # Under CUDA each process has its own GPU (Accelerate picked cuda:LOCAL_RANK); elsewhere --device holds.
