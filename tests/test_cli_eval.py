@@ -12,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from digseg_cli.cli.app import app
+from digseg_cli.inference.seeds import image_seed
 
 runner = CliRunner()
 
@@ -150,6 +151,8 @@ def test_model_path_records_settings(tmp_path, monkeypatch):
     assert m["settings"]["steps"] == 1 and m["settings"]["short_side"] == 16 and m["settings"]["weights"] == "my-ckpt"
     assert m["settings"]["decoder"] == "vae" and pipe.calls[0][2]["decoder"] == "vae"
     assert m["settings"]["precision_fallbacks"] == [pipe.note]  # said during the run, recorded at its end
+    assert m["settings"]["precision"] == "fp32"  # named as run.json and --precision name it
+    assert [c[2]["seed"] for c in pipe.calls] == [image_seed(5, "0"), image_seed(5, "1")]  # seed + image name
 
 
 def test_refuge_official_bmp_predictions(tmp_path):

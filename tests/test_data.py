@@ -207,13 +207,13 @@ def test_dataset_absent_only_gives_empty_targets_and_eval_loader(synth_dir):
     for i, sample in enumerate(load_eval_pairs(pairs, classes)):
         s = ds[i]
         assert float(s["valid"].min()) == 1.0
-        all_present = set(classes.ids) <= set(np.unique(sample.mask).tolist())
+        all_present = set(classes.ids) <= set(np.unique(sample.label).tolist())
         assert float(s["target"].sum()) == 0.0 or all_present  # absent whenever some class is absent
     with pytest.raises(UsageError):
         SegmentationTrainDataset(pairs, classes, 24, seed=0, prompt_template="no field")
     samples = list(load_eval_pairs(pairs[:2], classes))
     assert [s.stem for s in samples] == [p.stem for p in pairs[:2]]
-    assert samples[0].image.shape == (48, 48, 3) and samples[0].mask.shape == (48, 48)
+    assert samples[0].image.shape == (48, 48, 3) and samples[0].label.shape == (48, 48)
 
 
 def test_scan_reports_duplicates(tmp_path):

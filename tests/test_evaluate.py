@@ -1,4 +1,4 @@
-"""evaluate / score_predictions: label rules, resize-before-argmax, sharding, headline metrics, reports."""
+"""evaluate / score_predictions: label rules, resize-before-argmax, seeds, sharding, headline metrics, reports."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from digseg_cli.core import metrics as M
+from digseg_cli.core.labels import labels_from_probs
 from digseg_cli.errors import DatasetError, UsageError
-from digseg_cli.evaluate.scoring import evaluate, labels_from_probs, score_predictions
+from digseg_cli.evaluate.scoring import evaluate, pipeline_predictor, score_predictions
+from digseg_cli.inference.seeds import image_seed
 
 
 @dataclass
@@ -36,7 +38,7 @@ def make_samples(n=5, c=3, size=8, ignore=255, seed=0):
 
 def noisy_oracle(c, flip=0.3, seed=0):
     """One-hot of the ground truth, with some pixels moved to another class (deterministic per image)."""
-    def predict(image, prompts):
+    def predict(image, prompts, name):
         label = ORACLE[image.tobytes()]
         g = torch.Generator().manual_seed(seed + int(image[0, 0, 0]))
         lab = torch.from_numpy(np.where(label >= c, 0, label))
@@ -61,15 +63,33 @@ def test_labels_from_probs_modes():
     assert labels_from_probs(probs, "argmax").tolist() == [[0, 1, 1]]
     assert labels_from_probs(probs, "background", 0.5).tolist() == [[1, 0, 2]]
     assert labels_from_probs(probs, "nested", 0.5).tolist() == [[1, 0, 2]]  # inner (cup) wins where both on
-    with pytest.raises(UsageError):
+    # one threshold per prompt: prompt 2's 0.7 misses its 0.8, so the last pixel is background / outer only
+    assert labels_from_probs(probs, "background", [0.5, 0.8]).tolist() == [[1, 0, 0]]
+    assert labels_from_probs(probs, "nested", [0.5, 0.8]).tolist() == [[1, 0, 1]]
+    with pytest.raises(ValueError):
         labels_from_probs(probs, "vote")
+    with pytest.raises(UsageError):  # evaluate says it the user's way, before any image is read
+        evaluate([], ["a"], lambda im, p, name: probs, ignore_index=None, label_mode="vote")
+
+
+def test_segment_and_eval_share_the_label_rule():
+    from digseg_cli.inference.pipeline import probs_to_labels
+
+    probs = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(0))  # [K,H,W]
+    thresholds = [0.3, 0.5, 0.7, 0.9]
+    labels, masks = probs_to_labels(probs, thresholds)
+    best, idx = probs.max(0)
+    expected = torch.where(best >= torch.tensor(thresholds)[idx], idx + 1, 0)  # the rule, written out
+    assert torch.equal(labels, expected) and torch.equal(labels, labels_from_probs(probs, "background", thresholds))
+    assert 0 < int((labels == 0).sum()) < labels.numel()  # some pixels miss their prompt's threshold
+    assert torch.equal(masks, probs >= torch.tensor(thresholds)[:, None, None])
 
 
 def test_probabilities_are_resized_before_argmax():
     label = np.zeros((8, 8), dtype=np.int64)
     low = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(3))  # [K,3,3], not the label size
     expected = F.interpolate(low[None], size=(8, 8), mode="bilinear", align_corners=False)[0].argmax(0)
-    res = evaluate([S("a", np.zeros((8, 8, 3), np.uint8), label)], ["a", "b", "c"], lambda im, p: low,
+    res = evaluate([S("a", np.zeros((8, 8, 3), np.uint8), label)], ["a", "b", "c"], lambda im, p, name: low,
                    ignore_index=None, worst_k=0)
     cm = M.confusion_matrix(expected, torch.from_numpy(label), 3)
     assert torch.equal(res.confusion, cm)
@@ -83,6 +103,36 @@ def test_two_shards_sum_to_one_pass(samples):
     assert [len(p.per_image) for p in parts] == [3, 2]
     assert whole.metrics["metrics"]["miou"] == pytest.approx(M.miou(parts[0].confusion + parts[1].confusion))
     assert int(whole.confusion.sum()) == 5 * 63  # the ignored pixel of every image is not counted
+
+
+class NoisyPipe:
+    """Stands in for DigsegPipeline like a multi-step model: its probabilities are noise drawn from `seed`."""
+
+    def __init__(self):
+        self.seeds = {}
+
+    def __call__(self, image, prompts, *, seed, **_):
+        self.seeds[image.tobytes()] = seed
+        g = torch.Generator().manual_seed(seed)
+
+        class Out:
+            probs = torch.rand(len(prompts), *image.shape[:2], generator=g)  # [K,H,W]
+
+        return Out()
+
+
+def test_each_image_is_seeded_by_its_name_so_order_and_shards_do_not_matter(samples):
+    kw = {"ignore_index": 255, "worst_k": 0}
+    pipe = NoisyPipe()
+    whole = evaluate(samples, ["a", "b", "c"], pipeline_predictor(pipe, seed=5), **kw)
+    assert pipe.seeds == {s.image.tobytes(): image_seed(5, s.stem) for s in samples}  # segment's policy
+    backwards = evaluate(samples[::-1], ["a", "b", "c"], pipeline_predictor(NoisyPipe(), seed=5), **kw)
+    parts = [evaluate(samples, ["a", "b", "c"], pipeline_predictor(NoisyPipe(), seed=5), rank=r, world_size=2, **kw)
+             for r in (0, 1)]
+    assert torch.equal(backwards.confusion, whole.confusion)
+    assert torch.equal(parts[0].confusion + parts[1].confusion, whole.confusion)
+    other = evaluate(samples, ["a", "b", "c"], pipeline_predictor(NoisyPipe(), seed=6), **kw)
+    assert not torch.equal(other.confusion, whole.confusion)  # the noise really comes from the seed
 
 
 def test_reports_are_written(samples, tmp_path):
@@ -128,7 +178,7 @@ def test_refuge_headline_is_mean_per_image_dice():
     cup = torch.zeros(8, 8)
     cup[3:5, 3:5] = 1
     res = evaluate([S("r", np.zeros((8, 8, 3), np.uint8), gt)], ["optic disc", "optic cup"],
-                   lambda im, p: torch.stack([disc, cup]), ignore_index=None, label_mode="nested",
+                   lambda im, p, name: torch.stack([disc, cup]), ignore_index=None, label_mode="nested",
                    headline="refuge_dice", label_names=["background", "rim", "cup"], worst_k=0)
     m = res.metrics["metrics"]
     assert m["dice_disc"] == pytest.approx(2 * 16 / (16 + 20))  # disc = disc ∪ cup
@@ -142,7 +192,7 @@ def test_deepglobe_headline_is_road_iou():
     gt[:, 1] = 1
     road = torch.zeros(1, 4, 4)
     road[0, :, 1:3] = 0.9  # 4 TP, 4 FP
-    res = evaluate([S("t", np.zeros((4, 4, 3), np.uint8), gt)], ["road"], lambda im, p: road, ignore_index=None,
+    res = evaluate([S("t", np.zeros((4, 4, 3), np.uint8), gt)], ["road"], lambda im, p, name: road, ignore_index=None,
                    label_mode="background", headline="road_iou", worst_k=0)
     m = res.metrics["metrics"]
     assert m["road_iou"] == pytest.approx(0.5) and res.metrics["headline"]["value"] == pytest.approx(0.5)
@@ -165,26 +215,40 @@ def test_score_predictions_reads_label_maps(samples, tmp_path):
         score_predictions(samples, preds, label_names=["a", "b", "c"], ignore_index=255)
 
 
-def _dist_worker(rank: int, world: int, init: str, out: str) -> None:
-    import torch.distributed as dist
+def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    from digseg_cli.evaluate.run import join_processes
+    from digseg_cli.inference.device import leave_process_group
+
+    # What torchrun / accelerate launch set for each process; Accelerate joins the group from them.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    processes = join_processes("cpu")
     try:
         samples = make_samples()
         ORACLE.update({x.image.tobytes(): x.label for x in samples})
         res = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, out_dir=f"{out}/r{rank}",
-                       worst_k=2)
-        torch.save({"cm": res.confusion, "n": len(res.per_image)}, f"{out}/rank{rank}.pt")
+                       worst_k=2, processes=processes)
+        torch.save({"cm": res.confusion, "n": len(res.per_image), "shard": res.metrics["shard"],
+                    "worst": [w[1] for w in res.worst]}, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
-def test_confusion_matrix_is_all_reduced_under_torch_distributed(samples, tmp_path):
+def test_confusion_matrix_is_summed_across_processes_through_accelerate(samples, tmp_path):
+    import socket
+
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2, join=True)
-    whole = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, worst_k=0)
+    with socket.socket() as sock:  # a free port for the group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_dist_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    whole = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, worst_k=2)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert torch.equal(got["cm"], whole.confusion) and got["n"] == 5  # summed, rows gathered
+        assert got["cm"].dtype == torch.int64 and torch.equal(got["cm"], whole.confusion)  # summed, exactly
+        assert got["n"] == 5 and got["shard"] == {"rank": rank, "world_size": 2, "all_reduced": True}
+        assert got["worst"] == [w[1] for w in whole.worst]  # the worst images of all shards, in order
     assert (tmp_path / "r0/metrics.json").is_file() and not (tmp_path / "r1").exists()  # only rank 0 writes

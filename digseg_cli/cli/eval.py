@@ -1,27 +1,27 @@
 """``digseg eval``: score a model (or a folder of saved label maps) on a benchmark with its exact protocol.
 
-The command resolves the dataset (``digseg_cli.data.benchmarks.catalog``), optionally downloads or checks it, then calls
-one library function (``evaluate`` with a pipeline predictor, or ``score_predictions``) which always writes
-the reports; it renders the same numbers as a Rich table on stderr and, with ``--json``, the metrics
-object on stdout. It knows nothing of layouts, metrics or the model internals.
+The command builds an ``EvalSettings`` from its options and calls one library function,
+``digseg_cli.evaluate.run.run_eval`` (which resolves and checks the dataset, joins the processes of a
+multi-process launch, loads the model, scores and always writes the reports); it renders the layout
+report or the same numbers as a Rich table on stderr and, with ``--json``, the object on stdout, and maps
+errors to exit codes. It knows nothing of layouts, metrics, devices, processes or the model internals.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors, stderr_is_terminal
-from digseg_cli.errors import EXIT_DATASET, UsageError
+from digseg_cli.errors import EXIT_DATASET
 
-TILES = ("auto", "off")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+if TYPE_CHECKING:
+    from digseg_cli.data.benchmarks.catalog import LayoutReport
+    from digseg_cli.evaluate.scoring import EvalResult
 
 
 def _progress(description: str):
@@ -37,21 +37,11 @@ def _progress(description: str):
     return update
 
 
-def _maybe_init_distributed() -> str | None:
-    """Under ``torchrun``/``accelerate launch`` (WORLD_SIZE > 1): join the process group; return this
-    rank's device (``cuda:LOCAL_RANK`` when CUDA is there)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else None
+def _note(text: str) -> None:
+    err_console.print(text, style="dim", highlight=False, markup=False, soft_wrap=True)
 
 
-def _render_check(report) -> None:
+def _render_check(report: LayoutReport) -> None:
     from rich.table import Table
 
     table = Table(title=f"{report.dataset} ({report.split}) at {report.root}", title_justify="left")
@@ -69,7 +59,7 @@ def _render_check(report) -> None:
         err_console.print(report.hint, highlight=False, soft_wrap=True)
 
 
-def _render_result(result) -> None:
+def _render_result(result: EvalResult) -> None:
     from rich.table import Table
 
     from digseg_cli.evaluate.report import fmt
@@ -129,88 +119,36 @@ def eval_command(
     decoder: Annotated[Decoder, typer.Option("--decoder", help=DECODER_HELP)] = Decoder.auto,
     prompt_template: Annotated[Optional[str], typer.Option("--prompt-template", help="Prompt text around each "
                                "class name, e.g. 'a photo of a {name}'.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Base seed (each image adds its own content hash).")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Base seed (each image's noise comes from it and the "
+                    "image's name).")] = 0,
 ) -> None:
     """Evaluate on a benchmark with its exact protocol; always writes metrics.json, CSVs, a confusion matrix
     and report.md. Exit 7 when the dataset is missing or invalid, 2 on a usage error."""
-    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun/accelerate launch, rank 0 reports
     with handle_errors():
-        if absent_rule is not None and absent_rule not in ("detectron2", "mmseg"):
-            raise UsageError(f"`--absent-rule` must be detectron2 or mmseg; got {absent_rule!r}")
-        if tile not in TILES:
-            raise UsageError(f"`--tile` must be one of {', '.join(TILES)}; got {tile!r}")
-        if precision not in PRECISIONS:
-            raise UsageError(f"`--precision` must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        if prompt_template is not None and "{name}" not in prompt_template:
-            raise UsageError(f"`--prompt-template` must contain {{name}}; got {prompt_template!r}")
-        if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise UsageError(f"`--threshold` must be in [0, 1]; got {threshold}")
-        if predictions is not None and check:
-            raise UsageError("`--check` and `--predictions` cannot be combined")
+        from digseg_cli.evaluate.run import EvalSettings, run_eval
 
-        from digseg_cli.data.benchmarks import catalog as D
-
-        spec = D.get_spec(dataset, class_name=class_name)
-        if download:
-            D.download_dataset(spec, data_root=data_root)
-        if check:
-            report = D.check_layout(spec, split=split, data_root=data_root)
-            if as_json:
-                typer.echo(json.dumps(report.to_json(), indent=2))
-            _render_check(report)
-            if not report.ok:
-                raise typer.Exit(code=EXIT_DATASET)
-            return
-
-        data = D.open_dataset(spec, split=split, data_root=data_root)
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(spec.name).name or spec.name).strip("_")
-        out_dir = out or Path("digseg-out") / "eval" / f"{slug}-{data.split}"
-        from digseg_cli.evaluate.scoring import evaluate, pipeline_predictor, protocol_kwargs, score_predictions
-
-        kwargs = protocol_kwargs(spec)
-        kwargs["absent_rule"] = absent_rule or spec.absent_rule
-        if threshold is not None:
-            kwargs["threshold"] = threshold
-        side = spec.short_side if short_side is None else short_side
-        settings = {"data_root": str(data.root), "limit": limit, "absent_rule_source": "option" if absent_rule else
-                    "benchmark default"}
-        if predictions is not None:
-            settings["predictions"] = str(predictions)
-            result = score_predictions(data, predictions, out_dir=out_dir, split=data.split, settings=settings,
-                                       limit=limit, progress=_progress("scoring"),
-                                       decode_prediction=spec.decode_prediction, **kwargs)
-        else:
-            rank_device = _maybe_init_distributed()
-            from digseg_cli.inference.pipeline import load_pipeline
-
-            dtype = None if precision == "auto" else precision
-            pipe = load_pipeline(weights, device=rank_device or device, dtype=dtype)
-            from digseg_cli.inference.device import leave_process_group, precision_note
-
-            if (note := precision_note(pipe.dtype, pipe.device)) is not None and main_process:
-                err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
-            decoder_used = pipe.resolve_decoder(decoder.value)
-            settings.update(weights=weights, device=str(pipe.device), precision=str(pipe.dtype).removeprefix("torch."),
-                            steps=steps, ensemble=ensemble, resolution=resolution, short_side=side or None,
-                            max_side=spec.max_side if side else None, tile=tile,
-                            decoder=decoder_used,
-                            prompt_template=prompt_template or pipe.config.prompt_template, seed=seed,
-                            prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50],
-                            precision_fallbacks=pipe.notes)  # the pipeline's own list: filled if fp16 overflows
-            predictor = pipeline_predictor(pipe, steps=steps, ensemble=ensemble, seed=seed, resolution=resolution,
-                                           tile=tile, prompt_template=prompt_template, short_side=side or None,
-                                           max_side=spec.max_side, decoder=decoder_used)
-            result = evaluate(data, spec.class_names or (), predictor, out_dir=out_dir, split=data.split,
-                              settings=settings, limit=limit, progress=_progress("evaluating"), **kwargs)
-            leave_process_group()
-
-    if not main_process:  # every process holds the summed metrics; one prints them
+        settings = EvalSettings(
+            dataset=dataset, split=split, data_root=data_root, download=download, check=check,
+            predictions=predictions, weights=weights, limit=limit, out=out, absent_rule=absent_rule,
+            class_name=class_name, threshold=threshold, device=device, precision=precision, steps=steps,
+            ensemble=ensemble, resolution=resolution, short_side=short_side, tile=tile, decoder=decoder.value,
+            prompt_template=prompt_template, seed=seed)
+        run = run_eval(settings, progress=_progress("scoring" if predictions is not None else "evaluating"),
+                       note=_note)
+    if run.check is not None:
+        if as_json:
+            typer.echo(json.dumps(run.check.to_json(), indent=2))
+        _render_check(run.check)
+        if not run.check.ok:
+            raise typer.Exit(code=EXIT_DATASET)
         return
-    _render_result(result)
+    if not run.main_process:  # every process holds the summed metrics; one prints them
+        return
+    _render_result(run.result)
     if as_json:
         from digseg_cli.evaluate.report import json_safe
 
-        typer.echo(json.dumps(json_safe(result.metrics), indent=2))
+        typer.echo(json.dumps(json_safe(run.result.metrics), indent=2))
 
 
 def register(app: typer.Typer) -> None:

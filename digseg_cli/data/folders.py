@@ -22,8 +22,11 @@ Class files (the first found of ``classes.json``, ``classes.yaml``/``.yml``, ``c
 Binary folders need no class file: ``class_name="road"`` (CLI ``--class-name``) reads masks as 0/255
 (threshold 128, so JPEG masks work; 0/1 masks are also accepted) with 255 → class 1.
 
+``Sample`` (stem, image, label) is the one labelled-image type of the package: these folders and the
+benchmark datasets (``digseg_cli.data.benchmarks``) both yield it, and scoring reads it.
+
 This module knows files, names and pixel values; it knows nothing of tensors, models or prompts'
-text templates (``train_data`` turns pairs into training samples).
+text templates (``digseg_cli.train.samples`` turns pairs into training samples).
 """
 
 from __future__ import annotations
@@ -362,14 +365,19 @@ def load_pair(pair: Pair, classes: ClassList) -> tuple[np.ndarray, np.ndarray]:
     return image, mask
 
 
-class EvalSample(NamedTuple):
+@dataclass
+class Sample:
+    """One labelled image, from a user folder or a benchmark: ``stem`` (its relative path without suffix, which
+    also names its noise seed), ``image`` ``HxWx3`` uint8 RGB, ``label`` ``HxW`` int64 label ids (the ignore
+    value where unlabelled)."""
+
     stem: str
-    image: np.ndarray  # [H,W,3] uint8
-    mask: np.ndarray  # [H,W] class ids
+    image: np.ndarray
+    label: np.ndarray
 
 
-def load_eval_pairs(pairs: Sequence[Pair], classes: ClassList | None = None) -> Iterator[EvalSample]:
-    """Yield ``EvalSample`` per pair, in order (masks mapped through ``classes`` when given)."""
+def load_eval_pairs(pairs: Sequence[Pair], classes: ClassList | None = None) -> Iterator[Sample]:
+    """Yield a ``Sample`` per pair, in order (masks mapped through ``classes`` when given)."""
     for pair in pairs:
         if classes is None:
             try:
@@ -378,4 +386,4 @@ def load_eval_pairs(pairs: Sequence[Pair], classes: ClassList | None = None) -> 
                 raise DatasetError(str(exc)) from None
         else:
             image, mask = load_pair(pair, classes)
-        yield EvalSample(pair.stem, image, mask)
+        yield Sample(pair.stem, image, np.asarray(mask, dtype=np.int64))

@@ -2,11 +2,17 @@
 
 One job: turn (image, ground truth) samples plus predictions into dataset-level numbers with the
 benchmark's exact protocol: probabilities are resized to the label size (bilinear) *before* the label
-rule (argmax / background threshold / nested), one int64 confusion matrix is summed over every image (and
-all-reduced with SUM across processes, never averaged), per-image rows are kept for the CSV and the worst
-images for the report. It knows nothing of dataset layouts (``digseg_cli.data.benchmarks.catalog``), models (any
-``predictor(image, prompts) -> [K,H,W]`` callable) or the command line; reports are written by
-``digseg_cli.evaluate.report``.
+rule (``digseg_cli.core.labels``: argmax / background threshold / nested), one int64 confusion matrix is
+summed over every image (and, across processes, summed through Accelerate like training's reductions, never
+averaged), per-image rows are kept for the CSV and the worst images for the report.
+
+Noise: ``pipeline_predictor`` seeds each image with ``digseg_cli.inference.seeds.image_seed`` from the run's
+seed and the sample's name (its dataset-relative stem), the policy ``segment`` uses, so a score does not
+depend on the order of the samples or on how many processes share them.
+
+It knows nothing of dataset layouts (``digseg_cli.data.benchmarks.catalog``), models (any
+``predictor(image, prompts, name) -> [K,H,W]`` callable), process groups (``digseg_cli.evaluate.run`` joins
+them) or the command line; reports are written by ``digseg_cli.evaluate.report``.
 """
 
 from __future__ import annotations
@@ -17,18 +23,26 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from digseg_cli.core import metrics as M
+from digseg_cli.core.labels import LABEL_MODES, labels_from_probs
 from digseg_cli.errors import DatasetError, UsageError
+from digseg_cli.inference.seeds import image_seed
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
 log = logging.getLogger("digseg")
 
-Predictor = Callable[[np.ndarray, list], Any]  # (image HxWx3 uint8, prompts) -> probs [K,h,w] in [0,1]
+# (image HxWx3 uint8, prompts, name: the sample's stem) -> probs [K,h,w] in [0,1]
+Predictor = Callable[[np.ndarray, list, str], Any]
 Progress = Callable[[int, int, str], None]  # (done, total, stem)
 THUMB = 384  # longest side of the images kept for the worst-image overlays
 
@@ -51,21 +65,6 @@ def protocol_kwargs(spec) -> dict[str, Any]:
     return dict(label_names=list(spec.label_names), prompts=spec.prompts, ignore_index=spec.ignore_index,
                 absent_rule=spec.absent_rule, label_mode=spec.label_mode, threshold=spec.threshold,
                 headline=spec.headline, dataset=spec.name, protocol=spec.protocol)
-
-
-def labels_from_probs(probs: torch.Tensor, mode: str = "argmax", threshold: float = 0.5) -> torch.Tensor:
-    """``[K,H,W]`` probabilities → ``[H,W]`` int64 labels (see ``DatasetSpec`` for the three modes)."""
-    if mode == "argmax":
-        return probs.argmax(0)  # [H,W] in 0..K-1
-    if mode == "background":
-        best, idx = probs.max(0)  # [H,W]
-        return torch.where(best >= threshold, idx + 1, torch.zeros_like(idx))  # 0 = background
-    if mode == "nested":
-        labels = torch.zeros(probs.shape[1:], dtype=torch.int64)
-        for k in range(probs.shape[0]):  # outer → inner: the innermost structure that is on wins
-            labels[probs[k] >= threshold] = k + 1
-        return labels
-    raise UsageError(f"`label_mode` must be argmax, background or nested; got {mode!r}")
 
 
 def _vertical_diameter(mask: torch.Tensor) -> float:
@@ -114,20 +113,15 @@ class _Scorer:
             elif -score > self.worst[0][0]:
                 heapq.heapreplace(self.worst, entry)
 
-    def sync(self) -> None:
-        """Sum the matrix and gather the rows across processes (torch.distributed / accelerate)."""
-        import torch.distributed as dist
+    def sync(self, processes: PartialState) -> None:
+        """Sum the matrix and gather the rows and worst images of every process, through Accelerate (the
+        matrix on the processes' device, as NCCL needs; int64 throughout, so the sum is exact)."""
+        from accelerate.utils import gather_object, reduce
 
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        cm = self.cm.to("cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(cm, op=dist.ReduceOp.SUM)
-        self.cm = cm.cpu()
-        gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.rows, self.worst))
-        self.rows = sorted((r for rows, _ in gathered for r in rows), key=lambda r: r["stem"])
+        self.cm = reduce(self.cm.to(processes.device), reduction="sum").cpu()  # [C,C]
+        self.rows = sorted(gather_object(self.rows), key=lambda r: r["stem"])
         # entries are (-score, stem, thumbs): the K largest -score are the K worst images
-        self.worst = heapq.nlargest(self.worst_k, (w for _, ws in gathered for w in ws), key=lambda e: e[0])
+        self.worst = heapq.nlargest(self.worst_k, gather_object(self.worst), key=lambda e: e[0])
 
     def summary(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         s = M.summarize(self.cm, self.rule)
@@ -186,15 +180,15 @@ def _shard(samples: Iterable, limit: int | None, rank: int, world_size: int):
             yield i, sample
 
 
-def _dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
-    import torch.distributed as dist
-
-    on = dist.is_available() and dist.is_initialized()
-    if rank is None or world_size is None:
-        return (dist.get_rank(), dist.get_world_size(), True) if on else (0, 1, False)
+def _shard_of(processes: PartialState | None, rank: int | None, world_size: int | None) -> tuple[int, int, bool]:
+    """(rank, world size, whether results are summed across processes): from Accelerate's ``processes`` (an
+    ``accelerate.PartialState`` or ``Accelerator``) when given, else the explicit shard (default: all)."""
+    if processes is not None:
+        return processes.process_index, processes.num_processes, processes.num_processes > 1
+    rank, world_size = (0, 1) if rank is None or world_size is None else (rank, world_size)
     if not 0 <= rank < world_size:
         raise UsageError(f"`rank` must be in [0, world_size); got {rank} of {world_size}")
-    return rank, world_size, on
+    return rank, world_size, False
 
 
 def _total(samples, limit) -> int:
@@ -203,10 +197,10 @@ def _total(samples, limit) -> int:
 
 
 def _run(samples, predict_one, *, label_names, ignore_index, absent_rule, headline, out_dir, limit, progress,
-         rank, world_size, worst_k, meta) -> EvalResult:
+         processes, rank, world_size, worst_k, meta) -> EvalResult:
     if limit is not None and limit < 1:
         raise UsageError(f"`--limit` must be at least 1; got {limit}")
-    rank, world_size, distributed = _dist_rank(rank, world_size)
+    rank, world_size, distributed = _shard_of(processes, rank, world_size)
     scorer = _Scorer(label_names, ignore_index, absent_rule, headline, worst_k)
     total, done = _total(samples, limit), 0
     for _, sample in _shard(samples, limit, rank, world_size):
@@ -216,7 +210,7 @@ def _run(samples, predict_one, *, label_names, ignore_index, absent_rule, headli
         if progress is not None:
             progress(done, total, sample.stem)
     if distributed:
-        scorer.sync()
+        scorer.sync(processes)
     if not scorer.rows:
         raise DatasetError("no samples were evaluated (empty dataset, or --limit/sharding left none)")
     summary, per_class = scorer.summary()
@@ -227,7 +221,7 @@ def _run(samples, predict_one, *, label_names, ignore_index, absent_rule, headli
     }
     worst = sorted(((-s, stem, *t) for s, stem, t in scorer.worst), key=lambda e: e[0])
     result = EvalResult(metrics, scorer.cm, scorer.rows, list(label_names), worst, Path(out_dir) if out_dir else None)
-    if out_dir is not None and (not distributed or rank == 0):
+    if out_dir is not None and (not distributed or rank == 0):  # the summed numbers are the same on every process
         from digseg_cli.evaluate.report import write_reports
 
         result.files = write_reports(result, Path(out_dir))
@@ -240,17 +234,22 @@ def evaluate(
     label_mode: str = "argmax", threshold: float = 0.5, headline: str = "miou",
     label_names: Sequence[str] | None = None, prompts: Sequence | None = None, dataset: str = "", split: str = "",
     protocol: str = "", settings: dict | None = None, limit: int | None = None, progress: Progress | None = None,
-    rank: int | None = None, world_size: int | None = None, worst_k: int = 6,
+    processes: PartialState | None = None, rank: int | None = None, world_size: int | None = None,
+    worst_k: int = 6,
 ) -> EvalResult:
-    """Score ``predictor`` on ``samples`` (objects with ``stem``, ``image``, ``label``); write reports to ``out_dir``.
+    """Score ``predictor`` on ``samples`` (``Sample``s: ``stem``, ``image``, ``label``); write reports to ``out_dir``.
 
-    ``predictor(image, prompts)`` returns ``[K,h,w]`` probabilities for the K ``class_names`` (``prompts``:
-    per class a name or a list of synonyms; default the names). They are resized to the label size
-    (bilinear) before ``label_mode`` turns them into labels. ``label_names`` name the C label ids (default:
-    the class names, plus "background" first unless ``label_mode == "argmax"``). Sharding: this process
-    takes samples with ``index % world_size == rank`` (default: from torch.distributed, else all); under
-    torch.distributed the confusion matrix is all-reduced (SUM) and only rank 0 writes the reports.
+    ``predictor(image, prompts, name)`` returns ``[K,h,w]`` probabilities for the K ``class_names``
+    (``prompts``: per class a name or a list of synonyms; default the names; ``name``: the sample's stem,
+    for its noise seed). They are resized to the label size (bilinear) before ``label_mode`` turns them into
+    labels. ``label_names`` name the C label ids (default: the class names, plus "background" first unless
+    ``label_mode == "argmax"``). Sharding: this process takes samples with ``index % world_size == rank``;
+    with ``processes`` (Accelerate's ``PartialState`` or an ``Accelerator``) rank and world size are its own,
+    the confusion matrix is summed across processes and only the main process writes the reports; without
+    it, ``rank``/``world_size`` pick one shard (default: all samples), nothing is summed.
     """
+    if label_mode not in LABEL_MODES:
+        raise UsageError(f"`label_mode` must be one of {', '.join(LABEL_MODES)}; got {label_mode!r}")
     class_names = list(class_names)
     names = list(label_names) if label_names is not None else (
         class_names if label_mode == "argmax" else ["background", *class_names])
@@ -261,7 +260,7 @@ def evaluate(
         raise UsageError("`prompts` must give one entry per class")
 
     def predict_one(sample) -> tuple[torch.Tensor, str]:
-        probs = torch.as_tensor(predictor(sample.image, prompts)).detach().float().cpu()  # [K,h,w]
+        probs = torch.as_tensor(predictor(sample.image, prompts, sample.stem)).detach().float().cpu()  # [K,h,w]
         if probs.ndim != 3 or probs.shape[0] != len(class_names):
             raise ValueError(f"predictor returned shape {tuple(probs.shape)}; expected [{len(class_names)},H,W]")
         size = tuple(np.asarray(sample.label).shape)
@@ -272,25 +271,24 @@ def evaluate(
     meta = {"dataset": dataset, "split": split, "protocol": protocol, "source": "model", "label_mode": label_mode,
             "threshold": threshold if label_mode != "argmax" else None, "settings": dict(settings or {})}
     return _run(samples, predict_one, label_names=names, ignore_index=ignore_index, absent_rule=absent_rule,
-                headline=headline, out_dir=out_dir, limit=limit, progress=progress, rank=rank,
+                headline=headline, out_dir=out_dir, limit=limit, progress=progress, processes=processes, rank=rank,
                 world_size=world_size, worst_k=worst_k, meta=meta)
 
 
 def pipeline_predictor(
-    pipe, *, steps: int | None = None, ensemble: int | None = None, seed: int | None = None,
+    pipe: DigsegPipeline, *, steps: int | None = None, ensemble: int | None = None, seed: int | None = None,
     resolution: int | None = None, tile: str | int | None = "auto", prompt_template: str | None = None,
     short_side: int | None = None, max_side: int | None = None, decoder: str = "auto",
 ) -> Predictor:
     """Wrap a ``DigsegPipeline`` as a predictor: optional test-time resize (short side, capped long side),
-    one noise seed per image derived from ``seed`` and the image content (independent of order and
-    sharding), probabilities returned at the resized size (``evaluate`` resizes them to the label)."""
-    import zlib
+    one noise seed per image from ``seed`` and the sample's name (``image_seed``, as ``segment`` does: the
+    same whatever the order or sharding), probabilities returned at the resized size (``evaluate`` resizes
+    them to the label)."""
 
-    def predict(image: np.ndarray, prompts: list) -> torch.Tensor:
+    def predict(image: np.ndarray, prompts: list, name: str) -> torch.Tensor:
         img = resize_short_side(image, short_side, max_side)
-        image_seed = ((seed or 0) + zlib.crc32(np.ascontiguousarray(image).tobytes())) % (2**31)
-        out = pipe(img, prompts, steps=steps, ensemble=ensemble, seed=image_seed, resolution=resolution, tile=tile,
-                   prompt_template=prompt_template, decoder=decoder)
+        out = pipe(img, prompts, steps=steps, ensemble=ensemble, seed=image_seed(seed or 0, name),
+                   resolution=resolution, tile=tile, prompt_template=prompt_template, decoder=decoder)
         return out.probs  # [K,h,w]
 
     return predict
@@ -328,14 +326,16 @@ def score_predictions(
     samples: Sequence, predictions_dir: Path | str, *, label_names: Sequence[str], ignore_index: int | None,
     absent_rule: str = "detectron2", out_dir: Path | str | None = None, headline: str = "miou",
     dataset: str = "", split: str = "", protocol: str = "", settings: dict | None = None,
-    limit: int | None = None, progress: Progress | None = None, rank: int | None = None,
-    world_size: int | None = None, worst_k: int = 6, decode_prediction: Callable | None = None, **_unused: Any,
+    limit: int | None = None, progress: Progress | None = None, processes: PartialState | None = None,
+    rank: int | None = None, world_size: int | None = None, worst_k: int = 6,
+    decode_prediction: Callable | None = None, **_unused: Any,
 ) -> EvalResult:
     """Score a folder of label-map files (``<stem>.png``, values = label ids of ``label_names``) — no model.
 
     Every sample must have a prediction; a missing one raises ``DatasetError`` naming the first few.
     A prediction of another size is resized to the label with nearest neighbour (and logged).
     ``decode_prediction(path)`` reads a benchmark's own submission format (REFUGE BMPs) instead.
+    ``processes``, ``rank`` and ``world_size`` shard as in ``evaluate``.
     """
     from digseg_cli.inference.images import ImageReadError, read_mask
 
@@ -371,4 +371,4 @@ def score_predictions(
             "label_mode": "saved label maps", "threshold": None, "settings": dict(settings or {})}
     return _run(samples, predict_one, label_names=list(label_names), ignore_index=ignore_index,
                 absent_rule=absent_rule, headline=headline, out_dir=out_dir, limit=limit, progress=progress,
-                rank=rank, world_size=world_size, worst_k=worst_k, meta=meta)
+                processes=processes, rank=rank, world_size=world_size, worst_k=worst_k, meta=meta)

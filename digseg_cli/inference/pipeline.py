@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from digseg_cli.core import diffusion, transforms
+from digseg_cli.core.labels import labels_from_probs, prompt_thresholds
 from digseg_cli.errors import UsageError
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
 from digseg_cli.models.config import DECODERS
@@ -326,13 +327,10 @@ class DigsegPipeline:
 
 
 def probs_to_labels(probs: torch.Tensor, thresholds: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[K,H,W]` → (labels `[H,W]`: k+1 where prompt k is the argmax and reaches its threshold, else 0;
-    masks `[K,H,W]`: each prompt thresholded alone)."""
-    thr = torch.tensor(list(thresholds), device=probs.device, dtype=probs.dtype)[:, None, None]  # [K,1,1]
-    masks = probs >= thr
-    best, idx = probs.max(dim=0)  # [H,W]
-    labels = torch.where(best >= thr[idx, 0, 0], idx + 1, torch.zeros_like(idx))
-    return labels, masks
+    """`[K,H,W]` → (labels `[H,W]`: the core label rule's "background" mode, k+1 where prompt k is the argmax
+    and reaches its threshold, else 0; masks `[K,H,W]`: each prompt thresholded alone)."""
+    masks = probs >= prompt_thresholds(thresholds, probs)  # [K,H,W]
+    return labels_from_probs(probs, "background", thresholds), masks
 
 
 def load_pipeline(

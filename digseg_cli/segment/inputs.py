@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from digseg_cli.inference import images
+from digseg_cli.inference.seeds import image_seed  # noqa: F401 - re-exported: the seed policy lives in inference
 from digseg_cli.errors import NoInputsError, UsageError
 
 log = logging.getLogger("digseg")
@@ -126,13 +126,6 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False,
         if keys[item.key] > 1:  # img.jpg and img.png side by side
             result[i] = dataclasses.replace(item, keep_suffix=True)
     return result
-
-
-def image_seed(seed: int, rel: str | PurePosixPath) -> int:
-    """The noise seed of one image: sha256 of the run seed and the file's name (its relative path's last
-    part), so a file gets the same noise alone, in a folder, in any order or shard."""
-    digest = hashlib.sha256(f"{seed}\0{PurePosixPath(rel).name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def header_size(path: Path) -> tuple[int, int]:

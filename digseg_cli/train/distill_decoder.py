@@ -16,7 +16,6 @@ import logging
 import math
 import statistics
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,13 +154,14 @@ def _compare(pipe, limit: int | None, tolerance: float, emit: Progress) -> dict:
     """mIoU (points, 0–100) on the synth validation split with the VAE decoder and with the fast one."""
     from digseg_cli.data.benchmarks import catalog as D
     from digseg_cli.evaluate.scoring import evaluate, protocol_kwargs
+    from digseg_cli.inference.seeds import image_seed
 
     spec = D.get_spec("synth")
     data = D.open_dataset(spec)
     scores = {}
     for decoder in ("vae", "fast"):
-        def predict(image, prompts, decoder=decoder):
-            seed = zlib.crc32(np.ascontiguousarray(image).tobytes()) % (2**31)  # paired noise for both decoders
+        def predict(image, prompts, name, decoder=decoder):
+            seed = image_seed(0, name)  # paired noise for both decoders (eval's per-image seed)
             return pipe(image, prompts, seed=seed, decoder=decoder).probs  # [K,H,W]
 
         def tick(done, total, stem, decoder=decoder):

@@ -468,7 +468,7 @@ def _validate(model, loaded, ema, trainable, val_pairs, classes, resolution, s, 
                 continue
             out = pipe(sample.image, prompts, resolution=resolution, seed=s.seed)
             pred = ids[out.labels]  # prompt index → class id
-            cm += confusion_matrix(pred, torch.from_numpy(sample.mask.astype(np.int64)), num, classes.ignore_index)
+            cm += confusion_matrix(pred, torch.from_numpy(sample.label.astype(np.int64)), num, classes.ignore_index)
         cm = accelerator.reduce(cm.to(accelerator.device), "sum").cpu()
         iou = iou_per_class(cm)
         names = {classes.background: "background", **{c.id: c.name for c in classes}}

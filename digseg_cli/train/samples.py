@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from digseg_cli.data.folders import ClassList, EvalSample, Pair, load_eval_pairs, load_pair
+from digseg_cli.data.folders import ClassList, Pair, Sample, load_eval_pairs, load_pair
 from digseg_cli.errors import UsageError
 
-__all__ = ["EvalSample", "SegmentationTrainDataset", "load_eval_pairs"]
+__all__ = ["Sample", "SegmentationTrainDataset", "load_eval_pairs"]
 
 
 class SegmentationTrainDataset(Dataset):

@@ -1,9 +1,9 @@
 """What every benchmark adapter shares: the spec record, the sample, the lazy dataset and label helpers.
 
 One job: describe a benchmark (classes, ignore value, protocol, layout, how to get it) and read its
-files into ``Sample``s (stem, ``HxWx3`` uint8 image, ``HxW`` int64 label in train ids with the ignore
-value). Family modules only say where the files are and how a label file decodes. This module knows
-nothing of models, metrics or the command line.
+files into ``Sample``s (``digseg_cli.data.folders.Sample``: stem, ``HxWx3`` uint8 image, ``HxW`` int64
+label in train ids with the ignore value). Family modules only say where the files are and how a label
+file decodes. This module knows nothing of models, metrics or the command line.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from digseg_cli.data.folders import Sample  # the one labelled-image type, shared with user folders
 from digseg_cli.errors import DatasetError
 
 log = logging.getLogger("digseg")
 
 ENV_DATA_ROOT = "DIGSEG_DATA_ROOT"
-LABEL_MODES = ("argmax", "background", "nested")
 HEADLINES = ("miou", "road_iou", "refuge_dice", "phenobench_miou")
 
 
@@ -60,15 +60,6 @@ class Item:
     stem: str
     image: Path
     label: Path | None
-
-
-@dataclass
-class Sample:
-    """stem; image ``HxWx3`` uint8 RGB; label ``HxW`` int64 train ids (``ignore_index`` where unlabelled)."""
-
-    stem: str
-    image: np.ndarray
-    label: np.ndarray
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,174 @@
+"""The run behind ``digseg eval``: settings in, a checked or scored benchmark (with its reports) out.
+
+One job: from an ``EvalSettings`` resolve the dataset (``digseg_cli.data.benchmarks.catalog``), download or
+check it when asked, then score saved label maps or a model: join the processes of a multi-process launch
+through Accelerate (one GPU per process under CUDA, gloo on the CPU), load the model with
+``inference.pipeline.load_pipeline``, wrap it as a predictor and call ``evaluate.scoring``, which shards
+the samples, sums the confusion matrices and writes the reports. Each image's noise comes from the seed and
+the image's name (``inference.seeds.image_seed``), as in ``segment``.
+
+It renders nothing and maps no exit codes (``digseg_cli.cli.eval`` does both); errors a user can cause are
+``DigsegError``s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from digseg_cli.errors import UsageError
+from digseg_cli.evaluate.scoring import (
+    EvalResult, Progress, evaluate, pipeline_predictor, protocol_kwargs, score_predictions,
+)
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
+    from digseg_cli.data.benchmarks.base import BenchmarkDataset, DatasetSpec
+    from digseg_cli.data.benchmarks.catalog import LayoutReport
+
+TILES = ("auto", "off")
+Note = Callable[[str], None]  # a one-line note for the user (reduced precision), main process only
+
+
+@dataclass
+class EvalSettings:
+    """What ``digseg eval`` was asked (the command's options; None: the benchmark's or the model's default)."""
+
+    dataset: str
+    split: str | None = None
+    data_root: Path | None = None
+    download: bool = False
+    check: bool = False  # only check the layout: no model, no scores
+    predictions: Path | None = None  # score saved label maps instead of a model
+    weights: str = "demo"
+    limit: int | None = None
+    out: Path | None = None  # default digseg-out/eval/<dataset>-<split>
+    absent_rule: str | None = None
+    class_name: str | None = None
+    threshold: float | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    steps: int | None = None
+    ensemble: int | None = None
+    resolution: int | None = None
+    short_side: int | None = None  # 0 = off
+    tile: str = "auto"
+    decoder: str = "auto"
+    prompt_template: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        """``UsageError`` for an option value no run could use, named as the command line names it."""
+        from digseg_cli.core.metrics import ABSENT_RULES
+        from digseg_cli.inference.device import PRECISIONS
+
+        if self.absent_rule is not None and self.absent_rule not in ABSENT_RULES:
+            raise UsageError(f"`--absent-rule` must be {' or '.join(ABSENT_RULES)}; got {self.absent_rule!r}")
+        if self.tile not in TILES:
+            raise UsageError(f"`--tile` must be one of {', '.join(TILES)}; got {self.tile!r}")
+        precisions = ("auto", *PRECISIONS)
+        if self.precision not in precisions:
+            raise UsageError(f"`--precision` must be one of {', '.join(precisions)}; got {self.precision!r}")
+        if self.prompt_template is not None and "{name}" not in self.prompt_template:
+            raise UsageError(f"`--prompt-template` must contain {{name}}; got {self.prompt_template!r}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise UsageError(f"`--threshold` must be in [0, 1]; got {self.threshold}")
+        if self.predictions is not None and self.check:
+            raise UsageError("`--check` and `--predictions` cannot be combined")
+
+
+@dataclass
+class EvalRun:
+    """What a run gave: ``check`` (the layout report, with ``check=True``) or ``result`` (the scores, whose
+    reports are written). ``main_process``: whether this process reports; under a multi-process launch every
+    process holds the summed numbers and only one shows them."""
+
+    check: LayoutReport | None = None
+    result: EvalResult | None = None
+    main_process: bool = True
+
+
+def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: Note | None = None) -> EvalRun:
+    """Check, or score, one benchmark split as ``settings`` say; see the module docstring.
+
+    ``progress(done, total, stem)`` is called after each image this process scores; ``note(text)`` gets the
+    main process's notes for the user (e.g. that bf16 moves probabilities)."""
+    from digseg_cli.data.benchmarks import catalog as D
+    from digseg_cli.inference.device import leave_process_group
+
+    s = settings
+    # 1. Options, dataset, and what was asked besides scoring.
+    s.validate()
+    spec = D.get_spec(s.dataset, class_name=s.class_name)
+    if s.download:
+        D.download_dataset(spec, data_root=s.data_root)
+    if s.check:
+        return EvalRun(check=D.check_layout(spec, split=s.split, data_root=s.data_root))
+    # 2. The samples, where the reports go, the protocol and what the reports record of this run.
+    data = D.open_dataset(spec, split=s.split, data_root=s.data_root)
+    out_dir = s.out or default_out_dir(spec.name, data.split)
+    protocol = protocol_kwargs(spec)
+    protocol["absent_rule"] = s.absent_rule or spec.absent_rule
+    if s.threshold is not None:
+        protocol["threshold"] = s.threshold
+    record: dict[str, Any] = {"data_root": str(data.root), "limit": s.limit,
+                              "absent_rule_source": "option" if s.absent_rule else "benchmark default"}
+    # 3. Processes (one shard of the samples each), then the scores.
+    processes = join_processes(s.device)
+    common = {"out_dir": out_dir, "split": data.split, "settings": record, "limit": s.limit, "progress": progress,
+              "processes": processes, **protocol}
+    if s.predictions is not None:
+        record["predictions"] = str(s.predictions)
+        result = score_predictions(data, s.predictions, decode_prediction=spec.decode_prediction, **common)
+    else:
+        result = _score_model(s, spec, data, processes=processes, note=note, record=record, common=common)
+    leave_process_group()
+    return EvalRun(result=result, main_process=processes is None or processes.is_main_process)
+
+
+def _score_model(s: EvalSettings, spec: DatasetSpec, data: BenchmarkDataset, *, processes: PartialState | None,
+                 note: Note | None, record: dict[str, Any], common: dict[str, Any]) -> EvalResult:
+    """Load the model on this process's device, record the settings it runs with, score it."""
+    from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
+    from digseg_cli.inference.device import PRECISION_NAMES, precision_note
+
+    # Under CUDA each process has its own GPU (Accelerate picked cuda:LOCAL_RANK); elsewhere --device holds.
+    device = str(processes.device) if processes is not None and processes.device.type == "cuda" else s.device
+    pipe = pipeline.load_pipeline(s.weights, device=device, dtype=None if s.precision == "auto" else s.precision)
+    main = processes is None or processes.is_main_process
+    if note is not None and main and (text := precision_note(pipe.dtype, pipe.device)) is not None:
+        note(text)
+    decoder = pipe.resolve_decoder(s.decoder)
+    side = spec.short_side if s.short_side is None else s.short_side
+    record.update(weights=s.weights, device=str(pipe.device), precision=PRECISION_NAMES[pipe.dtype],
+                  steps=s.steps, ensemble=s.ensemble, resolution=s.resolution, short_side=side or None,
+                  max_side=spec.max_side if side else None, tile=s.tile, decoder=decoder,
+                  prompt_template=s.prompt_template or pipe.config.prompt_template, seed=s.seed,
+                  prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50],
+                  precision_fallbacks=pipe.notes)  # the pipeline's own list: filled if fp16 overflows
+    predictor = pipeline_predictor(pipe, steps=s.steps, ensemble=s.ensemble, seed=s.seed, resolution=s.resolution,
+                                   tile=s.tile, prompt_template=s.prompt_template, short_side=side or None,
+                                   max_side=spec.max_side, decoder=decoder)
+    return evaluate(data, spec.class_names or (), predictor, **common)
+
+
+def default_out_dir(dataset: str, split: str) -> Path:
+    """``digseg-out/eval/<dataset>-<split>``, the dataset's name (a folder's last part) made file-name safe."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset).name or dataset).strip("_")
+    return Path("digseg-out") / "eval" / f"{slug}-{split}"
+
+
+def join_processes(device: str) -> PartialState | None:
+    """Under ``accelerate launch``/``torchrun`` (WORLD_SIZE > 1): this process's place in the group, which
+    Accelerate joins (NCCL and one GPU per process when CUDA is used, gloo otherwise); None for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not (torch.cuda.is_available() and device not in ("cpu", "mps")))
