@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from digseg_cli.errors import UsageError
+from digseg_cli.inference.overlay import make_overlay
 from digseg_cli.inference.images import (
     ImageReadError,
     atomic_path,
     atomic_write_bytes,
     default_palette,
     is_image_file,
-    make_overlay,
     parse_color,
     read_image,
     read_mask,

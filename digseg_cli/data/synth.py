@@ -38,6 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from digseg_cli.data import synth_paint as paint
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.images import atomic_write_text, write_image, write_label_png
 
@@ -72,70 +73,23 @@ _CANOPIES = [(40, 80, 36), (50, 95, 42), (36, 70, 42), (60, 90, 40), (45, 85, 55
 
 
 # --------------------------------------------------------------------------------------------------
-# Small drawing helpers (float32 RGB image in 0..255, uint8 masks)
-
-
-def _noise(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
-    """Smooth noise ``[size,size]`` with features about ``cell`` pixels wide, roughly unit variance."""
-    n = max(2, int(round(size / max(cell, 1.0))) + 2)
-    grid = rng.standard_normal((n, n)).astype(np.float32)
-    return cv2.resize(grid, (size, size), interpolation=cv2.INTER_CUBIC)
-
-
-def _fbm(rng: np.random.Generator, size: int, cells: tuple[float, ...] = (48, 16, 6)) -> np.ndarray:
-    out = np.zeros((size, size), np.float32)
-    for i, cell in enumerate(cells):
-        out += _noise(rng, size, cell) * (0.6**i)
-    return out
-
-
-def _jitter(rng: np.random.Generator, rgb: tuple[int, int, int], amount: float) -> np.ndarray:
-    return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255).astype(np.float32)
-
-
-def _paint(img: np.ndarray, region: np.ndarray, color: np.ndarray, tex: np.ndarray | float = 0.0) -> None:
-    """``img[region] = color * (1 + tex)`` with ``tex`` a ``[S,S]`` relative brightness map or scalar."""
-    shade = 1.0 + (tex[region] if isinstance(tex, np.ndarray) else tex)
-    img[region] = color[None, :] * np.asarray(shade, np.float32).reshape(-1, 1)
-
-
-def _bezier(p: np.ndarray, n: int) -> np.ndarray:
-    """Points of a Bézier curve with control points ``p`` ``[k,2]``, sampled ``n`` times → ``[n,2]``."""
-    t = np.linspace(0.0, 1.0, n)[None, :, None]  # [1,n,1]
-    pts = np.broadcast_to(p.astype(np.float64)[:, None, :], (len(p), n, 2))  # [k,n,2]
-    while len(pts) > 1:  # de Casteljau
-        pts = (1 - t) * pts[:-1] + t * pts[1:]
-    return pts[0]
-
-
-def _edge_point(rng: np.random.Generator, size: int, side: int) -> np.ndarray:
-    u = rng.uniform(0.05, 0.95) * size
-    m = 6.0
-    return np.array([(u, -m), (size + m, u), (u, size + m), (-m, u)][side])
-
-
-def _poly(mask: np.ndarray, pts: np.ndarray, value: int = 1) -> None:
-    cv2.fillPoly(mask, [np.round(pts).astype(np.int32).reshape(-1, 1, 2)], value)
-
-
-# --------------------------------------------------------------------------------------------------
 # Layers, back to front
 
 
 def _soil(rng: np.random.Generator) -> np.ndarray:
     """A soil colour: warm (red ≥ blue + 12) so that bare ground never looks like water."""
-    c = _jitter(rng, _SOILS[rng.integers(len(_SOILS))], 14)
+    c = paint.jitter(rng, _SOILS[rng.integers(len(_SOILS))], 14)
     c[2] = min(c[2], c[0] - 12)
     return c
 
 
 def _ground(rng: np.random.Generator, s: int) -> np.ndarray:
     base = _soil(rng)
-    tex = 0.07 * _fbm(rng, s) + 0.03 * rng.standard_normal((s, s)).astype(np.float32)
+    tex = 0.07 * paint.fbm(rng, s) + 0.03 * rng.standard_normal((s, s)).astype(np.float32)
     img = base[None, None, :] * (1.0 + tex[:, :, None])
     # A second soil tone in patches (wet/dry ground), and sparse pebbles.
     other = _soil(rng)
-    w = np.clip(_noise(rng, s, 40) * 0.8 + rng.uniform(-0.5, 0.5), 0, 1)[:, :, None]
+    w = np.clip(paint.noise(rng, s, 40) * 0.8 + rng.uniform(-0.5, 0.5), 0, 1)[:, :, None]
     img = img * (1 - w) + other[None, None, :] * (1.0 + tex[:, :, None]) * w
     speck = rng.random((s, s)) < 0.01
     img[speck] *= rng.uniform(0.75, 1.2)
@@ -152,13 +106,13 @@ def _fields(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: flo
         rad = rng.uniform(0.22, 0.5) * s * rng.uniform(0.75, 1.0, k)
         pts = c + np.stack([np.cos(ang) * rad, np.sin(ang) * rad], axis=1)
         region = np.zeros((s, s), np.uint8)
-        _poly(region, pts)
+        paint.poly(region, pts)
         r = region.astype(bool)
         theta = rng.uniform(0, np.pi)
         period = rng.uniform(3.0, 7.0) * sc
         stripes = np.sin(2 * np.pi * (xx * np.cos(theta) + yy * np.sin(theta)) / period)
-        tex = rng.uniform(0.08, 0.18) * stripes + 0.05 * _noise(rng, s, 24) + 0.03 * rng.standard_normal((s, s))
-        _paint(img, r, _jitter(rng, _CROPS[rng.integers(len(_CROPS))], 12), tex.astype(np.float32))
+        tex = rng.uniform(0.08, 0.18) * stripes + 0.05 * paint.noise(rng, s, 24) + 0.03 * rng.standard_normal((s, s))
+        paint.paint(img, r, paint.jitter(rng, _CROPS[rng.integers(len(_CROPS))], 12), tex.astype(np.float32))
         mask[r] = FIELD
 
 
@@ -167,9 +121,9 @@ def _water(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
     region = np.zeros((s, s), np.uint8)
     if rng.random() < 0.5:  # river: a wide curve of varying width
         a, b = rng.choice(4, 2, replace=False)
-        ctrl = np.stack([_edge_point(rng, s, a), rng.uniform(0.2, 0.8, 2) * s, rng.uniform(0.2, 0.8, 2) * s,
-                         _edge_point(rng, s, b)])
-        pts = _bezier(ctrl, 80)
+        ctrl = np.stack([paint.edge_point(rng, s, a), rng.uniform(0.2, 0.8, 2) * s, rng.uniform(0.2, 0.8, 2) * s,
+                         paint.edge_point(rng, s, b)])
+        pts = paint.bezier(ctrl, 80)
         width = rng.uniform(4.0, 9.0) * sc * (1 + 0.35 * np.sin(np.linspace(0, rng.uniform(2, 8), 80)))
         for (x, y), r in zip(pts, width):
             cv2.circle(region, (int(round(x)), int(round(y))), max(2, int(round(r))), 1, -1)
@@ -178,26 +132,26 @@ def _water(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
         c = rng.uniform(0.2, 0.8, 2) * s
         rad = rng.uniform(0.15, 0.35) * s * sc**0.5
         d = np.sqrt((xx - c[0]) ** 2 + (yy - c[1]) ** 2) / rad
-        region[(1.0 - d + 0.35 * _noise(rng, s, 20 * sc)) > 0] = 1
+        region[(1.0 - d + 0.35 * paint.noise(rng, s, 20 * sc)) > 0] = 1
     r = region.astype(bool)
     depth = cv2.distanceTransform(region, cv2.DIST_L2, 3)
     depth = np.minimum(depth / (6.0 * sc), 1.0)
-    tex = -0.25 * depth + 0.04 * _noise(rng, s, 10) + 0.015 * rng.standard_normal((s, s)).astype(np.float32)
-    _paint(img, r, _jitter(rng, _WATERS[rng.integers(len(_WATERS))], 10) * 1.15, tex)
+    tex = -0.25 * depth + 0.04 * paint.noise(rng, s, 10) + 0.015 * rng.standard_normal((s, s)).astype(np.float32)
+    paint.paint(img, r, paint.jitter(rng, _WATERS[rng.integers(len(_WATERS))], 10) * 1.15, tex)
     mask[r] = WATER
     return r
 
 
 def _roads(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: float) -> None:
     s = img.shape[0]
-    color = _jitter(rng, _ROADS[rng.integers(len(_ROADS))], 10)
+    color = paint.jitter(rng, _ROADS[rng.integers(len(_ROADS))], 10)
     first: np.ndarray | None = None
     for i in range(int(rng.integers(1, 4))):
         a = int(rng.integers(4))
-        start = first[rng.integers(15, 65)] if (first is not None and rng.random() < 0.5) else _edge_point(rng, s, a)
-        end = _edge_point(rng, s, (a + int(rng.integers(1, 4))) % 4)
+        start = first[rng.integers(15, 65)] if (first is not None and rng.random() < 0.5) else paint.edge_point(rng, s, a)
+        end = paint.edge_point(rng, s, (a + int(rng.integers(1, 4))) % 4)
         mid = (start + end) / 2 + rng.normal(0, 0.15 * s, 2) * (rng.random() < 0.7)
-        pts = _bezier(np.stack([start, mid, end]), 80)
+        pts = paint.bezier(np.stack([start, mid, end]), 80)
         first = pts if first is None else first
         width = int(rng.integers(2, 4)) if rng.random() < 0.3 else int(round(rng.uniform(4, 8) * sc))
         region = np.zeros((s, s), np.uint8)
@@ -206,7 +160,7 @@ def _roads(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
         # Darker kerb shading under the road, then asphalt with fine grain.
         edge = cv2.dilate(region, np.ones((3, 3), np.uint8)).astype(bool) & ~r
         img[edge] *= 0.85
-        _paint(img, r, color, 0.03 * rng.standard_normal((s, s)).astype(np.float32))
+        paint.paint(img, r, color, 0.03 * rng.standard_normal((s, s)).astype(np.float32))
         if width >= 6 and rng.random() < 0.6:  # dashed centre line
             line = np.zeros((s, s), np.uint8)
             for j in range(0, 80, 6):
@@ -228,18 +182,18 @@ def _buildings(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: 
             c = rng.uniform(0.05, 0.95, 2) * s
             box = cv2.boxPoints(((float(c[0]), float(c[1])), (float(w), float(h)), float(angle)))
             region = np.zeros((s, s), np.uint8)
-            _poly(region, box)
+            paint.poly(region, box)
             r = region.astype(bool)
             if r.any() and not (r & water).any():
                 break
         else:
             continue
         shadow = np.zeros((s, s), np.uint8)
-        _poly(shadow, box + sun * rng.uniform(2.0, 4.5) * sc)
+        paint.poly(shadow, box + sun * rng.uniform(2.0, 4.5) * sc)
         img[shadow.astype(bool) & ~r] *= 0.55
-        roof = _jitter(rng, _ROOFS[rng.integers(len(_ROOFS))], 12)
+        roof = paint.jitter(rng, _ROOFS[rng.integers(len(_ROOFS))], 12)
         tex = 0.03 * rng.standard_normal((s, s)).astype(np.float32)
-        _paint(img, r, roof, tex)
+        paint.paint(img, r, roof, tex)
         if rng.random() < 0.7:  # gable roof: the half facing away from the sun is darker
             long_axis = (box[1] - box[0]) if np.linalg.norm(box[1] - box[0]) >= np.linalg.norm(box[2] - box[1]) else (
                 box[2] - box[1])
@@ -282,7 +236,7 @@ def _trees(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
                    max(1, int(round(r * 0.55))), 1, -1)
     c_mask = canopy > 0
     img[(shadow > 0) & ~c_mask] *= 0.5
-    lut = np.stack([_jitter(rng, _CANOPIES[rng.integers(len(_CANOPIES))], 10) for _ in range(251)])
+    lut = np.stack([paint.jitter(rng, _CANOPIES[rng.integers(len(_CANOPIES))], 10) for _ in range(251)])
     tex = 0.12 * rng.standard_normal((s, s)).astype(np.float32) + 0.22 * (light.astype(np.float32) - 0.5)
     img[c_mask] = lut[canopy[c_mask]] * (1.0 + tex[c_mask])[:, None]
     mask[c_mask] = TREE
@@ -293,7 +247,7 @@ def _finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     s = img.shape[0]
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s
     g = rng.uniform(-0.12, 0.12, 2)
-    illum = 1.0 + g[0] * (xx - 0.5) + g[1] * (yy - 0.5) + 0.05 * _noise(rng, s, 64)
+    illum = 1.0 + g[0] * (xx - 0.5) + g[1] * (yy - 0.5) + 0.05 * paint.noise(rng, s, 64)
     img = img * illum[:, :, None] * rng.uniform(0.93, 1.07, 3)[None, None, :] * rng.uniform(0.85, 1.12)
     if rng.random() < 0.25:  # haze
         img = img * 0.8 + np.array([170, 175, 185], np.float32) * 0.2

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digseg_cli.inference import images
+from digseg_cli.inference.overlay import make_overlay
 from digseg_cli.segment.inputs import InputFile
 from digseg_cli.inference.prompts import PromptClass, file_names
 
@@ -143,7 +144,7 @@ def write_outputs(paths: Mapping[str, Any], image, probs, labels, regions, palet
     t0 = time.perf_counter()
     images.write_label_png(paths["mask"], labels, palette)
     if "overlay" in paths:
-        overlay = images.make_overlay(image, labels, palette, names, settings.overlay_alpha)
+        overlay = make_overlay(image, labels, palette, names, settings.overlay_alpha)
         images.write_image(paths["overlay"], overlay, settings.jpeg_quality)
     for k, path in enumerate(paths.get("binary", {}).values()):
         images.write_binary_png(path, regions[k])
