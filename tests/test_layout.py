@@ -159,3 +159,15 @@ def test_everything_fits_on_a_screen():
             if len(positional) > MAX_POSITIONAL:
                 too_many.append(f"{name}.{fn.name}: {len(positional)} positional parameters")
     assert not too_long + too_many, "\n".join(too_long + too_many)
+
+
+def test_only_the_cli_imports_typer_and_rich():
+    wrong = []
+    for name, path in MODULES.items():
+        if _room(name) in ("cli", "__main__"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            wrong += [f"{name} imports {n}" for n in names if n.split(".")[0] in ("typer", "rich", "click")]
+    assert not wrong, wrong
