@@ -19,6 +19,7 @@ import typer
 
 from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_DATASET, UsageError
+from digseg_cli.models.config import check_prompt_template
 
 TILES = ("auto", "off")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
@@ -141,8 +142,8 @@ def eval_command(
             raise UsageError(f"`--tile` must be one of {', '.join(TILES)}; got {tile!r}")
         if precision not in PRECISIONS:
             raise UsageError(f"`--precision` must be one of {', '.join(PRECISIONS)}; got {precision!r}")
-        if prompt_template is not None and "{name}" not in prompt_template:
-            raise UsageError(f"`--prompt-template` must contain {{name}}; got {prompt_template!r}")
+        if prompt_template is not None:
+            check_prompt_template(prompt_template, "`--prompt-template`")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise UsageError(f"`--threshold` must be in [0, 1]; got {threshold}")
         if predictions is not None and check:
