@@ -13,7 +13,9 @@ from PIL import Image
 from digseg_cli.segment import inputs
 from digseg_cli.inference import prompts
 from digseg_cli.segment import run as seg
+from digseg_cli.segment import settings as seg_settings
 from digseg_cli.errors import InterruptedRunError, NoInputsError, OutOfMemoryError, UsageError
+from digseg_cli.models.config import DigsegConfig
 
 SIZE = (40, 48)  # (H, W)
 
@@ -49,9 +51,9 @@ def diffusion_pipe():
     return DigsegPipeline(build_compact("tiny", objective="diffusion", default_steps=2))
 
 
-def _settings(**kw) -> seg.SegmentSettings:
+def _settings(**kw) -> seg_settings.SegmentSettings:
     classes, _ = prompts.parse_prompts(kw.pop("prompt", "road, tree"))
-    return seg.SegmentSettings(classes=tuple(classes), **kw)
+    return seg_settings.SegmentSettings(classes=tuple(classes), **kw)
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -91,17 +93,54 @@ def test_thresholds_tile_and_settings_validation():
     assert prompts.parse_thresholds(["0.5,road=0.4", "tree=0.3"]) == (0.5, {"road": 0.4, "tree": 0.3})
     with pytest.raises(UsageError):
         prompts.parse_thresholds(["road=1.5"])
-    assert seg.parse_tile("auto") == "auto" and seg.parse_tile("OFF") == "off" and seg.parse_tile("64") == 64
+    parse_tile = seg_settings.parse_tile
+    assert parse_tile("auto") == "auto" and parse_tile("OFF") == "off" and parse_tile("64") == 64
     with pytest.raises(UsageError):
-        seg.parse_tile("big")
+        parse_tile("big")
+    assert seg_settings.parse_batch_size("auto") is None and seg_settings.parse_batch_size("4") == 4
+    with pytest.raises(UsageError, match="--batch-size"):
+        seg_settings.parse_batch_size("0")
     settings = _settings(thresholds={"raod": 0.3})
     with pytest.raises(UsageError, match="did you mean 'road'"):
-        settings.resolve_classes()
+        seg_settings.resolve_classes(settings, DigsegConfig(base_model="compact:tiny"))
     with pytest.raises(UsageError, match="contradict"):
         _settings(overwrite=True, skip_existing=True)
     with pytest.raises(UsageError, match="mode"):
         _settings(mode="panoptic")
     assert prompts.file_names(prompts.parse_prompts("mask, a.b, a b, a_b")[0]) == ["mask_", "a_b", "a_b_2", "a_b_3"]
+    for template in ("aerial photo", "{name} of {place}", "{}", "photo of {{name}}"):
+        with pytest.raises(UsageError, match="`--prompt-template` must contain {name}"):
+            _settings(prompt_template=template)
+    assert _settings(prompt_template="aerial photo of {name}").prompt_template == "aerial photo of {name}"
+
+
+def test_threshold_rule_override_then_own_then_run_wide_then_checkpoint():
+    """One rule, four levels: each level wins over every level below it, for the CLI and the pipeline alike."""
+    road, water = prompts.PromptClass("road", ("road",)), prompts.PromptClass("water", ("water",))
+    classes = [road, prompts.PromptClass("tree", ("tree",), threshold=0.3), water]  # tree's own: a prompts file's
+    assert prompts.resolve_thresholds(classes, 0.5)[1] == [0.5, 0.3, 0.5]  # checkpoint default, own
+    assert prompts.resolve_thresholds(classes, 0.5, threshold=0.7)[1] == [0.7, 0.3, 0.7]  # run-wide beats default
+    ruled, values = prompts.resolve_thresholds(classes, 0.5, threshold=0.7, overrides={"tree": 0.9, "water": 0.2})
+    assert values == [0.7, 0.9, 0.2]  # an override beats the class's own and the run-wide value
+    assert [c.threshold for c in ruled] == [None, 0.9, 0.2]  # what run.json records per class
+    assert prompts.resolve_thresholds([road, road], 0.5, threshold=[0.1, 0.2])[1] == [0.1, 0.2]  # Python API
+    with pytest.raises(UsageError, match="one per prompt"):
+        prompts.resolve_thresholds(classes, 0.5, threshold=[0.1, 0.2])
+    with pytest.raises(UsageError, match="classes: road, tree, water"):
+        prompts.resolve_thresholds(classes, 0.5, overrides={"sky": 0.4})
+    # A segment run hands the pipeline exactly what the rule says.
+    config = DigsegConfig(base_model="compact:tiny", default_threshold=0.45)
+    settings = seg_settings.SegmentSettings(classes=tuple(classes), threshold=0.6, thresholds={"road": 0.35})
+    assert seg_settings.resolve_classes(settings, config)[1] == [0.35, 0.3, 0.6]
+
+
+def test_pipeline_thresholds_follow_the_same_rule(pipe):
+    image = np.zeros((16, 16, 3), np.uint8)
+    assert pipe(image, ["road", "tree"]).thresholds == [pipe.config.default_threshold] * 2
+    assert pipe(image, ["road", "tree"], threshold=0.2).thresholds == [0.2, 0.2]
+    assert pipe(image, ["road", "tree"], threshold=[0.1, 0.9]).thresholds == [0.1, 0.9]
+    with pytest.raises(UsageError, match="one per prompt"):
+        pipe(image, ["road", "tree"], threshold=[0.1])
 
 
 # ------------------------------------------------------------------------------------------------- inputs

@@ -1,8 +1,9 @@
 """``digseg segment``: segment images, folders, globs and lists with text prompts.
 
-Builds `SegmentSettings` from the flags, resolves device, precision and weights, prints the banner, calls
-`digseg_cli.segment.run.run_segment` once and renders its progress, per-image records (``--json`` on stdout)
-and summary (stderr). It knows nothing of file layouts, seeds or output formats.
+Builds `SegmentSettings` from the flags, opens the model through `digseg_cli.segment.loading.open_pipeline`,
+calls `digseg_cli.segment.run.run_segment` once (or `segment.plan.dry_run` for ``--dry-run``) and renders the
+banner, progress, per-image records (``--json`` on stdout) and summary (stderr). It knows nothing of devices,
+weights folders, file layouts, seeds or output formats.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ import tempfile
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
+
+if TYPE_CHECKING:
+    from digseg_cli.segment.inputs import InputFile
+    from digseg_cli.segment.loading import LoadedPipeline
+    from digseg_cli.segment.outputs import ImageResult, RunSummary
+    from digseg_cli.segment.plan import DryRun
+    from digseg_cli.segment.settings import SegmentSettings
 
 DEMO_NOTE = ("note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building, "
              "water, field); expect poor masks on other images (choose other weights with --weights)")
@@ -83,18 +91,10 @@ def _echo_json(obj: dict) -> None:
     typer.echo(json.dumps(obj, default=str))
 
 
-def _human_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _print_summary(summary) -> None:
+def _print_summary(summary: RunSummary) -> None:
     from rich.table import Table
+
+    from digseg_cli.weights.store import human_size
 
     table = Table(title="digseg segment", title_justify="left", show_header=False)
     table.add_column(style="bold")
@@ -103,23 +103,11 @@ def _print_summary(summary) -> None:
         ("status", summary.status), ("processed", str(summary.processed)), ("skipped", str(summary.skipped)),
         ("failed", str(len(summary.failed))), ("not processed", str(summary.not_processed)),
         ("wall time", f"{summary.wall_s:.1f} s"), ("images/s", f"{summary.images_per_s:.2f}"),
-        ("peak memory", f"{_human_bytes(summary.peak_memory_bytes)} ({summary.peak_memory_kind})"),
+        ("peak memory", f"{human_size(summary.peak_memory_bytes)} ({summary.peak_memory_kind})"),
         ("outputs", str(summary.out_dir)), ("manifest", str(summary.manifest)),
     ):
         table.add_row(key, value)
     err_console.print(table)
-
-
-def _weights_folder(weights: str, cache_dir: Optional[Path], offline: bool) -> Optional[Path]:
-    """The local folder behind `weights` (for the manifest's sha256), or None for built-in compact models."""
-    from digseg_cli.models.checkpoint import COMPACT_PREFIX
-    from digseg_cli.models.compact import COMPACT_CONFIGS
-
-    if weights.startswith(COMPACT_PREFIX) or (weights in COMPACT_CONFIGS and not Path(weights).exists()):
-        return None
-    from digseg_cli.weights.store import resolve_weights
-
-    return resolve_weights(weights, cache_dir=cache_dir, offline=offline or None)
 
 
 def segment(
@@ -192,158 +180,134 @@ def segment(
     """
     arguments = {k: v for k, v in locals().items()}
     with handle_errors(), tempfile.TemporaryDirectory(prefix="digseg-") as scratch:
-        # 0. Unix pipes: `-` in → a scratch file; `-o -` → a scratch folder, then the mask to stdout.
-        to_stdout = str(out) == "-"
-        if "-" in inputs:
-            if len(inputs) > 1:
-                raise UsageError("`-` (read one image from stdin) cannot be combined with other inputs")
-            (Path(scratch) / "stdin").write_bytes(sys.stdin.buffer.read())
-            inputs = [str(Path(scratch) / "stdin")]
-        if to_stdout:
-            if as_json or dry_run:
-                raise UsageError("`--out -` writes the label PNG to stdout: it cannot go with --json or --dry-run")
-            out = Path(scratch) / "out"
-        from digseg_cli.inference import prompts as prompt_lib
-        from digseg_cli.segment import run as seg
         from digseg_cli.segment.inputs import expand_inputs
 
-        # 1. Flags → settings (no model, no torch yet): every usage error surfaces here.
-        classes, warnings = [], []
-        for text in prompt or []:
-            found, more = prompt_lib.parse_prompts(text)
-            classes += found
-            warnings += more
-        if prompts_file is not None:
-            found, more = prompt_lib.load_prompt_file(prompts_file)
-            classes += found
-            warnings += more
-        classes = prompt_lib.dedupe_classes(classes, warnings)
-        default_threshold, per_class = prompt_lib.parse_thresholds(threshold)
-        if batch_size != "auto" and not (batch_size.isdigit() and int(batch_size) >= 1):
-            raise UsageError(f"`--batch-size` must be auto or a positive integer, got {batch_size!r}")
-        settings = seg.SegmentSettings(
-            classes=tuple(classes), thresholds=per_class, threshold=default_threshold, steps=steps,
-            ensemble=ensemble, resolution=resolution, mode=mode.value, seed=seed, tile=seg.parse_tile(tile),
-            decoder=decoder.value, overlap=overlap, max_pixels=max_pixels, prompt_template=prompt_template,
-            recursive=recursive, overlay=not no_overlay, overlay_alpha=overlay_alpha, save_binary=save_binary,
-            save_probs=save_probs, probs_format=probs_format.value, overwrite=overwrite, skip_existing=skip_existing,
-            fail_fast=fail_fast, batch_size=None if batch_size == "auto" else int(batch_size), workers=workers,
-        )
+        # 1. Unix pipes, then flags → settings (no model, no torch yet): every usage error surfaces here.
+        inputs, out, to_stdout = _pipes(inputs, out, Path(scratch), as_json or dry_run)
+        settings, warnings = _settings(arguments)
         files = expand_inputs(inputs, recursive=recursive, exclude=out)
         if to_stdout and len(files) != 1:
             raise UsageError(f"`--out -` takes exactly one input image, found {len(files)}")
-        for warning in warnings:
-            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        _warn(warnings)
         if dry_run:
-            _dry_run(seg, files, out, settings, weights, cache_dir, as_json)
+            from digseg_cli.segment.plan import dry_run as plan_run
+
+            _show_plan(plan_run(files, out, settings, weights=weights, cache_dir=cache_dir), out, weights, as_json)
             return
         # 2. Device, precision and weights: exit codes 4 and 5 before any work.
-        from digseg_cli.inference.device import describe, precision_note, resolve_device, resolve_dtype
-        from digseg_cli.inference.pipeline import load_pipeline
+        from digseg_cli.segment.loading import open_pipeline
+        from digseg_cli.segment.settings import prompt_warnings
 
-        dev = resolve_device(device)
-        dtype = resolve_dtype(precision, dev)
-        if deterministic:
-            import torch
-
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        t0 = time.perf_counter()
-        pipe = load_pipeline(weights, device=dev, dtype=dtype, cache_dir=cache_dir, offline=offline or None)
-        folder = _weights_folder(weights, cache_dir, offline)
-        picked = f" (auto → {dev})" if device.strip().lower() == "auto" else ""
-        err_console.print(f"digseg segment: {len(files)} input(s) → {out}; device {describe(dev, dtype)}{picked}; "
-                          f"weights {weights} (loaded in {time.perf_counter() - t0:.1f} s)", highlight=False,
-                          markup=False, soft_wrap=True)
-        if weights == "demo":
-            err_console.print(DEMO_NOTE, style="yellow", highlight=False, markup=False, soft_wrap=True)
-        if (note := precision_note(dtype, dev)) is not None:
-            err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
-        for c in settings.resolve_classes(pipe.config.classes):
-            for text in c.texts:
-                for warning in pipe.check_prompt(pipe.format_prompt(text, prompt_template)):
-                    err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-
-        # 3. Run, streaming records.
-        def on_result(result) -> None:
-            if as_json:
-                _echo_json(result.to_json())
-            if result.status == "failed":
-                err_console.print(f"[red]failed:[/] {result.relative_path}: {result.reason}", highlight=False,
-                                  soft_wrap=True)
-            for note in result.warnings:
-                err_console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
-
-        arguments.update(inputs=arguments["inputs"], out="-" if to_stdout else str(out))
-        summary = None
-        try:
-            with _Reporter(len(files), enabled=True) as reporter:
-                summary = seg.run_segment(files, out, pipe, settings, progress=reporter, on_result=on_result,
-                                          weights=weights, weights_folder=folder, arguments=arguments)
-        except DigsegError as exc:  # interrupted / out of memory: show what was done, then exit
-            summary = getattr(exc, "summary", None)
-            raise
-        finally:
-            if summary is not None:
-                if as_json:
-                    _echo_json(summary.to_json())
-                _print_summary(summary)
-        mask = out / f"{files[0].key}.mask.png"
+        loaded = open_pipeline(weights, device=device, precision=precision, cache_dir=cache_dir, offline=offline,
+                               deterministic=deterministic)
+        _show_banner(loaded, len(files), out, weights)
+        _warn(prompt_warnings(loaded.pipe, settings))
+        # 3. Run, streaming records; the mask to stdout for `-o -`.
+        arguments.update(out="-" if to_stdout else str(out))
+        summary = _run(files, out, loaded, settings, weights=weights, arguments=arguments, as_json=as_json)
         if to_stdout and summary.processed == 1:
-            sys.stdout.buffer.write(mask.read_bytes())
+            sys.stdout.buffer.write((out / f"{files[0].key}.mask.png").read_bytes())
             sys.stdout.flush()
     raise typer.Exit(summary.exit_code)
 
 
-def _dry_run(seg, files, out: Path, settings, weights: str, cache_dir, as_json: bool) -> None:
-    """Print what a run would do, from file headers and the checkpoint config only (no model load)."""
-    from digseg_cli.inference.prompts import PromptClass, classes_from_config
+def _pipes(inputs: list[str], out: Path, scratch: Path, machine_output: bool) -> tuple[list[str], Path, bool]:
+    """`-` in → a scratch file holding stdin; `-o -` → a scratch folder (its mask goes to stdout later)."""
+    to_stdout = str(out) == "-"
+    if "-" in inputs:
+        if len(inputs) > 1:
+            raise UsageError("`-` (read one image from stdin) cannot be combined with other inputs")
+        (scratch / "stdin").write_bytes(sys.stdin.buffer.read())
+        inputs = [str(scratch / "stdin")]
+    if to_stdout:
+        if machine_output:
+            raise UsageError("`--out -` writes the label PNG to stdout: it cannot go with --json or --dry-run")
+        out = scratch / "out"
+    return inputs, out, to_stdout
+
+
+def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
+    """The command's flags (its arguments by name) → settings, and the warnings parsing the prompts gave."""
+    from digseg_cli.inference.prompts import load_classes, parse_thresholds
+    from digseg_cli.segment.settings import SegmentSettings, parse_batch_size, parse_tile
+
+    classes, warnings = load_classes(flags["prompt"] or [], flags["prompts_file"])
+    default_threshold, per_class = parse_thresholds(flags["threshold"])
+    same = ("steps", "ensemble", "resolution", "seed", "overlap", "max_pixels", "prompt_template", "recursive",
+            "overlay_alpha", "save_binary", "save_probs", "overwrite", "skip_existing", "fail_fast", "workers")
+    return SegmentSettings(
+        classes=tuple(classes), thresholds=per_class, threshold=default_threshold,
+        batch_size=parse_batch_size(flags["batch_size"]), mode=flags["mode"].value, tile=parse_tile(flags["tile"]),
+        decoder=flags["decoder"].value, overlay=not flags["no_overlay"], probs_format=flags["probs_format"].value,
+        **{name: flags[name] for name in same},
+    ), warnings
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+
+
+def _show_banner(loaded: LoadedPipeline, n_files: int, out: Path, weights: str) -> None:
+    err_console.print(f"digseg segment: {n_files} input(s) → {out}; device {loaded.device}; weights {weights} "
+                      f"(loaded in {loaded.load_s:.1f} s)", highlight=False, markup=False, soft_wrap=True)
+    if weights == "demo":
+        err_console.print(DEMO_NOTE, style="yellow", highlight=False, markup=False, soft_wrap=True)
+    for note in loaded.notes:
+        err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
+
+
+def _run(files: list[InputFile], out: Path, loaded: LoadedPipeline, settings: SegmentSettings, *, weights: str,
+         arguments: dict[str, Any], as_json: bool) -> RunSummary:
+    """`run_segment` with a progress bar, a line per failure or warning, the records on stdout (`--json`) and
+    the summary; also when the run ends early (interrupted, out of memory), before its error is raised."""
+    from digseg_cli.segment.run import run_segment
+
+    def on_result(result: ImageResult) -> None:
+        if as_json:
+            _echo_json(result.to_json())
+        if result.status == "failed":
+            err_console.print(f"[red]failed:[/] {result.relative_path}: {result.reason}", highlight=False,
+                              soft_wrap=True)
+        _warn(result.warnings)
+
+    summary = None
+    try:
+        with _Reporter(len(files), enabled=True) as reporter:
+            summary = run_segment(files, out, loaded.pipe, settings, progress=reporter, on_result=on_result,
+                                  weights=weights, weights_folder=loaded.weights_folder, arguments=arguments)
+    except DigsegError as exc:  # interrupted / out of memory: show what was done, then exit
+        summary = getattr(exc, "summary", None)
+        raise
+    finally:
+        if summary is not None:
+            if as_json:
+                _echo_json(summary.to_json())
+            _print_summary(summary)
+    return summary
+
+
+def _show_plan(plan: DryRun, out: Path, weights: str, as_json: bool) -> None:
+    """Print what a run would do (`--dry-run`): JSON lines, or a table on stderr."""
     from digseg_cli.segment.outputs import SCHEMA
 
-    resolution, classes, note = settings.resolution, list(settings.classes), ""
-    if resolution is None or not classes:
-        config = _peek_config(weights, cache_dir)
-        if config is None:
-            note = (f"weights {weights!r} are not available locally: a run would download them (or fail offline); "
-                    f"see `digseg weights info {weights}`")
-        else:
-            resolution = config.default_resolution if resolution is None else resolution
-            classes = classes or classes_from_config(config.classes)
-    rows = seg.plan_segment(files, out, settings, classes or [PromptClass("class", ("class",))],
-                            resolution=resolution or 0)
     if as_json:
-        for row in rows:
+        for row in plan.rows:
             _echo_json({"schema": SCHEMA, "type": "plan", **row})
-        _echo_json({"schema": SCHEMA, "type": "plan-summary", "inputs": len(rows), "weights": weights,
-                    "resolution": resolution, "note": note or None})
+        _echo_json({"schema": SCHEMA, "type": "plan-summary", "inputs": len(plan.rows), "weights": weights,
+                    "resolution": plan.resolution, "note": plan.note})
         return
     from rich.table import Table
 
-    table = Table(title=f"digseg segment --dry-run: {len(rows)} input(s) → {out}", title_justify="left")
+    table = Table(title=f"digseg segment --dry-run: {len(plan.rows)} input(s) → {out}", title_justify="left")
     for column in ("input", "size", "tiles", "action", "mask"):
         table.add_column(column, overflow="fold")
-    for row in rows:
+    for row in plan.rows:
         size = f"{row['width']}x{row['height']}" if "width" in row else "?"
         table.add_row(row["relative_path"], size, str(row.get("tiles", "?")), row["action"], row["mask"])
     err_console.print(table)
-    if note:
-        err_console.print(note, style="yellow", highlight=False, markup=False)
-
-
-def _peek_config(weights: str, cache_dir: Optional[Path]) -> Any:
-    """The checkpoint config behind `weights` without loading weights or touching the network, or None."""
-    from digseg_cli.models.checkpoint import COMPACT_PREFIX
-    from digseg_cli.models.compact import COMPACT_CONFIGS, get_compact_config
-    from digseg_cli.models.config import DigsegConfig
-
-    name = weights.removeprefix(COMPACT_PREFIX)
-    if name in COMPACT_CONFIGS and not Path(weights).exists():
-        spec = get_compact_config(name)
-        return DigsegConfig(base_model=COMPACT_PREFIX + name, default_resolution=spec.resolution)
-    try:
-        folder = _weights_folder(weights, cache_dir, offline=True)
-        return DigsegConfig.load(folder) if folder is not None else None
-    except DigsegError:
-        return None
+    if plan.note:
+        err_console.print(plan.note, style="yellow", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

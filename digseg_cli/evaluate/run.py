@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
+from digseg_cli.models.config import check_prompt_template
 from digseg_cli.evaluate.scoring import (
     EvalResult, Progress, evaluate, pipeline_predictor, protocol_kwargs, score_predictions,
 )
@@ -74,8 +75,8 @@ class EvalSettings:
         precisions = ("auto", *PRECISIONS)
         if self.precision not in precisions:
             raise UsageError(f"`--precision` must be one of {', '.join(precisions)}; got {self.precision!r}")
-        if self.prompt_template is not None and "{name}" not in self.prompt_template:
-            raise UsageError(f"`--prompt-template` must contain {{name}}; got {self.prompt_template!r}")
+        if self.prompt_template is not None:
+            check_prompt_template(self.prompt_template, "`--prompt-template`")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise UsageError(f"`--threshold` must be in [0, 1]; got {self.threshold}")
         if self.predictions is not None and self.check:

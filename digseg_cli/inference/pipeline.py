@@ -24,6 +24,7 @@ from digseg_cli.errors import UsageError
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
 from digseg_cli.models.config import DECODERS
 from digseg_cli.models.loader import load_model
+from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
 
 log = logging.getLogger("digseg")
 Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores are averaged
@@ -139,14 +140,12 @@ class DigsegPipeline:
         steps = cfg.default_steps if steps is None else steps
         ensemble = cfg.default_ensemble if ensemble is None else ensemble
         resolution = cfg.default_resolution if resolution is None else resolution
-        threshold = cfg.default_threshold if threshold is None else threshold
         seed = 0 if seed is None else seed
         # 1. Check inputs.
         pixels = self._check_inputs(image, prompts, steps, ensemble, resolution)
         classes = [[p] if isinstance(p, str) else list(p) for p in prompts]
-        thresholds = [float(threshold)] * len(classes) if isinstance(threshold, (int, float)) else [float(t) for t in threshold]
-        if len(thresholds) != len(classes) or not all(0 <= t <= 1 for t in thresholds):
-            raise UsageError("`threshold` must be one value in [0, 1] or one per prompt")
+        _, thresholds = resolve_thresholds([PromptClass(c[0], tuple(c)) for c in classes], cfg.default_threshold,
+                                           threshold=threshold)
         texts = [self.format_prompt(s, prompt_template) for syns in classes for s in syns]
         decoder = self.resolve_decoder(decoder)
         # 2. Encode prompts (text encoder; cached per text).

@@ -1,10 +1,12 @@
 """Class prompts for `digseg segment`: `--prompt "road|street, tree"`, `--prompts classes.yaml`, `--threshold`.
 
 One job: turn what the user typed or wrote in a JSON/YAML file into `PromptClass`es (name, texts whose scores
-are averaged, optional colour and threshold), refusing instruction-like prompts and unknown keys with a hint,
-and give each class a file-safe name for its output files.
+are averaged, optional colour and threshold), refusing instruction-like prompts and unknown keys with a hint;
+resolve each class's threshold by the one rule every caller uses (`resolve_thresholds`); and give each class a
+file-safe name for its output files.
 
-It knows nothing of images, models, folders or how a run is carried out (`segment.py`), nor of Typer or Rich.
+It knows nothing of images, models, folders or how a run is carried out (`digseg_cli.segment`), nor of Typer
+or Rich; whether a prompt template is usable is `models.config.check_prompt_template`'s to say.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import difflib
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,16 @@ def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
     return dedupe_classes([_class_from_entry(e, str(path)) for e in data], warnings), warnings
 
 
+def load_classes(prompts: Sequence[str], prompts_file: str | Path | None = None) -> tuple[list[PromptClass], list[str]]:
+    """The classes of every `--prompt` text, then of the `--prompts` file, repeated names dropped; and warnings."""
+    parsed = [parse_prompts(text) for text in prompts]
+    if prompts_file is not None:
+        parsed.append(load_prompt_file(prompts_file))
+    classes = [c for found, _ in parsed for c in found]
+    warnings = [w for _, more in parsed for w in more]
+    return dedupe_classes(classes, warnings), warnings
+
+
 def classes_from_config(classes: Sequence[Mapping] | None) -> list[PromptClass]:
     """A closed-set checkpoint's class list (`[{"id", "name", "synonyms"}]`) as prompt classes."""
     return [PromptClass(c["name"], tuple(dict.fromkeys([c["name"], *c.get("synonyms", [])]))) for c in classes or []]
@@ -156,6 +168,34 @@ def parse_thresholds(values: Sequence[str] | None) -> tuple[float | None, dict[s
             default = number
     return default, per_class
 
+
+def resolve_thresholds(classes: Sequence[PromptClass], checkpoint_default: float, *,
+                       threshold: float | Sequence[float] | None = None,
+                       overrides: Mapping[str, float] | None = None) -> tuple[list[PromptClass], list[float]]:
+    """Each class's threshold, by the one rule of digseg (segment runs and the pipeline both call this):
+
+    1. its override by name (`--threshold road=0.4`, `overrides`), else
+    2. its own (`threshold` in a prompts file, `PromptClass.threshold`), else
+    3. `threshold`: one value for every class (`--threshold 0.4`) or, from the Python API, one per class, else
+    4. the checkpoint's `default_threshold` (`checkpoint_default`).
+
+    Returns the classes with their overrides put in (as `run.json` records them) and the K thresholds. An
+    override that names no class, or a threshold outside [0, 1], is a `UsageError`.
+    """
+    overrides, names = overrides or {}, [c.name for c in classes]
+    for name in overrides:
+        if name not in names:
+            hint = difflib.get_close_matches(name, names, 1)
+            known = f"; did you mean {hint[0]!r}?" if hint else f"; classes: {', '.join(names)}"
+            raise UsageError(f"`--threshold {name}=…` names no class{known}")
+    classes = [replace(c, threshold=overrides[c.name]) if c.name in overrides else c for c in classes]
+    one_value = threshold is None or isinstance(threshold, (int, float))
+    run_wide = [threshold] * len(classes) if one_value else list(threshold)
+    resolved = [float(next(t for t in (c.threshold, run, checkpoint_default) if t is not None))
+                for c, run in zip(classes, run_wide)]
+    if len(run_wide) != len(classes) or not all(0 <= t <= 1 for t in resolved):
+        raise UsageError("`threshold` must be one value in [0, 1] or one per prompt")
+    return classes, resolved
 
 
 def file_names(classes: Sequence[PromptClass]) -> list[str]:

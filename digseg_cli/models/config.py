@@ -24,6 +24,19 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 DECODERS = ("auto", "vae", "fast")
 
 
+def check_prompt_template(template: str, what: str = "`prompt_template`") -> str:
+    """`template` if it puts a class name into a prompt: it has the field `{name}` and no other (`{{`/`}}` are
+    literal braces). Else a `UsageError` naming the option (`what`). The one check for checkpoints, `--prompt-template`
+    of segment and eval, and training samples."""
+    try:
+        usable = template.format(name="\0") != template.format(name="")
+    except (KeyError, IndexError, ValueError):  # another field, `{}`, or a lone brace
+        usable = False
+    if not usable:
+        raise UsageError(f"{what} must contain {{name}} and no other fields, got {template!r}")
+    return template
+
+
 @dataclass
 class DigsegConfig:
     """Model behaviour and provenance; CLI `None` values resolve to the `default_*` fields."""
@@ -52,8 +65,7 @@ class DigsegConfig:
             raise UsageError(f"`mask_encoding` must be one of {', '.join(MASK_ENCODINGS)}, got {self.mask_encoding!r}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise UsageError(f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
-        if "{name}" not in self.prompt_template:
-            raise UsageError(f"`prompt_template` must contain {{name}}, got {self.prompt_template!r}")
+        check_prompt_template(self.prompt_template)
         if not 0.0 <= self.default_threshold <= 1.0:
             raise UsageError(f"`default_threshold` must be in [0, 1], got {self.default_threshold}")
 

@@ -1,2 +1,3 @@
-"""`digseg segment` as a library: expanding inputs, running the pipeline over them, writing the outputs and
-the manifest."""
+"""`digseg segment` as a library, one module per step: `settings` (what a run is asked to do and what that
+comes to for one model), `inputs` (files, folders, globs and lists in), `loading` (device, precision and
+weights), `run` (the folder run), `outputs` (files, records and the manifest out) and `plan` (`--dry-run`)."""

@@ -5,8 +5,8 @@ whether the input is skipped or refused; write an image's label map, overlay, bi
 probabilities, each atomically; describe each input (`ImageResult`) and the run (`RunSummary`), both
 schema `digseg.segment/1`; and record the run in a `run.json` manifest (`digseg.run/1`).
 
-It knows nothing of Typer, Rich, the model or how a run is scheduled (`segment.py`); encoding pixels is
-`images.py`'s job.
+It knows nothing of Typer, Rich, the model or how a run is scheduled (`run.py`); what the settings resolve to
+is `settings.py`'s to say, encoding pixels `inference/images.py`'s.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from digseg_cli.inference import images
 from digseg_cli.inference.overlay import make_overlay
-from digseg_cli.segment.inputs import InputFile
 from digseg_cli.inference.prompts import PromptClass, file_names
+from digseg_cli.segment.inputs import InputFile
+from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 
 if TYPE_CHECKING:
-    from digseg_cli.segment.run import SegmentSettings
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
 SCHEMA = "digseg.segment/1"
 MANIFEST_SCHEMA = "digseg.run/1"
@@ -77,6 +80,8 @@ class RunSummary:
     peak_memory_bytes: int | None = None
     peak_memory_kind: str = ""
     backoffs: list[str] = field(default_factory=list)
+    # Seconds spent reading, in the model and writing, summed over the images (run.json's `timings`).
+    timings: dict[str, float] = field(default_factory=lambda: {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0})
 
     @property
     def images_per_s(self) -> float:
@@ -139,20 +144,41 @@ def existing_verdict(paths: Mapping[str, Any], settings: SegmentSettings) -> tup
     return "failed", f"outputs exist ({existing[0]}{more}): pass --overwrite or --skip-existing"
 
 
-def write_outputs(paths: Mapping[str, Any], image, probs, labels, regions, palette, names, settings) -> float:
+@dataclass(frozen=True)
+class Segmented:
+    """One segmented image on its way to disk."""
+
+    image: np.ndarray  # [H,W,3] uint8
+    probs: np.ndarray  # [K,H,W] float32 in [0, 1]
+    labels: np.ndarray  # [H,W] uint8, 0 = background, k = class k
+    regions: np.ndarray  # [K,H,W] bool: each class's pixels (its label, or its own mask in multilabel mode)
+
+    def class_records(self, resolved: ResolvedRun, thresholds: Sequence[float]) -> list[dict[str, Any]]:
+        """`ImageResult.classes`: per class, its label, threshold, share of the pixels and mean confidence there."""
+        records = []
+        for k, c in enumerate(resolved.classes):
+            area = int(self.regions[k].sum())
+            records.append({
+                "name": c.name, "label": k + 1, "threshold": thresholds[k], "fraction": area / self.regions[k].size,
+                "mean_confidence": float(self.probs[k][self.regions[k]].mean()) if area else None,
+            })
+        return records
+
+
+def write_outputs(paths: Mapping[str, Any], seg: Segmented, resolved: ResolvedRun, settings: SegmentSettings) -> float:
     """Write one image's outputs (worker thread); each file appears atomically under its final name."""
     t0 = time.perf_counter()
-    images.write_label_png(paths["mask"], labels, palette)
+    images.write_label_png(paths["mask"], seg.labels, resolved.palette)
     if "overlay" in paths:
-        overlay = make_overlay(image, labels, palette, names, settings.overlay_alpha)
+        overlay = make_overlay(seg.image, seg.labels, resolved.palette, resolved.names, settings.overlay_alpha)
         images.write_image(paths["overlay"], overlay, settings.jpeg_quality)
     for k, path in enumerate(paths.get("binary", {}).values()):
-        images.write_binary_png(path, regions[k])
+        images.write_binary_png(path, seg.regions[k])
     for k, path in enumerate(paths.get("probs", {}).values()):
         if settings.probs_format == "png16":
-            images.write_png16(path, probs[k])
+            images.write_png16(path, seg.probs[k])
         else:
-            images.write_npy(path, probs[k])
+            images.write_npy(path, seg.probs[k])
     return time.perf_counter() - t0
 
 
@@ -198,31 +224,41 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def write_manifest(summary: RunSummary, settings, classes, thresholds, pipe, *, started, totals, weights,
-                   weights_folder, sha, arguments) -> None:
+@dataclass(frozen=True)
+class RunOrigin:
+    """Where a run came from, for its manifest: when it started, the weights and the command's arguments."""
+
+    started: datetime
+    weights: str | None = None  # the name the user gave
+    weights_folder: str | Path | None = None  # the local folder behind it (None for built-in compact models)
+    sha256: str | None = None  # of the weights folder's files, or why it is unavailable
+    arguments: Mapping[str, Any] | None = None
+
+
+def write_manifest(summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline,
+                   origin: RunOrigin) -> None:
     """Write the run's `run.json` (`summary.manifest`) atomically: settings, resolved values, counts, timings."""
-    manifest = _manifest(summary, settings, classes, thresholds, pipe, started, totals, weights, weights_folder,
-                         sha, arguments)
+    manifest = _manifest(summary, settings, resolved, pipe, origin)
     summary.out_dir.mkdir(parents=True, exist_ok=True)
     images.atomic_write_text(summary.manifest, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def _manifest(summary: RunSummary, settings, classes, thresholds, pipe, started, totals, weights, weights_folder,
-              sha, arguments) -> dict[str, Any]:
+def _manifest(summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline,
+              origin: RunOrigin) -> dict[str, Any]:
     from digseg_cli.inference.device import PRECISION_NAMES  # torch is loaded by now: there is a pipeline
 
-    cfg = pipe.config
+    cfg, classes = pipe.config, resolved.classes
     precision = PRECISION_NAMES.get(pipe.dtype)
     return {
         "schema": MANIFEST_SCHEMA,
         "command": "segment",
         "status": summary.status,
-        "started": started.isoformat(timespec="seconds"),
+        "started": origin.started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "arguments": dict(arguments or {}),
+        "arguments": dict(origin.arguments or {}),
         "settings": dataclasses.asdict(settings),
         "resolved": {
-            "classes": [dataclasses.asdict(c) for c in classes], "thresholds": thresholds,
+            "classes": [dataclasses.asdict(c) for c in classes], "thresholds": resolved.thresholds,
             "labels": {str(k + 1): c.name for k, c in enumerate(classes)} | {"0": "background"},
             "file_names": file_names(classes), "objective": cfg.objective,
             "steps": cfg.default_steps if settings.steps is None else settings.steps,
@@ -230,10 +266,11 @@ def _manifest(summary: RunSummary, settings, classes, thresholds, pipe, started,
             "resolution": cfg.default_resolution if settings.resolution is None else settings.resolution,
             "prompt_template": settings.prompt_template or cfg.prompt_template,
             "batch_size": pipe.batch_size, "seed_rule": "sha256(seed, file name)",
-            "decoder": pipe.resolve_decoder(settings.decoder),
+            "decoder": resolved.call["decoder"],
         },
-        "weights": {"name": weights, "folder": None if weights_folder is None else str(weights_folder),
-                    "sha256": sha, "base_model": cfg.base_model},
+        "weights": {"name": origin.weights,
+                    "folder": None if origin.weights_folder is None else str(origin.weights_folder),
+                    "sha256": origin.sha256, "base_model": cfg.base_model},
         "versions": versions(),
         "device": str(pipe.device),
         "precision": precision,
@@ -242,7 +279,7 @@ def _manifest(summary: RunSummary, settings, classes, thresholds, pipe, started,
         "failures": [{"input": r, "reason": why} for r, why in summary.failed],
         "backoffs": summary.backoffs,
         "timings": {"wall_s": round(summary.wall_s, 3), "images_per_s": round(summary.images_per_s, 3),
-                    **{k: round(v, 3) for k, v in totals.items()}},
+                    **{k: round(v, 3) for k, v in summary.timings.items()}},
         "peak_memory": {"bytes": summary.peak_memory_bytes, "kind": summary.peak_memory_kind},
         "probability_scale": PROBABILITY_SCALE,
         "outputs": {

@@ -2,129 +2,51 @@
 
 One job: run a `DigsegPipeline` on each input (from `inputs.expand_inputs`) with an order-independent seed,
 back off on out-of-memory, hand the outputs to a background thread for writing and record a `run.json`
-manifest (also when interrupted); plan a run without the model for `--dry-run`.
+manifest (also when interrupted).
 
 It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
-callbacks and `logging.getLogger("digseg")`. Parsing prompts is `prompts.py`'s job, finding the input files
-`inputs.py`'s, decoding and encoding pixels `images.py`'s, naming and writing the outputs, the per-image
-records and the manifest `segment_outputs.py`'s.
+callbacks and `logging.getLogger("digseg")`. What the settings resolve to is `settings.py`'s job, loading the
+model `loading.py`'s, a run without the model (`--dry-run`) `plan.py`'s, finding the input files `inputs.py`'s,
+decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs, the per-image records and
+the manifest `outputs.py`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError
 from digseg_cli.inference import images
-from digseg_cli.models.config import DECODERS
-from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError, UsageError
 from digseg_cli.segment.inputs import InputFile, expand_inputs, header_size, image_seed
-from digseg_cli.inference.prompts import PromptClass, classes_from_config
 from digseg_cli.segment.outputs import (
     ImageResult,
+    RunOrigin,
     RunSummary,
+    Segmented,
     existing_verdict,
     output_paths,
     peak_memory,
     write_manifest,
     write_outputs,
 )
+from digseg_cli.segment.plan import count_tiles
+from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
+
+if TYPE_CHECKING:
+    from digseg_cli.inference.pipeline import DigsegPipeline, Prompt, SegmentationOutput
 
 log = logging.getLogger("digseg")
 
-MODES = ("semantic", "multilabel")
-PROBS_FORMATS = ("png16", "npy")
 ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
-
-
-# ----------------------------------------------------------------------------------------------- settings
-def parse_tile(text: str | int | None) -> str | int:
-    """`auto|off|N` → "auto", "off" or a tile size in pixels."""
-    value = str(text if text is not None else "auto").strip().lower()
-    if value in ("auto", "off"):
-        return value
-    if not value.isdigit() or int(value) < 8:
-        raise UsageError(f"`--tile` must be auto, off or a size in pixels (≥ 8), got {text!r}")
-    return int(value)
-
-
-@dataclass(frozen=True)
-class SegmentSettings:
-    """Everything a folder run needs besides the model. `None` values resolve to the checkpoint's defaults;
-    empty `classes` means the checkpoint's own class list (closed-set models)."""
-
-    classes: tuple[PromptClass, ...] = ()
-    thresholds: Mapping[str, float] = field(default_factory=dict)  # per-class overrides by class name
-    threshold: float | None = None  # for classes without their own
-    steps: int | None = None
-    ensemble: int | None = None
-    resolution: int | None = None
-    mode: str = "semantic"  # semantic: argmax + threshold; multilabel: each class alone (+ binary masks)
-    seed: int = 0
-    tile: int | str = "auto"
-    decoder: str = "auto"  # vae | fast | auto (fast when the checkpoint's distilled decoder passed its check)
-    overlap: float = 0.25
-    max_pixels: int = 100_000_000  # 0 = no limit
-    prompt_template: str | None = None
-    recursive: bool = False
-    overlay: bool = True
-    overlay_alpha: float = 0.5
-    save_binary: bool = False
-    save_probs: bool = False
-    probs_format: str = "png16"
-    overwrite: bool = False
-    skip_existing: bool = False
-    fail_fast: bool = False
-    batch_size: int | None = None  # (tile, prompt) pairs per U-Net call; None = the pipeline's
-    workers: int = 2  # I/O threads: reading ahead and writing behind
-    jpeg_quality: int = 90
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise UsageError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.decoder not in DECODERS:
-            raise UsageError(f"`decoder` must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.probs_format not in PROBS_FORMATS:
-            raise UsageError(f"`probs_format` must be one of {', '.join(PROBS_FORMATS)}, got {self.probs_format!r}")
-        if self.overwrite and self.skip_existing:
-            raise UsageError("`--overwrite` and `--skip-existing` contradict each other: pick one")
-        if not 0 <= self.overlap < 1:
-            raise UsageError(f"`overlap` must be in [0, 1), got {self.overlap}")
-        if not 0 <= self.overlay_alpha <= 1:
-            raise UsageError(f"`overlay_alpha` must be in [0, 1], got {self.overlay_alpha}")
-        if self.max_pixels < 0 or self.workers < 1 or (self.batch_size is not None and self.batch_size < 1):
-            raise UsageError("`max_pixels` must be ≥ 0 (0 = no limit), `workers` and `batch_size` ≥ 1")
-        if len(self.classes) > 255:
-            raise UsageError(f"at most 255 classes fit a label PNG, got {len(self.classes)}")
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise UsageError(f"`threshold` must be in [0, 1], got {self.threshold}")
-        parse_tile(self.tile)
-
-    def resolve_classes(self, config_classes: Sequence[Mapping] | None = None) -> list[PromptClass]:
-        """The classes to run, per-class thresholds applied; the checkpoint's own when none were given."""
-        classes = list(self.classes) or classes_from_config(config_classes)
-        if not classes:
-            raise UsageError("no classes to segment: pass --prompt \"road, tree\" or --prompts classes.yaml "
-                             "(this model has no built-in class list)")
-        by_name = {c.name: c for c in classes}
-        for name, value in self.thresholds.items():
-            if name not in by_name:
-                hint = difflib.get_close_matches(name, by_name, 1)
-                known = f"; did you mean {hint[0]!r}?" if hint else f"; classes: {', '.join(by_name)}"
-                raise UsageError(f"`--threshold {name}=…` names no class{known}")
-            by_name[name] = dataclasses.replace(by_name[name], threshold=value)
-        return list(by_name.values())
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -148,8 +70,16 @@ def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
     return array, time.perf_counter() - t0
 
 
+def _input_files(inputs: Sequence[InputFile | str | Path], out_dir: Path, settings: SegmentSettings) -> list[InputFile]:
+    """`InputFile`s as given, or raw paths/globs/`@lists` expanded (the output folder left out)."""
+    files = list(inputs)
+    if not files or not all(isinstance(f, InputFile) for f in files):
+        files = expand_inputs([str(f) for f in files], recursive=settings.recursive, exclude=out_dir)
+    return files
+
+
 # ------------------------------------------------------------------------------------------ out of memory
-def _smaller_tile(pipe, tile: int | str, resolution: int | None, h: int, w: int) -> int | None:
+def _smaller_tile(pipe: DigsegPipeline, tile: int | str, resolution: int | None, h: int, w: int) -> int | None:
     """The next tile size to try after an OOM: half the current tile (or of the processing size)."""
     from digseg_cli.core.transforms import tile_size_for
 
@@ -161,13 +91,14 @@ def _smaller_tile(pipe, tile: int | str, resolution: int | None, h: int, w: int)
     return smaller if smaller >= 4 * multiple else None
 
 
-def _pairs_in_use(pipe, tile: int | str, call: dict, h: int, w: int, n_texts: int) -> int:
+def _pairs_in_use(pipe: DigsegPipeline, tile: int | str, call: Mapping[str, Any], h: int, w: int, n_texts: int) -> int:
     """How many (tile, prompt) pairs one U-Net call holds for this image: at most `batch_size`."""
     res = pipe.config.default_resolution if call.get("resolution") is None else call["resolution"]
     return min(pipe.batch_size, n_texts * count_tiles(h, w, tile, res, call.get("overlap", 0.25)))
 
 
-def _infer(pipe, image, prompts, call: dict, tile: int | str, rel: str, notes: list[str]):
+def _infer(pipe: DigsegPipeline, image: np.ndarray, prompts: Sequence[Prompt], call: Mapping[str, Any], *,
+           tile: int | str, rel: str, notes: list[str]) -> SegmentationOutput:
     """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller. What the
     pipeline changed on its own (fp32 after an overflow) joins `notes` too."""
     from digseg_cli.inference.device import is_out_of_memory
@@ -199,11 +130,22 @@ def _infer(pipe, image, prompts, call: dict, tile: int | str, rel: str, notes: l
             notes.append(note)
 
 
+def _segmented(image: np.ndarray, out: SegmentationOutput, mode: str) -> Segmented:
+    """The pipeline's tensors as the arrays the outputs and records are made of."""
+    probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
+    labels = out.labels.numpy().astype(np.uint8)  # [H,W], 0 = background, k = class k
+    if mode == "multilabel":
+        regions = out.masks.numpy()  # [K,H,W] bool, each class thresholded alone
+    else:
+        regions = labels[None] == np.arange(1, len(probs) + 1, dtype=np.uint8)[:, None, None]  # [K,H,W]
+    return Segmented(image, probs, labels, regions)
+
+
 # ----------------------------------------------------------------------------------------------- the run
 def run_segment(
     inputs: Sequence[InputFile | str | Path],
     out_dir: str | Path,
-    pipe,
+    pipe: DigsegPipeline,
     settings: SegmentSettings,
     *,
     progress: ProgressFn | None = None,
@@ -222,184 +164,179 @@ def run_segment(
     """
     out_dir = Path(out_dir)
     started, t_start = datetime.now(timezone.utc), time.perf_counter()
-    files = list(inputs)
-    if not files or not all(isinstance(f, InputFile) for f in files):
-        files = expand_inputs([str(f) for f in files], recursive=settings.recursive, exclude=out_dir)
-    # 0. Resolve classes, thresholds, colours and the pipeline's arguments once.
-    classes = settings.resolve_classes(pipe.config.classes)
-    default_thr = pipe.config.default_threshold if settings.threshold is None else settings.threshold
-    thresholds = [default_thr if c.threshold is None else c.threshold for c in classes]
-    prompts = [c.texts[0] if len(c.texts) == 1 else list(c.texts) for c in classes]
-    names = [c.name for c in classes]
-    palette = [(0, 0, 0)] + [c.color or d for c, d in zip(classes, images.default_palette(len(classes) + 1)[1:])]
-    call = dict(steps=settings.steps, ensemble=settings.ensemble, resolution=settings.resolution,
-                threshold=thresholds, overlap=settings.overlap, prompt_template=settings.prompt_template,
-                decoder=pipe.resolve_decoder(settings.decoder))
+    files = _input_files(inputs, out_dir, settings)
+    resolved = resolve_run(pipe, settings)
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
-    summary = RunSummary(out_dir, out_dir / "run.json", len(files))
-    totals = {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0}
-    pool = ThreadPoolExecutor(settings.workers + 1, thread_name_prefix="digseg-io")
-    sha_job = None
-    if weights_folder is not None:
-        from digseg_cli.weights.store import weights_sha256
-
-        sha_job = pool.submit(weights_sha256, weights_folder)
-    jobs: dict[int, tuple[dict, Future | None, tuple[str, str] | None]] = {}
-    pending: deque[tuple[ImageResult, Future | None]] = deque()
-    stop = False
-
-    def schedule(i: int) -> None:  # decide from existing outputs, else start reading ahead
-        if i < len(files) and i not in jobs:
-            paths = output_paths(out_dir, files[i], classes, settings)
-            verdict = existing_verdict(paths, settings)
-            jobs[i] = paths, None if verdict else pool.submit(_read, files[i].path, settings.max_pixels), verdict
-
-    def flush(block: bool) -> None:  # hand finished results on, in input order
-        nonlocal stop
-        while pending and (block or pending[0][1] is None or pending[0][1].done() or len(pending) > settings.workers):
-            result, job = pending.popleft()
-            if job is not None:
-                try:
-                    result.timings["write"] = job.result()
-                    totals["write_s"] += result.timings["write"]
-                except (OSError, ValueError, DigsegError) as exc:
-                    result.fail(f"cannot write outputs: {exc}")
-            if result.status == "ok":
-                summary.processed += 1
-            elif result.status == "skipped":
-                summary.skipped += 1
-            else:
-                summary.failed.append((result.relative_path, result.reason or "unknown error"))
-                log.debug("failed: %s: %s", result.relative_path, result.reason)
-                stop = stop or settings.fail_fast
-            if on_result is not None:
-                on_result(result)
-            if progress is not None:
-                progress(summary.processed + summary.skipped + len(summary.failed), summary.total, None)
-
-    error: BaseException | None = None
+    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result)
+    sha_job = run.start_sha256(weights_folder)
+    error: DigsegError | None = None
     try:
-        for i, item in enumerate(files):
-            if stop:
-                summary.status = "stopped"
-                break
-            for j in range(i, i + settings.workers + 1):
-                schedule(j)
-            paths, job, verdict = jobs.pop(i)
-            if progress is not None:
-                progress(summary.processed + summary.skipped + len(summary.failed), summary.total, str(item.rel))
-            result = ImageResult(str(item.path), str(item.rel))
-            write_job = None
-            if verdict is not None:
-                result.status, result.reason = verdict
-            else:
-                write_job = _segment_one(pipe, item, job, paths, result, prompts, call, classes, palette, names,
-                                         settings, pool, totals, summary.backoffs)
-            pending.append((result, write_job))
-            flush(block=False)
-        else:
-            summary.status = "completed"
+        run.segment_all()
     except KeyboardInterrupt:
-        summary.status = "interrupted"
+        run.summary.status = "interrupted"
     except OutOfMemoryError as exc:
-        summary.status, error = "out-of-memory", exc
+        run.summary.status, error = "out-of-memory", exc
     finally:
-        for _, job, _ in jobs.values():
-            if job is not None:
-                job.cancel()
-        flush(block=True)
-        if stop and summary.status == "completed":
-            summary.status = "stopped"
-        summary.wall_s = time.perf_counter() - t_start
-        summary.peak_memory_bytes, summary.peak_memory_kind = peak_memory(getattr(pipe, "device", None))
-        sha = None
-        if sha_job is not None and (sha_job.done() or summary.status != "interrupted"):
-            try:
-                sha = sha_job.result()
-            except OSError as exc:
-                sha = f"unavailable ({exc})"
-        pool.shutdown(wait=summary.status != "interrupted", cancel_futures=True)
-        write_manifest(summary, settings, classes, thresholds, pipe, started=started, totals=totals, weights=weights,
-                       weights_folder=weights_folder, sha=sha, arguments=arguments)
+        sha = run.finish(sha_job, t_start)
+        origin = RunOrigin(started, weights, weights_folder, sha, arguments)
+        write_manifest(run.summary, settings, resolved, pipe, origin)
+    return _outcome(run.summary, error)
+
+
+def _outcome(summary: RunSummary, error: DigsegError | None) -> RunSummary:
+    """The summary of a run that ended by itself; an interrupted or out-of-memory run raises, carrying it."""
     if summary.status == "interrupted":
-        exc = InterruptedRunError(f"interrupted after {summary.processed} of {summary.total} images; "
-                                  f"manifest written to {summary.manifest} (resume with --skip-existing)")
-        exc.summary = summary  # type: ignore[attr-defined]
-        raise exc
+        error = InterruptedRunError(f"interrupted after {summary.processed} of {summary.total} images; "
+                                    f"manifest written to {summary.manifest} (resume with --skip-existing)")
     if error is not None:
         error.summary = summary  # type: ignore[attr-defined]
         raise error
     return summary
 
 
-def _segment_one(pipe, item, job, paths, result, prompts, call, classes, palette, names, settings, pool, totals,
-                 backoffs) -> Future | None:
-    """Read, segment and queue the writes of one image; fills `result`; returns the write job."""
-    try:
-        image, read_s = job.result()
-    except images.ImageReadError as exc:
-        result.fail(exc.reason)
-        return None
-    except Exception as exc:  # MemoryError on a huge file, a decoder bug...
-        result.fail(f"cannot read: {type(exc).__name__}: {exc}")
-        return None
-    totals["read_s"] += read_s
-    result.height, result.width = image.shape[:2]
-    result.seed = image_seed(settings.seed, item.rel)
-    t0 = time.perf_counter()
-    try:
-        out = _infer(pipe, image, prompts, {**call, "seed": result.seed}, settings.tile, str(item.rel), result.warnings)
-    except DigsegError:
-        raise  # a usage error holds for every image; out-of-memory after back-off ends the run
-    except Exception as exc:  # noqa: BLE001 - one image must not end a 10k-image run
-        log.debug("segmentation of %s failed", item.rel, exc_info=True)
-        result.fail(f"segmentation failed: {type(exc).__name__}: {exc}")
-        return None
-    backoffs.extend(result.warnings)
-    model_s = time.perf_counter() - t0
-    totals["model_s"] += model_s
-    probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
-    labels = out.labels.numpy().astype(np.uint8)  # [H,W], 0 = background, k = class k
-    if settings.mode == "multilabel":
-        regions = out.masks.numpy()  # [K,H,W] bool, each class thresholded alone
-    else:
-        regions = labels[None] == np.arange(1, len(classes) + 1, dtype=np.uint8)[:, None, None]  # [K,H,W]
-    for k, c in enumerate(classes):
-        area = int(regions[k].sum())
-        result.classes.append({
-            "name": c.name, "label": k + 1, "threshold": out.thresholds[k], "fraction": area / regions[k].size,
-            "mean_confidence": float(probs[k][regions[k]].mean()) if area else None,
-        })
-    result.outputs = {key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v))
-                      for key, v in paths.items()}
-    result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
-    return pool.submit(write_outputs, paths, image, probs, labels, regions, palette, names, settings)
+class _FolderRun:
+    """One run's moving parts: inputs read ahead on worker threads, results waiting in input order for their
+    writes, and the summary they are counted in."""
 
+    def __init__(self, pipe: DigsegPipeline, settings: SegmentSettings, resolved: ResolvedRun,
+                 files: list[InputFile], out_dir: Path, *, progress: ProgressFn | None,
+                 on_result: Callable[[ImageResult], None] | None) -> None:
+        self.pipe, self.settings, self.resolved, self.files, self.out_dir = pipe, settings, resolved, files, out_dir
+        self.progress, self.on_result = progress, on_result
+        self.summary = RunSummary(out_dir, out_dir / "run.json", len(files))
+        self.pool = ThreadPoolExecutor(settings.workers + 1, thread_name_prefix="digseg-io")
+        self.jobs: dict[int, tuple[dict, Future | None, tuple[str, str] | None]] = {}  # read-aheads by index
+        self.pending: deque[tuple[ImageResult, Future | None]] = deque()  # results and their write jobs
+        self.stop = False  # --fail-fast after a failure
 
-# -------------------------------------------------------------------------------------------- dry run
-def count_tiles(height: int, width: int, tile: int | str, resolution: int, overlap: float) -> int:
-    """How many windows the pipeline runs for an image (1 = whole image), by the pipeline's own rule."""
-    from digseg_cli.core.transforms import tile_size_for, tile_windows
+    def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
+        """Digest the weights for the manifest on a worker thread while the run goes on."""
+        if weights_folder is None:
+            return None
+        from digseg_cli.weights.store import weights_sha256
 
-    size = tile_size_for(tile, resolution, height, width)
-    return len(tile_windows(height, width, size, overlap)) if size else 1
+        return self.pool.submit(weights_sha256, weights_folder)
 
+    def segment_all(self) -> None:
+        """Each input in order: read ahead, segment or skip it, hand on what has been written."""
+        for i, item in enumerate(self.files):
+            if self.stop:
+                self.summary.status = "stopped"
+                break
+            for j in range(i, i + self.settings.workers + 1):
+                self.schedule(j)
+            self.report(str(item.rel))
+            self.pending.append(self.segment_or_skip(i, item))
+            self.flush(block=False)
+        else:
+            self.summary.status = "completed"
 
-def plan_segment(files: Sequence[InputFile], out_dir: str | Path, settings: SegmentSettings,
-                 classes: Sequence[PromptClass], *, resolution: int) -> list[dict[str, Any]]:
-    """What a run would do per input (`--dry-run`), from file headers only: size, tiles, outputs, action."""
-    rows = []
-    for item in files:
-        paths = output_paths(Path(out_dir), item, classes, settings)
-        row: dict[str, Any] = {"input": str(item.path), "relative_path": str(item.rel), "mask": str(paths["mask"])}
+    def schedule(self, i: int) -> None:
+        """Decide input `i`'s fate from its existing outputs, else start reading it."""
+        if i < len(self.files) and i not in self.jobs:
+            paths = output_paths(self.out_dir, self.files[i], self.resolved.classes, self.settings)
+            verdict = existing_verdict(paths, self.settings)
+            job = None if verdict else self.pool.submit(_read, self.files[i].path, self.settings.max_pixels)
+            self.jobs[i] = paths, job, verdict
+
+    def segment_or_skip(self, i: int, item: InputFile) -> tuple[ImageResult, Future | None]:
+        paths, job, verdict = self.jobs.pop(i)
+        result = ImageResult(str(item.path), str(item.rel))
+        if verdict is not None:
+            result.status, result.reason = verdict
+            return result, None
+        return result, self.segment_one(item, job, paths, result)
+
+    def segment_one(self, item: InputFile, job: Future, paths: dict, result: ImageResult) -> Future | None:
+        """Read, segment and queue the writes of one image; fills `result`; returns the write job."""
+        if (read := self._image(job, result)) is None:
+            return None
+        image, read_s = read
+        result.height, result.width = image.shape[:2]
+        result.seed = image_seed(self.settings.seed, item.rel)
+        t0 = time.perf_counter()
         try:
-            w, h = header_size(item.path)
-            row.update(width=w, height=h, tiles=count_tiles(h, w, settings.tile, resolution, settings.overlap))
-            too_big = settings.max_pixels and w * h > settings.max_pixels
-            verdict = ("failed", "over --max-pixels") if too_big else existing_verdict(paths, settings)
+            out = _infer(self.pipe, image, self.resolved.prompts, {**self.resolved.call, "seed": result.seed},
+                         tile=self.settings.tile, rel=str(item.rel), notes=result.warnings)
+        except DigsegError:
+            raise  # a usage error holds for every image; out-of-memory after back-off ends the run
+        except Exception as exc:  # noqa: BLE001 - one image must not end a 10k-image run
+            log.debug("segmentation of %s failed", item.rel, exc_info=True)
+            result.fail(f"segmentation failed: {type(exc).__name__}: {exc}")
+            return None
+        self.summary.backoffs.extend(result.warnings)
+        model_s = time.perf_counter() - t0
+        self.summary.timings["model_s"] += model_s
+        seg = _segmented(image, out, self.settings.mode)
+        result.classes = seg.class_records(self.resolved, out.thresholds)
+        result.outputs = {key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v))
+                          for key, v in paths.items()}
+        result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
+        return self.pool.submit(write_outputs, paths, seg, self.resolved, self.settings)
+
+    def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray, float] | None:
+        """The decoded image `[H,W,3]` uint8 and its read time, or None with `result` failed."""
+        try:
+            image, read_s = job.result()
         except images.ImageReadError as exc:
-            verdict = ("failed", exc.reason)
-        row["action"] = "segment" if verdict is None else f"{verdict[0]}: {verdict[1]}"
-        rows.append(row)
-    return rows
+            result.fail(exc.reason)
+            return None
+        except Exception as exc:  # MemoryError on a huge file, a decoder bug...
+            result.fail(f"cannot read: {type(exc).__name__}: {exc}")
+            return None
+        self.summary.timings["read_s"] += read_s
+        return image, read_s
+
+    def flush(self, block: bool) -> None:
+        """Hand finished results on, in input order: all of them when `block`, else those written or overdue."""
+        while self.pending and (block or self.pending[0][1] is None or self.pending[0][1].done()
+                                or len(self.pending) > self.settings.workers):
+            result, job = self.pending.popleft()
+            if job is not None:
+                try:
+                    result.timings["write"] = job.result()
+                    self.summary.timings["write_s"] += result.timings["write"]
+                except (OSError, ValueError, DigsegError) as exc:
+                    result.fail(f"cannot write outputs: {exc}")
+            self.count(result)
+            if self.on_result is not None:
+                self.on_result(result)
+            self.report(None)
+
+    def count(self, result: ImageResult) -> None:
+        summary = self.summary
+        if result.status == "ok":
+            summary.processed += 1
+        elif result.status == "skipped":
+            summary.skipped += 1
+        else:
+            summary.failed.append((result.relative_path, result.reason or "unknown error"))
+            log.debug("failed: %s: %s", result.relative_path, result.reason)
+            self.stop = self.stop or self.settings.fail_fast
+
+    def report(self, current: str | None) -> None:
+        if self.progress is not None:
+            s = self.summary
+            self.progress(s.processed + s.skipped + len(s.failed), s.total, current)
+
+    def finish(self, sha_job: Future | None, t_start: float) -> str | None:
+        """Stop reading ahead, hand on what is done and measure the run; the weights' digest, when it is ready
+        (an interrupted run does not wait for it)."""
+        for _, job, _ in self.jobs.values():
+            if job is not None:
+                job.cancel()
+        self.flush(block=True)
+        summary = self.summary
+        if self.stop and summary.status == "completed":
+            summary.status = "stopped"
+        summary.wall_s = time.perf_counter() - t_start
+        summary.peak_memory_bytes, summary.peak_memory_kind = peak_memory(getattr(self.pipe, "device", None))
+        sha = None
+        if sha_job is not None and (sha_job.done() or summary.status != "interrupted"):
+            try:
+                sha = sha_job.result()
+            except OSError as exc:
+                sha = f"unavailable ({exc})"
+        self.pool.shutdown(wait=summary.status != "interrupted", cancel_futures=True)
+        return sha

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from digseg_cli.data.folders import ClassList, Pair, Sample, load_eval_pairs, load_pair
 from digseg_cli.errors import UsageError
+from digseg_cli.models.config import check_prompt_template
 
 __all__ = ["Sample", "SegmentationTrainDataset", "load_eval_pairs"]
 
@@ -58,12 +59,7 @@ class SegmentationTrainDataset(Dataset):
             raise UsageError(f"`absent_prob` must be in [0, 1], got {absent_prob}")
         if not 0.0 < scale_range[0] <= scale_range[1] <= 1.0:
             raise UsageError(f"`scale_range` must satisfy 0 < low <= high <= 1, got {scale_range}")
-        try:
-            usable = prompt_template.format(name="\0") != prompt_template.format(name="")
-        except (KeyError, IndexError, ValueError):
-            usable = False
-        if not usable:
-            raise UsageError(f"`prompt_template` must contain '{{name}}' and no other fields, got {prompt_template!r}")
+        check_prompt_template(prompt_template)
         if not pairs:
             raise UsageError("the training set is empty")
         self.pairs = list(pairs)

@@ -270,10 +270,11 @@ def weights_sha256(folder: Path | str) -> str:
 
 
 def human_size(n: int | None) -> str:
+    """Bytes in binary units (KiB, MiB, GiB), as memory and device sizes are shown everywhere in digseg."""
     if n is None:
         return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+        n /= 1024
+    return f"{n:.1f} GiB"

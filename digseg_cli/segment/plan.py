@@ -1,0 +1,77 @@
+"""A `digseg segment` run planned without the model (`--dry-run`): per input its size, tiles, outputs and fate.
+
+One job: say what a run would do from file headers and the checkpoint config alone (no weights loaded, no
+network), by the same rules as the run: the pipeline's tiling (`count_tiles`, which the run's out-of-memory
+back-off uses too), the output names and the existing-outputs verdict of `outputs.py`.
+
+It knows nothing of Typer or Rich (the CLI renders `DryRun`); reading a config without the weights is
+`loading.py`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from digseg_cli.inference import images
+from digseg_cli.inference.prompts import PromptClass
+from digseg_cli.segment.inputs import InputFile, header_size
+from digseg_cli.segment.loading import peek_config
+from digseg_cli.segment.outputs import existing_verdict, output_paths
+from digseg_cli.segment.settings import SegmentSettings
+
+
+def count_tiles(height: int, width: int, tile: int | str, resolution: int, overlap: float) -> int:
+    """How many windows the pipeline runs for an image (1 = whole image), by the pipeline's own rule."""
+    from digseg_cli.core.transforms import tile_size_for, tile_windows
+
+    size = tile_size_for(tile, resolution, height, width)
+    return len(tile_windows(height, width, size, overlap)) if size else 1
+
+
+def plan_segment(files: Sequence[InputFile], out_dir: str | Path, settings: SegmentSettings,
+                 classes: Sequence[PromptClass], *, resolution: int) -> list[dict[str, Any]]:
+    """What a run would do per input, from file headers only: size, tiles, outputs, action."""
+    rows = []
+    for item in files:
+        paths = output_paths(Path(out_dir), item, classes, settings)
+        row: dict[str, Any] = {"input": str(item.path), "relative_path": str(item.rel), "mask": str(paths["mask"])}
+        try:
+            w, h = header_size(item.path)
+            row.update(width=w, height=h, tiles=count_tiles(h, w, settings.tile, resolution, settings.overlap))
+            too_big = settings.max_pixels and w * h > settings.max_pixels
+            verdict = ("failed", "over --max-pixels") if too_big else existing_verdict(paths, settings)
+        except images.ImageReadError as exc:
+            verdict = ("failed", exc.reason)
+        row["action"] = "segment" if verdict is None else f"{verdict[0]}: {verdict[1]}"
+        rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """A run's plan: one row per input (`plan_segment`), the processing resolution and why the plan is partial."""
+
+    rows: list[dict[str, Any]]
+    resolution: int | None  # None when neither the settings nor a local checkpoint config give one
+    note: str | None  # e.g. the weights are not available locally
+
+
+def dry_run(files: Sequence[InputFile], out_dir: str | Path, settings: SegmentSettings, *, weights: str,
+            cache_dir: Path | None = None) -> DryRun:
+    """Plan a run of `weights` on `files`; the checkpoint config is read only when the settings leave the
+    resolution or the classes to it."""
+    resolution, classes, note = settings.resolution, list(settings.classes), None
+    if resolution is None or not classes:
+        config = peek_config(weights, cache_dir)
+        if config is None:
+            note = (f"weights {weights!r} are not available locally: a run would download them (or fail offline); "
+                    f"see `digseg weights info {weights}`")
+        else:
+            resolution = config.default_resolution if resolution is None else resolution
+            classes = settings.classes_for(config)
+    rows = plan_segment(files, out_dir, settings, classes or [PromptClass("class", ("class",))],
+                        resolution=resolution or 0)
+    return DryRun(rows, resolution, note)

@@ -1,0 +1,150 @@
+"""What a `digseg segment` run is asked to do, and what that comes to for one model.
+
+One job: `SegmentSettings` holds every choice of a folder run except the model, validated when it is made;
+`resolve_run` turns the settings and a loaded pipeline into a `ResolvedRun` once, before the first image: the
+classes, each class's threshold (by `prompts.resolve_thresholds`, the one threshold rule), the label palette
+and the pipeline's arguments; `prompt_warnings` says what the model's tokenizer makes of those classes' prompts.
+
+It knows nothing of files, scheduling or outputs (`run.py`, `outputs.py`), nor of Typer or Rich; parsing
+prompts is `inference/prompts.py`'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from digseg_cli.errors import UsageError
+from digseg_cli.inference import images
+from digseg_cli.inference.prompts import RGB, PromptClass, classes_from_config, resolve_thresholds
+from digseg_cli.models.config import DECODERS, DigsegConfig, check_prompt_template
+
+if TYPE_CHECKING:
+    from digseg_cli.inference.pipeline import DigsegPipeline, Prompt
+
+MODES = ("semantic", "multilabel")
+PROBS_FORMATS = ("png16", "npy")
+
+
+def parse_tile(text: str | int | None) -> str | int:
+    """`auto|off|N` → "auto", "off" or a tile size in pixels."""
+    value = str(text if text is not None else "auto").strip().lower()
+    if value in ("auto", "off"):
+        return value
+    if not value.isdigit() or int(value) < 8:
+        raise UsageError(f"`--tile` must be auto, off or a size in pixels (≥ 8), got {text!r}")
+    return int(value)
+
+
+def parse_batch_size(text: str) -> int | None:
+    """`auto|N` → None (the pipeline's own) or a number of (tile, prompt) pairs per U-Net call."""
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise UsageError(f"`--batch-size` must be auto or a positive integer, got {text!r}")
+    return None if text == "auto" else int(text)
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Everything a folder run needs besides the model. `None` values resolve to the checkpoint's defaults;
+    empty `classes` means the checkpoint's own class list (closed-set models)."""
+
+    classes: tuple[PromptClass, ...] = ()
+    thresholds: Mapping[str, float] = field(default_factory=dict)  # per-class overrides by class name
+    threshold: float | None = None  # for classes without their own
+    steps: int | None = None
+    ensemble: int | None = None
+    resolution: int | None = None
+    mode: str = "semantic"  # semantic: argmax + threshold; multilabel: each class alone (+ binary masks)
+    seed: int = 0
+    tile: int | str = "auto"
+    decoder: str = "auto"  # vae | fast | auto (fast when the checkpoint's distilled decoder passed its check)
+    overlap: float = 0.25
+    max_pixels: int = 100_000_000  # 0 = no limit
+    prompt_template: str | None = None
+    recursive: bool = False
+    overlay: bool = True
+    overlay_alpha: float = 0.5
+    save_binary: bool = False
+    save_probs: bool = False
+    probs_format: str = "png16"
+    overwrite: bool = False
+    skip_existing: bool = False
+    fail_fast: bool = False
+    batch_size: int | None = None  # (tile, prompt) pairs per U-Net call; None = the pipeline's
+    workers: int = 2  # I/O threads: reading ahead and writing behind
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.decoder not in DECODERS:
+            raise UsageError(f"`decoder` must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.probs_format not in PROBS_FORMATS:
+            raise UsageError(f"`probs_format` must be one of {', '.join(PROBS_FORMATS)}, got {self.probs_format!r}")
+        if self.overwrite and self.skip_existing:
+            raise UsageError("`--overwrite` and `--skip-existing` contradict each other: pick one")
+        if not 0 <= self.overlap < 1:
+            raise UsageError(f"`overlap` must be in [0, 1), got {self.overlap}")
+        if not 0 <= self.overlay_alpha <= 1:
+            raise UsageError(f"`overlay_alpha` must be in [0, 1], got {self.overlay_alpha}")
+        if self.max_pixels < 0 or self.workers < 1 or (self.batch_size is not None and self.batch_size < 1):
+            raise UsageError("`max_pixels` must be ≥ 0 (0 = no limit), `workers` and `batch_size` ≥ 1")
+        if len(self.classes) > 255:
+            raise UsageError(f"at most 255 classes fit a label PNG, got {len(self.classes)}")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise UsageError(f"`threshold` must be in [0, 1], got {self.threshold}")
+        if self.prompt_template is not None:
+            check_prompt_template(self.prompt_template, "`--prompt-template`")
+        parse_tile(self.tile)
+
+    def classes_for(self, config: DigsegConfig) -> list[PromptClass]:
+        """The classes asked for, else the checkpoint's own (possibly none), thresholds not yet resolved."""
+        return list(self.classes) or classes_from_config(config.classes)
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """What the settings come to for one model, the same for every image of the run."""
+
+    classes: list[PromptClass]  # `--threshold NAME=…` overrides put in, as run.json records them
+    thresholds: list[float]  # one per class, by `prompts.resolve_thresholds`
+    palette: list[RGB]  # label 0 (background) first, then each class's colour
+    call: dict[str, Any]  # the pipeline's keyword arguments shared by every image (all but seed and tile)
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        """One prompt per class: its text, or its synonyms (the pipeline averages their scores)."""
+        return [c.texts[0] if len(c.texts) == 1 else list(c.texts) for c in self.classes]
+
+
+def resolve_classes(settings: SegmentSettings, config: DigsegConfig) -> tuple[list[PromptClass], list[float]]:
+    """The classes to run (threshold overrides in) and their thresholds; a `UsageError` when there are none."""
+    classes = settings.classes_for(config)
+    if not classes:
+        raise UsageError("no classes to segment: pass --prompt \"road, tree\" or --prompts classes.yaml "
+                         "(this model has no built-in class list)")
+    return resolve_thresholds(classes, config.default_threshold, threshold=settings.threshold,
+                              overrides=settings.thresholds)
+
+
+def resolve_run(pipe: DigsegPipeline, settings: SegmentSettings) -> ResolvedRun:
+    """Resolve classes, thresholds, colours and the pipeline's arguments once per run."""
+    classes, thresholds = resolve_classes(settings, pipe.config)
+    defaults = images.default_palette(len(classes) + 1)[1:]
+    palette = [(0, 0, 0)] + [c.color or d for c, d in zip(classes, defaults)]
+    call = dict(steps=settings.steps, ensemble=settings.ensemble, resolution=settings.resolution,
+                threshold=thresholds, overlap=settings.overlap, prompt_template=settings.prompt_template,
+                decoder=pipe.resolve_decoder(settings.decoder))
+    return ResolvedRun(classes, thresholds, palette, call)
+
+
+def prompt_warnings(pipe: DigsegPipeline, settings: SegmentSettings) -> list[str]:
+    """What the model's tokenizer says of each prompt text (too long, unknown words), before a run."""
+    classes, _ = resolve_classes(settings, pipe.config)
+    return [warning for c in classes for text in c.texts
+            for warning in pipe.check_prompt(pipe.format_prompt(text, settings.prompt_template))]
