@@ -21,13 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
 from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels, vae_scale_factor
 from digseg_cli.errors import CheckpointError, UsageError
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")
 FAST_DECODER = "fast_decoder"  # optional component
-COMPACT_PREFIX = "compact:"
 
 
 @dataclass

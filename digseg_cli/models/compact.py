@@ -8,6 +8,9 @@ it does not know training, files or devices.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+COMPACT_PREFIX = "compact:"  # `--weights compact:small` names a fresh compact model, never a folder
 
 # A noise schedule like Stable Diffusion's, with v-prediction (as SD 2 and Marigold).
 SCHEDULER_CONFIG = {
@@ -86,6 +89,14 @@ COMPACT_CONFIGS: dict[str, CompactConfig] = {
 }
 
 MAX_TOKENS = 32  # compact text encoders take 32 tokens: class names are short
+
+
+def compact_name(name: str | Path) -> str | None:
+    """The compact config a model name asks for (`compact:NAME`, or a bare known NAME that is no folder), else None."""
+    text = str(name)
+    if text.startswith(COMPACT_PREFIX):
+        return text.removeprefix(COMPACT_PREFIX)
+    return text if text in COMPACT_CONFIGS and not Path(text).exists() else None
 
 
 def get_compact_config(name: str) -> CompactConfig:

@@ -12,18 +12,10 @@ from pathlib import Path
 
 from digseg_cli.errors import UsageError
 from digseg_cli.models.checkpoint import (
-    COMPACT_PREFIX, LoadedModel, build_compact, build_from_sd_base, is_checkpoint, is_sd_base, load_checkpoint,
+    LoadedModel, build_compact, build_from_sd_base, is_checkpoint, is_sd_base, load_checkpoint,
 )
-from digseg_cli.models.compact import COMPACT_CONFIGS
+from digseg_cli.models.compact import compact_name
 from digseg_cli.models.config import CONFIG_NAME
-
-
-def compact_name(name: str | Path) -> str | None:
-    """The compact config a name asks for (`compact:small` or a bare `small` that is no folder), else None."""
-    text = str(name)
-    if text.startswith(COMPACT_PREFIX):
-        return text.removeprefix(COMPACT_PREFIX)
-    return text if text in COMPACT_CONFIGS and not Path(text).exists() else None
 
 
 def load_model(name_or_path: str | Path, *, cache_dir=None, offline=None, config_overrides: dict | None = None) -> LoadedModel:

@@ -57,10 +57,9 @@ def open_pipeline(weights: str, *, device: str = "auto", precision: str = "auto"
 
 def weights_folder(weights: str, cache_dir: Path | None, offline: bool) -> Path | None:
     """The local folder behind `weights` (for the manifest's sha256), or None for built-in compact models."""
-    from digseg_cli.models.checkpoint import COMPACT_PREFIX
-    from digseg_cli.models.compact import COMPACT_CONFIGS
+    from digseg_cli.models.compact import compact_name
 
-    if weights.startswith(COMPACT_PREFIX) or (weights in COMPACT_CONFIGS and not Path(weights).exists()):
+    if compact_name(weights) is not None:
         return None
     from digseg_cli.weights.store import resolve_weights
 
@@ -69,12 +68,11 @@ def weights_folder(weights: str, cache_dir: Path | None, offline: bool) -> Path 
 
 def peek_config(weights: str, cache_dir: Path | None) -> DigsegConfig | None:
     """The checkpoint config behind `weights` without loading weights or touching the network, or None."""
-    from digseg_cli.models.checkpoint import COMPACT_PREFIX
-    from digseg_cli.models.compact import COMPACT_CONFIGS, get_compact_config
+    from digseg_cli.models.compact import COMPACT_CONFIGS, COMPACT_PREFIX, compact_name, get_compact_config
     from digseg_cli.models.config import DigsegConfig
 
-    name = weights.removeprefix(COMPACT_PREFIX)
-    if name in COMPACT_CONFIGS and not Path(weights).exists():
+    name = compact_name(weights)
+    if name in COMPACT_CONFIGS:
         spec = get_compact_config(name)
         return DigsegConfig(base_model=COMPACT_PREFIX + name, default_resolution=spec.resolution)
     try:
