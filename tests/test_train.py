@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -179,12 +180,95 @@ def test_finetune_from_tiny_sd_base_keeps_vae_and_text_encoder_frozen(synth32, t
     assert result.exit_code == 0, result.output
     config = json.loads((out / "last" / "digseg_config.json").read_text())
     assert config["base_model"] == str(tiny_sd_base) and config["prediction_type"] == "epsilon"
-    tuned = load_file(str(out / "last" / "text_encoder" / "model.safetensors"))
-    base = load_file(str(tiny_sd_base / "text_encoder" / "model.safetensors"))
-    assert all(torch.equal(tuned[k], base[k]) for k in base)
-    tuned_unet = load_file(str(out / "last" / "unet" / "diffusion_pytorch_model.safetensors"))
-    base_unet = load_file(str(tiny_sd_base / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert not torch.equal(tuned_unet["conv_out.weight"], base_unet["conv_out.weight"])
+
+    def both(part: str) -> tuple[dict, dict]:
+        return load_file(str(out / "last" / part)), load_file(str(tiny_sd_base / part))
+
+    for frozen in ("text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        tuned, base = both(frozen)
+        assert tuned.keys() == base.keys() and all(torch.equal(tuned[k], base[k]) for k in base), frozen
+    # ... while the U-Net trains: every tensor the base shares with it (conv_in is widened) moved.
+    tuned, base = both("unet/diffusion_pytorch_model.safetensors")
+    shared = [k for k in base if tuned[k].shape == base[k].shape]
+    assert len(shared) == len(base) - 1  # conv_in.weight: 4 → 8 input channels
+    unchanged = [k for k in shared if torch.equal(tuned[k], base[k])]
+    assert not unchanged, unchanged
+
+
+def test_finetune_with_init_does_not_inherit_the_parents_scores_or_fast_decoder_check(synth32, tmp_path):
+    """A model fine-tuned from a checkpoint records only what its own run measured: the parent's scores
+    and its fast decoder's passed check (measured on other weights) are gone, so `--decoder auto` is vae."""
+    from digseg_cli.core.fast_decoder import FastMaskDecoder
+    from digseg_cli.inference.pipeline import DigsegPipeline, load_model
+
+    parent = load_model("tiny")
+    parent.model.fast_decoder = FastMaskDecoder(parent.model.latent_channels, parent.model.vae_scale_factor, width=8)
+    parent.config.evaluation = {"val_miou": 0.97, "val_step": 4400, "synth": {"miou": 0.95, "decoder": "fast"},
+                                "fast_decoder": {"passed": True, "miou_change_points": 0.1}}
+    parent_dir = DigsegPipeline(parent).save_pretrained(tmp_path / "parent")
+    assert DigsegPipeline(load_model(parent_dir)).resolve_decoder("auto") == "fast"  # the parent's check counts
+
+    out = tmp_path / "tuned"
+    result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(out), "--init", str(parent_dir),
+                                 *TINY[2:], "--max-steps", "2", "--val-every", "2"])
+    assert result.exit_code == 0, result.output
+    val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_miou" in line]
+    for kind in ("last", "best"):
+        evaluation = json.loads((out / kind / "digseg_config.json").read_text())["evaluation"]
+        assert evaluation == {"val_miou": val[-1]["val_miou"], "val_step": 2}, kind
+    image = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    seg = runner.invoke(app, ["segment", str(image), "-p", "road", "--weights", str(out / "best"),
+                              "--out", str(tmp_path / "seg")])
+    assert seg.exit_code == 0, seg.output
+    assert json.loads((tmp_path / "seg" / "run.json").read_text())["resolved"]["decoder"] == "vae"
+
+
+def test_validation_miou_is_what_digseg_eval_reports_for_the_same_weights(synth32, tmp_path):
+    """Training validates with `digseg eval`'s scorer: its number for best/ is eval's, to the last digit."""
+    from digseg_cli.data.synth import write_synth_dataset
+
+    val = write_synth_dataset(tmp_path / "val", 5, seed=12, size=32).out_dir
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(synth32), "--val", str(val), "--out", str(out), *TINY,
+                                 "--max-steps", "2", "--val-every", "2", "--objective", "diffusion"])
+    assert result.exit_code == 0, result.output
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    evaluated = runner.invoke(app, ["eval", "--dataset", str(val), "--weights", str(out / "best"), "--seed", "3",
+                                    "--out", str(tmp_path / "eval")])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert record["val_miou"] == metrics["metrics"]["miou"]
+    assert record["val_iou"] == {c["name"]: c["iou"] for c in metrics["per_class"]}
+
+
+def test_foreground_weight_weighs_the_latent_pixels_the_target_covers(monkeypatch):
+    """`--foreground-weight 5`: latent pixels under the target weigh 5, the rest 1 (1 = no weight at all)."""
+    from digseg_cli.core import diffusion
+    from digseg_cli.inference.pipeline import load_model
+    from digseg_cli.train.loss import batch_loss
+
+    loaded = load_model("tiny")
+    model, f = loaded.model, loaded.model.vae_scale_factor
+    seen = []
+    monkeypatch.setattr(diffusion, "training_loss", lambda *a, weight=None, **k: seen.append(weight) or torch.tensor(0.))
+    target = torch.zeros(2, 1, 32, 32)
+    target[0, :, :8, :8] = 1  # the top-left 8x8 pixels of the first image; the second is empty
+    target[1, :, 9:10, 9:10] = 1  # one pixel: its latent pixel counts as covered
+    ids = loaded.tokenizer(["road", "road"], padding="max_length", max_length=loaded.tokenizer.model_max_length,
+                           return_tensors="pt").input_ids
+    batch = {"pixel_values": torch.zeros(2, 3, 32, 32), "target": target, "input_ids": ids}
+    sched = diffusion.make_scheduler(loaded.scheduler_config)
+    for w in (1.0, 5.0):
+        batch_loss(model, batch, sched, objective="one-step", foreground_weight=w)
+    plain, weighted = seen
+    assert plain is None
+    expected = torch.ones(2, 1, 32 // f, 32 // f)
+    expected[0, :, : 8 // f, : 8 // f] = 5
+    expected[1, :, 9 // f, 9 // f] = 5
+    assert torch.equal(weighted, expected)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ decoder_app = typer.Typer(
 
 @decoder_app.command("train", epilog=EXIT_CODES_HELP)
 def train_command(
+    *,
     weights: Annotated[str, typer.Option("--weights", help="Checkpoint folder or registry name (e.g. demo).")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the copy of the checkpoint with fast_decoder/.")],
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,

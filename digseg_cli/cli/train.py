@@ -10,6 +10,7 @@ import typer
 
 from digseg_cli.cli.common import err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_CODES_HELP
+from digseg_cli.models.config import OBJECTIVES
 
 
 def _parse_duration(text: str | None) -> float | None:
@@ -26,6 +27,7 @@ def _parse_duration(text: str | None) -> float | None:
 
 def train_command(
     ctx: typer.Context,
+    *,
     data: Annotated[Optional[Path], typer.Option("--data", help="Training folder: images/, masks/, classes.json or classes.txt (a resumed run reuses its own).")] = None,
     out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, last/ and best/ checkpoints).")] = Path("digseg-train"),
     base: Annotated[str, typer.Option(help="SD base (folder or Hub id) or compact config name (tiny, small).")] = "stabilityai/stable-diffusion-2",
@@ -33,7 +35,7 @@ def train_command(
     val: Annotated[Optional[Path], typer.Option(help="Validation folder (default: a split of --data).")] = None,
     val_split: Annotated[float, typer.Option(help="Fraction of --data held out for validation.")] = 0.1,
     class_name: Annotated[Optional[str], typer.Option(help="Class name for 0/255 binary masks.")] = None,
-    objective: Annotated[str, typer.Option(help="one-step (default) or diffusion.")] = "one-step",
+    objective: Annotated[str, typer.Option(help=f"{' or '.join(OBJECTIVES)}.")] = OBJECTIVES[0],
     resolution: Annotated[Optional[int], typer.Option(help="Training resolution (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per process per micro-batch.")] = 4,
     effective_batch: Annotated[Optional[int], typer.Option(help="Accumulate gradients up to this many samples per step.")] = None,

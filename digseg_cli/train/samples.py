@@ -1,4 +1,5 @@
-"""The torch ``Dataset`` that turns image/mask pairs into (image, prompt, binary target) training samples.
+"""Training samples: the checked and split pairs, the torch ``Dataset`` that turns them into (image, prompt,
+binary target) samples, and the batches the loop feeds the model.
 
 DESIGN §1 step 5: each sample asks about one class. With probability ``absent_prob`` the class is one
 that is absent from the (augmented) crop, so the target is empty and the model learns to answer
@@ -9,13 +10,15 @@ Determinism: sample ``index`` of epoch ``epoch`` draws every random choice (flip
 from ``np.random.default_rng([seed, epoch, index])`` only, so a resumed run (``set_epoch``) sees exactly
 the same samples in any number of loader workers.
 
-This module knows pixels, masks and class lists; it knows nothing of the VAE, latents, tokenizers or the
-training loop, and it reads files only through ``digseg_cli.data.folders``.
+This module knows pixels, masks and class lists; it knows nothing of the VAE, latents or the training loop
+(``collate`` only applies the tokenizer it is given). It reads files only through ``digseg_cli.data.folders``,
+and checks them with ``digseg_cli.data.check`` (the same check as ``digseg data check``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -23,11 +26,53 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from digseg_cli.data.folders import ClassList, Pair, Sample, load_eval_pairs, load_pair
-from digseg_cli.errors import UsageError
+from digseg_cli.data import folders
+from digseg_cli.data.folders import ClassList, Pair, load_pair
+from digseg_cli.errors import DatasetError, UsageError
 from digseg_cli.models.config import check_prompt_template
 
-__all__ = ["Sample", "SegmentationTrainDataset", "load_eval_pairs"]
+__all__ = ["SegmentationTrainDataset", "collate", "prepare_data", "tokenizer_fn"]
+
+
+def prepare_data(data: Path, val: Path | None, *, class_name: str | None, val_split: float,
+                 seed: int) -> tuple[ClassList, list[Pair], list[Pair]]:
+    """(classes, training pairs, validation pairs) of a checked folder; the validation pairs are ``val``'s,
+    else a ``val_split`` share of ``data`` chosen by ``seed``. A folder that fails the check raises
+    ``DatasetError`` naming its first problems."""
+    from digseg_cli.data.check import check_folder
+
+    report = check_folder(data, class_name=class_name)
+    if not report.ok:
+        shown = "; ".join(report.problems[:5]) + (f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else "")
+        raise DatasetError(f"{data} failed the data check: {shown}. Run `digseg data check {data}` for the full report")
+    classes = folders.read_classes(data, class_name=class_name)
+    pairs = folders.find_pairs(data)
+    if val:
+        val_report = check_folder(val, class_name=class_name)
+        if not val_report.ok:
+            raise DatasetError(f"{val} failed the data check: {val_report.problems[0]}")
+        return classes, pairs, folders.find_pairs(val)
+    train_pairs, val_pairs = folders.split_pairs(pairs, val_split, seed)
+    return classes, train_pairs, val_pairs
+
+
+def tokenizer_fn(tokenizer) -> Callable[[list[str]], torch.Tensor]:
+    """Prompts → padded token ids ``[B,L]`` (the tokenizer's full length, as the pipeline pads them)."""
+
+    def tokenize(texts: list[str]) -> torch.Tensor:
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids  # [B,L]
+
+    return tokenize
+
+
+def collate(samples: list[dict], tokenize, device) -> dict:
+    """Samples of ``SegmentationTrainDataset`` → one batch on ``device`` (what ``train.loss.batch_loss`` reads)."""
+    return {
+        "pixel_values": torch.stack([x["pixel_values"] for x in samples]).to(device),  # [B,3,R,R]
+        "target": torch.stack([x["target"] for x in samples]).to(device),  # [B,1,R,R]
+        "input_ids": tokenize([x["prompt"] for x in samples]).to(device),  # [B,L]
+    }
 
 
 class SegmentationTrainDataset(Dataset):

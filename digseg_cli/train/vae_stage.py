@@ -1,0 +1,67 @@
+"""Stage 1 of a compact base trained from scratch (DESIGN §2): its VAE as an autoencoder of images and masks.
+
+One job: fit the VAE to reconstruct training images and 3-channel masks, then set its latent
+`scaling_factor` so the U-Net sees unit-variance latents. It reads samples from the training dataset
+(`digseg_cli.train.samples`) and reports through the loop's progress callback; the U-Net stage, the
+optimizer of stage 2 and checkpoints belong to `digseg_cli.train.loop`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from digseg_cli.core.model import vae_scale_factor
+
+log = logging.getLogger("digseg")
+
+
+def train_vae(vae, dataset, *, steps: int, batch_size: int, lr: float, seed: int, device, emit) -> None:
+    """Train `vae` for `steps` AdamW steps on random crops of images and masks (the masks weigh half)."""
+    vae.train().requires_grad_(True).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    rng = np.random.default_rng([seed, 10**6])
+    f = vae_scale_factor(vae.config.block_out_channels)
+    for step in range(1, steps + 1):
+        idx = rng.choice(len(dataset), size=min(batch_size, len(dataset)), replace=False)
+        samples = [dataset[int(i)] for i in idx]
+        images = torch.stack([x["pixel_values"] for x in samples]).to(device)  # [B,3,R,R]
+        masks = torch.stack([x["target"] for x in samples]).to(device) * 2 - 1  # [B,1,R,R] in [-1,1]
+        x = torch.cat([images, masks.expand(-1, 3, -1, -1)])  # [2B,3,R,R]
+        # A fully convolutional VAE learns the same from small crops (8 latent pixels a side, or a quarter
+        # of the image) at a fraction of the cost: measured 4× more steps per second than half-size crops.
+        c = min(x.shape[-1], max(x.shape[-1] // 4, 8 * f))
+        top, left = (int(v) for v in rng.integers(0, x.shape[-1] - c + 1, size=2))
+        x = x[..., top:top + c, left:left + c]  # [2B,3,c,c]
+        dist = vae.encode(x).latent_dist
+        recon = vae.decode(dist.sample(generator=None)).sample  # [2B,3,c,c]
+        b = len(images)
+        # Masks are grey (R = G = B) and easy: with equal weight they pull the decoder towards grey and the
+        # image latents lost their colour (red roofs and green fields came back beige). So masks weigh half,
+        # and the images' chroma (each pixel minus its grey level) gets a loss of its own.
+        chroma_recon = recon[:b] - recon[:b].mean(dim=1, keepdim=True)  # [B,3,c,c]
+        chroma_image = x[:b] - x[:b].mean(dim=1, keepdim=True)
+        loss = (F.mse_loss(recon[:b], x[:b]) + 4 * F.mse_loss(chroma_recon, chroma_image)
+                + 0.5 * F.mse_loss(recon[b:], x[b:]) + 1e-6 * dist.kl().mean())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        emit({"event": "vae_step", "step": step, "max_steps": steps, "loss": float(loss.detach())})
+    vae.eval()
+
+
+@torch.no_grad()
+def calibrate_latent_scale(vae, dataset, device, n: int = 64) -> None:
+    """Set the VAE's `scaling_factor` so image and mask latents have unit variance, as Stable Diffusion's
+    0.18215 does for its VAE; a from-scratch VAE keeps the U-Net's inputs and targets at the scale it
+    was designed for (measured: unscaled, a mask moved the latent by 0.08 and the latent loss barely saw it)."""
+    samples = [dataset[i] for i in range(min(n, len(dataset)))]
+    images = torch.stack([x["pixel_values"] for x in samples]).to(device)  # [n,3,R,R]
+    masks = torch.stack([x["target"] for x in samples]).to(device) * 2 - 1  # [n,1,R,R]
+    latents = torch.cat([vae.encode(images).latent_dist.mean, vae.encode(masks.expand(-1, 3, -1, -1)).latent_dist.mean])
+    factor = float(1.0 / latents.float().std().clamp_min(1e-6))
+    vae.register_to_config(scaling_factor=factor)
+    log.info("VAE latent scaling factor set to %.4f", factor)
