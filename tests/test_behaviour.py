@@ -38,8 +38,20 @@ def one_thread():
 
 def test_readme_examples_give_the_recorded_label_maps(tmp_path, recorded, one_thread):
     images = [str(REPO / "examples" / f"aerial-{i}.png") for i in (1, 2, 3)]
-    result = CliRunner().invoke(app, ["segment", *images, "--prompt", ", ".join(CLASSES), "--out", str(tmp_path),
-                                      "--save-probs", "--probs-format", "npy"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            *images,
+            "--prompt",
+            ", ".join(CLASSES),
+            "--out",
+            str(tmp_path),
+            "--save-probs",
+            "--probs-format",
+            "npy",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for i in (1, 2, 3):
         labels = np.array(Image.open(tmp_path / f"aerial-{i}.mask.png"))

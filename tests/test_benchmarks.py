@@ -17,17 +17,39 @@ def test_quick_tiny_run_writes_the_table(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DIGSEG_OFFLINE": "1"}
     t0 = time.monotonic()
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--size", "tiny", "--naive-steps", "3",
-         "--tile-image", "96", "--demo", "tiny", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--size",
+            "tiny",
+            "--naive-steps",
+            "3",
+            "--tile-image",
+            "96",
+            "--demo",
+            "tiny",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert time.monotonic() - t0 < 60
     text = out.read_text()
     assert text.startswith("# digseg performance results")
-    section = text[text.index("## Run: `--size tiny`"):]
+    section = text[text.index("## Run: `--size tiny`") :]
     assert section.strip() in done.stdout  # the same table on stdout and in the file
-    for needle in ("**Machine:**", "torch 2", "torch threads", "usable cores", "| # | Measurement | Ours | Baseline | Ratio | Target | Met |"):
+    for needle in (
+        "**Machine:**",
+        "torch 2",
+        "torch threads",
+        "usable cores",
+        "| # | Measurement | Ours | Baseline | Ratio | Target | Met |",
+    ):
         assert needle in text, needle
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| #")]
     items = {r.split("|")[1].strip() for r in rows}
@@ -40,9 +62,24 @@ def test_quick_tiny_run_writes_the_table(tmp_path):
         assert re.search(r"\| (yes|\*\*no\*\*|—|not measured)[^|]*\|$", r), r
     # --append adds a second section to the same file
     again = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--size", "tiny", "--skip",
-         "naive,marigold,floor,startup,folder,tiling,precision", "--demo", "tiny", "--out", str(out), "--append"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "run.py"),
+            "--quick",
+            "--size",
+            "tiny",
+            "--skip",
+            "naive,marigold,floor,startup,folder,tiling,precision",
+            "--demo",
+            "tiny",
+            "--out",
+            str(out),
+            "--append",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert out.read_text().count("## Run: `--size tiny`") == 2

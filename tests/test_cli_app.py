@@ -13,13 +13,21 @@ from digseg_cli.cli.app import app
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "120"})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "COLUMNS": "120"}
+    )
 
 
 def test_help_and_version_do_not_import_torch():
-    for argv in (["--help"], ["--version"], ["segment", "--help"], ["train", "--help"], ["eval", "--help"],
-                 ["weights", "--help"], ["data", "--help"]):
+    for argv in (
+        ["--help"],
+        ["--version"],
+        ["segment", "--help"],
+        ["train", "--help"],
+        ["eval", "--help"],
+        ["weights", "--help"],
+        ["data", "--help"],
+    ):
         code = (
             "import sys\n"
             f"sys.argv = ['digseg', *{argv!r}]\n"

@@ -36,8 +36,8 @@ def test_synth_then_check_ok(tmp_path):
 
 
 def test_synth_zoom_option(tmp_path):
-    from digseg_cli.inference.images import read_mask
     from digseg_cli.data.synth import generate_scene, scene_rng
+    from digseg_cli.inference.images import read_mask
 
     res = _run("data", "synth", str(tmp_path / "z"), "--n", "1", "--seed", "4", "--size", "32", "--zoom", "2")
     assert res.exit_code == 0, res.output
@@ -98,8 +98,13 @@ def test_check_missing_folder_and_class_file(tmp_path):
 def test_python_m_subprocess(tmp_path):
     root = _faulty_folder(tmp_path / "d")
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "digseg_cli", "data", "check", str(root), "--json"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "digseg_cli", "data", "check", str(root), "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == EXIT_DATASET, proc.stderr
     assert json.loads(proc.stdout)["ok"] is False
     assert "3 problems" in proc.stderr

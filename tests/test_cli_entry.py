@@ -14,15 +14,18 @@ from digseg_cli.cli import entry
 def test_stored_help_is_what_typer_renders_now(name, color):
     stored = (entry.HELP_DIR / name).read_text(encoding="utf-8")
     assert stored == entry.render_help(color), (
-        f"digseg_cli/cli/{name} is stale: run `python -m digseg_cli.cli.entry --write-help`")
+        f"digseg_cli/cli/{name} is stale: run `python -m digseg_cli.cli.entry --write-help`"
+    )
 
 
 def _run(args, **env_changes):
     env = entry.plain_render_env()
     env.update(env_changes)
-    code = ("import sys, atexit; atexit.register(lambda: sys.stderr.write("
-            "'[typer loaded]' if 'typer' in sys.modules else '[typer not loaded]'));"
-            f" sys.argv = ['digseg', *{args!r}]; from digseg_cli.cli.entry import main; main()")
+    code = (
+        "import sys, atexit; atexit.register(lambda: sys.stderr.write("
+        "'[typer loaded]' if 'typer' in sys.modules else '[typer not loaded]'));"
+        f" sys.argv = ['digseg', *{args!r}]; from digseg_cli.cli.entry import main; main()"
+    )
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
 
 

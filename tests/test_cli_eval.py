@@ -27,7 +27,10 @@ def cityscapes_tree(root: Path, n: int = 3) -> list[str]:
     stems = []
     for i in range(n):
         stem = f"lindau_000000_{i:06d}"
-        _png(root / f"cityscapes/leftImg8bit/val/lindau/{stem}_leftImg8bit.png", rng.integers(0, 255, (8, 8, 3), np.uint8))
+        _png(
+            root / f"cityscapes/leftImg8bit/val/lindau/{stem}_leftImg8bit.png",
+            rng.integers(0, 255, (8, 8, 3), np.uint8),
+        )
         raw = rng.choice([7, 8, 26, 0], size=(8, 8)).astype(np.uint8)  # road, sidewalk, car, unlabelled
         _png(root / f"cityscapes/gtFine/val/lindau/{stem}_gtFine_labelIds.png", raw)
         stems.append(stem)
@@ -51,8 +54,21 @@ def test_predictions_scoring_through_the_cli(tmp_path):
         raw = np.asarray(Image.open(tmp_path / f"data/cityscapes/gtFine/val/lindau/{stem}_gtFine_labelIds.png"))
         _png(preds / f"{stem}.png", np.vectorize(lut.get)(raw).astype(np.uint8))
     out = tmp_path / "report"
-    res = runner.invoke(app, ["eval", "--dataset", "cityscapes", "--data-root", str(tmp_path / "data"),
-                              "--predictions", str(preds), "--out", str(out), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "cityscapes",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--predictions",
+            str(preds),
+            "--out",
+            str(out),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     printed = json.loads(res.stdout)
     written = json.loads((out / "metrics.json").read_text())
@@ -73,8 +89,21 @@ def test_absent_rule_option_changes_the_number(tmp_path):
         _png(preds / f"{i}.png", pred)
     nums = {}
     for rule in ("detectron2", "mmseg"):
-        res = runner.invoke(app, ["eval", "-d", str(folder), "--predictions", str(preds), "--absent-rule", rule,
-                                  "--out", str(tmp_path / rule), "--json"])
+        res = runner.invoke(
+            app,
+            [
+                "eval",
+                "-d",
+                str(folder),
+                "--predictions",
+                str(preds),
+                "--absent-rule",
+                rule,
+                "--out",
+                str(tmp_path / rule),
+                "--json",
+            ],
+        )
         assert res.exit_code == 0, res.output
         nums[rule] = json.loads(res.stdout)
     assert nums["mmseg"]["absent_rule"] == "mmseg"
@@ -90,8 +119,9 @@ def test_check_reports_and_exit_codes(tmp_path):
     assert json.loads(ok.stdout)["images"] == 2
     missing = runner.invoke(app, ["eval", "-d", "ade20k", "--data-root", str(tmp_path / "none"), "--check"])
     assert missing.exit_code == 7
-    gone = runner.invoke(app, ["eval", "-d", "cityscapes", "--data-root", str(tmp_path / "none"),
-                               "--predictions", str(tmp_path)])
+    gone = runner.invoke(
+        app, ["eval", "-d", "cityscapes", "--data-root", str(tmp_path / "none"), "--predictions", str(tmp_path)]
+    )
     assert gone.exit_code == 7 and "cityscapes-dataset.com" in gone.stderr
     manual = runner.invoke(app, ["eval", "-d", "ade20k-full", "--data-root", str(tmp_path), "--download"])
     assert manual.exit_code == 7 and "request_data" in manual.stderr
@@ -139,9 +169,28 @@ def test_model_path_records_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "load_pipeline", fake_load)
     folder = user_folder(tmp_path / "mine")
     out = tmp_path / "report"
-    res = runner.invoke(app, ["eval", "-d", str(folder), "--weights", "my-ckpt", "--limit", "2", "--steps", "1",
-                              "--short-side", "16", "--prompt-template", "a photo of {name}", "--seed", "5",
-                              "--out", str(out)])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "-d",
+            str(folder),
+            "--weights",
+            "my-ckpt",
+            "--limit",
+            "2",
+            "--steps",
+            "1",
+            "--short-side",
+            "16",
+            "--prompt-template",
+            "a photo of {name}",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert seen == {"name": "my-ckpt", "device": "auto", "dtype": None}
     assert len(pipe.calls) == 2 and pipe.calls[0][0] == (16, 16, 3)  # resized to the short side first
@@ -165,8 +214,21 @@ def test_refuge_official_bmp_predictions(tmp_path):
     preds = tmp_path / "preds"
     preds.mkdir()
     Image.fromarray(gt).save(preds / "T0001.bmp")  # the challenge's submission format
-    res = runner.invoke(app, ["eval", "-d", "refuge2", "--data-root", str(tmp_path / "data"), "--predictions",
-                              str(preds), "--out", str(tmp_path / "r"), "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "-d",
+            "refuge2",
+            "--data-root",
+            str(tmp_path / "data"),
+            "--predictions",
+            str(preds),
+            "--out",
+            str(tmp_path / "r"),
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     m = json.loads(res.stdout)
     assert m["metrics"]["dice_disc"] == 1.0 and m["metrics"]["dice_cup"] == 1.0
@@ -188,10 +250,31 @@ def test_two_processes_under_accelerate_launch_give_the_one_process_metrics(tmp_
     assert one.exit_code == 0, one.output
     # On a machine without GPUs, accelerate's torchrun launcher is `--multi_gpu`; the ranks join over gloo.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "DIGSEG_OFFLINE": "1"}
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                          "-m", "digseg_cli", *args, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "digseg_cli",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr
     printed = json.loads(two.stdout)  # one JSON object: only rank 0 prints
     written = json.loads((tmp_path / "two/metrics.json").read_text())

@@ -60,8 +60,17 @@ def test_folder_with_broken_files_exits_1_and_writes_the_good_ones(tmp_path):
 def test_json_lines_on_stdout(tmp_path):
     _save(tmp_path / "in/a.png", 1)
     _save(tmp_path / "in/b.png", 2)
-    result = _run(str(tmp_path / "in"), "-p", "road|street, tree", "--out", str(tmp_path / "out"), "--json",
-                  "--save-probs", "--threshold", "0.5,tree=0.4")
+    result = _run(
+        str(tmp_path / "in"),
+        "-p",
+        "road|street, tree",
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+        "--save-probs",
+        "--threshold",
+        "0.5,tree=0.4",
+    )
     assert result.exit_code == 0, result.output
     objects = [json.loads(line) for line in result.stdout.splitlines()]
     assert [o["type"] for o in objects] == ["image", "image", "summary"]
@@ -109,10 +118,18 @@ def test_output_tree_mirrors_input_tree(tmp_path):
 
 def test_prompts_file_and_multilabel(tmp_path):
     _save(tmp_path / "a.png", 1)
-    (tmp_path / "classes.yaml").write_text("classes:\n  - name: road\n    synonyms: [street]\n    color: orange\n"
-                                           "  - name: tree\n    threshold: 0.3\n")
-    result = _run(str(tmp_path / "a.png"), "--prompts", str(tmp_path / "classes.yaml"), "--mode", "multilabel",
-                  "--out", str(tmp_path / "out"))
+    (tmp_path / "classes.yaml").write_text(
+        "classes:\n  - name: road\n    synonyms: [street]\n    color: orange\n  - name: tree\n    threshold: 0.3\n"
+    )
+    result = _run(
+        str(tmp_path / "a.png"),
+        "--prompts",
+        str(tmp_path / "classes.yaml"),
+        "--mode",
+        "multilabel",
+        "--out",
+        str(tmp_path / "out"),
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out/a.road.png").exists() and (tmp_path / "out/a.tree.png").exists()
     assert Image.open(tmp_path / "out/a.mask.png").getpalette()[3:6] == [255, 165, 0]
@@ -184,8 +201,9 @@ def test_stdin_to_stdout_pipe(tmp_path):
 
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(1).random((*SIZE, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-    result = runner.invoke(app, ["segment", "-", "-p", "road, tree", "--weights", "tiny", "-o", "-"],
-                           input=buf.getvalue())
+    result = runner.invoke(
+        app, ["segment", "-", "-p", "road, tree", "--weights", "tiny", "-o", "-"], input=buf.getvalue()
+    )
     assert result.exit_code == 0, result.stderr
     mask = Image.open(io.BytesIO(result.stdout_bytes))
     assert mask.mode == "P" and mask.size == (SIZE[1], SIZE[0])
@@ -196,9 +214,24 @@ def test_subprocess_python_m(tmp_path):
     _save(tmp_path / "a.png", 1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIGSEG_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "digseg_cli", "segment", str(tmp_path / "a.png"), "--prompt", "road, tree",
-         "--weights", "tiny", "--out", str(tmp_path / "out"), "--json"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "digseg_cli",
+            "segment",
+            str(tmp_path / "a.png"),
+            "--prompt",
+            "road, tree",
+            "--weights",
+            "tiny",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines()]

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from digseg_cli.models.checkpoint import assemble, build_compact, build_from_sd_base, load_checkpoint
-from digseg_cli.models.config import DigsegConfig
 from digseg_cli.core import diffusion
 from digseg_cli.core.model import expand_conv_in
 from digseg_cli.inference.pipeline import DigsegPipeline, load_pipeline
+from digseg_cli.models.checkpoint import assemble, build_compact, build_from_sd_base, load_checkpoint
+from digseg_cli.models.config import DigsegConfig
 
 
 def _image(h=40, w=48, seed=0) -> np.ndarray:
@@ -25,8 +25,13 @@ def _image(h=40, w=48, seed=0) -> np.ndarray:
 def test_expand_conv_in_reproduces_base_conv():
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel(block_out_channels=(8, 16), norm_num_groups=4, cross_attention_dim=8,
-                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        cross_attention_dim=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
     torch.nn.init.normal_(unet.conv_in.bias)  # a non-zero bias must survive the widening too
     base = copy.deepcopy(unet.conv_in)
     expand_conv_in(unet, 8)
@@ -58,8 +63,9 @@ def test_fresh_model_equals_base_unet(source, tiny_sd_base):
     # The pathway starts at zero; perturb nothing else.
     z = torch.randn(2, 4, 8, 8)
     t = torch.tensor([999, 10])
-    ids = loaded.tokenizer(["road", "tree"], padding="max_length", max_length=loaded.tokenizer.model_max_length,
-                           return_tensors="pt").input_ids
+    ids = loaded.tokenizer(
+        ["road", "tree"], padding="max_length", max_length=loaded.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         emb, pooled = model.encode_prompt(ids)
         ours = model(z, z, t, emb, pooled)
@@ -129,7 +135,8 @@ def test_save_load_gives_identical_probabilities(tmp_path):
     before = pipe(image, ["road", "tree"])
     pipe.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
-        ["digseg_config.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway"])
+        ["digseg_config.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway"]
+    )
     assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
     after = load_pipeline(tmp_path / "ckpt")(image, ["road", "tree"])
     assert torch.equal(before.probs, after.probs) and torch.equal(before.labels, after.labels)
@@ -280,8 +287,9 @@ def test_training_on_one_batch_lowers_loss_5x(objective):
     batch = {
         "pixel_values": torch.rand(4, 3, r, r) * 2 - 1,
         "target": target,
-        "input_ids": loaded.tokenizer(["building", "road", "water", "tree"], padding="max_length", max_length=32,
-                                      return_tensors="pt").input_ids,
+        "input_ids": loaded.tokenizer(
+            ["building", "road", "water", "tree"], padding="max_length", max_length=32, return_tensors="pt"
+        ).input_ids,
     }
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=2e-3)
@@ -307,8 +315,9 @@ def test_loss_weight_of_ones_is_plain_mse_and_a_weight_moves_the_loss_towards_it
     denoise = lambda z_t, t: pred  # noqa: E731
 
     def loss(weight=None):
-        return diffusion.training_loss(denoise, z_mask, sched, objective=objective, weight=weight,
-                                       generator=torch.Generator().manual_seed(1))
+        return diffusion.training_loss(
+            denoise, z_mask, sched, objective=objective, weight=weight, generator=torch.Generator().manual_seed(1)
+        )
 
     assert torch.allclose(loss(torch.ones(2, 1, 8, 8)), loss())
     top = torch.ones(2, 1, 8, 8)
@@ -318,8 +327,14 @@ def test_loss_weight_of_ones_is_plain_mse_and_a_weight_moves_the_loss_towards_it
     # the same weights scaled give the same loss (normalised by their mean) ...
     assert torch.allclose(loss(top), loss(top * 3))
     # ... and weighting one half moves the loss towards that half's error
-    per_half = [float(diffusion.training_loss(denoise, z_mask, sched, objective=objective, weight=w,
-                                              generator=torch.Generator().manual_seed(1))) for w in (top, bottom)]
+    per_half = [
+        float(
+            diffusion.training_loss(
+                denoise, z_mask, sched, objective=objective, weight=w, generator=torch.Generator().manual_seed(1)
+            )
+        )
+        for w in (top, bottom)
+    ]
     assert per_half[0] != pytest.approx(per_half[1])
 
 
@@ -337,4 +352,5 @@ def test_core_imports_no_io_or_cli_libraries():
                 top = name.split(".")[0]
                 assert top not in forbidden and name not in forbidden, f"{path.name} imports {name}"
                 assert not name.startswith("digseg_cli.") or name.startswith("digseg_cli.core"), (
-                    f"{path.name} imports {name}: the core must not import the library layer")
+                    f"{path.name} imports {name}: the core must not import the library layer"
+                )

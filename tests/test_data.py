@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from digseg_cli.data.check import check_folder
 from digseg_cli.data.folders import (
     ClassList,
     Pair,
@@ -18,10 +19,9 @@ from digseg_cli.data.folders import (
     scan_folder,
     split_pairs,
 )
-from digseg_cli.data.check import check_folder
+from digseg_cli.data.synth import write_synth_dataset
 from digseg_cli.errors import DatasetError, UsageError
 from digseg_cli.inference.images import write_image, write_label_png
-from digseg_cli.data.synth import write_synth_dataset
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,18 @@ def _write_pair(root, stem, labels, image_size=None, image_suffix=".png"):
 
 
 def test_classes_json_full_and_plain(tmp_path):
-    (tmp_path / "classes.json").write_text(json.dumps({
-        "classes": [{"id": 1, "name": "road", "synonyms": ["street"], "color": "#ff0000"}, {"id": 2, "name": "tree"}],
-        "background": 0, "ignore_index": None}))
+    (tmp_path / "classes.json").write_text(
+        json.dumps(
+            {
+                "classes": [
+                    {"id": 1, "name": "road", "synonyms": ["street"], "color": "#ff0000"},
+                    {"id": 2, "name": "tree"},
+                ],
+                "background": 0,
+                "ignore_index": None,
+            }
+        )
+    )
     cl = read_classes(tmp_path)
     assert cl.ids == (1, 2) and cl.names == ("road", "tree") and cl.ignore_index is None
     assert cl.by_id(1).prompts == ("road", "street") and cl.by_id(1).color == (255, 0, 0)
@@ -166,8 +175,9 @@ def test_dataset_deterministic_and_absent_prompts(synth_dir):
     classes = read_classes(synth_dir)
     pairs = find_pairs(synth_dir)
     ds = SegmentationTrainDataset(pairs, classes, 32, seed=3, absent_prob=0.5, prompt_template="a photo of {name}")
-    ds2 = SegmentationTrainDataset(pairs, classes, 32, seed=3, absent_prob=0.5, prompt_template="a photo of {name}",
-                                   cache=False)
+    ds2 = SegmentationTrainDataset(
+        pairs, classes, 32, seed=3, absent_prob=0.5, prompt_template="a photo of {name}", cache=False
+    )
     a, b = ds[2], ds2[2]
     assert a["pixel_values"].shape == (3, 32, 32) and a["target"].shape == (1, 32, 32) == a["valid"].shape
     assert a["pixel_values"].dtype == torch.float32

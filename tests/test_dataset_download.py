@@ -39,10 +39,14 @@ def ade_zip() -> bytes:
     with zipfile.ZipFile(buf, "w") as zf:
         for i in (1, 2):
             stem = f"ADE_val_{i:08d}"
-            zf.writestr(f"ADEChallengeData2016/images/validation/{stem}.jpg",
-                        _png_bytes(rng.integers(0, 255, (8, 8, 3), np.uint8), "JPEG"))
-            zf.writestr(f"ADEChallengeData2016/annotations/validation/{stem}.png",
-                        _png_bytes(rng.integers(0, 151, (8, 8)).astype(np.uint8)))
+            zf.writestr(
+                f"ADEChallengeData2016/images/validation/{stem}.jpg",
+                _png_bytes(rng.integers(0, 255, (8, 8, 3), np.uint8), "JPEG"),
+            )
+            zf.writestr(
+                f"ADEChallengeData2016/annotations/validation/{stem}.png",
+                _png_bytes(rng.integers(0, 151, (8, 8)).astype(np.uint8)),
+            )
     return buf.getvalue()
 
 
@@ -60,8 +64,9 @@ def test_download_then_check_through_the_cli(tmp_path, monkeypatch):
     body = ade_zip()
     with LocalServer({"/ADEChallengeData2016.zip": body}) as srv:
         _serve_as_ade(monkeypatch, srv, "ADEChallengeData2016.zip", body, hashlib.sha256(body).hexdigest())
-        res = CliRunner().invoke(app, ["eval", "-d", "ade20k", "--data-root", str(tmp_path), "--download", "--check",
-                                       "--json"])
+        res = CliRunner().invoke(
+            app, ["eval", "-d", "ade20k", "--data-root", str(tmp_path), "--download", "--check", "--json"]
+        )
         assert res.exit_code == 0, res.output
         assert '"images": 2' in res.stdout and '"ok": true' in res.stdout
         # a second --download is a no-op: the archive is verified, not fetched or extracted again
@@ -118,15 +123,21 @@ def test_pinned_checksums_are_well_formed():
 
 def test_phenobench_download_verifies_md5_then_checks_the_layout(tmp_path, monkeypatch):
     mask = np.array([[0, 1], [3, 4]], np.uint16)
-    body = _zip({"PhenoBench/val/images/05-15_00028_P0030852.png": _png_bytes(np.zeros((2, 2, 3), np.uint8)),
-                 "PhenoBench/val/semantics/05-15_00028_P0030852.png": _png_bytes(mask)})
+    body = _zip(
+        {
+            "PhenoBench/val/images/05-15_00028_P0030852.png": _png_bytes(np.zeros((2, 2, 3), np.uint8)),
+            "PhenoBench/val/semantics/05-15_00028_P0030852.png": _png_bytes(mask),
+        }
+    )
     real = D.DATASETS["phenobench"].download[0]
     with LocalServer({"/PhenoBench-v110.zip": body, "/flat.zip": _zip({"README.md": b"x"})}) as srv:
-        item = dataclasses.replace(real, url=f"{srv.url}/PhenoBench-v110.zip", size=len(body), sha256=None,
-                                   md5=hashlib.md5(body).hexdigest())
+        item = dataclasses.replace(
+            real, url=f"{srv.url}/PhenoBench-v110.zip", size=len(body), sha256=None, md5=hashlib.md5(body).hexdigest()
+        )
         monkeypatch.setitem(D.DATASETS, "phenobench", dataclasses.replace(D.DATASETS["phenobench"], download=(item,)))
-        res = CliRunner().invoke(app, ["eval", "-d", "phenobench", "--data-root", str(tmp_path), "--download",
-                                       "--check", "--json"])
+        res = CliRunner().invoke(
+            app, ["eval", "-d", "phenobench", "--data-root", str(tmp_path), "--download", "--check", "--json"]
+        )
         assert res.exit_code == 0, res.output
         assert '"ok": true' in res.stdout
         assert D.open_dataset(D.DATASETS["phenobench"], data_root=tmp_path)[0].label.tolist() == [[0, 1], [1, 2]]
@@ -154,9 +165,10 @@ def test_pascal_context_download_then_converts_the_official_labels(tmp_path, mon
     files = {"/voc.tar": voc_tar.getvalue(), "/trainval.tar.gz": labels_tar.getvalue()}
     with LocalServer(files) as srv:
         voc_item, labels_item = D.DATASETS["pascal-context-59"].download  # the real items, served locally
-        items = tuple(dataclasses.replace(item, url=srv.url + path, md5=None, sha256=hashlib.sha256(files[path])
-                                          .hexdigest()) for item, path in ((voc_item, "/voc.tar"),
-                                                                           (labels_item, "/trainval.tar.gz")))
+        items = tuple(
+            dataclasses.replace(item, url=srv.url + path, md5=None, sha256=hashlib.sha256(files[path]).hexdigest())
+            for item, path in ((voc_item, "/voc.tar"), (labels_item, "/trainval.tar.gz"))
+        )
         for name in ("pascal-context-59", "pascal-context-459"):
             monkeypatch.setitem(D.DATASETS, name, dataclasses.replace(D.DATASETS[name], download=items))
         D.download_dataset(D.DATASETS["pascal-context-59"], data_root=tmp_path)

@@ -53,8 +53,17 @@ def first_label(name: str, root: Path, split: str | None = None) -> np.ndarray:
 
 
 def test_registry_names_and_class_lists():
-    expected = {"ade20k": 150, "ade20k-full": 847, "pascal-context-59": 59, "pascal-context-459": 459,
-                "coco-stuff": 171, "cityscapes": 19, "phenobench": 3, "deepglobe": 2, "refuge2": 3}
+    expected = {
+        "ade20k": 150,
+        "ade20k-full": 847,
+        "pascal-context-59": 59,
+        "pascal-context-459": 459,
+        "coco-stuff": 171,
+        "cityscapes": 19,
+        "phenobench": 3,
+        "deepglobe": 2,
+        "refuge2": 3,
+    }
     for name, n in expected.items():
         assert D.DATASETS[name].num_classes == n, name
     assert classnames.ADE150[7] == "bed" and classnames.PC459[-1] == "wool"
@@ -141,8 +150,16 @@ def test_deepglobe_road_binarised_and_split_file(tmp_path):
 def test_deepglobe_landcover_colours(tmp_path):
     base = tmp_path / "deepglobe-landcover/train"
     img(base / "10_sat.jpg")
-    colours = [(0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0),
-               (250, 3, 252)]
+    colours = [
+        (0, 255, 255),
+        (255, 255, 0),
+        (255, 0, 255),
+        (0, 255, 0),
+        (0, 0, 255),
+        (255, 255, 255),
+        (0, 0, 0),
+        (250, 3, 252),
+    ]
     rgb_mask(base / "10_mask.png", colours)
     assert first_label("deepglobe-landcover", tmp_path)[:8].tolist() == [0, 1, 2, 3, 4, 5, 255, 2]
 
@@ -155,7 +172,9 @@ def test_refuge_official_bmp_disc_includes_cup(tmp_path):
     mask(base / "Annotation-Training400/Disc_Cup_Masks/Glaucoma/g0001.bmp", [0])
     assert first_label("refuge2", tmp_path)[:4].tolist() == [0, 1, 2, 0]
     assert [it.stem for it in D.open_dataset(D.DATASETS["refuge2"], data_root=tmp_path).items] == ["T0001"]
-    assert [it.stem for it in D.open_dataset(D.DATASETS["refuge2"], split="train", data_root=tmp_path).items] == ["g0001"]
+    assert [it.stem for it in D.open_dataset(D.DATASETS["refuge2"], split="train", data_root=tmp_path).items] == [
+        "g0001"
+    ]
 
 
 def test_refuge_multirater_majority_vote(tmp_path):

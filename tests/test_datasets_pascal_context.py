@@ -48,7 +48,7 @@ def official_tree(root: Path, val_ids=("2008_000002",), train_ids=("2008_000003"
 
 def test_pc59_ids_are_the_459_names_of_the_59_classes():
     assert len(PC59_IDS) == len(set(PC59_IDS)) == 59 and list(PC59_IDS) == sorted(PC59_IDS)
-    for pc_id, name in zip(PC59_IDS, classnames.PC59):
+    for pc_id, name in zip(PC59_IDS, classnames.PC59, strict=True):
         assert classnames.PC459[pc_id - 1] == ("table" if name == "diningtable" else name)
 
 

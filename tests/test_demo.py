@@ -50,7 +50,8 @@ def test_installed_package_carries_the_demo(tmp_path):
     code = (
         "import json, digseg_cli, pathlib\n"
         "from digseg_cli.weights.store import bundled_dir\n"
-        "print(json.dumps({'package': str(pathlib.Path(digseg_cli.__file__).parent), 'demo': str(bundled_dir('demo'))}))\n"
+        "print(json.dumps({'package': str(pathlib.Path(digseg_cli.__file__).parent), 'demo': "
+        "str(bundled_dir('demo'))}))\n"
     )
     env = {**os.environ, "DIGSEG_OFFLINE": "1", "PYTHONPATH": ""}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
@@ -66,8 +67,17 @@ def test_installed_package_carries_the_demo(tmp_path):
 
 def test_readme_command_segments_the_example_with_the_demo(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
-    result = CliRunner().invoke(app, ["segment", str(REPO / "examples" / "aerial-1.png"), "--prompt",
-                                      "road, tree, building, water, field", "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "segment",
+            str(REPO / "examples" / "aerial-1.png"),
+            "--prompt",
+            "road, tree, building, water, field",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "demo model" in result.output
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -80,9 +90,23 @@ def test_recorded_synthetic_miou_is_what_eval_measures(tmp_path, monkeypatch, bo
     """The number the config and weights/README state is the one `digseg eval --dataset synth` gives."""
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     recorded = json.loads((DEMO / "digseg_config.json").read_text())["evaluation"]["synth"]
-    result = CliRunner().invoke(app, ["eval", "--dataset", "synth", "--weights", str(DEMO), "--out",
-                                      str(tmp_path / "eval"), "--data-root", str(tmp_path / "data"), "--json",
-                                      "--decoder", recorded.get("decoder", "vae")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--dataset",
+            "synth",
+            "--weights",
+            str(DEMO),
+            "--out",
+            str(tmp_path / "eval"),
+            "--data-root",
+            str(tmp_path / "data"),
+            "--json",
+            "--decoder",
+            recorded.get("decoder", "vae"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     measured = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert measured["metrics"]["miou"] == pytest.approx(recorded["miou"], abs=2e-3)

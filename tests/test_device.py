@@ -14,8 +14,17 @@ ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
 ARM_OLD = "processor\t: 0\nFeatures\t: fp asimd evtstrm crc32\n"
 
 
-@pytest.mark.parametrize(("cpuinfo", "expected"), [(X86_BF16, True), (X86_AMX, True), (X86_AVX2, False),
-                                                   (ARM_BF16, True), (ARM_OLD, False), ("model name\t: ?\n", None)])
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        (X86_BF16, True),
+        (X86_AMX, True),
+        (X86_AVX2, False),
+        (ARM_BF16, True),
+        (ARM_OLD, False),
+        ("model name\t: ?\n", None),
+    ],
+)
 def test_cpuinfo_flags_tell_whether_the_cpu_has_bf16_instructions(cpuinfo, expected):
     assert device._cpuinfo_has_bf16(cpuinfo) is expected
 

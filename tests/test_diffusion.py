@@ -49,11 +49,17 @@ def test_a_perfect_prediction_has_zero_diffusion_loss(kind):
         noise = (z_t - a.sqrt() * z0) / (1 - a).sqrt()
         return noise if kind == "epsilon" else scheduler.get_velocity(z0, noise, t)
 
-    loss = diffusion.training_loss(oracle, z0, scheduler, objective="diffusion",
-                                   generator=torch.Generator().manual_seed(3))
+    loss = diffusion.training_loss(
+        oracle, z0, scheduler, objective="diffusion", generator=torch.Generator().manual_seed(3)
+    )
     assert float(loss) < 1e-8
-    wrong = diffusion.training_loss(lambda z_t, t: torch.zeros_like(z_t), z0, scheduler, objective="diffusion",
-                                    generator=torch.Generator().manual_seed(3))
+    wrong = diffusion.training_loss(
+        lambda z_t, t: torch.zeros_like(z_t),
+        z0,
+        scheduler,
+        objective="diffusion",
+        generator=torch.Generator().manual_seed(3),
+    )
     assert float(wrong) > 0.1
 
 

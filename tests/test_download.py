@@ -167,12 +167,16 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_download_with_sha256_and_progress(server: LocalServer, tmp_path: Path) -> None:
     seen: list[tuple[int, int | None]] = []
-    dest = download_file(f"{server.url}/model.bin", tmp_path / "sub" / "model.bin", sha256=SHA,
-                         size=len(PAYLOAD), progress=lambda d, t: seen.append((d, t)))
+    dest = download_file(
+        f"{server.url}/model.bin",
+        tmp_path / "sub" / "model.bin",
+        sha256=SHA,
+        size=len(PAYLOAD),
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert dest.read_bytes() == PAYLOAD and sha256_file(dest) == SHA
     assert seen[-1] == (len(PAYLOAD), len(PAYLOAD))
     assert _leftovers(tmp_path) == ["model.bin", "sub"]
-
 
 
 class _RecordingBar:
@@ -203,6 +207,7 @@ def test_no_callback_means_a_tqdm_bar_that_ends_full(server: LocalServer, tmp_pa
 def test_no_callback_off_a_terminal_writes_nothing(server: LocalServer, tmp_path: Path, capfd) -> None:
     download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA)
     assert capfd.readouterr().err == ""  # tqdm's disable=None: no bar lines in logs or CI output
+
 
 def test_dropped_connection_resumes_with_range(server: LocalServer, tmp_path: Path) -> None:
     server.drop["/model.bin"] = 2  # the first two responses stop halfway
@@ -337,7 +342,6 @@ def test_safe_extract_refuses_bad_zip(tmp_path: Path, name: str) -> None:
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
 
 
-
 def test_safe_extract_uses_the_data_filter(tmp_path: Path) -> None:
     archive = tmp_path / "modes.tar"
     with tarfile.open(archive, "w") as tar:
@@ -363,17 +367,24 @@ def test_safe_extract_refuses_more_than_the_free_space(tmp_path: Path, monkeypat
 
     free = {"bytes": 99}
     monkeypatch.setattr(archives.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, free["bytes"]))
-    archive = (_zip(tmp_path / "a.zip", {"big.bin": b"x" * 100}) if kind == "zip"
-               else _tar(tmp_path / "a.tar", [("big.bin", b"x" * 100, None)], mode="w"))
+    archive = (
+        _zip(tmp_path / "a.zip", {"big.bin": b"x" * 100})
+        if kind == "zip"
+        else _tar(tmp_path / "a.tar", [("big.bin", b"x" * 100, None)], mode="w")
+    )
     with pytest.raises(UnsafeArchiveError, match="unpacks to 100 bytes and only 99 bytes are free"):
         safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     free["bytes"] = 100  # exactly enough
     assert (safe_extract(archive, tmp_path / "out") / "big.bin").stat().st_size == 100
 
+
 def test_safe_extract_good_archives_and_merge(tmp_path: Path) -> None:
-    tar = _tar(tmp_path / "a.tar.xz", [("README", b"same", None), ("images/1.png", b"png", None),
-                                        ("images/link.png", None, "1.png")], mode="w:xz")
+    tar = _tar(
+        tmp_path / "a.tar.xz",
+        [("README", b"same", None), ("images/1.png", b"png", None), ("images/link.png", None, "1.png")],
+        mode="w:xz",
+    )
     zf = _zip(tmp_path / "b.zip", {"README": b"same", "masks/1.png": b"mask"})
     target = tmp_path / "data" / "ds"
     assert safe_extract(tar, target) == target

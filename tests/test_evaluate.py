@@ -38,6 +38,7 @@ def make_samples(n=5, c=3, size=8, ignore=255, seed=0):
 
 def noisy_oracle(c, flip=0.3, seed=0):
     """One-hot of the ground truth, with some pixels moved to another class (deterministic per image)."""
+
     def predict(image, prompts, name):
         label = ORACLE[image.tobytes()]
         g = torch.Generator().manual_seed(seed + int(image[0, 0, 0]))
@@ -45,6 +46,7 @@ def noisy_oracle(c, flip=0.3, seed=0):
         wrong = torch.rand(lab.shape, generator=g) < flip
         lab = torch.where(wrong, (lab + 1) % c, lab)
         return F.one_hot(lab, c).permute(2, 0, 1).float()  # [K,H,W]
+
     return predict
 
 
@@ -89,8 +91,13 @@ def test_probabilities_are_resized_before_argmax():
     label = np.zeros((8, 8), dtype=np.int64)
     low = torch.rand(3, 3, 3, generator=torch.Generator().manual_seed(3))  # [K,3,3], not the label size
     expected = F.interpolate(low[None], size=(8, 8), mode="bilinear", align_corners=False)[0].argmax(0)
-    res = evaluate([S("a", np.zeros((8, 8, 3), np.uint8), label)], ["a", "b", "c"], lambda im, p, name: low,
-                   ignore_index=None, worst_k=0)
+    res = evaluate(
+        [S("a", np.zeros((8, 8, 3), np.uint8), label)],
+        ["a", "b", "c"],
+        lambda im, p, name: low,
+        ignore_index=None,
+        worst_k=0,
+    )
     cm = M.confusion_matrix(expected, torch.from_numpy(label), 3)
     assert torch.equal(res.confusion, cm)
 
@@ -127,8 +134,10 @@ def test_each_image_is_seeded_by_its_name_so_order_and_shards_do_not_matter(samp
     whole = evaluate(samples, ["a", "b", "c"], pipeline_predictor(pipe, seed=5), **kw)
     assert pipe.seeds == {s.image.tobytes(): image_seed(5, s.stem) for s in samples}  # segment's policy
     backwards = evaluate(samples[::-1], ["a", "b", "c"], pipeline_predictor(NoisyPipe(), seed=5), **kw)
-    parts = [evaluate(samples, ["a", "b", "c"], pipeline_predictor(NoisyPipe(), seed=5), rank=r, world_size=2, **kw)
-             for r in (0, 1)]
+    parts = [
+        evaluate(samples, ["a", "b", "c"], pipeline_predictor(NoisyPipe(), seed=5), rank=r, world_size=2, **kw)
+        for r in (0, 1)
+    ]
     assert torch.equal(backwards.confusion, whole.confusion)
     assert torch.equal(parts[0].confusion + parts[1].confusion, whole.confusion)
     other = evaluate(samples, ["a", "b", "c"], pipeline_predictor(NoisyPipe(), seed=6), **kw)
@@ -136,11 +145,28 @@ def test_each_image_is_seeded_by_its_name_so_order_and_shards_do_not_matter(samp
 
 
 def test_reports_are_written(samples, tmp_path):
-    res = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, out_dir=tmp_path, dataset="toy",
-                   split="val", settings={"steps": 1}, limit=4, worst_k=2)
+    res = evaluate(
+        samples,
+        ["a", "b", "c"],
+        noisy_oracle(3),
+        ignore_index=255,
+        out_dir=tmp_path,
+        dataset="toy",
+        split="val",
+        settings={"steps": 1},
+        limit=4,
+        worst_k=2,
+    )
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"metrics.json", "per_class.csv", "per_image.csv", "confusion_matrix.csv", "confusion_matrix.png",
-            "report.md", "worst"} <= names
+    assert {
+        "metrics.json",
+        "per_class.csv",
+        "per_image.csv",
+        "confusion_matrix.csv",
+        "confusion_matrix.png",
+        "report.md",
+        "worst",
+    } <= names
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["num_images"] == 4 and m["absent_rule"] == "detectron2" and m["settings"] == {"steps": 1}
     assert m["metrics"]["miou"] == pytest.approx(res.metrics["metrics"]["miou"])
@@ -177,9 +203,16 @@ def test_refuge_headline_is_mean_per_image_dice():
     disc[2:6, 2:7] = 1  # disc over-segmented by one column
     cup = torch.zeros(8, 8)
     cup[3:5, 3:5] = 1
-    res = evaluate([S("r", np.zeros((8, 8, 3), np.uint8), gt)], ["optic disc", "optic cup"],
-                   lambda im, p, name: torch.stack([disc, cup]), ignore_index=None, label_mode="nested",
-                   headline="refuge_dice", label_names=["background", "rim", "cup"], worst_k=0)
+    res = evaluate(
+        [S("r", np.zeros((8, 8, 3), np.uint8), gt)],
+        ["optic disc", "optic cup"],
+        lambda im, p, name: torch.stack([disc, cup]),
+        ignore_index=None,
+        label_mode="nested",
+        headline="refuge_dice",
+        label_names=["background", "rim", "cup"],
+        worst_k=0,
+    )
     m = res.metrics["metrics"]
     assert m["dice_disc"] == pytest.approx(2 * 16 / (16 + 20))  # disc = disc ∪ cup
     assert m["dice_cup"] == pytest.approx(1.0)
@@ -192,8 +225,15 @@ def test_deepglobe_headline_is_road_iou():
     gt[:, 1] = 1
     road = torch.zeros(1, 4, 4)
     road[0, :, 1:3] = 0.9  # 4 TP, 4 FP
-    res = evaluate([S("t", np.zeros((4, 4, 3), np.uint8), gt)], ["road"], lambda im, p, name: road, ignore_index=None,
-                   label_mode="background", headline="road_iou", worst_k=0)
+    res = evaluate(
+        [S("t", np.zeros((4, 4, 3), np.uint8), gt)],
+        ["road"],
+        lambda im, p, name: road,
+        ignore_index=None,
+        label_mode="background",
+        headline="road_iou",
+        worst_k=0,
+    )
     m = res.metrics["metrics"]
     assert m["road_iou"] == pytest.approx(0.5) and res.metrics["headline"]["value"] == pytest.approx(0.5)
     assert m["miou_2class"] > m["road_iou"]
@@ -222,16 +262,37 @@ def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
     from digseg_cli.inference.device import leave_process_group
 
     # What torchrun / accelerate launch set for each process; Accelerate joins the group from them.
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     processes = join_processes("cpu")
     try:
         samples = make_samples()
         ORACLE.update({x.image.tobytes(): x.label for x in samples})
-        res = evaluate(samples, ["a", "b", "c"], noisy_oracle(3), ignore_index=255, out_dir=f"{out}/r{rank}",
-                       worst_k=2, processes=processes)
-        torch.save({"cm": res.confusion, "n": len(res.per_image), "shard": res.metrics["shard"],
-                    "worst": [w[1] for w in res.worst]}, f"{out}/rank{rank}.pt")
+        res = evaluate(
+            samples,
+            ["a", "b", "c"],
+            noisy_oracle(3),
+            ignore_index=255,
+            out_dir=f"{out}/r{rank}",
+            worst_k=2,
+            processes=processes,
+        )
+        torch.save(
+            {
+                "cm": res.confusion,
+                "n": len(res.per_image),
+                "shard": res.metrics["shard"],
+                "worst": [w[1] for w in res.worst],
+            },
+            f"{out}/rank{rank}.pt",
+        )
     finally:
         leave_process_group()
 

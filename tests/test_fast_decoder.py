@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from digseg_cli.models.checkpoint import load_checkpoint
 from digseg_cli.cli.app import app
 from digseg_cli.core.fast_decoder import FastMaskDecoder
 from digseg_cli.errors import CheckpointError, UsageError
 from digseg_cli.inference.pipeline import DigsegPipeline, load_model
+from digseg_cli.models.checkpoint import load_checkpoint
 
 
 @pytest.mark.parametrize("factor", [1, 4, 8])
@@ -91,8 +91,27 @@ def test_fast_needs_a_fast_decoder():
 def test_decoder_train_command_on_a_tiny_model(tmp_path):
     base = DigsegPipeline(load_model("tiny")).save_pretrained(tmp_path / "tiny")
     out = tmp_path / "with-fast"
-    result = CliRunner().invoke(app, ["decoder", "train", "--weights", str(base), "--out", str(out), "--steps", "3",
-                                      "--pool", "2", "--val-limit", "2", "--width", "8", "--blocks", "1"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "decoder",
+            "train",
+            "--weights",
+            str(base),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--pool",
+            "2",
+            "--val-limit",
+            "2",
+            "--width",
+            "8",
+            "--blocks",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "digseg_config.json").read_text())
     ev = config["evaluation"]["fast_decoder"]
@@ -116,8 +135,9 @@ def test_segment_and_eval_record_the_decoder_they_used(tiny_with_fast, tmp_path)
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
 
     def segment(out: str, *extra: str) -> str:
-        result = CliRunner().invoke(app, ["segment", str(image), "-p", "road", "--weights", str(folder),
-                                          "--out", str(tmp_path / out), *extra])
+        result = CliRunner().invoke(
+            app, ["segment", str(image), "-p", "road", "--weights", str(folder), "--out", str(tmp_path / out), *extra]
+        )
         assert result.exit_code == 0, result.output
         return json.loads((tmp_path / out / "run.json").read_text())["resolved"]["decoder"]
 
@@ -129,8 +149,10 @@ def test_segment_and_eval_record_the_decoder_they_used(tiny_with_fast, tmp_path)
     assert segment("auto-passed") == "fast"
     assert segment("vae", "--decoder", "vae") == "vae"
     data = write_synth_dataset(tmp_path / "data", n=2, seed=0, size=32).out_dir
-    result = CliRunner().invoke(app, ["eval", "--dataset", str(data), "--weights", str(folder), "--decoder", "vae",
-                                      "--out", str(tmp_path / "eval")])
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--dataset", str(data), "--weights", str(folder), "--decoder", "vae", "--out", str(tmp_path / "eval")],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["settings"]["decoder"] == "vae"
 
@@ -139,7 +161,9 @@ def test_decoder_help_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys\nsys.argv = ['digseg', 'decoder', 'train', '--help']\nfrom digseg_cli.cli.app import main\n"
-            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "assert 'torch' not in sys.modules\n")
+    code = (
+        "import sys\nsys.argv = ['digseg', 'decoder', 'train', '--help']\nfrom digseg_cli.cli.app import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules\n"
+    )
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0

@@ -23,9 +23,9 @@ runner = CliRunner()
 
 def _demo_probs(dtype: torch.dtype, decoder: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The demo's probabilities `[N,K,H,W]` and labels `[N,H,W]` on 8 synthetic 128 px scenes, on cuda."""
+    from digseg_cli.data.synth import generate_scene
     from digseg_cli.inference.pipeline import DigsegPipeline
     from digseg_cli.models.loader import load_model
-    from digseg_cli.data.synth import generate_scene
 
     loaded = load_model("demo")  # a fresh fp32 copy per precision: casting one copy twice would round twice
     names = [c["name"] for c in loaded.config.classes]
@@ -50,10 +50,13 @@ def _difference(fp32_reference, dtype: torch.dtype, decoder: str) -> dict[str, f
     probs, labels = _demo_probs(dtype, decoder)
     assert torch.isfinite(probs).all()
     diff = (probs - ref).abs().flatten()
-    stats = {"max": diff.max().item(), "mean": diff.mean().item(),
-             "p99": diff.kthvalue(int(diff.numel() * 0.99)).values.item(),
-             "p99.9": diff.kthvalue(int(diff.numel() * 0.999)).values.item(),
-             "labels_changed": (labels != ref_labels).float().mean().item()}
+    stats = {
+        "max": diff.max().item(),
+        "mean": diff.mean().item(),
+        "p99": diff.kthvalue(int(diff.numel() * 0.99)).values.item(),
+        "p99.9": diff.kthvalue(int(diff.numel() * 0.999)).values.item(),
+        "labels_changed": (labels != ref_labels).float().mean().item(),
+    }
     print(f"{dtype} {decoder}: " + ", ".join(f"{k} {v:.2e}" for k, v in stats.items()))
     return stats
 
@@ -77,11 +80,25 @@ def test_bf16_probabilities_are_within_1e_2_of_fp32_but_on_class_boundaries(fp32
 def test_segment_runs_on_cuda_in_its_default_precision(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     out = tmp_path / "out"
-    result = runner.invoke(app, ["segment", str(REPO / "examples" / "aerial-1.png"), "--prompt",
-                                 "road, tree, building, water, field", "--device", "cuda", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "segment",
+            str(REPO / "examples" / "aerial-1.png"),
+            "--prompt",
+            "road, tree, building, water, field",
+            "--device",
+            "cuda",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((out / "run.json").read_text())
-    assert record["device"].startswith("cuda") and "bf" in str(record["precision"]), (record["device"], record["precision"])
+    assert record["device"].startswith("cuda") and "bf" in str(record["precision"]), (
+        record["device"],
+        record["precision"],
+    )
     assert any(p.name.endswith(".mask.png") for p in out.iterdir())
 
 
@@ -90,8 +107,24 @@ def test_eval_on_cuda_matches_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     miou = {}
     for device in ("cpu", "cuda"):
-        result = runner.invoke(app, ["eval", "--dataset", "synth", "--weights", "demo", "--limit", "8", "--device",
-                                     device, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / device)])
+        result = runner.invoke(
+            app,
+            [
+                "eval",
+                "--dataset",
+                "synth",
+                "--weights",
+                "demo",
+                "--limit",
+                "8",
+                "--device",
+                device,
+                "--data-root",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / device),
+            ],
+        )
         assert result.exit_code == 0, result.output
         miou[device] = json.loads((tmp_path / device / "metrics.json").read_text())["metrics"]["miou"]
     print(f"eval mIoU on 8 images: cpu fp32 {miou['cpu']:.4f}, cuda bf16 {miou['cuda']:.4f}")
@@ -107,11 +140,39 @@ def test_train_with_mixed_precision_on_cuda(tmp_path, precision):
     write_synth_dataset(data, 24, seed=11, size=32)
     out = tmp_path / "run"
     # A process of its own, as a user runs it: Accelerate fixes one mixed-precision mode per process.
-    result = subprocess.run([sys.executable, "-m", "digseg_cli", "train", "--data", str(data), "--out", str(out),
-                             "--base", "tiny", "--batch-size", "4", "--lr", "1e-3", "--warmup-steps", "2",
-                             "--max-steps", "20", "--val-every", "10", "--save-every", "10", "--vae-steps", "10",
-                             "--precision", precision], capture_output=True, text=True,
-                            env={**os.environ, "DIGSEG_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "digseg_cli",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--base",
+            "tiny",
+            "--batch-size",
+            "4",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "2",
+            "--max-steps",
+            "20",
+            "--val-every",
+            "10",
+            "--save-every",
+            "10",
+            "--vae-steps",
+            "10",
+            "--precision",
+            precision,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DIGSEG_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from digseg_cli.errors import UsageError
-from digseg_cli.inference.overlay import make_overlay
 from digseg_cli.inference.images import (
     ImageReadError,
     atomic_path,
@@ -26,6 +25,7 @@ from digseg_cli.inference.images import (
     write_npy,
     write_png16,
 )
+from digseg_cli.inference.overlay import make_overlay
 
 
 def _gradient(h: int = 6, w: int = 10) -> np.ndarray:

@@ -14,13 +14,15 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "digseg_cli"
 # Layer of each room: an import may only point to a lower layer or within its own room.
 LAYERS = {
-    "errors": 0, "_version": 0,
+    "errors": 0,
+    "_version": 0,
     "core": 1,
     "weights": 2,
     "models": 3,
     "inference": 4,
     "data": 5,
-    "evaluate": 6, "segment": 6,
+    "evaluate": 6,
+    "segment": 6,
     "train": 7,
     "cli": 8,
     "__main__": 9,
@@ -53,7 +55,9 @@ def _imports(name: str, path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             if not base.startswith("digseg_cli"):
                 continue
             for alias in node.names:
@@ -85,8 +89,11 @@ def test_every_module_says_its_job():
 
 
 def test_core_imports_nothing_of_digseg():
-    wrong = {m: sorted(d) for m, d in GRAPH.items() if _room(m) == "core" and d - {"digseg_cli.core"}
-             and any(not x.startswith("digseg_cli.core") for x in d)}
+    wrong = {
+        m: sorted(d)
+        for m, d in GRAPH.items()
+        if _room(m) == "core" and d - {"digseg_cli.core"} and any(not x.startswith("digseg_cli.core") for x in d)
+    }
     assert not wrong, wrong
 
 
@@ -106,7 +113,9 @@ def test_imports_point_down():
 
 
 def test_only_the_cli_imports_the_cli():
-    wrong = [m for m, deps in GRAPH.items() if any(_room(d) == "cli" for d in deps) and _room(m) not in ("cli", "__main__")]
+    wrong = [
+        m for m, deps in GRAPH.items() if any(_room(d) == "cli" for d in deps) and _room(m) not in ("cli", "__main__")
+    ]
     assert not wrong, wrong
 
 
@@ -120,7 +129,7 @@ def test_no_import_circle():
         stack.append(node)
         for dep in sorted(GRAPH.get(node, ())):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state and (found := visit(dep)):
                 return found
         state[node] = 2
@@ -154,8 +163,11 @@ def test_everything_fits_on_a_screen():
             length = body[-1].end_lineno - body[0].lineno + 1 if body else 0
             if length > MAX_FUNCTION_LINES:
                 too_long.append(f"{name}.{fn.name}: body of {length} lines")
-            positional = [a for a in fn.args.posonlyargs + fn.args.args if a.arg not in ("self", "cls")
-                          and not _is_typer_option(a)]
+            positional = [
+                a
+                for a in fn.args.posonlyargs + fn.args.args
+                if a.arg not in ("self", "cls") and not _is_typer_option(a)
+            ]
             if len(positional) > MAX_POSITIONAL:
                 too_many.append(f"{name}.{fn.name}: {len(positional)} positional parameters")
     assert not too_long + too_many, "\n".join(too_long + too_many)
@@ -167,7 +179,10 @@ def test_only_the_cli_imports_typer_and_rich():
         if _room(name) in ("cli", "__main__"):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             wrong += [f"{name} imports {n}" for n in names if n.split(".")[0] in ("typer", "rich", "click")]
     assert not wrong, wrong

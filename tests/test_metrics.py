@@ -1,4 +1,5 @@
-"""core.metrics: the confusion matrix, both absent-class rules, torchmetrics parity and datasets.md's worked examples."""
+"""core.metrics: the confusion matrix, both absent-class rules, torchmetrics parity and datasets.md's worked
+examples."""
 
 from __future__ import annotations
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from digseg_cli.segment import inputs
+from digseg_cli.errors import InterruptedRunError, NoInputsError, OutOfMemoryError, UsageError
 from digseg_cli.inference import prompts
+from digseg_cli.models.config import DigsegConfig
+from digseg_cli.segment import inputs
 from digseg_cli.segment import run as seg
 from digseg_cli.segment import settings as seg_settings
-from digseg_cli.errors import InterruptedRunError, NoInputsError, OutOfMemoryError, UsageError
-from digseg_cli.models.config import DigsegConfig
 
 SIZE = (40, 48)  # (H, W)
 
@@ -45,8 +45,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def diffusion_pipe():
-    from digseg_cli.models.checkpoint import build_compact
     from digseg_cli.inference.pipeline import DigsegPipeline
+    from digseg_cli.models.checkpoint import build_compact
 
     return DigsegPipeline(build_compact("tiny", objective="diffusion", default_steps=2))
 
@@ -69,8 +69,13 @@ def test_parse_prompts_classes_synonyms_duplicates_and_empties():
 
 @pytest.mark.parametrize("suffix", [".yaml", ".json"])
 def test_load_prompt_file(tmp_path, suffix):
-    data = {"classes": [{"name": "road", "synonyms": ["street", "highway"], "color": "#ff8800", "threshold": 0.4},
-                        {"name": "tree", "prompt": "green tree", "colour": "0,255,0"}, "building|house"]}
+    data = {
+        "classes": [
+            {"name": "road", "synonyms": ["street", "highway"], "color": "#ff8800", "threshold": 0.4},
+            {"name": "tree", "prompt": "green tree", "colour": "0,255,0"},
+            "building|house",
+        ]
+    }
     path = tmp_path / f"classes{suffix}"
     if suffix == ".json":
         path.write_text(json.dumps(data))
@@ -154,8 +159,15 @@ def test_expand_inputs_mirrors_tree_globs_lists_and_content_sniffing(tmp_path, m
     _save(tmp_path / "data/out/old.mask.png", 0, (8, 8))  # the output folder is never walked
     found = inputs.expand_inputs(["data"], recursive=True, exclude="data/out")
     rels = {str(f.rel): str(f.key) for f in found}
-    assert rels == {"a/x.png": "a/x", "b/x.png": "b/x", "b/deep/y.png": "b/deep/y", "z.jpg": "z.jpg",
-                    "z.png": "z.png", "no_suffix": "no_suffix", "broken.png": "broken"}
+    assert rels == {
+        "a/x.png": "a/x",
+        "b/x.png": "b/x",
+        "b/deep/y.png": "b/deep/y",
+        "z.jpg": "z.jpg",
+        "z.png": "z.png",
+        "no_suffix": "no_suffix",
+        "broken.png": "broken",
+    }
     assert {str(f.rel) for f in inputs.expand_inputs(["data"])} == {"z.jpg", "z.png", "no_suffix", "broken.png"}
     # Explicit files from two folders keep their folders; globs and @lists (relative to the list file).
     assert [str(f.rel) for f in inputs.expand_inputs(["data/a/x.png", "data/b/x.png"])] == ["a/x.png", "b/x.png"]
@@ -195,8 +207,10 @@ def test_run_writes_outputs_records_and_manifest(tmp_path, pipe):
             assert prob.mode.startswith("I")
     rec = records[0].to_json()
     assert rec["schema"] == "digseg.segment/1" and rec["status"] == "ok"
-    assert abs(sum(c["fraction"] for c in rec["classes"]) + (np.asarray(Image.open(out / "a.mask.png")) == 0).mean()
-               - 1) < 1e-6
+    assert (
+        abs(sum(c["fraction"] for c in rec["classes"]) + (np.asarray(Image.open(out / "a.mask.png")) == 0).mean() - 1)
+        < 1e-6
+    )
     # 16-bit probabilities decode to the model's output on the documented 0–65535 scale.
     labels = np.asarray(Image.open(out / "a.mask.png"))
     road = np.asarray(Image.open(out / "a.road.prob.png")).astype(np.float64) / 65535
@@ -257,8 +271,7 @@ def test_tiled_agrees_with_whole_image(tmp_path, pipe):
     expected = np.tile(_probs(tmp_path / "patch", "p"), (1, 2, 2))  # [K,64,64]
     seg.run_segment([str(tmp_path / "quad.png")], tmp_path / "t0", pipe, _settings(tile=32, overlap=0, **probs_npy))
     np.testing.assert_allclose(_probs(tmp_path / "t0", "quad"), expected, atol=1e-5)
-    seg.run_segment([str(tmp_path / "quad.png")], tmp_path / "t25", pipe,
-                    _settings(tile=32, overlap=0.25, **probs_npy))
+    seg.run_segment([str(tmp_path / "quad.png")], tmp_path / "t25", pipe, _settings(tile=32, overlap=0.25, **probs_npy))
     blended = _probs(tmp_path / "t25", "quad")  # windows start at 0, 24, 32 on each axis
     np.testing.assert_allclose(blended[:, :24, :24], expected[:, :24, :24], atol=1e-5)
     np.testing.assert_allclose(blended[:, 56:, 56:], expected[:, 56:, 56:], atol=1e-5)
@@ -334,8 +347,8 @@ def test_oom_backs_off_batch_then_tiles_and_records_it(tmp_path, pipe):
 
 def test_fp16_overflow_fallback_is_recorded_once_in_the_manifest(tmp_path):
     """The pipeline's own fallback to fp32 (tested in test_core) reaches run.json, named with its image."""
-    from digseg_cli.models.checkpoint import build_compact
     from digseg_cli.inference.pipeline import DigsegPipeline
+    from digseg_cli.models.checkpoint import build_compact
 
     loaded = build_compact("tiny")
     with torch.no_grad():

@@ -8,14 +8,17 @@ import json
 import numpy as np
 import pytest
 
+from digseg_cli.data.synth import SYNTH_CLASSES, generate_scene, make_scene_image, scene_rng, write_synth_dataset
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.images import read_image, read_mask
-from digseg_cli.data.synth import SYNTH_CLASSES, generate_scene, make_scene_image, scene_rng, write_synth_dataset
 
 
 def _digest(folder) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_different_seed_differs(tmp_path):
@@ -25,7 +28,8 @@ def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     assert a == b
     assert a["images/00000.png"] != c["images/00000.png"]
     assert sorted(a) == ["classes.json"] + [f"images/0000{i}.png" for i in range(4)] + [
-        f"masks/0000{i}.png" for i in range(4)]
+        f"masks/0000{i}.png" for i in range(4)
+    ]
 
 
 def test_scene_shapes_and_labels():

@@ -42,19 +42,48 @@ def _cmd(*args: str) -> list[str]:
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for part in ("unet/diffusion_pytorch_model.safetensors", "text_pathway/model.safetensors",
-                 "text_encoder/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+    for part in (
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_pathway/model.safetensors",
+        "text_encoder/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
         out.update({f"{part}:{k}": v for k, v in load_file(str(folder / part)).items()})
     return out
 
 
 def test_train_writes_checkpoints_metrics_and_config(synth32, tmp_path):
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(out), *TINY, "--max-steps", "6",
-                                 "--val-every", "3", "--save-every", "3", "--vae-steps", "2", "--ema", "0.9"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(synth32),
+            "--out",
+            str(out),
+            *TINY,
+            "--max-steps",
+            "6",
+            "--val-every",
+            "3",
+            "--save-every",
+            "3",
+            "--vae-steps",
+            "2",
+            "--ema",
+            "0.9",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for name in ("config.json", "metrics.csv", "metrics.jsonl", "last/trainer_state.pt", "last/digseg_config.json",
-                 "best/digseg_config.json"):
+    for name in (
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "last/trainer_state.pt",
+        "last/digseg_config.json",
+        "best/digseg_config.json",
+    ):
         assert (out / name).exists(), name
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "val_miou" in r] == [3, 6]
@@ -80,9 +109,26 @@ def test_bf16_training_on_a_cpu_without_bf16_instructions_notes_that_it_is_emula
     # in-process runs' fp32, before or after it.
     AcceleratorState._reset_state()
     try:
-        result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(tmp_path / "run"), *TINY,
-                                     "--max-steps", "1", "--val-every", "1", "--vae-steps", "0", "--cpu",
-                                     "--precision", "bf16"])
+        result = runner.invoke(
+            app,
+            [
+                "train",
+                "--data",
+                str(synth32),
+                "--out",
+                str(tmp_path / "run"),
+                *TINY,
+                "--max-steps",
+                "1",
+                "--val-every",
+                "1",
+                "--vae-steps",
+                "0",
+                "--cpu",
+                "--precision",
+                "bf16",
+            ],
+        )
     finally:
         AcceleratorState._reset_state()
     assert result.exit_code == 0, result.output
@@ -96,7 +142,9 @@ def test_data_check_runs_first_and_stops_with_exit_7(tmp_path):
     write_synth_dataset(data, 4, seed=0, size=32)
     (data / "masks" / "00001.png").unlink()  # an image without its mask
     (data / "images" / "00002.png").write_bytes(b"not an image")
-    result = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "1"])
+    result = runner.invoke(
+        app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), *TINY, "--max-steps", "1"]
+    )
     assert result.exit_code == 7
     assert "00001" in result.output and "00002" in result.output and "Traceback" not in result.output
 
@@ -113,20 +161,34 @@ def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120
 
 
 def test_resume_after_sigkill_ends_with_the_same_weights(synth32, tmp_path):
-    args = ["--data", str(synth32), *TINY, "--max-steps", "40", "--save-every", "4", "--val-every", "0",
-            "--deterministic", "--cpu"]
+    args = [
+        "--data",
+        str(synth32),
+        *TINY,
+        "--max-steps",
+        "40",
+        "--save-every",
+        "4",
+        "--val-every",
+        "0",
+        "--deterministic",
+        "--cpu",
+    ]
     full = tmp_path / "full"
     subprocess.run(_cmd(*args, "--out", str(full)), env=_env(), check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(*args, "--out", str(killed)), env=_env(), stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(*args, "--out", str(killed)), env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
     step = _wait_for_checkpoint(killed, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert step < 40, "the run finished before it could be killed"
     assert json.loads((killed / "last" / "digseg_config.json").read_text())["training"]["step"] < 40
-    subprocess.run(_cmd(*args, "--out", str(killed), "--resume"), env=_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _cmd(*args, "--out", str(killed), "--resume"), env=_env(), check=True, capture_output=True, timeout=300
+    )
 
     a, b = _weights(full / "last"), _weights(killed / "last")
     assert a.keys() == b.keys()
@@ -138,8 +200,12 @@ def test_resume_after_sigkill_ends_with_the_same_weights(synth32, tmp_path):
 def test_sigterm_writes_a_checkpoint_and_exits_130_then_resume_extends(synth32, tmp_path):
     out = tmp_path / "run"
     args = ["--data", str(synth32), *TINY, "--val-every", "0", "--save-every", "1000", "--cpu"]
-    proc = subprocess.Popen(_cmd(*args, "--out", str(out), "--max-steps", "100000"), env=_env(),
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cmd(*args, "--out", str(out), "--max-steps", "100000"),
+        env=_env(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.csv").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -151,8 +217,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_130_then_resume_extends(synth32, 
     step = json.loads((out / "last" / "digseg_config.json").read_text())["training"]["step"]
     assert 0 < step < 100000
     # The command the message suggests, plus a longer --max-steps: the run's own settings are reused.
-    done = subprocess.run(_cmd("--out", str(out), "--resume", "--max-steps", str(step + 2)), env=_env(),
-                          capture_output=True, timeout=300)
+    done = subprocess.run(
+        _cmd("--out", str(out), "--resume", "--max-steps", str(step + 2)), env=_env(), capture_output=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr.decode()
     resumed = json.loads((out / "last" / "digseg_config.json").read_text())["training"]
     assert resumed["step"] == step + 2
@@ -161,9 +228,32 @@ def test_sigterm_writes_a_checkpoint_and_exits_130_then_resume_extends(synth32, 
 
 def test_two_processes_end_with_identical_weights(synth32, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "digseg_cli", "-v", "train", "--data", str(synth32), "--out", str(out), *TINY,
-           "--batch-size", "2", "--max-steps", "4", "--val-every", "2", "--save-every", "2", "--cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "digseg_cli",
+        "-v",
+        "train",
+        "--data",
+        str(synth32),
+        "--out",
+        str(out),
+        *TINY,
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--val-every",
+        "2",
+        "--save-every",
+        "2",
+        "--cpu",
+    ]
     done = subprocess.run(cmd, env=_env(), capture_output=True, timeout=300)
     stderr = done.stderr.decode()
     assert done.returncode == 0, stderr
@@ -174,9 +264,30 @@ def test_two_processes_end_with_identical_weights(synth32, tmp_path):
 
 def test_finetune_from_tiny_sd_base_keeps_vae_and_text_encoder_frozen(synth32, tiny_sd_base, tmp_path):
     out = tmp_path / "sd-run"
-    result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(out), "--base", str(tiny_sd_base),
-                                 "--resolution", "32", "--batch-size", "2", "--max-steps", "3", "--val-every", "0",
-                                 "--lr", "1e-3", "--objective", "diffusion"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(synth32),
+            "--out",
+            str(out),
+            "--base",
+            str(tiny_sd_base),
+            "--resolution",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "3",
+            "--val-every",
+            "0",
+            "--lr",
+            "1e-3",
+            "--objective",
+            "diffusion",
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "last" / "digseg_config.json").read_text())
     assert config["base_model"] == str(tiny_sd_base) and config["prediction_type"] == "epsilon"
@@ -203,14 +314,33 @@ def test_finetune_with_init_does_not_inherit_the_parents_scores_or_fast_decoder_
 
     parent = load_model("tiny")
     parent.model.fast_decoder = FastMaskDecoder(parent.model.latent_channels, parent.model.vae_scale_factor, width=8)
-    parent.config.evaluation = {"val_miou": 0.97, "val_step": 4400, "synth": {"miou": 0.95, "decoder": "fast"},
-                                "fast_decoder": {"passed": True, "miou_change_points": 0.1}}
+    parent.config.evaluation = {
+        "val_miou": 0.97,
+        "val_step": 4400,
+        "synth": {"miou": 0.95, "decoder": "fast"},
+        "fast_decoder": {"passed": True, "miou_change_points": 0.1},
+    }
     parent_dir = DigsegPipeline(parent).save_pretrained(tmp_path / "parent")
     assert DigsegPipeline(load_model(parent_dir)).resolve_decoder("auto") == "fast"  # the parent's check counts
 
     out = tmp_path / "tuned"
-    result = runner.invoke(app, ["train", "--data", str(synth32), "--out", str(out), "--init", str(parent_dir),
-                                 *TINY[2:], "--max-steps", "2", "--val-every", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(synth32),
+            "--out",
+            str(out),
+            "--init",
+            str(parent_dir),
+            *TINY[2:],
+            "--max-steps",
+            "2",
+            "--val-every",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_miou" in line]
     for kind in ("last", "best"):
@@ -220,8 +350,9 @@ def test_finetune_with_init_does_not_inherit_the_parents_scores_or_fast_decoder_
     from PIL import Image
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
-    seg = runner.invoke(app, ["segment", str(image), "-p", "road", "--weights", str(out / "best"),
-                              "--out", str(tmp_path / "seg")])
+    seg = runner.invoke(
+        app, ["segment", str(image), "-p", "road", "--weights", str(out / "best"), "--out", str(tmp_path / "seg")]
+    )
     assert seg.exit_code == 0, seg.output
     assert json.loads((tmp_path / "seg" / "run.json").read_text())["resolved"]["decoder"] == "vae"
 
@@ -232,12 +363,31 @@ def test_validation_miou_is_what_digseg_eval_reports_for_the_same_weights(synth3
 
     val = write_synth_dataset(tmp_path / "val", 5, seed=12, size=32).out_dir
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--data", str(synth32), "--val", str(val), "--out", str(out), *TINY,
-                                 "--max-steps", "2", "--val-every", "2", "--objective", "diffusion"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(synth32),
+            "--val",
+            str(val),
+            "--out",
+            str(out),
+            *TINY,
+            "--max-steps",
+            "2",
+            "--val-every",
+            "2",
+            "--objective",
+            "diffusion",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    evaluated = runner.invoke(app, ["eval", "--dataset", str(val), "--weights", str(out / "best"), "--seed", "3",
-                                    "--out", str(tmp_path / "eval")])
+    evaluated = runner.invoke(
+        app,
+        ["eval", "--dataset", str(val), "--weights", str(out / "best"), "--seed", "3", "--out", str(tmp_path / "eval")],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert record["val_miou"] == metrics["metrics"]["miou"]
@@ -253,12 +403,15 @@ def test_foreground_weight_weighs_the_latent_pixels_the_target_covers(monkeypatc
     loaded = load_model("tiny")
     model, f = loaded.model, loaded.model.vae_scale_factor
     seen = []
-    monkeypatch.setattr(diffusion, "training_loss", lambda *a, weight=None, **k: seen.append(weight) or torch.tensor(0.))
+    monkeypatch.setattr(
+        diffusion, "training_loss", lambda *a, weight=None, **k: seen.append(weight) or torch.tensor(0.0)
+    )
     target = torch.zeros(2, 1, 32, 32)
     target[0, :, :8, :8] = 1  # the top-left 8x8 pixels of the first image; the second is empty
     target[1, :, 9:10, 9:10] = 1  # one pixel: its latent pixel counts as covered
-    ids = loaded.tokenizer(["road", "road"], padding="max_length", max_length=loaded.tokenizer.model_max_length,
-                           return_tensors="pt").input_ids
+    ids = loaded.tokenizer(
+        ["road", "road"], padding="max_length", max_length=loaded.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     batch = {"pixel_values": torch.zeros(2, 3, 32, 32), "target": target, "input_ids": ids}
     sched = diffusion.make_scheduler(loaded.scheduler_config)
     for w in (1.0, 5.0):
@@ -282,11 +435,40 @@ def test_small_model_trained_on_synthetic_scenes_reaches_validation_miou_0_5(tmp
     from digseg_cli.data.synth import write_synth_dataset
 
     write_synth_dataset(tmp_path / "scenes", 400, seed=0, size=128)
-    result = runner.invoke(app, [
-        "train", "--data", str(tmp_path / "scenes"), "--out", str(tmp_path / "run"), "--base", "small",
-        "--resolution", "64", "--vae-steps", "600", "--max-steps", "900", "--batch-size", "8", "--lr", "1e-3",
-        "--warmup-steps", "30", "--val-every", "900", "--save-every", "900", "--ema", "0.99",
-        "--foreground-weight", "5", "--seed", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "scenes"),
+            "--out",
+            str(tmp_path / "run"),
+            "--base",
+            "small",
+            "--resolution",
+            "64",
+            "--vae-steps",
+            "600",
+            "--max-steps",
+            "900",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "30",
+            "--val-every",
+            "900",
+            "--save-every",
+            "900",
+            "--ema",
+            "0.99",
+            "--foreground-weight",
+            "5",
+            "--seed",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     validation = [r for r in records if "val_miou" in r]

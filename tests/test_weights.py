@@ -29,10 +29,17 @@ FILES = {"/w/unet/model.safetensors": UNET, "/w/digseg_config.json": CONFIG}
 
 def make_spec(url: str, name: str = "tiny-test", unet: bytes = UNET) -> WeightsSpec:
     return WeightsSpec(
-        name=name, description="test weights", source="url", base_url=f"{url}/w", revision="v1",
-        files=(FileSpec("unet/model.safetensors", hashlib.sha256(unet).hexdigest(), len(unet)),
-               FileSpec("digseg_config.json", hashlib.sha256(CONFIG).hexdigest(), len(CONFIG))),
-        licence="test-licence", classes=("road", "tree"),
+        name=name,
+        description="test weights",
+        source="url",
+        base_url=f"{url}/w",
+        revision="v1",
+        files=(
+            FileSpec("unet/model.safetensors", hashlib.sha256(unet).hexdigest(), len(unet)),
+            FileSpec("digseg_config.json", hashlib.sha256(CONFIG).hexdigest(), len(CONFIG)),
+        ),
+        licence="test-licence",
+        classes=("road", "tree"),
     )
 
 
@@ -42,16 +49,33 @@ COMMIT = "c0ffee" * 6 + "c0de"
 def hub_files(repo_id: str, commit: str, files: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, dict]]:
     """What the Hugging Face Hub answers for one repo at one commit: (path → body, path → headers) for
     ``LocalServer``. Blob ids: sha256 for ``*.safetensors`` (LFS files), git blob sha1 for the rest."""
-    def blob_id(rel: str, body: bytes) -> str:
-        return hashlib.sha256(body).hexdigest() if rel.endswith(".safetensors") else \
-            hashlib.sha1(f"blob {len(body)}\0".encode() + body).hexdigest()
 
-    tree = [{"type": "file", "oid": blob_id("", body), "size": len(body), "path": rel,
-             **({"lfs": {"oid": blob_id(rel, body), "size": len(body), "pointerSize": 134}}
-                if rel.endswith(".safetensors") else {})} for rel, body in files.items()]
+    def blob_id(rel: str, body: bytes) -> str:
+        return (
+            hashlib.sha256(body).hexdigest()
+            if rel.endswith(".safetensors")
+            else hashlib.sha1(f"blob {len(body)}\0".encode() + body).hexdigest()
+        )
+
+    tree = [
+        {
+            "type": "file",
+            "oid": blob_id("", body),
+            "size": len(body),
+            "path": rel,
+            **(
+                {"lfs": {"oid": blob_id(rel, body), "size": len(body), "pointerSize": 134}}
+                if rel.endswith(".safetensors")
+                else {}
+            ),
+        }
+        for rel, body in files.items()
+    ]
     info = {"id": repo_id, "sha": commit, "siblings": [{"rfilename": rel} for rel in files]}
-    bodies = {f"/api/models/{repo_id}/revision/main": json.dumps(info).encode(),
-              f"/api/models/{repo_id}/tree/{commit}": json.dumps(tree).encode()}
+    bodies = {
+        f"/api/models/{repo_id}/revision/main": json.dumps(info).encode(),
+        f"/api/models/{repo_id}/tree/{commit}": json.dumps(tree).encode(),
+    }
     headers = {}
     for rel, body in files.items():
         bodies[f"/{repo_id}/resolve/{commit}/{rel}"] = body
@@ -67,8 +91,10 @@ def local_hub(monkeypatch: pytest.MonkeyPatch, repo_id: str, files: dict[str, by
         srv.headers.update(headers)
         monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
         monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", srv.url)
-        monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
-                            srv.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            "huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+            srv.url + "/{repo_id}/resolve/{revision}/{filename}",
+        )
         yield srv
 
 
@@ -102,8 +128,9 @@ def test_cache_dir_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -
 def test_download_cache_and_warm_hit(server: LocalServer, tmp_path: Path) -> None:
     spec, root = make_spec(server.url), tmp_path / "cache"
     seen = []
-    folder = resolve_weights("tiny-test", cache_dir=root, registry={"tiny-test": spec},
-                             progress=lambda *a: seen.append(a))
+    folder = resolve_weights(
+        "tiny-test", cache_dir=root, registry={"tiny-test": spec}, progress=lambda *a: seen.append(a)
+    )
     assert folder == root / "tiny-test" / "v1"
     assert (folder / "unet" / "model.safetensors").read_bytes() == UNET
     assert seen[-1] == ("tiny-test", len(UNET) + len(CONFIG), len(UNET) + len(CONFIG))
@@ -151,8 +178,9 @@ def test_verify_offline_removes_but_does_not_fetch(server: LocalServer, tmp_path
     assert {r["path"]: r["status"] for r in rows}["digseg_config.json"] == "missing"
 
 
-def test_offline_miss_is_fast_and_says_how_to_fetch(server: LocalServer, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_miss_is_fast_and_says_how_to_fetch(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")
     start = time.monotonic()
     with pytest.raises(WeightsUnavailableError) as info:
@@ -188,8 +216,11 @@ def test_unknown_name_suggests_closest() -> None:
 def test_hub_snapshot_offline_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fetched by huggingface_hub itself from a Hub on 127.0.0.1; then found offline, verified and repaired."""
     weights_file = "unet/diffusion_pytorch_model.safetensors"
-    files = {"model_index.json": b'{"unet": ["diffusers", "UNet2DConditionModel"]}', weights_file: os.urandom(5000),
-             "unet/config.json": b"{}"}
+    files = {
+        "model_index.json": b'{"unet": ["diffusers", "UNet2DConditionModel"]}',
+        weights_file: os.urandom(5000),
+        "unet/config.json": b"{}",
+    }
     with local_hub(monkeypatch, "someone/model", files) as srv:
         snap = weights.download_weights("someone/model")
         assert snap.parent.name == "snapshots" and (snap / weights_file).read_bytes() == files[weights_file]
@@ -199,7 +230,8 @@ def test_hub_snapshot_offline_and_verify(tmp_path: Path, monkeypatch: pytest.Mon
         assert resolve_weights("someone/model") == snap  # a complete snapshot: no Hub call
         assert len(srv.requests) == fetched
         assert {r["path"]: r["status"] for r in verify_weights("someone/model", offline=True)} == dict.fromkeys(
-            ["model_index.json", "unet/config.json", weights_file], "ok")
+            ["model_index.json", "unet/config.json", weights_file], "ok"
+        )
         (snap / weights_file).resolve().write_bytes(b"bad")
         rows = {r["path"]: r["status"] for r in verify_weights("someone/model", repair=False, offline=True)}
         assert rows[weights_file] == "corrupt"
@@ -278,14 +310,24 @@ def test_weights_sha256_is_stable(tmp_path: Path) -> None:
 
 def test_hub_download_is_pinned_and_takes_only_safetensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = REGISTRY["sd2"]
-    files = {"model_index.json": b"{}", "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": b"w",
-             "unet/diffusion_pytorch_model.bin": b"pickle", "unet/diffusion_pytorch_model.fp16.safetensors": b"h",
-             "safety_checker/model.safetensors": b"s", "tokenizer/vocab.json": b"{}"}
+    files = {
+        "model_index.json": b"{}",
+        "unet/config.json": b"{}",
+        "unet/diffusion_pytorch_model.safetensors": b"w",
+        "unet/diffusion_pytorch_model.bin": b"pickle",
+        "unet/diffusion_pytorch_model.fp16.safetensors": b"h",
+        "safety_checker/model.safetensors": b"s",
+        "tokenizer/vocab.json": b"{}",
+    }
     with local_hub(monkeypatch, spec.repo_id, files, commit=spec.revision) as srv:
         snap = resolve_weights("sd2")
         assert snap == tmp_path / "hf-hub" / f"models--{spec.repo_id.replace('/', '--')}" / "snapshots" / spec.revision
-        assert _files(snap) == ["model_index.json", "tokenizer/vocab.json", "unet/config.json",
-                                "unet/diffusion_pytorch_model.safetensors"]  # HF_HUB_CACHE applies
+        assert _files(snap) == [
+            "model_index.json",
+            "tokenizer/vocab.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+        ]  # HF_HUB_CACHE applies
         assert not any("/revision/" in path for path, _ in srv.requests)  # pinned: no branch look-up
         (snap / "tokenizer/vocab.json").unlink()  # a cut-off download: huggingface_hub's file listing tells
         with pytest.raises(WeightsUnavailableError, match="digseg weights download sd2"):

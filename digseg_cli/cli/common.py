@@ -17,13 +17,14 @@ import typer
 from digseg_cli import errors
 from digseg_cli.models.config import DECODERS
 
-
 # `--decoder` of segment and eval (`DigsegPipeline.resolve_decoder` says what auto picks).
 Decoder = Enum("Decoder", [(name, name) for name in DECODERS], type=str)
 
 
-DECODER_HELP = ("Mask decoder: vae, fast (the checkpoint's distilled decoder) or auto (fast when it passed its "
-                "accuracy check, else vae).")
+DECODER_HELP = (
+    "Mask decoder: vae, fast (the checkpoint's distilled decoder) or auto (fast when it passed its "
+    "accuracy check, else vae)."
+)
 
 
 class LazyConsole:

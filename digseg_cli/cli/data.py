@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -33,8 +33,14 @@ def progress_reporter(description: str) -> Iterator[Callable[[int, int], None]]:
     if stderr_is_terminal():
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=err_console.real, transient=True) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console.real,
+            transient=True,
+        ) as bar:
             task = bar.add_task(description, total=None)
 
             def update(done: int, total: int) -> None:
@@ -58,7 +64,7 @@ def progress_reporter(description: str) -> Iterator[Callable[[int, int], None]]:
 def check(
     folder: Annotated[Path, typer.Argument(help="Training folder: images/, masks/, classes.json or classes.txt.")],
     class_name: Annotated[
-        Optional[str],
+        str | None,
         typer.Option("--class-name", help="Masks are 0/255 binary masks of this one class (no class file needed)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,8 +31,8 @@ def train_command(
     width: Annotated[int, typer.Option(help="Channels at latent resolution.")] = 32,
     blocks: Annotated[int, typer.Option(help="Residual blocks at latent resolution.")] = 2,
     pool: Annotated[int, typer.Option(help="Synthetic scenes in the distillation pool (3 latents each).")] = 192,
-    resolution: Annotated[Optional[int], typer.Option(help="Scene size (default: the model's resolution).")] = None,
-    val_limit: Annotated[Optional[int], typer.Option(help="Score only this many synth validation images.")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Scene size (default: the model's resolution).")] = None,
+    val_limit: Annotated[int | None, typer.Option(help="Score only this many synth validation images.")] = None,
     tolerance: Annotated[float, typer.Option(help="Largest mIoU change (points) for decoder=auto to use it.")] = 0.5,
     seed: Annotated[int, typer.Option(help="Seed for the pool, the sampling and the initialisation.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
@@ -42,8 +42,19 @@ def train_command(
         from digseg_cli.train.distill_decoder import DecoderTrainSettings, train_fast_decoder
 
         settings = DecoderTrainSettings(
-            weights=weights, out=out, steps=steps, batch_size=batch_size, lr=lr, width=width, blocks=blocks, pool=pool,
-            resolution=resolution, val_limit=val_limit, tolerance=tolerance, seed=seed, overwrite=overwrite,
+            weights=weights,
+            out=out,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            width=width,
+            blocks=blocks,
+            pool=pool,
+            resolution=resolution,
+            val_limit=val_limit,
+            tolerance=tolerance,
+            seed=seed,
+            overwrite=overwrite,
         )
         result = train_fast_decoder(settings, progress=_Lines())
     ev = result.evaluation

@@ -18,8 +18,16 @@ from pathlib import Path
 HELP_WIDTH = 80
 HELP_DIR = Path(__file__).resolve().parent
 # Variables that change how Typer/Rich render help; with any of them set, Typer renders it itself.
-RENDER_VARIABLES = ("FORCE_COLOR", "PY_COLORS", "GITHUB_ACTIONS", "TERMINAL_WIDTH", "_TYPER_FORCE_DISABLE_TERMINAL",
-                    "TTY_COMPATIBLE", "TTY_INTERACTIVE", "JUPYTER_COLUMNS")
+RENDER_VARIABLES = (
+    "FORCE_COLOR",
+    "PY_COLORS",
+    "GITHUB_ACTIONS",
+    "TERMINAL_WIDTH",
+    "_TYPER_FORCE_DISABLE_TERMINAL",
+    "TTY_COMPATIBLE",
+    "TTY_INTERACTIVE",
+    "JUPYTER_COLUMNS",
+)
 
 
 def _stored_help_file() -> Path | None:

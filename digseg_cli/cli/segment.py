@@ -14,7 +14,7 @@ import tempfile
 import time
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -28,11 +28,13 @@ if TYPE_CHECKING:
     from digseg_cli.segment.plan import DryRun
     from digseg_cli.segment.settings import SegmentSettings
 
-DEMO_NOTE = ("note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building, "
-             "water, field); expect poor masks on other images (choose other weights with --weights)")
+DEMO_NOTE = (
+    "note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building, "
+    "water, field); expect poor masks on other images (choose other weights with --weights)"
+)
 
 EPILOG = (
-    "Examples:  digseg segment photos/ --recursive --prompt \"road, tree|bush, building\"  ·  "
+    'Examples:  digseg segment photos/ --recursive --prompt "road, tree|bush, building"  ·  '
     "digseg segment '*.jpg' @more.txt --prompts classes.yaml --save-probs --json > results.jsonl.  "
     "Outputs per image, mirroring the input tree under --out: <name>.mask.png (palette PNG, 0 = background, "
     "k = k-th class), <name>.overlay.jpg, <name>.<class>.png (--save-binary), <name>.<class>.prob.png "
@@ -60,13 +62,29 @@ class _Reporter:
 
     def __enter__(self) -> _Reporter:
         if self.enabled and stderr_is_terminal():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = Progress(SpinnerColumn(), TextColumn("segment"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                                TimeRemainingColumn(), TextColumn("[dim]{task.fields[current]}"),
-                                console=err_console.real, transient=False)
+            self.bar = Progress(
+                SpinnerColumn(),
+                TextColumn("segment"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                TextColumn("[dim]{task.fields[current]}"),
+                console=err_console.real,
+                transient=False,
+            )
             self.bar.start()
             self.task = self.bar.add_task("segment", total=self.total, rate="", current="")
         return self
@@ -100,79 +118,160 @@ def _print_summary(summary: RunSummary) -> None:
     table.add_column(style="bold")
     table.add_column()
     for key, value in (
-        ("status", summary.status), ("processed", str(summary.processed)), ("skipped", str(summary.skipped)),
-        ("failed", str(len(summary.failed))), ("not processed", str(summary.not_processed)),
-        ("wall time", f"{summary.wall_s:.1f} s"), ("images/s", f"{summary.images_per_s:.2f}"),
+        ("status", summary.status),
+        ("processed", str(summary.processed)),
+        ("skipped", str(summary.skipped)),
+        ("failed", str(len(summary.failed))),
+        ("not processed", str(summary.not_processed)),
+        ("wall time", f"{summary.wall_s:.1f} s"),
+        ("images/s", f"{summary.images_per_s:.2f}"),
         ("peak memory", f"{human_size(summary.peak_memory_bytes)} ({summary.peak_memory_kind})"),
-        ("outputs", str(summary.out_dir)), ("manifest", str(summary.manifest)),
+        ("outputs", str(summary.out_dir)),
+        ("manifest", str(summary.manifest)),
     ):
         table.add_row(key, value)
     err_console.print(table)
 
 
 def segment(
-    inputs: Annotated[list[str], typer.Argument(
-        help="Image files, folders, quoted globs ('**/*.jpg') and @list.txt files (one path per line).",
-        show_default=False)],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Image files, folders, quoted globs ('**/*.jpg') and @list.txt files (one path per line).",
+            show_default=False,
+        ),
+    ],
     *,
-    prompt: Annotated[Optional[list[str]], typer.Option(
-        "--prompt", "-p", help="Classes, comma-separated: \"road, tree|bush\" (| separates synonyms, scores "
-        "averaged). Repeatable.", show_default=False)] = None,
-    prompts_file: Annotated[Optional[Path], typer.Option(
-        "--prompts", help="JSON/YAML class file: name, prompt, synonyms, color, threshold per class.",
-        show_default=False)] = None,
-    weights: Annotated[str, typer.Option("--weights", "-w", envvar="DIGSEG_WEIGHTS",
-                                         help="Registry name, checkpoint folder or Hub id.")] = "demo",
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prompt",
+            "-p",
+            help='Classes, comma-separated: "road, tree|bush" (| separates synonyms, scores averaged). Repeatable.',
+            show_default=False,
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--prompts",
+            help="JSON/YAML class file: name, prompt, synonyms, color, threshold per class.",
+            show_default=False,
+        ),
+    ] = None,
+    weights: Annotated[
+        str,
+        typer.Option("--weights", "-w", envvar="DIGSEG_WEIGHTS", help="Registry name, checkpoint folder or Hub id."),
+    ] = "demo",
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; the input tree is mirrored in it.")] = Path(
-        "digseg-out"),
+        "digseg-out"
+    ),
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
-    device: Annotated[str, typer.Option("--device", envvar="DIGSEG_DEVICE",
-                                        help="auto|cpu|cuda|cuda:N|mps; an explicit device must exist.")] = "auto",
-    precision: Annotated[str, typer.Option("--precision", help="auto|fp32|fp16|bf16 (auto: bf16/fp16 on CUDA, "
-                                           "fp32 elsewhere).")] = "auto",
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Denoising steps (default: the checkpoint's).",
-                                                 show_default=False)] = None,
-    ensemble: Annotated[Optional[int], typer.Option("--ensemble", help="Average N predictions (seeds, or "
-                                                    "flips for one-step models).", show_default=False)] = None,
-    resolution: Annotated[Optional[int], typer.Option(
-        "--resolution", help="Processing resolution (long side); 0 = native; default: the checkpoint's.",
-        show_default=False)] = None,
-    threshold: Annotated[Optional[list[str]], typer.Option(
-        "--threshold", help="Probability threshold: 0.5, or per class road=0.4 (repeatable, comma-separated).",
-        show_default="checkpoint's (0.5)")] = None,
-    mode: Annotated[Mode, typer.Option("--mode", help="semantic: one label per pixel; multilabel: each class "
-                                       "thresholded alone (writes per-class binary masks).")] = Mode.semantic,
-    seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's seed also depends on its file name, "
-                                      "never on order or batch.")] = 0,
-    tile: Annotated[str, typer.Option("--tile", help="auto|off|N: tiled inference at native scale (auto: when "
-                                      "the long side > 1.5× the resolution).")] = "auto",
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", envvar="DIGSEG_DEVICE", help="auto|cpu|cuda|cuda:N|mps; an explicit device must exist."
+        ),
+    ] = "auto",
+    precision: Annotated[
+        str, typer.Option("--precision", help="auto|fp32|fp16|bf16 (auto: bf16/fp16 on CUDA, fp32 elsewhere).")
+    ] = "auto",
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Denoising steps (default: the checkpoint's).", show_default=False)
+    ] = None,
+    ensemble: Annotated[
+        int | None,
+        typer.Option(
+            "--ensemble", help="Average N predictions (seeds, or flips for one-step models).", show_default=False
+        ),
+    ] = None,
+    resolution: Annotated[
+        int | None,
+        typer.Option(
+            "--resolution",
+            help="Processing resolution (long side); 0 = native; default: the checkpoint's.",
+            show_default=False,
+        ),
+    ] = None,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--threshold",
+            help="Probability threshold: 0.5, or per class road=0.4 (repeatable, comma-separated).",
+            show_default="checkpoint's (0.5)",
+        ),
+    ] = None,
+    mode: Annotated[
+        Mode,
+        typer.Option(
+            "--mode",
+            help="semantic: one label per pixel; multilabel: each class "
+            "thresholded alone (writes per-class binary masks).",
+        ),
+    ] = Mode.semantic,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Run seed; each image's seed also depends on its file name, never on order or batch."
+        ),
+    ] = 0,
+    tile: Annotated[
+        str,
+        typer.Option(
+            "--tile",
+            help="auto|off|N: tiled inference at native scale (auto: when the long side > 1.5× the resolution).",
+        ),
+    ] = "auto",
     overlap: Annotated[float, typer.Option("--overlap", help="Tile overlap as a fraction of the tile.")] = 0.25,
     decoder: Annotated[Decoder, typer.Option("--decoder", help=DECODER_HELP)] = Decoder.auto,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse larger images (0 = no limit).")] = 100_000_000,
     save_binary: Annotated[bool, typer.Option("--save-binary", help="Also write <name>.<class>.png (0/255).")] = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write per-class probability maps.")] = False,
-    probs_format: Annotated[ProbsFormat, typer.Option(
-        "--probs-format", help="png16: 16-bit PNG, probability = value / 65535; npy: float32.")] = ProbsFormat.png16,
+    probs_format: Annotated[
+        ProbsFormat,
+        typer.Option("--probs-format", help="png16: 16-bit PNG, probability = value / 65535; npy: float32."),
+    ] = ProbsFormat.png16,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Do not write <name>.overlay.jpg.")] = False,
     overlay_alpha: Annotated[float, typer.Option("--overlay-alpha", help="Opacity of class colours.")] = 0.5,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
-    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Skip images whose outputs all exist "
-                                                "(resume an interrupted run).")] = False,
-    batch_size: Annotated[str, typer.Option("--batch-size", help="(tile, prompt) pairs per U-Net call: auto or N.")] = "auto",
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", help="Skip images whose outputs all exist (resume an interrupted run).")
+    ] = False,
+    batch_size: Annotated[
+        str, typer.Option("--batch-size", help="(tile, prompt) pairs per U-Net call: auto or N.")
+    ] = "auto",
     workers: Annotated[int, typer.Option("--workers", min=1, help="I/O threads reading ahead and writing behind.")] = 2,
-    prompt_template: Annotated[Optional[str], typer.Option(
-        "--prompt-template", help="Template with {name}, e.g. 'aerial photo of {name}'.", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines on stdout: one object per image, then a "
-                                          "summary (schema digseg.segment/1); logs stay on stderr.")] = False,
-    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", envvar="DIGSEG_CACHE_DIR",
-                                                      help="Weights cache folder.", show_default=False)] = None,
-    offline: Annotated[bool, typer.Option("--offline", envvar="DIGSEG_OFFLINE",
-                                          help="Never touch the network; missing weights exit with code 5.")] = False,
+    prompt_template: Annotated[
+        str | None,
+        typer.Option(
+            "--prompt-template", help="Template with {name}, e.g. 'aerial photo of {name}'.", show_default=False
+        ),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="JSON Lines on stdout: one object per image, then a "
+            "summary (schema digseg.segment/1); logs stay on stderr.",
+        ),
+    ] = False,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option("--cache-dir", envvar="DIGSEG_CACHE_DIR", help="Weights cache folder.", show_default=False),
+    ] = None,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            "--offline", envvar="DIGSEG_OFFLINE", help="Never touch the network; missing weights exit with code 5."
+        ),
+    ] = False,
     fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first image that fails.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (files, sizes, tiles, outputs) "
-                                          "without loading the model.")] = False,
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="Use torch's deterministic algorithms "
-                                                "(slower on GPUs).")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (files, sizes, tiles, outputs) without loading the model.")
+    ] = False,
+    deterministic: Annotated[
+        bool, typer.Option("--deterministic", help="Use torch's deterministic algorithms (slower on GPUs).")
+    ] = False,
 ) -> None:
     """Segment images with text prompts; one class per comma-separated item of --prompt.
 
@@ -198,8 +297,14 @@ def segment(
         from digseg_cli.segment.loading import open_pipeline
         from digseg_cli.segment.settings import prompt_warnings
 
-        loaded = open_pipeline(weights, device=device, precision=precision, cache_dir=cache_dir, offline=offline,
-                               deterministic=deterministic)
+        loaded = open_pipeline(
+            weights,
+            device=device,
+            precision=precision,
+            cache_dir=cache_dir,
+            offline=offline,
+            deterministic=deterministic,
+        )
         _show_banner(loaded, len(files), out, weights)
         _warn(prompt_warnings(loaded.pipe, settings))
         # 3. Run, streaming records; the mask to stdout for `-o -`.
@@ -233,12 +338,33 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
 
     classes, warnings = load_classes(flags["prompt"] or [], flags["prompts_file"])
     default_threshold, per_class = parse_thresholds(flags["threshold"])
-    same = ("steps", "ensemble", "resolution", "seed", "overlap", "max_pixels", "prompt_template", "recursive",
-            "overlay_alpha", "save_binary", "save_probs", "overwrite", "skip_existing", "fail_fast", "workers")
+    same = (
+        "steps",
+        "ensemble",
+        "resolution",
+        "seed",
+        "overlap",
+        "max_pixels",
+        "prompt_template",
+        "recursive",
+        "overlay_alpha",
+        "save_binary",
+        "save_probs",
+        "overwrite",
+        "skip_existing",
+        "fail_fast",
+        "workers",
+    )
     return SegmentSettings(
-        classes=tuple(classes), thresholds=per_class, threshold=default_threshold,
-        batch_size=parse_batch_size(flags["batch_size"]), mode=flags["mode"].value, tile=parse_tile(flags["tile"]),
-        decoder=flags["decoder"].value, overlay=not flags["no_overlay"], probs_format=flags["probs_format"].value,
+        classes=tuple(classes),
+        thresholds=per_class,
+        threshold=default_threshold,
+        batch_size=parse_batch_size(flags["batch_size"]),
+        mode=flags["mode"].value,
+        tile=parse_tile(flags["tile"]),
+        decoder=flags["decoder"].value,
+        overlay=not flags["no_overlay"],
+        probs_format=flags["probs_format"].value,
         **{name: flags[name] for name in same},
     ), warnings
 
@@ -249,16 +375,29 @@ def _warn(warnings: list[str]) -> None:
 
 
 def _show_banner(loaded: LoadedPipeline, n_files: int, out: Path, weights: str) -> None:
-    err_console.print(f"digseg segment: {n_files} input(s) → {out}; device {loaded.device}; weights {weights} "
-                      f"(loaded in {loaded.load_s:.1f} s)", highlight=False, markup=False, soft_wrap=True)
+    err_console.print(
+        f"digseg segment: {n_files} input(s) → {out}; device {loaded.device}; weights {weights} "
+        f"(loaded in {loaded.load_s:.1f} s)",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
     if weights == "demo":
         err_console.print(DEMO_NOTE, style="yellow", highlight=False, markup=False, soft_wrap=True)
     for note in loaded.notes:
         err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
 
 
-def _run(files: list[InputFile], out: Path, loaded: LoadedPipeline, settings: SegmentSettings, *, weights: str,
-         arguments: dict[str, Any], as_json: bool) -> RunSummary:
+def _run(
+    files: list[InputFile],
+    out: Path,
+    loaded: LoadedPipeline,
+    settings: SegmentSettings,
+    *,
+    weights: str,
+    arguments: dict[str, Any],
+    as_json: bool,
+) -> RunSummary:
     """`run_segment` with a progress bar, a line per failure or warning, the records on stdout (`--json`) and
     the summary; also when the run ends early (interrupted, out of memory), before its error is raised."""
     from digseg_cli.segment.run import run_segment
@@ -267,15 +406,25 @@ def _run(files: list[InputFile], out: Path, loaded: LoadedPipeline, settings: Se
         if as_json:
             _echo_json(result.to_json())
         if result.status == "failed":
-            err_console.print(f"[red]failed:[/] {result.relative_path}: {result.reason}", highlight=False,
-                              soft_wrap=True)
+            err_console.print(
+                f"[red]failed:[/] {result.relative_path}: {result.reason}", highlight=False, soft_wrap=True
+            )
         _warn(result.warnings)
 
     summary = None
     try:
         with _Reporter(len(files), enabled=True) as reporter:
-            summary = run_segment(files, out, loaded.pipe, settings, progress=reporter, on_result=on_result,
-                                  weights=weights, weights_folder=loaded.weights_folder, arguments=arguments)
+            summary = run_segment(
+                files,
+                out,
+                loaded.pipe,
+                settings,
+                progress=reporter,
+                on_result=on_result,
+                weights=weights,
+                weights_folder=loaded.weights_folder,
+                arguments=arguments,
+            )
     except DigsegError as exc:  # interrupted / out of memory: show what was done, then exit
         summary = getattr(exc, "summary", None)
         raise
@@ -294,8 +443,16 @@ def _show_plan(plan: DryRun, out: Path, weights: str, as_json: bool) -> None:
     if as_json:
         for row in plan.rows:
             _echo_json({"schema": SCHEMA, "type": "plan", **row})
-        _echo_json({"schema": SCHEMA, "type": "plan-summary", "inputs": len(plan.rows), "weights": weights,
-                    "resolution": plan.resolution, "note": plan.note})
+        _echo_json(
+            {
+                "schema": SCHEMA,
+                "type": "plan-summary",
+                "inputs": len(plan.rows),
+                "weights": weights,
+                "resolution": plan.resolution,
+                "note": plan.note,
+            }
+        )
         return
     from rich.table import Table
 

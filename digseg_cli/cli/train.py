@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -28,35 +28,59 @@ def _parse_duration(text: str | None) -> float | None:
 def train_command(
     ctx: typer.Context,
     *,
-    data: Annotated[Optional[Path], typer.Option("--data", help="Training folder: images/, masks/, classes.json or classes.txt (a resumed run reuses its own).")] = None,
-    out: Annotated[Path, typer.Option("--out", help="Run folder (config, metrics, last/ and best/ checkpoints).")] = Path("digseg-train"),
-    base: Annotated[str, typer.Option(help="SD base (folder or Hub id) or compact config name (tiny, small).")] = "stabilityai/stable-diffusion-2",
-    init: Annotated[Optional[str], typer.Option(help="Start from these weights (checkpoint folder, registry name) instead of a fresh base.")] = None,
-    val: Annotated[Optional[Path], typer.Option(help="Validation folder (default: a split of --data).")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Training folder: images/, masks/, classes.json or classes.txt (a resumed run reuses its own).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder (config, metrics, last/ and best/ checkpoints).")
+    ] = Path("digseg-train"),
+    base: Annotated[
+        str, typer.Option(help="SD base (folder or Hub id) or compact config name (tiny, small).")
+    ] = "stabilityai/stable-diffusion-2",
+    init: Annotated[
+        str | None,
+        typer.Option(help="Start from these weights (checkpoint folder, registry name) instead of a fresh base."),
+    ] = None,
+    val: Annotated[Path | None, typer.Option(help="Validation folder (default: a split of --data).")] = None,
     val_split: Annotated[float, typer.Option(help="Fraction of --data held out for validation.")] = 0.1,
-    class_name: Annotated[Optional[str], typer.Option(help="Class name for 0/255 binary masks.")] = None,
+    class_name: Annotated[str | None, typer.Option(help="Class name for 0/255 binary masks.")] = None,
     objective: Annotated[str, typer.Option(help=f"{' or '.join(OBJECTIVES)}.")] = OBJECTIVES[0],
-    resolution: Annotated[Optional[int], typer.Option(help="Training resolution (default: the model's).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
     batch_size: Annotated[int, typer.Option(help="Samples per process per micro-batch.")] = 4,
-    effective_batch: Annotated[Optional[int], typer.Option(help="Accumulate gradients up to this many samples per step.")] = None,
+    effective_batch: Annotated[
+        int | None, typer.Option(help="Accumulate gradients up to this many samples per step.")
+    ] = None,
     lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-5,
     warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps, then cosine decay.")] = 100,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Stop after this many epochs.")] = None,
-    time_budget: Annotated[Optional[str], typer.Option("--time", help="Wall-clock budget, e.g. 45m or 2h.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
+    time_budget: Annotated[str | None, typer.Option("--time", help="Wall-clock budget, e.g. 45m or 2h.")] = None,
     val_every: Annotated[int, typer.Option(help="Validate (mIoU) every N steps.")] = 500,
     save_every: Annotated[int, typer.Option(help="Write last/ every N steps.")] = 500,
     ema: Annotated[float, typer.Option(help="EMA decay of the weights (0 = off).")] = 0.0,
     precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (mixed precision on GPUs).")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory (SD-size U-Nets).")] = False,
-    decoded_loss: Annotated[float, typer.Option(help="one-step: weight of a loss on the decoded mask (MSE + Dice).")] = 0.0,
-    foreground_weight: Annotated[float, typer.Option(
-        min=1.0, help="Weight of the latent pixels the target covers, against 1 for the rest (small classes learn sooner).")] = 1.0,
+    decoded_loss: Annotated[
+        float, typer.Option(help="one-step: weight of a loss on the decoded mask (MSE + Dice).")
+    ] = 0.0,
+    foreground_weight: Annotated[
+        float,
+        typer.Option(
+            min=1.0,
+            help="Weight of the latent pixels the target covers, against 1 for the rest (small classes learn sooner).",
+        ),
+    ] = 1.0,
     vae_steps: Annotated[int, typer.Option(help="Compact bases: autoencoder steps for the VAE first (stage 1).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for the split, data order, augmentation and noise.")] = 0,
     deterministic: Annotated[bool, typer.Option(help="Use deterministic torch algorithms.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last/ checkpoint.")] = False,
-    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this training checkpoint instead.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last/ checkpoint.")
+    ] = False,
+    resume_from: Annotated[Path | None, typer.Option(help="Continue from this training checkpoint instead.")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start a new run in an --out that already holds one.")] = False,
 ) -> None:
@@ -68,16 +92,39 @@ def train_command(
         if resume_path is not None and not (resume_path / "trainer_state.pt").is_file():
             raise UsageError(f"nothing to resume: {resume_path} has no trainer_state.pt")
         if resume_path is None and (out / "last").exists() and not overwrite:
-            raise UsageError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start over, "
-                             "or choose another --out")
+            raise UsageError(
+                f"{out} already holds a run: pass --resume to continue it, --overwrite to start over, "
+                "or choose another --out"
+            )
         from digseg_cli.train.loop import TrainSettings, train
 
         fields = dict(
-            data=data, out=out, base=base, init=init, val=val, val_split=val_split, class_name=class_name,
-            objective=objective, resolution=resolution, batch_size=batch_size, effective_batch=effective_batch, lr=lr,
-            warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, time_limit=_parse_duration(time_budget),
-            val_every=val_every, save_every=save_every, ema=ema, precision=precision,
-            gradient_checkpointing=gradient_checkpointing, decoded_loss=decoded_loss, foreground_weight=foreground_weight, vae_steps=vae_steps, seed=seed, deterministic=deterministic,
+            data=data,
+            out=out,
+            base=base,
+            init=init,
+            val=val,
+            val_split=val_split,
+            class_name=class_name,
+            objective=objective,
+            resolution=resolution,
+            batch_size=batch_size,
+            effective_batch=effective_batch,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            max_steps=max_steps,
+            epochs=epochs,
+            time_limit=_parse_duration(time_budget),
+            val_every=val_every,
+            save_every=save_every,
+            ema=ema,
+            precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
+            decoded_loss=decoded_loss,
+            foreground_weight=foreground_weight,
+            vae_steps=vae_steps,
+            seed=seed,
+            deterministic=deterministic,
             cpu=cpu,
         )
         if resume_path is not None:
@@ -132,8 +179,14 @@ class _Progress:
         if self.rich:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console.real)
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=err_console.real,
+            )
             self.bar.__enter__()
             self.tasks: dict[str, int] = {}
         return self
@@ -151,10 +204,14 @@ class _Progress:
             err_console.print(f"step {event['step']}: validation mIoU {event['val_miou']:.4f}")
             return
         name = "vae" if kind == "vae_step" else "train"
-        info = f"loss {event['loss']:.4g}" + (f" lr {event['lr']:.2e} {event['it_per_s']:.2f} it/s" if "lr" in event else "")
+        info = f"loss {event['loss']:.4g}" + (
+            f" lr {event['lr']:.2e} {event['it_per_s']:.2f} it/s" if "lr" in event else ""
+        )
         if self.rich:
             if name not in self.tasks:
-                self.tasks[name] = self.bar.add_task("VAE (stage 1)" if name == "vae" else "train", total=event.get("max_steps"), info="")
+                self.tasks[name] = self.bar.add_task(
+                    "VAE (stage 1)" if name == "vae" else "train", total=event.get("max_steps"), info=""
+                )
             self.bar.update(self.tasks[name], completed=event["step"], total=event.get("max_steps"), info=info)
         elif time.monotonic() - self.last_line >= 30 or event["step"] == event.get("max_steps"):
             self.last_line = time.monotonic()

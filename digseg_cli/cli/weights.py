@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,14 +18,21 @@ from digseg_cli.cli.common import err_console, fail, handle_errors, stderr_is_te
 from digseg_cli.errors import EXIT_PARTIAL, EXIT_WEIGHTS
 
 CacheDirOpt = Annotated[
-    Optional[Path],
-    typer.Option("--cache-dir", envvar="DIGSEG_CACHE_DIR", help="digseg's weights cache folder.",
-                 show_default="platform cache folder"),
+    Path | None,
+    typer.Option(
+        "--cache-dir",
+        envvar="DIGSEG_CACHE_DIR",
+        help="digseg's weights cache folder.",
+        show_default="platform cache folder",
+    ),
 ]
 OfflineOpt = Annotated[
     bool,
-    typer.Option("--offline", envvar="DIGSEG_OFFLINE",
-                 help="Never touch the network (also HF_HUB_OFFLINE=1); a cache miss exits with code 5."),
+    typer.Option(
+        "--offline",
+        envvar="DIGSEG_OFFLINE",
+        help="Never touch the network (also HF_HUB_OFFLINE=1); a cache miss exits with code 5.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write JSON to stdout instead of a table.")]
 
@@ -52,8 +59,14 @@ class _Reporter:
         if stderr_is_terminal():
             from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-            self._progress = Progress("[bold]{task.description}", BarColumn(), DownloadColumn(),
-                                      TransferSpeedColumn(), TimeRemainingColumn(), console=err_console.real)
+            self._progress = Progress(
+                "[bold]{task.description}",
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err_console.real,
+            )
             self._progress.start()
         return self
 
@@ -99,8 +112,9 @@ def list_cmd(
         for row in rows:
             size = human_size(row["size"]) if row["size"] else "-"
             size = f"≈{size}" if row["source"] == "hub" and row["size"] else size
-            table.add_row(row["name"], row["source"], size, "yes" if row["cached"] else "no",
-                          row["licence"], row["description"])
+            table.add_row(
+                row["name"], row["source"], size, "yes" if row["cached"] else "no", row["licence"], row["description"]
+            )
         err_console.print(table)
 
 
@@ -165,7 +179,7 @@ weights_app.command("pull", hidden=True)(download_cmd)
 
 @weights_app.command("path")
 def path_cmd(
-    name: Annotated[Optional[str], typer.Argument(help="Registry name or Hub id; none: the cache folder.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Registry name or Hub id; none: the cache folder.")] = None,
     *,
     cache_dir: CacheDirOpt = None,
 ) -> None:
@@ -185,7 +199,7 @@ def path_cmd(
 
 @weights_app.command("verify")
 def verify_cmd(
-    name: Annotated[Optional[str], typer.Argument(help="Registry name or Hub id; none: every cached entry.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Registry name or Hub id; none: every cached entry.")] = None,
     *,
     cache_dir: CacheDirOpt = None,
     offline: OfflineOpt = False,
@@ -216,8 +230,11 @@ def verify_cmd(
                     table.add_row(escape(each), escape(r["path"]), f"[{style.get(r['status'], 'red')}]{r['status']}[/]")
             err_console.print(table if names else "nothing cached to verify")
         if bad:
-            fix = ("run again without --offline" if offline
-                   else "run: digseg weights download NAME (bundled weights: reinstall digseg)")
+            fix = (
+                "run again without --offline"
+                if offline
+                else "run: digseg weights download NAME (bundled weights: reinstall digseg)"
+            )
             raise fail(f"some files are not intact ({', '.join(bad)}); {fix}", EXIT_WEIGHTS)
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 
 from digseg_cli.core import OBJECTIVES
+
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (z_t [B,4,h,w], t [B]) -> prediction [B,4,h,w]
 
 

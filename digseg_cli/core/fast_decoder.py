@@ -31,13 +31,19 @@ class _ResBlock(nn.Module):
 class FastMaskDecoder(nn.Module):
     """Mask latent `[B,C,h,w]` → probability `[B,h·f,w·f]` in [0,1], `f` = `scale_factor` (a power of 2)."""
 
-    def __init__(self, latent_channels: int = 4, scale_factor: int = 8, width: int = 32, blocks: int = 2,
-                 min_width: int = 16):
+    def __init__(
+        self, latent_channels: int = 4, scale_factor: int = 8, width: int = 32, blocks: int = 2, min_width: int = 16
+    ):
         super().__init__()
         if scale_factor < 1 or scale_factor & (scale_factor - 1):
             raise ValueError(f"`scale_factor` must be a power of 2, got {scale_factor}")
-        self.config = {"latent_channels": latent_channels, "scale_factor": scale_factor, "width": width,
-                       "blocks": blocks, "min_width": min_width}
+        self.config = {
+            "latent_channels": latent_channels,
+            "scale_factor": scale_factor,
+            "width": width,
+            "blocks": blocks,
+            "min_width": min_width,
+        }
         self.stem = nn.Conv2d(latent_channels, width, 3, padding=1)
         self.body = nn.Sequential(*[_ResBlock(width) for _ in range(blocks)])
         ups, c = [], width

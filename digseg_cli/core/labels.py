@@ -24,8 +24,9 @@ def prompt_thresholds(threshold: float | Sequence[float], probs: torch.Tensor) -
     return torch.tensor(values, device=probs.device, dtype=probs.dtype)[:, None, None]  # [K,1,1]
 
 
-def labels_from_probs(probs: torch.Tensor, mode: str = "argmax",
-                      threshold: float | Sequence[float] = 0.5) -> torch.Tensor:
+def labels_from_probs(
+    probs: torch.Tensor, mode: str = "argmax", threshold: float | Sequence[float] = 0.5
+) -> torch.Tensor:
     """`[K,H,W]` probabilities → `[H,W]` int64 labels by `mode` (see `LABEL_MODES`); `threshold` is one value
     or one per prompt (unused by argmax). ValueError for an unknown mode."""
     if mode == "argmax":

@@ -80,13 +80,21 @@ class DigsegModel(nn.Module):
     diffusers module (its `save_pretrained`, gradient checkpointing and attention processors keep working).
     """
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, text_encoder: nn.Module, text_pathway: TextPathway,
-                 fast_decoder: nn.Module | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        vae: nn.Module,
+        text_encoder: nn.Module,
+        text_pathway: TextPathway,
+        fast_decoder: nn.Module | None = None,
+    ):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.text_pathway = unet, vae, text_encoder, text_pathway
         self.fast_decoder = fast_decoder  # optional distilled mask decoder (core/fast_decoder.py)
         self._film: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        blocks = list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks)
+        blocks = (
+            list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks)
+        )
         if len(blocks) != len(text_pathway.level_channels):
             raise ValueError("text pathway levels do not match the U-Net's blocks")
         for level, block in enumerate(blocks):

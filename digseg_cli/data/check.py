@@ -22,6 +22,7 @@ import numpy as np
 from digseg_cli.data.folders import ClassList, Pair, read_classes, scan_folder
 from digseg_cli.inference.images import ImageReadError, read_image, read_mask
 
+
 @dataclass
 class ClassBalance:
     id: int
@@ -88,7 +89,7 @@ def _check_one(pair: Pair, classes: ClassList, root: Path) -> dict[str, Any]:
     if mask is not None:
         res["mask_size"] = [mask.shape[1], mask.shape[0]]
         values, counts = np.unique(mask, return_counts=True)
-        res["counts"] = dict(zip(values.tolist(), counts.tolist()))
+        res["counts"] = dict(zip(values.tolist(), counts.tolist(), strict=True))
         res["mask_rel"] = rel(pair.mask)
     return res
 
@@ -105,8 +106,11 @@ def check_folder(
     scan = scan_folder(root)
     classes = read_classes(root, class_name)
     report = CheckReport(
-        folder=str(root), classes=classes.to_json()["classes"], n_pairs=len(scan.pairs),
-        images_without_masks=scan.images_without_masks, masks_without_images=scan.masks_without_images,
+        folder=str(root),
+        classes=classes.to_json()["classes"],
+        n_pairs=len(scan.pairs),
+        images_without_masks=scan.images_without_masks,
+        masks_without_images=scan.masks_without_images,
         duplicates=scan.duplicates,
     )
     valid = classes.valid_values()

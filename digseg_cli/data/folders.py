@@ -46,11 +46,39 @@ from digseg_cli.inference.images import ImageReadError, parse_color, read_image,
 
 MASK_DIR_NAMES = ("masks", "labels", "annotations")
 CLASS_FILE_NAMES = ("classes.json", "classes.yaml", "classes.yml", "classes.txt")
-_SIDE_CAR = {".txt", ".json", ".yaml", ".yml", ".md", ".csv", ".xml", ".db", ".ini", ".prj", ".tfw", ".wld",
-             ".pgw", ".jgw", ".aux", ".ovr", ".py", ".zip"}
+_SIDE_CAR = {
+    ".txt",
+    ".json",
+    ".yaml",
+    ".yml",
+    ".md",
+    ".csv",
+    ".xml",
+    ".db",
+    ".ini",
+    ".prj",
+    ".tfw",
+    ".wld",
+    ".pgw",
+    ".jgw",
+    ".aux",
+    ".ovr",
+    ".py",
+    ".zip",
+}
 _IMAGE_SUFFIXES = ("_sat", "_img", "_image", "_rgb", "_leftImg8bit", "_input")
-_MASK_SUFFIXES = ("_mask", "_masks", "_label", "_labels", "_labelIds", "_gt", "_seg", "_segmentation",
-                  "_annotation", "_gtFine_labelTrainIds")
+_MASK_SUFFIXES = (
+    "_mask",
+    "_masks",
+    "_label",
+    "_labels",
+    "_labelIds",
+    "_gt",
+    "_seg",
+    "_segmentation",
+    "_annotation",
+    "_gtFine_labelTrainIds",
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,7 +162,7 @@ class ClassList:
         for c in self.classes:
             entry: dict[str, Any] = {"id": c.id, "name": c.name, "synonyms": list(c.synonyms)}
             if c.color is not None:
-                entry["color"] = "#%02x%02x%02x" % c.color
+                entry["color"] = "#{:02x}{:02x}{:02x}".format(*c.color)
             classes.append(entry)
         return {"classes": classes, "background": self.background, "ignore_index": self.ignore_index}
 
@@ -176,8 +204,9 @@ def classes_from_obj(obj: Any, where: str) -> ClassList:
         ignore = None if ignore is None else int(ignore)
         unknown = set(obj) - {"classes", "background", "ignore_index"}
         if unknown:
-            raise DatasetError(f"unknown keys in {where}: {sorted(unknown)} (allowed: classes, background, "
-                               "ignore_index)")
+            raise DatasetError(
+                f"unknown keys in {where}: {sorted(unknown)} (allowed: classes, background, ignore_index)"
+            )
         items = obj["classes"]
         if isinstance(items, dict):
             items = [{"id": k, "name": v} for k, v in items.items()]
@@ -313,8 +342,13 @@ def scan_folder(folder: str | Path) -> FolderScan:
     if not img_root.is_dir() or mask_root is None:
         raise DatasetError(f"{folder} must contain images/ and masks/ folders with matching file names")
     images, masks = _files(img_root), _files(mask_root)
-    duplicates = [p.relative_to(folder).as_posix() for group in (images, masks) for ps in group.values()
-                  if len(ps) > 1 for p in ps]
+    duplicates = [
+        p.relative_to(folder).as_posix()
+        for group in (images, masks)
+        for ps in group.values()
+        if len(ps) > 1
+        for p in ps
+    ]
     img = {k: v[0] for k, v in images.items()}
     msk = {k: v[0] for k, v in masks.items()}
     pairs = {k: Pair(k, img[k], msk[k]) for k in img.keys() & msk.keys()}

@@ -62,13 +62,20 @@ SYNTH_PALETTE = [(0, 0, 0), (160, 160, 160), (20, 110, 30), (220, 50, 40), (30, 
 # Probability that a scene contains each class.
 _PRESENCE = {ROAD: 0.65, TREE: 0.65, BUILDING: 0.55, WATER: 0.45, FIELD: 0.55}
 
-_SOILS = [(150, 120, 90), (170, 150, 120), (122, 102, 80), (160, 140, 112), (140, 130, 115), (182, 162, 128),
-          (135, 110, 85), (155, 130, 105)]
+_SOILS = [
+    (150, 120, 90),
+    (170, 150, 120),
+    (122, 102, 80),
+    (160, 140, 112),
+    (140, 130, 115),
+    (182, 162, 128),
+    (135, 110, 85),
+    (155, 130, 105),
+]
 _CROPS = [(92, 140, 58), (128, 168, 78), (165, 175, 88), (200, 182, 100), (110, 158, 68), (150, 180, 70)]
 _WATERS = [(28, 58, 98), (30, 78, 92), (38, 68, 78), (48, 80, 112), (22, 48, 80)]
 _ROADS = [(96, 96, 100), (118, 118, 120), (135, 134, 132), (82, 84, 90), (160, 158, 152)]
-_ROOFS = [(150, 150, 152), (92, 92, 98), (160, 72, 52), (182, 92, 62), (205, 203, 196), (112, 122, 138),
-          (130, 60, 50)]
+_ROOFS = [(150, 150, 152), (92, 92, 98), (160, 72, 52), (182, 92, 62), (205, 203, 196), (112, 122, 138), (130, 60, 50)]
 _CANOPIES = [(40, 80, 36), (50, 95, 42), (36, 70, 42), (60, 90, 40), (45, 85, 55)]
 
 
@@ -121,11 +128,17 @@ def _water(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
     region = np.zeros((s, s), np.uint8)
     if rng.random() < 0.5:  # river: a wide curve of varying width
         a, b = rng.choice(4, 2, replace=False)
-        ctrl = np.stack([paint.edge_point(rng, s, a), rng.uniform(0.2, 0.8, 2) * s, rng.uniform(0.2, 0.8, 2) * s,
-                         paint.edge_point(rng, s, b)])
+        ctrl = np.stack(
+            [
+                paint.edge_point(rng, s, a),
+                rng.uniform(0.2, 0.8, 2) * s,
+                rng.uniform(0.2, 0.8, 2) * s,
+                paint.edge_point(rng, s, b),
+            ]
+        )
         pts = paint.bezier(ctrl, 80)
         width = rng.uniform(4.0, 9.0) * sc * (1 + 0.35 * np.sin(np.linspace(0, rng.uniform(2, 8), 80)))
-        for (x, y), r in zip(pts, width):
+        for (x, y), r in zip(pts, width, strict=True):
             cv2.circle(region, (int(round(x)), int(round(y))), max(2, int(round(r))), 1, -1)
     else:  # lake: a thresholded noise blob fading out from a centre
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
@@ -146,9 +159,11 @@ def _roads(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
     s = img.shape[0]
     color = paint.jitter(rng, _ROADS[rng.integers(len(_ROADS))], 10)
     first: np.ndarray | None = None
-    for i in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, 4))):
         a = int(rng.integers(4))
-        start = first[rng.integers(15, 65)] if (first is not None and rng.random() < 0.5) else paint.edge_point(rng, s, a)
+        start = (
+            first[rng.integers(15, 65)] if (first is not None and rng.random() < 0.5) else paint.edge_point(rng, s, a)
+        )
         end = paint.edge_point(rng, s, (a + int(rng.integers(1, 4))) % 4)
         mid = (start + end) / 2 + rng.normal(0, 0.15 * s, 2) * (rng.random() < 0.7)
         pts = paint.bezier(np.stack([start, mid, end]), 80)
@@ -171,8 +186,9 @@ def _roads(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
         mask[r] = ROAD
 
 
-def _buildings(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: float, sun: np.ndarray,
-               water: np.ndarray) -> None:
+def _buildings(
+    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: float, sun: np.ndarray, water: np.ndarray
+) -> None:
     s = img.shape[0]
     base_angle = rng.uniform(0, 180)
     for _ in range(int(rng.integers(1, 9))):
@@ -195,8 +211,11 @@ def _buildings(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: 
         tex = 0.03 * rng.standard_normal((s, s)).astype(np.float32)
         paint.paint(img, r, roof, tex)
         if rng.random() < 0.7:  # gable roof: the half facing away from the sun is darker
-            long_axis = (box[1] - box[0]) if np.linalg.norm(box[1] - box[0]) >= np.linalg.norm(box[2] - box[1]) else (
-                box[2] - box[1])
+            long_axis = (
+                (box[1] - box[0])
+                if np.linalg.norm(box[1] - box[0]) >= np.linalg.norm(box[2] - box[1])
+                else (box[2] - box[1])
+            )
             normal = np.array([-long_axis[1], long_axis[0]], np.float32)
             yy, xx = np.nonzero(r)
             side = (xx - c[0]) * normal[0] + (yy - c[1]) * normal[1]
@@ -209,8 +228,9 @@ def _buildings(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: 
         mask[r] = BUILDING
 
 
-def _trees(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: float, sun: np.ndarray,
-           water: np.ndarray) -> None:
+def _trees(
+    rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: float, sun: np.ndarray, water: np.ndarray
+) -> None:
     s = img.shape[0]
     centres: list[tuple[float, float, float]] = []
     for _ in range(int(rng.integers(1, 4))):
@@ -232,8 +252,13 @@ def _trees(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, sc: floa
     for i, (x, y, r) in enumerate(centres):
         ir = max(1, int(round(r)))
         cv2.circle(canopy, (int(round(x)), int(round(y))), ir, (i % 250) + 1, -1)
-        cv2.circle(light, (int(round(x - sun[0] * r * 0.35)), int(round(y - sun[1] * r * 0.35))),
-                   max(1, int(round(r * 0.55))), 1, -1)
+        cv2.circle(
+            light,
+            (int(round(x - sun[0] * r * 0.35)), int(round(y - sun[1] * r * 0.35))),
+            max(1, int(round(r * 0.55))),
+            1,
+            -1,
+        )
     c_mask = canopy > 0
     img[(shadow > 0) & ~c_mask] *= 0.5
     lut = np.stack([paint.jitter(rng, _CANOPIES[rng.integers(len(_CANOPIES))], 10) for _ in range(251)])
@@ -365,5 +390,12 @@ def write_synth_dataset(
     return summary
 
 
-__all__ = ["SYNTH_CLASSES", "SYNTH_PALETTE", "SynthSummary", "generate_scene",
-           "make_scene_image", "scene_rng", "write_synth_dataset"]
+__all__ = [
+    "SYNTH_CLASSES",
+    "SYNTH_PALETTE",
+    "SynthSummary",
+    "generate_scene",
+    "make_scene_image",
+    "scene_rng",
+    "write_synth_dataset",
+]

@@ -94,8 +94,11 @@ def confusion_heatmap(cm: np.ndarray, names: list[str]) -> np.ndarray:
             draw.text((4, top + pos), str(k), fill=(0, 0, 0))
             if cell >= 28:
                 txt = f"{norm[k, k]:.2f}"
-                draw.text((margin + k * cell + 4, margin + top + k * cell + cell // 2 - 5), txt,
-                          fill=(255, 255, 255) if norm[k, k] < 0.6 else (0, 0, 0))
+                draw.text(
+                    (margin + k * cell + 4, margin + top + k * cell + cell // 2 - 5),
+                    txt,
+                    fill=(255, 255, 255) if norm[k, k] < 0.6 else (0, 0, 0),
+                )
     return np.asarray(canvas)
 
 
@@ -112,9 +115,11 @@ def worst_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, names: list
         return np.where((labels >= 0) & (labels < len(names)), labels + 1, 0)  # label k → colour k+1
 
     legend = len(draw_names) <= 12
-    panels = [image,
-              make_overlay(image, shown(gt), palette, draw_names, 0.55, legend=legend),
-              make_overlay(image, shown(pred), palette, draw_names, 0.55, legend=False)]
+    panels = [
+        image,
+        make_overlay(image, shown(gt), palette, draw_names, 0.55, legend=legend),
+        make_overlay(image, shown(pred), palette, draw_names, 0.55, legend=False),
+    ]
     gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
     return np.concatenate([panels[0], gap, panels[1], gap, panels[2]], axis=1)
 
@@ -126,21 +131,48 @@ def _safe_name(stem: str) -> str:
 def _report_md(result, files: dict[str, str], worst: list[tuple[str, float, str]]) -> str:
     m = result.metrics
     head = m["headline"]
-    lines = [f"# digseg eval — {m.get('dataset') or 'dataset'} ({m.get('split') or '-'})", "",
-             f"**{head['name']}: {fmt(head['value'])}**", "", f"Protocol: {m.get('protocol') or '-'}", "",
-             "| metric | value |", "|---|---|"]
+    lines = [
+        f"# digseg eval — {m.get('dataset') or 'dataset'} ({m.get('split') or '-'})",
+        "",
+        f"**{head['name']}: {fmt(head['value'])}**",
+        "",
+        f"Protocol: {m.get('protocol') or '-'}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {fmt(v)} |" for k, v in m["metrics"].items()]
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
-    fixed = {"source": m.get("source"), "absent rule": m["absent_rule"], "label mode": m.get("label_mode"),
-             "threshold": m.get("threshold"), "ignore index": m["ignore_index"], "images": m["num_images"],
-             "classes": m["num_classes"]}
+    fixed = {
+        "source": m.get("source"),
+        "absent rule": m["absent_rule"],
+        "label mode": m.get("label_mode"),
+        "threshold": m.get("threshold"),
+        "ignore index": m["ignore_index"],
+        "images": m["num_images"],
+        "classes": m["num_classes"],
+    }
     lines += [f"| {k} | {fmt(v)} |" for k, v in {**fixed, **m.get("settings", {})}.items()]
-    lines += ["", "## Per class", "", "| id | class | IoU | Dice | precision | recall | GT pixels | counted |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['id']} | {c['name']} | {fmt(c['iou'])} | {fmt(c['dice'])} | {fmt(c['precision'])} | "
-              f"{fmt(c['recall'])} | {c['gt_pixels']} | {'yes' if c['counted'] else 'no'} |" for c in m["per_class"]]
-    lines += ["", "## Confusion matrix", "", f"![confusion matrix]({files['confusion_matrix.png']}) "
-              f"(counts: [{files['confusion_matrix.csv']}]({files['confusion_matrix.csv']}))", ""]
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "| id | class | IoU | Dice | precision | recall | GT pixels | counted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c['id']} | {c['name']} | {fmt(c['iou'])} | {fmt(c['dice'])} | {fmt(c['precision'])} | "
+        f"{fmt(c['recall'])} | {c['gt_pixels']} | {'yes' if c['counted'] else 'no'} |"
+        for c in m["per_class"]
+    ]
+    lines += [
+        "",
+        "## Confusion matrix",
+        "",
+        f"![confusion matrix]({files['confusion_matrix.png']}) "
+        f"(counts: [{files['confusion_matrix.csv']}]({files['confusion_matrix.csv']}))",
+        "",
+    ]
     if worst:
         lines += ["## Worst images", "", "Each: image | ground truth | prediction.", ""]
         for stem, score, rel in worst:
@@ -159,15 +191,21 @@ def write_reports(result, out_dir: Path) -> list[Path]:
     names = result.label_names
     cm = result.confusion.numpy()
 
-    metrics = {**result.metrics, "digseg_version": __version__,
-               "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    metrics = {
+        **result.metrics,
+        "digseg_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     written.append(atomic_write_text(out_dir / "metrics.json", json.dumps(json_safe(metrics), indent=2) + "\n"))
     pc_keys = ["id", "name", "iou", "dice", "precision", "recall", "gt_pixels", "pred_pixels", "tp", "counted"]
     pc_rows = [[c[k] for k in pc_keys] for c in result.metrics["per_class"]]
     written.append(atomic_write_text(out_dir / "per_class.csv", _csv_text(pc_keys, pc_rows)))
     img_keys = list(dict.fromkeys(k for row in result.per_image for k in row))
-    written.append(atomic_write_text(out_dir / "per_image.csv",
-                                     _csv_text(img_keys, [[r.get(k) for k in img_keys] for r in result.per_image])))
+    written.append(
+        atomic_write_text(
+            out_dir / "per_image.csv", _csv_text(img_keys, [[r.get(k) for k in img_keys] for r in result.per_image])
+        )
+    )
     cm_rows = [[n, *cm[i].tolist()] for i, n in enumerate(names)]
     written.append(atomic_write_text(out_dir / "confusion_matrix.csv", _csv_text(["gt\\pred", *names], cm_rows)))
     written.append(atomic_write_bytes(out_dir / "confusion_matrix.png", _png_bytes(confusion_heatmap(cm, names))))

@@ -21,10 +21,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
-from digseg_cli.models.config import check_prompt_template
 from digseg_cli.evaluate.scoring import (
-    EvalResult, Progress, evaluate, pipeline_predictor, protocol_kwargs, score_predictions,
+    EvalResult,
+    Progress,
+    evaluate,
+    pipeline_predictor,
+    protocol_kwargs,
+    score_predictions,
 )
+from digseg_cli.models.config import check_prompt_template
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -117,12 +122,22 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
     protocol["absent_rule"] = s.absent_rule or spec.absent_rule
     if s.threshold is not None:
         protocol["threshold"] = s.threshold
-    record: dict[str, Any] = {"data_root": str(data.root), "limit": s.limit,
-                              "absent_rule_source": "option" if s.absent_rule else "benchmark default"}
+    record: dict[str, Any] = {
+        "data_root": str(data.root),
+        "limit": s.limit,
+        "absent_rule_source": "option" if s.absent_rule else "benchmark default",
+    }
     # 3. Processes (one shard of the samples each), then the scores.
     processes = join_processes(s.device)
-    common = {"out_dir": out_dir, "split": data.split, "settings": record, "limit": s.limit, "progress": progress,
-              "processes": processes, **protocol}
+    common = {
+        "out_dir": out_dir,
+        "split": data.split,
+        "settings": record,
+        "limit": s.limit,
+        "progress": progress,
+        "processes": processes,
+        **protocol,
+    }
     if s.predictions is not None:
         record["predictions"] = str(s.predictions)
         result = score_predictions(data, s.predictions, decode_prediction=spec.decode_prediction, **common)
@@ -132,8 +147,16 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
     return EvalRun(result=result, main_process=processes is None or processes.is_main_process)
 
 
-def _score_model(s: EvalSettings, spec: DatasetSpec, data: BenchmarkDataset, *, processes: PartialState | None,
-                 note: Note | None, record: dict[str, Any], common: dict[str, Any]) -> EvalResult:
+def _score_model(
+    s: EvalSettings,
+    spec: DatasetSpec,
+    data: BenchmarkDataset,
+    *,
+    processes: PartialState | None,
+    note: Note | None,
+    record: dict[str, Any],
+    common: dict[str, Any],
+) -> EvalResult:
     """Load the model on this process's device, record the settings it runs with, score it."""
     from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
     from digseg_cli.inference.device import PRECISION_NAMES, precision_note
@@ -146,15 +169,34 @@ def _score_model(s: EvalSettings, spec: DatasetSpec, data: BenchmarkDataset, *, 
         note(text)
     decoder = pipe.resolve_decoder(s.decoder)
     side = spec.short_side if s.short_side is None else s.short_side
-    record.update(weights=s.weights, device=str(pipe.device), precision=PRECISION_NAMES[pipe.dtype],
-                  steps=s.steps, ensemble=s.ensemble, resolution=s.resolution, short_side=side or None,
-                  max_side=spec.max_side if side else None, tile=s.tile, decoder=decoder,
-                  prompt_template=s.prompt_template or pipe.config.prompt_template, seed=s.seed,
-                  prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50],
-                  precision_fallbacks=pipe.notes)  # the pipeline's own list: filled if fp16 overflows
-    predictor = pipeline_predictor(pipe, steps=s.steps, ensemble=s.ensemble, seed=s.seed, resolution=s.resolution,
-                                   tile=s.tile, prompt_template=s.prompt_template, short_side=side or None,
-                                   max_side=spec.max_side, decoder=decoder)
+    record.update(
+        weights=s.weights,
+        device=str(pipe.device),
+        precision=PRECISION_NAMES[pipe.dtype],
+        steps=s.steps,
+        ensemble=s.ensemble,
+        resolution=s.resolution,
+        short_side=side or None,
+        max_side=spec.max_side if side else None,
+        tile=s.tile,
+        decoder=decoder,
+        prompt_template=s.prompt_template or pipe.config.prompt_template,
+        seed=s.seed,
+        prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50],
+        precision_fallbacks=pipe.notes,
+    )  # the pipeline's own list: filled if fp16 overflows
+    predictor = pipeline_predictor(
+        pipe,
+        steps=s.steps,
+        ensemble=s.ensemble,
+        seed=s.seed,
+        resolution=s.resolution,
+        tile=s.tile,
+        prompt_template=s.prompt_template,
+        short_side=side or None,
+        max_side=spec.max_side,
+        decoder=decoder,
+    )
     return evaluate(data, spec.class_names or (), predictor, **common)
 
 

@@ -62,9 +62,17 @@ class EvalResult:
 
 def protocol_kwargs(spec) -> dict[str, Any]:
     """The keyword arguments of ``evaluate``/``score_predictions`` that a ``DatasetSpec`` fixes."""
-    return dict(label_names=list(spec.label_names), prompts=spec.prompts, ignore_index=spec.ignore_index,
-                absent_rule=spec.absent_rule, label_mode=spec.label_mode, threshold=spec.threshold,
-                headline=spec.headline, dataset=spec.name, protocol=spec.protocol)
+    return dict(
+        label_names=list(spec.label_names),
+        prompts=spec.prompts,
+        ignore_index=spec.ignore_index,
+        absent_rule=spec.absent_rule,
+        label_mode=spec.label_mode,
+        threshold=spec.threshold,
+        headline=spec.headline,
+        dataset=spec.name,
+        protocol=spec.protocol,
+    )
 
 
 def _vertical_diameter(mask: torch.Tensor) -> float:
@@ -90,19 +98,28 @@ class _Scorer:
         except ValueError as exc:
             raise DatasetError(f"{where or stem}: {exc}") from None
         self.cm += cm
-        row: dict[str, Any] = {"stem": stem, "pixels": int(cm.sum()),
-                               "pixel_accuracy": M.pixel_accuracy(cm), "miou": M.miou(cm, self.rule)}
+        row: dict[str, Any] = {
+            "stem": stem,
+            "pixels": int(cm.sum()),
+            "pixel_accuracy": M.pixel_accuracy(cm),
+            "miou": M.miou(cm, self.rule),
+        }
         if self.headline == "road_iou":
             row["road_iou"] = float(M.iou_per_class(cm)[1])
             score = row["road_iou"]
         elif self.headline == "refuge_dice":
             disc_p, disc_g, cup_p, cup_g = pred >= 1, gt_t >= 1, pred == 2, gt_t == 2
             row["dice_disc"], row["dice_cup"] = M.binary_dice(disc_p, disc_g), M.binary_dice(cup_p, cup_g)
-            vcdr = [_vertical_diameter(c) / d if (d := _vertical_diameter(o)) else math.nan
-                    for c, o in ((cup_p, disc_p), (cup_g, disc_g))]
+            vcdr = [
+                _vertical_diameter(c) / d if (d := _vertical_diameter(o)) else math.nan
+                for c, o in ((cup_p, disc_p), (cup_g, disc_g))
+            ]
             row["vcdr_pred"], row["vcdr_gt"], row["vcdr_abs_error"] = vcdr[0], vcdr[1], abs(vcdr[0] - vcdr[1])
-            score = float(np.nanmean([row["dice_disc"], row["dice_cup"]])) if not (
-                math.isnan(row["dice_disc"]) and math.isnan(row["dice_cup"])) else math.nan
+            score = (
+                float(np.nanmean([row["dice_disc"], row["dice_cup"]]))
+                if not (math.isnan(row["dice_disc"]) and math.isnan(row["dice_cup"]))
+                else math.nan
+            )
         else:
             score = row["miou"]
         self.rows.append(row)
@@ -127,13 +144,24 @@ class _Scorer:
         s = M.summarize(self.cm, self.rule)
         gt, pred = self.cm.sum(1), self.cm.sum(0)
         per_class = [
-            {"id": k, "name": self.names[k], "iou": s["iou"][k], "dice": s["dice"][k], "precision": s["precision"][k],
-             "recall": s["recall"][k], "gt_pixels": int(gt[k]), "pred_pixels": int(pred[k]), "tp": int(self.cm[k, k]),
-             "counted": bool(s["counted"][k])}
+            {
+                "id": k,
+                "name": self.names[k],
+                "iou": s["iou"][k],
+                "dice": s["dice"][k],
+                "precision": s["precision"][k],
+                "recall": s["recall"][k],
+                "gt_pixels": int(gt[k]),
+                "pred_pixels": int(pred[k]),
+                "tp": int(self.cm[k, k]),
+                "counted": bool(s["counted"][k]),
+            }
             for k in range(self.C)
         ]
-        out = {k: s[k] for k in ("miou", "miou_detectron2", "miou_mmseg", "mean_dice", "pixel_accuracy",
-                                 "mean_accuracy", "fwiou")}
+        out = {
+            k: s[k]
+            for k in ("miou", "miou_detectron2", "miou_mmseg", "mean_dice", "pixel_accuracy", "mean_accuracy", "fwiou")
+        }
         if self.headline == "road_iou":
             out["road_iou"] = s["iou"][1]
             out["miou_2class"] = out["miou"]  # background + road: much higher than road IoU, not comparable
@@ -196,8 +224,23 @@ def _total(samples, limit) -> int:
     return min(n, limit) if limit is not None and n >= 0 else n
 
 
-def _run(samples, predict_one, *, label_names, ignore_index, absent_rule, headline, out_dir, limit, progress,
-         processes, rank, world_size, worst_k, meta) -> EvalResult:
+def _run(
+    samples,
+    predict_one,
+    *,
+    label_names,
+    ignore_index,
+    absent_rule,
+    headline,
+    out_dir,
+    limit,
+    progress,
+    processes,
+    rank,
+    world_size,
+    worst_k,
+    meta,
+) -> EvalResult:
     if limit is not None and limit < 1:
         raise UsageError(f"`--limit` must be at least 1; got {limit}")
     rank, world_size, distributed = _shard_of(processes, rank, world_size)
@@ -215,9 +258,15 @@ def _run(samples, predict_one, *, label_names, ignore_index, absent_rule, headli
         raise DatasetError("no samples were evaluated (empty dataset, or --limit/sharding left none)")
     summary, per_class = scorer.summary()
     metrics = {
-        **meta, "absent_rule": absent_rule, "ignore_index": ignore_index, "num_classes": len(label_names),
-        "num_images": len(scorer.rows), "shard": {"rank": rank, "world_size": world_size, "all_reduced": distributed},
-        "headline": summary.pop("headline"), "metrics": summary, "per_class": per_class,
+        **meta,
+        "absent_rule": absent_rule,
+        "ignore_index": ignore_index,
+        "num_classes": len(label_names),
+        "num_images": len(scorer.rows),
+        "shard": {"rank": rank, "world_size": world_size, "all_reduced": distributed},
+        "headline": summary.pop("headline"),
+        "metrics": summary,
+        "per_class": per_class,
     }
     worst = sorted(((-s, stem, *t) for s, stem, t in scorer.worst), key=lambda e: e[0])
     result = EvalResult(metrics, scorer.cm, scorer.rows, list(label_names), worst, Path(out_dir) if out_dir else None)
@@ -229,12 +278,28 @@ def _run(samples, predict_one, *, label_names, ignore_index, absent_rule, headli
 
 
 def evaluate(
-    samples: Iterable, class_names: Sequence[str], predictor: Predictor, *, ignore_index: int | None,
-    num_classes: int | None = None, absent_rule: str = "detectron2", out_dir: Path | str | None = None,
-    label_mode: str = "argmax", threshold: float = 0.5, headline: str = "miou",
-    label_names: Sequence[str] | None = None, prompts: Sequence | None = None, dataset: str = "", split: str = "",
-    protocol: str = "", settings: dict | None = None, limit: int | None = None, progress: Progress | None = None,
-    processes: PartialState | None = None, rank: int | None = None, world_size: int | None = None,
+    samples: Iterable,
+    class_names: Sequence[str],
+    predictor: Predictor,
+    *,
+    ignore_index: int | None,
+    num_classes: int | None = None,
+    absent_rule: str = "detectron2",
+    out_dir: Path | str | None = None,
+    label_mode: str = "argmax",
+    threshold: float = 0.5,
+    headline: str = "miou",
+    label_names: Sequence[str] | None = None,
+    prompts: Sequence | None = None,
+    dataset: str = "",
+    split: str = "",
+    protocol: str = "",
+    settings: dict | None = None,
+    limit: int | None = None,
+    progress: Progress | None = None,
+    processes: PartialState | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
     worst_k: int = 6,
 ) -> EvalResult:
     """Score ``predictor`` on ``samples`` (``Sample``s: ``stem``, ``image``, ``label``); write reports to ``out_dir``.
@@ -251,8 +316,11 @@ def evaluate(
     if label_mode not in LABEL_MODES:
         raise UsageError(f"`label_mode` must be one of {', '.join(LABEL_MODES)}; got {label_mode!r}")
     class_names = list(class_names)
-    names = list(label_names) if label_names is not None else (
-        class_names if label_mode == "argmax" else ["background", *class_names])
+    names = (
+        list(label_names)
+        if label_names is not None
+        else (class_names if label_mode == "argmax" else ["background", *class_names])
+    )
     if num_classes is not None and num_classes != len(names):
         raise UsageError(f"`num_classes` is {num_classes} but there are {len(names)} label names")
     prompts = list(prompts) if prompts is not None else class_names
@@ -268,17 +336,45 @@ def evaluate(
             probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]  # [K,H,W]
         return labels_from_probs(probs, label_mode, threshold), sample.stem
 
-    meta = {"dataset": dataset, "split": split, "protocol": protocol, "source": "model", "label_mode": label_mode,
-            "threshold": threshold if label_mode != "argmax" else None, "settings": dict(settings or {})}
-    return _run(samples, predict_one, label_names=names, ignore_index=ignore_index, absent_rule=absent_rule,
-                headline=headline, out_dir=out_dir, limit=limit, progress=progress, processes=processes, rank=rank,
-                world_size=world_size, worst_k=worst_k, meta=meta)
+    meta = {
+        "dataset": dataset,
+        "split": split,
+        "protocol": protocol,
+        "source": "model",
+        "label_mode": label_mode,
+        "threshold": threshold if label_mode != "argmax" else None,
+        "settings": dict(settings or {}),
+    }
+    return _run(
+        samples,
+        predict_one,
+        label_names=names,
+        ignore_index=ignore_index,
+        absent_rule=absent_rule,
+        headline=headline,
+        out_dir=out_dir,
+        limit=limit,
+        progress=progress,
+        processes=processes,
+        rank=rank,
+        world_size=world_size,
+        worst_k=worst_k,
+        meta=meta,
+    )
 
 
 def pipeline_predictor(
-    pipe: DigsegPipeline, *, steps: int | None = None, ensemble: int | None = None, seed: int | None = None,
-    resolution: int | None = None, tile: str | int | None = "auto", prompt_template: str | None = None,
-    short_side: int | None = None, max_side: int | None = None, decoder: str = "auto",
+    pipe: DigsegPipeline,
+    *,
+    steps: int | None = None,
+    ensemble: int | None = None,
+    seed: int | None = None,
+    resolution: int | None = None,
+    tile: str | int | None = "auto",
+    prompt_template: str | None = None,
+    short_side: int | None = None,
+    max_side: int | None = None,
+    decoder: str = "auto",
 ) -> Predictor:
     """Wrap a ``DigsegPipeline`` as a predictor: optional test-time resize (short side, capped long side),
     one noise seed per image from ``seed`` and the sample's name (``image_seed``, as ``segment`` does: the
@@ -287,8 +383,17 @@ def pipeline_predictor(
 
     def predict(image: np.ndarray, prompts: list, name: str) -> torch.Tensor:
         img = resize_short_side(image, short_side, max_side)
-        out = pipe(img, prompts, steps=steps, ensemble=ensemble, seed=image_seed(seed or 0, name),
-                   resolution=resolution, tile=tile, prompt_template=prompt_template, decoder=decoder)
+        out = pipe(
+            img,
+            prompts,
+            steps=steps,
+            ensemble=ensemble,
+            seed=image_seed(seed or 0, name),
+            resolution=resolution,
+            tile=tile,
+            prompt_template=prompt_template,
+            decoder=decoder,
+        )
         return out.probs  # [K,h,w]
 
     return predict
@@ -323,12 +428,26 @@ def find_prediction(predictions_dir: Path, stem: str) -> Path | None:
 
 
 def score_predictions(
-    samples: Sequence, predictions_dir: Path | str, *, label_names: Sequence[str], ignore_index: int | None,
-    absent_rule: str = "detectron2", out_dir: Path | str | None = None, headline: str = "miou",
-    dataset: str = "", split: str = "", protocol: str = "", settings: dict | None = None,
-    limit: int | None = None, progress: Progress | None = None, processes: PartialState | None = None,
-    rank: int | None = None, world_size: int | None = None, worst_k: int = 6,
-    decode_prediction: Callable | None = None, **_unused: Any,
+    samples: Sequence,
+    predictions_dir: Path | str,
+    *,
+    label_names: Sequence[str],
+    ignore_index: int | None,
+    absent_rule: str = "detectron2",
+    out_dir: Path | str | None = None,
+    headline: str = "miou",
+    dataset: str = "",
+    split: str = "",
+    protocol: str = "",
+    settings: dict | None = None,
+    limit: int | None = None,
+    progress: Progress | None = None,
+    processes: PartialState | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    worst_k: int = 6,
+    decode_prediction: Callable | None = None,
+    **_unused: Any,
 ) -> EvalResult:
     """Score a folder of label-map files (``<stem>.png``, values = label ids of ``label_names``) — no model.
 
@@ -347,8 +466,10 @@ def score_predictions(
     if stems is not None:
         missing = [s for s in stems if find_prediction(folder, s) is None]
         if missing:
-            raise DatasetError(f"{len(missing)} of {n} images have no prediction in {folder} "
-                               f"(expected <stem>.png), e.g. {', '.join(missing[:5])}")
+            raise DatasetError(
+                f"{len(missing)} of {n} images have no prediction in {folder} "
+                f"(expected <stem>.png), e.g. {', '.join(missing[:5])}"
+            )
 
     def predict_one(sample) -> tuple[torch.Tensor, str]:
         path = find_prediction(folder, sample.stem)
@@ -362,13 +483,34 @@ def score_predictions(
         if pred.shape != size:
             import cv2
 
-            log.warning("%s is %dx%d, its label %dx%d: resized (nearest)", path, pred.shape[1], pred.shape[0],
-                        size[1], size[0])
+            log.warning(
+                "%s is %dx%d, its label %dx%d: resized (nearest)", path, pred.shape[1], pred.shape[0], size[1], size[0]
+            )
             pred = cv2.resize(pred.astype(np.int32), size[::-1], interpolation=cv2.INTER_NEAREST).astype(np.int64)
         return torch.from_numpy(pred), str(path)
 
-    meta = {"dataset": dataset, "split": split, "protocol": protocol, "source": f"predictions: {folder}",
-            "label_mode": "saved label maps", "threshold": None, "settings": dict(settings or {})}
-    return _run(samples, predict_one, label_names=list(label_names), ignore_index=ignore_index,
-                absent_rule=absent_rule, headline=headline, out_dir=out_dir, limit=limit, progress=progress,
-                processes=processes, rank=rank, world_size=world_size, worst_k=worst_k, meta=meta)
+    meta = {
+        "dataset": dataset,
+        "split": split,
+        "protocol": protocol,
+        "source": f"predictions: {folder}",
+        "label_mode": "saved label maps",
+        "threshold": None,
+        "settings": dict(settings or {}),
+    }
+    return _run(
+        samples,
+        predict_one,
+        label_names=list(label_names),
+        ignore_index=ignore_index,
+        absent_rule=absent_rule,
+        headline=headline,
+        out_dir=out_dir,
+        limit=limit,
+        progress=progress,
+        processes=processes,
+        rank=rank,
+        world_size=world_size,
+        worst_k=worst_k,
+        meta=meta,
+    )

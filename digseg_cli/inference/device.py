@@ -39,16 +39,22 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "mps":
         if not _mps_available():
-            raise DeviceUnavailableError("device `mps` is not available on this machine: use --device cpu or --device auto")
+            raise DeviceUnavailableError(
+                "device `mps` is not available on this machine: use --device cpu or --device auto"
+            )
         return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?|(\d+)", name)
     if not match:
         raise UsageError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     index = int(match.group(1) or match.group(2) or 0)
     if not torch.cuda.is_available():
-        raise DeviceUnavailableError(f"device `{name}` is not available (no CUDA GPU found): use --device cpu or --device auto")
+        raise DeviceUnavailableError(
+            f"device `{name}` is not available (no CUDA GPU found): use --device cpu or --device auto"
+        )
     if index >= torch.cuda.device_count():
-        raise DeviceUnavailableError(f"device `cuda:{index}` does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceUnavailableError(
+            f"device `cuda:{index}` does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     return torch.device("cuda", index)
 
 
@@ -62,7 +68,9 @@ def resolve_dtype(precision: str | None, device: torch.device) -> torch.dtype:
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
     if device.type == "cpu" and precision == "fp16":
-        raise UsageError("fp16 is not supported on the CPU: use --precision fp32 (or bf16 on CPUs with AVX512-BF16/AMX)")
+        raise UsageError(
+            "fp16 is not supported on the CPU: use --precision fp32 (or bf16 on CPUs with AVX512-BF16/AMX)"
+        )
     return PRECISIONS[precision]
 
 
@@ -78,8 +86,9 @@ def cpu_has_bf16() -> bool | None:
         return _cpuinfo_has_bf16(text)
     if system == "Darwin":  # Apple silicon from M2 on
         try:
-            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
-                                 timeout=5)
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip() == "1" if out.returncode == 0 else None
@@ -102,8 +111,10 @@ def emulated_bf16_note(device: torch.device) -> str | None:
     """A one-line note when bf16 work on `device` would be emulated (a CPU without bf16 instructions), else None."""
     if device.type != "cpu" or cpu_has_bf16() is not False:
         return None
-    return ("note: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so torch emulates bf16, "
-            "which can be many times slower than fp32: use --precision fp32 (the CPU default)")
+    return (
+        "note: this CPU has no bf16 instructions (AVX512-BF16, AMX or Arm BF16), so torch emulates bf16, "
+        "which can be many times slower than fp32: use --precision fp32 (the CPU default)"
+    )
 
 
 def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
@@ -114,11 +125,15 @@ def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
     # Measured on an H200 with the demo (benchmarks/RESULTS.md, row 5): fp16 stays within 8.8e-3 of fp32,
     # bf16 moves probabilities by up to 8e-2 on class boundaries and changes 0.1 % of the labels.
     # fp16 is refused on the CPU, so there the only closer choice is the default.
-    closer = ("the CPU default, --precision fp32, does not" if device.type == "cpu"
-              else "--precision fp16 or fp32 matches fp32 more closely")
+    closer = (
+        "the CPU default, --precision fp32, does not"
+        if device.type == "cpu"
+        else "--precision fp16 or fp32 matches fp32 more closely"
+    )
     return emulated_bf16_note(device) or (
         "note: bf16 keeps fewer digits than fp16: on class boundaries probabilities can differ from fp32 by up to "
-        f"about 0.1 (about 0.1 % of pixels change label); {closer}")
+        f"about 0.1 (about 0.1 % of pixels change label); {closer}"
+    )
 
 
 def leave_process_group() -> None:

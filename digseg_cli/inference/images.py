@@ -293,8 +293,15 @@ def _save_pil(path: PathLike, im: Image.Image, *, overwrite: bool = True, **para
 
 def _format_for(path: PathLike) -> str:
     suffix = Path(path).suffix.lower()
-    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
-               ".tiff": "TIFF", ".bmp": "BMP"}
+    formats = {
+        ".png": "PNG",
+        ".jpg": "JPEG",
+        ".jpeg": "JPEG",
+        ".webp": "WEBP",
+        ".tif": "TIFF",
+        ".tiff": "TIFF",
+        ".bmp": "BMP",
+    }
     if suffix not in formats:
         raise UsageError(f"cannot write {path}: unknown image suffix {suffix!r}; use .png, .jpg, .webp or .tif")
     return formats[suffix]

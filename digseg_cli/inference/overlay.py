@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from digseg_cli.inference.images import RGB, colorize_labels, default_palette
 
+
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     try:
         return ImageFont.load_default(size=size)

@@ -21,10 +21,10 @@ import torch
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.core.labels import labels_from_probs, prompt_thresholds
 from digseg_cli.errors import UsageError
+from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
 from digseg_cli.models.config import DECODERS
 from digseg_cli.models.loader import load_model
-from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
 
 log = logging.getLogger("digseg")
 Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores are averaged
@@ -67,8 +67,14 @@ class SegmentationOutput:
 class DigsegPipeline:
     """Holds the model on one device; `__call__` segments one image."""
 
-    def __init__(self, loaded: LoadedModel, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 *, prepare: bool = True):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        prepare: bool = True,
+    ):
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device, self.dtype = torch.device(device), dtype
@@ -90,13 +96,20 @@ class DigsegPipeline:
         """Texts → (`[K,L,D]`, `[K,D]`) through the text encoder, cached per text for the pipeline's life."""
         new = [t for t in dict.fromkeys(texts) if t not in self._prompt_cache]
         if new:
-            tok = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="pt")
+            tok = self.tokenizer(
+                new,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             emb, pooled = self.model.encode_prompt(tok.input_ids.to(self.device))  # [n,L,D], [n,D]
             for i, text in enumerate(new):
                 self._prompt_cache[text] = (emb[i], pooled[i])
-        return (torch.stack([self._prompt_cache[t][0] for t in texts]),
-                torch.stack([self._prompt_cache[t][1] for t in texts]))
+        return (
+            torch.stack([self._prompt_cache[t][0] for t in texts]),
+            torch.stack([self._prompt_cache[t][1] for t in texts]),
+        )
 
     def check_prompt(self, text: str) -> list[str]:
         """Warnings for one prompt: longer than the text encoder takes, or words it does not know."""
@@ -110,7 +123,9 @@ class DigsegPipeline:
             pieces = self.tokenizer.tokenize(word)
             # A word the vocabulary lacks falls back to sub-word or byte pieces (or the unknown token).
             if unk in pieces or len(pieces) >= 3:
-                warnings.append(f"the model's tokenizer does not know the word {word!r} (split into {len(pieces)} pieces)")
+                warnings.append(
+                    f"the model's tokenizer does not know the word {word!r} (split into {len(pieces)} pieces)"
+                )
         return warnings
 
     # -- the numbered steps --------------------------------------------------------------------------
@@ -144,8 +159,9 @@ class DigsegPipeline:
         # 1. Check inputs.
         pixels = self._check_inputs(image, prompts, steps, ensemble, resolution)
         classes = [[p] if isinstance(p, str) else list(p) for p in prompts]
-        _, thresholds = resolve_thresholds([PromptClass(c[0], tuple(c)) for c in classes], cfg.default_threshold,
-                                           threshold=threshold)
+        _, thresholds = resolve_thresholds(
+            [PromptClass(c[0], tuple(c)) for c in classes], cfg.default_threshold, threshold=threshold
+        )
         texts = [self.format_prompt(s, prompt_template) for syns in classes for s in syns]
         decoder = self.resolve_decoder(decoder)
         # 2. Encode prompts (text encoder; cached per text).
@@ -191,9 +207,13 @@ class DigsegPipeline:
             self.dtype = torch.float32
             self._prompt_cache.clear()  # embeddings made in the reduced precision may be what overflowed
         else:
-            raise CheckpointError("the model gives non-finite probabilities in float32: its weights look damaged "
-                                  "(download them again, or check a checkpoint you trained)")
-        note = f"the {part} gave non-finite values in {str(dtype).removeprefix('torch.')}; it runs in float32 from now on"
+            raise CheckpointError(
+                "the model gives non-finite probabilities in float32: its weights look damaged "
+                "(download them again, or check a checkpoint you trained)"
+            )
+        note = (
+            f"the {part} gave non-finite values in {str(dtype).removeprefix('torch.')}; it runs in float32 from now on"
+        )
         log.warning("%s", note)
         self.notes.append(note)
 
@@ -206,7 +226,9 @@ class DigsegPipeline:
         if decoder not in DECODERS:
             raise UsageError(f"`decoder` must be vae, fast or auto, got {decoder!r}")
         if decoder == "fast" and not fast:
-            raise UsageError("`decoder` fast needs a checkpoint with a fast decoder (make one with `digseg decoder train`)")
+            raise UsageError(
+                "`decoder` fast needs a checkpoint with a fast decoder (make one with `digseg decoder train`)"
+            )
         return decoder
 
     def _check_inputs(self, image, prompts, steps, ensemble, resolution) -> torch.Tensor:
@@ -220,9 +242,13 @@ class DigsegPipeline:
         if not 1 <= steps <= 50:
             raise UsageError(f"`steps` must be between 1 and 50, got {steps}")
         if not 1 <= ensemble <= (8 if self.config.objective == "one-step" else 64):
-            raise UsageError(f"`ensemble` must be between 1 and {8 if self.config.objective == 'one-step' else 64}, got {ensemble}")
+            raise UsageError(
+                f"`ensemble` must be between 1 and {8 if self.config.objective == 'one-step' else 64}, got {ensemble}"
+            )
         if resolution < 0 or (resolution and resolution < self.model.size_multiple):
-            raise UsageError(f"`resolution` must be 0 (native) or at least {self.model.size_multiple}, got {resolution}")
+            raise UsageError(
+                f"`resolution` must be 0 (native) or at least {self.model.size_multiple}, got {resolution}"
+            )
         array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
             raise UsageError(f"`image` must be a PIL image or an HxWx3 uint8 array, got {array.dtype} {array.shape}")
@@ -272,13 +298,15 @@ class DigsegPipeline:
             z_b, e, p = z_img[image_of], emb[text_of], pooled[text_of]  # [b,4,h,w], [b,L,D], [b,D]
             b = z_b.shape[0]
 
-            def denoise(z_t, t):
+            def denoise(z_t, t, z_b=z_b, e=e, p=p):  # this batch's inputs, bound now
                 return self.model(z_b, z_t, t, e, p)
 
             # 5. Denoise (U-Net): one step from zeros, or DDIM with trailing spacing from seeded noise.
             t0 = time.perf_counter()
             if self.config.objective == "one-step":
-                clean = diffusion.sample_one_step(denoise, (b, *latent_shape[1:]), self.scheduler, self.device, self.dtype)
+                clean = diffusion.sample_one_step(
+                    denoise, (b, *latent_shape[1:]), self.scheduler, self.device, self.dtype
+                )
             else:
                 clean = diffusion.sample_ddim(denoise, noise.expand(b, -1, -1, -1), self.scheduler, run.steps)
             t1 = time.perf_counter()
@@ -306,12 +334,12 @@ class DigsegPipeline:
         group = self._tiles_per_call(h, w, texts)
         native = dataclasses.replace(run, resolution=0)  # tiles run at native scale
         for lo in range(0, len(windows), group):
-            chunk = windows[lo:lo + group]
-            crops = torch.cat([pixels[..., top:top + h, left:left + w] for top, left, _, _ in chunk])  # [g,3,h,w]
+            chunk = windows[lo : lo + group]
+            crops = torch.cat([pixels[..., top : top + h, left : left + w] for top, left, _, _ in chunk])  # [g,3,h,w]
             probs = self._predict(crops, text, native, timings)  # [g,T,h,w]
-            for (top, left, _, _), tile_probs in zip(chunk, probs):
-                acc[:, top:top + h, left:left + w] += tile_probs * win
-                weight[top:top + h, left:left + w] += win
+            for (top, left, _, _), tile_probs in zip(chunk, probs, strict=True):
+                acc[:, top : top + h, left : left + w] += tile_probs * win
+                weight[top : top + h, left : left + w] += win
         return acc / weight
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -345,5 +373,9 @@ def load_pipeline(
     from digseg_cli.inference.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device or "cpu")
-    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or ("fp32" if dev.type != "cuda" else "auto"), dev)
+    dt = (
+        dtype
+        if isinstance(dtype, torch.dtype)
+        else resolve_dtype(dtype or ("fp32" if dev.type != "cuda" else "auto"), dev)
+    )
     return DigsegPipeline(load_model(name_or_path, cache_dir=cache_dir, offline=offline), dev, dt)

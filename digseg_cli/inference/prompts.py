@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from digseg_cli.inference import images
 from digseg_cli.errors import UsageError
+from digseg_cli.inference import images
 
 _INSTRUCTION = re.compile(
     r"^(all|every|each|any|segment|find|detect|show|highlight|mark|select|extract|locate|identify|give|please)\b",
@@ -72,7 +72,7 @@ def parse_prompts(text: str) -> tuple[list[PromptClass], list[str]]:
             continue
         classes.append(PromptClass(synonyms[0], tuple(dict.fromkeys(synonyms))))
     if not classes:
-        raise UsageError(f"`--prompt` {text!r} names no class: give e.g. --prompt \"road, tree\"")
+        raise UsageError(f'`--prompt` {text!r} names no class: give e.g. --prompt "road, tree"')
     return dedupe_classes(classes, warnings), warnings
 
 
@@ -87,19 +87,25 @@ def _class_from_entry(entry: Any, where: str) -> PromptClass:
     unknown = [k for k in entry if k not in _CLASS_KEYS]
     if unknown:
         hint = difflib.get_close_matches(str(unknown[0]), _CLASS_KEYS, 1)
-        raise UsageError(f"{where}: unknown key {unknown[0]!r} in class {entry['name']!r}"
-                         + (f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(_CLASS_KEYS)}"))
+        raise UsageError(
+            f"{where}: unknown key {unknown[0]!r} in class {entry['name']!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(_CLASS_KEYS)}")
+        )
     synonyms = entry.get("synonyms") or []
     synonyms = synonyms.split("|") if isinstance(synonyms, str) else list(synonyms)
     texts = [_check_text(str(t)) for t in [entry.get("prompt") or entry["name"], *synonyms] if str(t).strip()]
     color = entry.get("color", entry.get("colour"))
     threshold = entry.get("threshold")
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
-        raise UsageError(f"{where}: `threshold` of class {entry['name']!r} must be a number in [0, 1], "
-                         f"got {threshold!r}")
-    return PromptClass(str(entry["name"]).strip(), tuple(dict.fromkeys(texts)),
-                       images.parse_color(color) if color is not None else None,
-                       None if threshold is None else float(threshold))
+        raise UsageError(
+            f"{where}: `threshold` of class {entry['name']!r} must be a number in [0, 1], got {threshold!r}"
+        )
+    return PromptClass(
+        str(entry["name"]).strip(),
+        tuple(dict.fromkeys(texts)),
+        images.parse_color(color) if color is not None else None,
+        None if threshold is None else float(threshold),
+    )
 
 
 def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
@@ -128,8 +134,21 @@ def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
             raise UsageError(f"{path}: unknown top-level keys {extra}; only `classes` is read")
         data = data["classes"]
     if isinstance(data, Mapping):  # {road: {color: ...}} or {road: [street, highway]} or {road: "asphalt road"}
-        data = [{"name": k, **(v if isinstance(v, Mapping) else {"synonyms": v} if isinstance(v, list)
-                               else {"prompt": v} if isinstance(v, str) else {})} for k, v in data.items()]
+        data = [
+            {
+                "name": k,
+                **(
+                    v
+                    if isinstance(v, Mapping)
+                    else {"synonyms": v}
+                    if isinstance(v, list)
+                    else {"prompt": v}
+                    if isinstance(v, str)
+                    else {}
+                ),
+            }
+            for k, v in data.items()
+        ]
     if not isinstance(data, list) or not data:
         raise UsageError(f"{path}: expected a non-empty list of classes (see `digseg segment --help`)")
     warnings: list[str] = []
@@ -169,9 +188,13 @@ def parse_thresholds(values: Sequence[str] | None) -> tuple[float | None, dict[s
     return default, per_class
 
 
-def resolve_thresholds(classes: Sequence[PromptClass], checkpoint_default: float, *,
-                       threshold: float | Sequence[float] | None = None,
-                       overrides: Mapping[str, float] | None = None) -> tuple[list[PromptClass], list[float]]:
+def resolve_thresholds(
+    classes: Sequence[PromptClass],
+    checkpoint_default: float,
+    *,
+    threshold: float | Sequence[float] | None = None,
+    overrides: Mapping[str, float] | None = None,
+) -> tuple[list[PromptClass], list[float]]:
     """Each class's threshold, by the one rule of digseg (segment runs and the pipeline both call this):
 
     1. its override by name (`--threshold road=0.4`, `overrides`), else
@@ -191,8 +214,10 @@ def resolve_thresholds(classes: Sequence[PromptClass], checkpoint_default: float
     classes = [replace(c, threshold=overrides[c.name]) if c.name in overrides else c for c in classes]
     one_value = threshold is None or isinstance(threshold, (int, float))
     run_wide = [threshold] * len(classes) if one_value else list(threshold)
-    resolved = [float(next(t for t in (c.threshold, run, checkpoint_default) if t is not None))
-                for c, run in zip(classes, run_wide)]
+    resolved = [
+        float(next(t for t in (c.threshold, run, checkpoint_default) if t is not None))
+        for c, run in zip(classes, run_wide, strict=True)
+    ]
     if len(run_wide) != len(classes) or not all(0 <= t <= 1 for t in resolved):
         raise UsageError("`threshold` must be one value in [0, 1] or one per prompt")
     return classes, resolved

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from digseg_cli.models.compact import COMPACT_PREFIX
-from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
 from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels, vae_scale_factor
 from digseg_cli.errors import CheckpointError, UsageError
+from digseg_cli.models.compact import COMPACT_PREFIX
+from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")
 FAST_DECODER = "fast_decoder"  # optional component
@@ -66,14 +66,19 @@ def build_compact(name: str, *, seed: int = 0, **overrides) -> LoadedModel:
         raise UsageError(exc.args[0]) from None
     unet, vae, text_encoder, tokenizer, sched = build_components(name, seed=seed)
     config = DigsegConfig(
-        base_model=COMPACT_PREFIX + name, prediction_type=sched["prediction_type"],
-        default_resolution=spec.resolution, film_hidden=spec.film_hidden, description=spec.description, **overrides,
+        base_model=COMPACT_PREFIX + name,
+        prediction_type=sched["prediction_type"],
+        default_resolution=spec.resolution,
+        film_hidden=spec.film_hidden,
+        description=spec.description,
+        **overrides,
     )
     return assemble(unet, vae, text_encoder, tokenizer, sched, config)
 
 
-def build_from_sd_base(folder: Path, *, base_id: str | None = None, revision: str | None = None,
-                       film_hidden: int = 256, **overrides) -> LoadedModel:
+def build_from_sd_base(
+    folder: Path, *, base_id: str | None = None, revision: str | None = None, film_hidden: int = 256, **overrides
+) -> LoadedModel:
     """A fresh DiGSeg from a diffusers-format Stable Diffusion 1.x/2.x folder (U-Net output = the base's)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
@@ -88,16 +93,20 @@ def build_from_sd_base(folder: Path, *, base_id: str | None = None, revision: st
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
     factor = vae_scale_factor(vae.config.block_out_channels)
     config = DigsegConfig(
-        base_model=base_id or str(folder), base_revision=revision,
+        base_model=base_id or str(folder),
+        base_revision=revision,
         prediction_type=sched.get("prediction_type", "epsilon"),
-        default_resolution=int(unet.config.sample_size) * factor, film_hidden=film_hidden, **overrides,
+        default_resolution=int(unet.config.sample_size) * factor,
+        film_hidden=film_hidden,
+        **overrides,
     )
     return assemble(unet, vae, text_encoder, tokenizer, sched, config)
 
 
 # -- saving --------------------------------------------------------------------------------------------
-def save_checkpoint(folder: Path, loaded: LoadedModel, *, overwrite: bool = False,
-                    extra: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    folder: Path, loaded: LoadedModel, *, overwrite: bool = False, extra: Callable[[Path], None] | None = None
+) -> Path:
     """Write a checkpoint folder atomically (temporary sibling, then rename).
 
     `extra(tmp_folder)` may add files (a trainer's state) that must appear together with the weights.
@@ -116,14 +125,23 @@ def save_checkpoint(folder: Path, loaded: LoadedModel, *, overwrite: bool = Fals
     m.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
     loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
-    _write_json(tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **loaded.scheduler_config})
+    _write_json(
+        tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **loaded.scheduler_config}
+    )
     (tmp / "text_pathway").mkdir()
     pathway = m.text_pathway
-    _write_json(tmp / "text_pathway" / "config.json",
-                {"text_dim": pathway.mlps[0][0].in_features, "level_channels": pathway.level_channels,
-                 "hidden": pathway.mlps[0][0].out_features})
-    save_file({k: v.detach().contiguous().cpu() for k, v in pathway.state_dict().items()},
-              str(tmp / "text_pathway" / "model.safetensors"))
+    _write_json(
+        tmp / "text_pathway" / "config.json",
+        {
+            "text_dim": pathway.mlps[0][0].in_features,
+            "level_channels": pathway.level_channels,
+            "hidden": pathway.mlps[0][0].out_features,
+        },
+    )
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in pathway.state_dict().items()},
+        str(tmp / "text_pathway" / "model.safetensors"),
+    )
     if m.fast_decoder is not None:
         save_fast_decoder(tmp / FAST_DECODER, m.fast_decoder)
     if extra is not None:
@@ -171,7 +189,9 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     pcfg = _read_json(folder / "text_pathway" / "config.json")
     pathway = TextPathway(pcfg["text_dim"], pcfg["level_channels"], hidden=pcfg["hidden"])
     _load_strict(pathway, folder / "text_pathway" / "model.safetensors")
-    sched = {k: v for k, v in _read_json(folder / "scheduler" / "scheduler_config.json").items() if not k.startswith("_")}
+    sched = {
+        k: v for k, v in _read_json(folder / "scheduler" / "scheduler_config.json").items() if not k.startswith("_")
+    }
     fast = load_fast_decoder(folder / FAST_DECODER) if (folder / FAST_DECODER).is_dir() else None
     for module in (unet, vae, text_encoder, pathway):
         module.eval()
@@ -183,8 +203,10 @@ def save_fast_decoder(folder: Path, decoder: torch.nn.Module) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _write_json(folder / "config.json", dict(decoder.config))
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in decoder.state_dict().items()},
-              str(folder / "model.safetensors"))
+    save_file(
+        {k: v.detach().float().contiguous().cpu() for k, v in decoder.state_dict().items()},
+        str(folder / "model.safetensors"),
+    )
 
 
 def load_fast_decoder(folder: Path) -> torch.nn.Module:

@@ -136,10 +136,17 @@ def build_tokenizer(words: list[str] = VOCABULARY):
     scratch = CLIPTokenizer(vocab={**vocab, **{s: len(vocab) + i for i, s in enumerate(specials)}}, merges=[])
     backend = scratch.backend_tokenizer
     trainer = trainers.BpeTrainer(
-        vocab_size=10_000, special_tokens=specials, initial_alphabet=chars, end_of_word_suffix="</w>", show_progress=False
+        vocab_size=10_000,
+        special_tokens=specials,
+        initial_alphabet=chars,
+        end_of_word_suffix="</w>",
+        show_progress=False,
     )
     backend.train_from_iterator(sorted(set(words)) * 2, trainer=trainer)
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in json.loads(backend.to_str())["model"]["merges"]]
+    merges = [
+        tuple(m) if isinstance(m, list) else tuple(m.split(" "))
+        for m in json.loads(backend.to_str())["model"]["merges"]
+    ]
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     for s in specials:
@@ -161,16 +168,29 @@ def build_components(name: str, seed: int = 0):
     cfg = get_compact_config(name)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=cfg.resolution // vae_scale_factor(cfg.vae["block_out_channels"]),
-                                in_channels=4, out_channels=4, **cfg.unet)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.resolution // vae_scale_factor(cfg.vae["block_out_channels"]),
+        in_channels=4,
+        out_channels=4,
+        **cfg.unet,
+    )
     n_vae = len(cfg.vae["block_out_channels"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=cfg.resolution,
-        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae, **cfg.vae,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=cfg.resolution,
+        down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae,
+        **cfg.vae,
     )
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=MAX_TOKENS, projection_dim=cfg.text["hidden_size"],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=MAX_TOKENS,
+        projection_dim=cfg.text["hidden_size"],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         **cfg.text,
     )
     text_encoder = CLIPTextModel(text_config)

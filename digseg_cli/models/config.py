@@ -64,7 +64,9 @@ class DigsegConfig:
         if self.mask_encoding not in MASK_ENCODINGS:
             raise UsageError(f"`mask_encoding` must be one of {', '.join(MASK_ENCODINGS)}, got {self.mask_encoding!r}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise UsageError(f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}")
+            raise UsageError(
+                f"`prediction_type` must be one of {', '.join(PREDICTION_TYPES)}, got {self.prediction_type!r}"
+            )
         check_prompt_template(self.prompt_template)
         if not 0.0 <= self.default_threshold <= 1.0:
             raise UsageError(f"`default_threshold` must be in [0, 1], got {self.default_threshold}")
@@ -77,8 +79,10 @@ class DigsegConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
-                     for k in unknown]
+            hints = [
+                f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
+                for k in unknown
+            ]
             raise CheckpointError(f"unknown keys in {CONFIG_NAME}: {', '.join(hints)}")
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:

@@ -12,13 +12,20 @@ from pathlib import Path
 
 from digseg_cli.errors import UsageError
 from digseg_cli.models.checkpoint import (
-    LoadedModel, build_compact, build_from_sd_base, is_checkpoint, is_sd_base, load_checkpoint,
+    LoadedModel,
+    build_compact,
+    build_from_sd_base,
+    is_checkpoint,
+    is_sd_base,
+    load_checkpoint,
 )
 from digseg_cli.models.compact import compact_name
 from digseg_cli.models.config import CONFIG_NAME
 
 
-def load_model(name_or_path: str | Path, *, cache_dir=None, offline=None, config_overrides: dict | None = None) -> LoadedModel:
+def load_model(
+    name_or_path: str | Path, *, cache_dir=None, offline=None, config_overrides: dict | None = None
+) -> LoadedModel:
     """Resolve a name to a `LoadedModel`; a fresh model is built for compact names and SD bases
     (`config_overrides` set the fresh model's settings; a trained checkpoint keeps its own)."""
     overrides = config_overrides or {}

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from digseg_cli.errors import NoInputsError, UsageError
 from digseg_cli.inference import images
 from digseg_cli.inference.seeds import image_seed  # noqa: F401 - re-exported: the seed policy lives in inference
-from digseg_cli.errors import NoInputsError, UsageError
 
 log = logging.getLogger("digseg")
 
@@ -62,8 +62,9 @@ def _walk(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
     return [p for p in found if _looks_like_image(p)]
 
 
-def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False,
-                  exclude: str | Path | None = None) -> list[InputFile]:
+def expand_inputs(
+    inputs: Sequence[str | Path], *, recursive: bool = False, exclude: str | Path | None = None
+) -> list[InputFile]:
     """Files, folders, quoted globs and `@list.txt` files → `InputFile`s, de-duplicated, in the given order.
 
     Files inside folders and glob matches count when their content or suffix says image (a broken `x.png`
@@ -97,8 +98,9 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False,
             while glob.has_magic(str(root)):
                 root = root.parent
             matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
-            files = [m for m in matches
-                     if m.is_file() and not (exclude and exclude in m.parents) and _looks_like_image(m)]
+            files = [
+                m for m in matches if m.is_file() and not (exclude and exclude in m.parents) and _looks_like_image(m)
+            ]
             for m in (m for m in matches if m.is_dir()):
                 files += _walk(m, recursive, exclude)
             if not files:
@@ -114,8 +116,13 @@ def expand_inputs(inputs: Sequence[str | Path], *, recursive: bool = False,
     if not any(f.exists() for f, _ in unique):
         tried = ", ".join(str(i) for i in inputs) or "(none)"
         absent = [str(f) for f, _ in unique]
-        hint = (f": {', '.join(absent)} do(es) not exist" if absent else
-                "" if recursive else " (sub-folders are searched only with --recursive)")
+        hint = (
+            f": {', '.join(absent)} do(es) not exist"
+            if absent
+            else ""
+            if recursive
+            else " (sub-folders are searched only with --recursive)"
+        )
         raise NoInputsError(f"no images found in {tried}{hint}")
     common = Path(os.path.commonpath([str(r) for _, r in unique]))
     result = [InputFile(f, PurePosixPath(f.relative_to(common).as_posix())) for f, _ in unique]

@@ -33,8 +33,15 @@ class LoadedPipeline:
     notes: list[str] = field(default_factory=list)  # e.g. how reduced precision moves boundaries on this device
 
 
-def open_pipeline(weights: str, *, device: str = "auto", precision: str = "auto", cache_dir: Path | None = None,
-                  offline: bool = False, deterministic: bool = False) -> LoadedPipeline:
+def open_pipeline(
+    weights: str,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    cache_dir: Path | None = None,
+    offline: bool = False,
+    deterministic: bool = False,
+) -> LoadedPipeline:
     """Resolve the device (exit code 4 when an explicit one is missing) and precision, then load `weights`
     (exit code 5 when they are not available): before any image is read."""
     from digseg_cli.inference.device import describe, precision_note, resolve_device, resolve_dtype

@@ -99,17 +99,28 @@ class RunSummary:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": SCHEMA, "type": "summary", "status": self.status, "inputs": self.total,
-            "processed": self.processed, "skipped": self.skipped, "failed": len(self.failed),
-            "not_processed": self.not_processed, "failures": [{"input": r, "reason": why} for r, why in self.failed],
-            "wall_s": round(self.wall_s, 3), "images_per_s": round(self.images_per_s, 3),
-            "peak_memory_bytes": self.peak_memory_bytes, "peak_memory_kind": self.peak_memory_kind,
-            "backoffs": self.backoffs, "out_dir": str(self.out_dir), "manifest": str(self.manifest),
+            "schema": SCHEMA,
+            "type": "summary",
+            "status": self.status,
+            "inputs": self.total,
+            "processed": self.processed,
+            "skipped": self.skipped,
+            "failed": len(self.failed),
+            "not_processed": self.not_processed,
+            "failures": [{"input": r, "reason": why} for r, why in self.failed],
+            "wall_s": round(self.wall_s, 3),
+            "images_per_s": round(self.images_per_s, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_memory_kind": self.peak_memory_kind,
+            "backoffs": self.backoffs,
+            "out_dir": str(self.out_dir),
+            "manifest": str(self.manifest),
         }
 
 
-def output_paths(out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings
-                 ) -> dict[str, Any]:
+def output_paths(
+    out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings
+) -> dict[str, Any]:
     """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}}` for one input."""
     base = Path(out_dir) / item.key
 
@@ -121,10 +132,10 @@ def output_paths(out_dir: Path, item: InputFile, classes: Sequence[PromptClass],
     if settings.overlay:
         paths["overlay"] = at(".overlay.jpg")
     if settings.save_binary or settings.mode == "multilabel":
-        paths["binary"] = {c.name: at(f".{n}.png") for c, n in zip(classes, names)}
+        paths["binary"] = {c.name: at(f".{n}.png") for c, n in zip(classes, names, strict=True)}
     if settings.save_probs:
         ext = ".prob.png" if settings.probs_format == "png16" else ".prob.npy"
-        paths["probs"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names)}
+        paths["probs"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names, strict=True)}
     return paths
 
 
@@ -158,10 +169,15 @@ class Segmented:
         records = []
         for k, c in enumerate(resolved.classes):
             area = int(self.regions[k].sum())
-            records.append({
-                "name": c.name, "label": k + 1, "threshold": thresholds[k], "fraction": area / self.regions[k].size,
-                "mean_confidence": float(self.probs[k][self.regions[k]].mean()) if area else None,
-            })
+            records.append(
+                {
+                    "name": c.name,
+                    "label": k + 1,
+                    "threshold": thresholds[k],
+                    "fraction": area / self.regions[k].size,
+                    "mean_confidence": float(self.probs[k][self.regions[k]].mean()) if area else None,
+                }
+            )
         return records
 
 
@@ -214,8 +230,9 @@ def versions() -> dict[str, str | None]:
             found[name] = None
     root = Path(__file__).resolve().parents[2]
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         lines = top.stdout.split()
         ok = top.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == root
         found["digseg_git_revision"] = lines[1] if ok else None
@@ -235,16 +252,18 @@ class RunOrigin:
     arguments: Mapping[str, Any] | None = None
 
 
-def write_manifest(summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline,
-                   origin: RunOrigin) -> None:
+def write_manifest(
+    summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline, origin: RunOrigin
+) -> None:
     """Write the run's `run.json` (`summary.manifest`) atomically: settings, resolved values, counts, timings."""
     manifest = _manifest(summary, settings, resolved, pipe, origin)
     summary.out_dir.mkdir(parents=True, exist_ok=True)
     images.atomic_write_text(summary.manifest, json.dumps(manifest, indent=2, default=str) + "\n")
 
 
-def _manifest(summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline,
-              origin: RunOrigin) -> dict[str, Any]:
+def _manifest(
+    summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline, origin: RunOrigin
+) -> dict[str, Any]:
     from digseg_cli.inference.device import PRECISION_NAMES  # torch is loaded by now: there is a pipeline
 
     cfg, classes = pipe.config, resolved.classes
@@ -258,28 +277,42 @@ def _manifest(summary: RunSummary, settings: SegmentSettings, resolved: Resolved
         "arguments": dict(origin.arguments or {}),
         "settings": dataclasses.asdict(settings),
         "resolved": {
-            "classes": [dataclasses.asdict(c) for c in classes], "thresholds": resolved.thresholds,
+            "classes": [dataclasses.asdict(c) for c in classes],
+            "thresholds": resolved.thresholds,
             "labels": {str(k + 1): c.name for k, c in enumerate(classes)} | {"0": "background"},
-            "file_names": file_names(classes), "objective": cfg.objective,
+            "file_names": file_names(classes),
+            "objective": cfg.objective,
             "steps": cfg.default_steps if settings.steps is None else settings.steps,
             "ensemble": cfg.default_ensemble if settings.ensemble is None else settings.ensemble,
             "resolution": cfg.default_resolution if settings.resolution is None else settings.resolution,
             "prompt_template": settings.prompt_template or cfg.prompt_template,
-            "batch_size": pipe.batch_size, "seed_rule": "sha256(seed, file name)",
+            "batch_size": pipe.batch_size,
+            "seed_rule": "sha256(seed, file name)",
             "decoder": resolved.call["decoder"],
         },
-        "weights": {"name": origin.weights,
-                    "folder": None if origin.weights_folder is None else str(origin.weights_folder),
-                    "sha256": origin.sha256, "base_model": cfg.base_model},
+        "weights": {
+            "name": origin.weights,
+            "folder": None if origin.weights_folder is None else str(origin.weights_folder),
+            "sha256": origin.sha256,
+            "base_model": cfg.base_model,
+        },
         "versions": versions(),
         "device": str(pipe.device),
         "precision": precision,
-        "counts": {"inputs": summary.total, "processed": summary.processed, "skipped": summary.skipped,
-                   "failed": len(summary.failed), "not_processed": summary.not_processed},
+        "counts": {
+            "inputs": summary.total,
+            "processed": summary.processed,
+            "skipped": summary.skipped,
+            "failed": len(summary.failed),
+            "not_processed": summary.not_processed,
+        },
         "failures": [{"input": r, "reason": why} for r, why in summary.failed],
         "backoffs": summary.backoffs,
-        "timings": {"wall_s": round(summary.wall_s, 3), "images_per_s": round(summary.images_per_s, 3),
-                    **{k: round(v, 3) for k, v in summary.timings.items()}},
+        "timings": {
+            "wall_s": round(summary.wall_s, 3),
+            "images_per_s": round(summary.images_per_s, 3),
+            **{k: round(v, 3) for k, v in summary.timings.items()},
+        },
         "peak_memory": {"bytes": summary.peak_memory_bytes, "kind": summary.peak_memory_kind},
         "probability_scale": PROBABILITY_SCALE,
         "outputs": {

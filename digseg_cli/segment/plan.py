@@ -31,8 +31,14 @@ def count_tiles(height: int, width: int, tile: int | str, resolution: int, overl
     return len(tile_windows(height, width, size, overlap)) if size else 1
 
 
-def plan_segment(files: Sequence[InputFile], out_dir: str | Path, settings: SegmentSettings,
-                 classes: Sequence[PromptClass], *, resolution: int) -> list[dict[str, Any]]:
+def plan_segment(
+    files: Sequence[InputFile],
+    out_dir: str | Path,
+    settings: SegmentSettings,
+    classes: Sequence[PromptClass],
+    *,
+    resolution: int,
+) -> list[dict[str, Any]]:
     """What a run would do per input, from file headers only: size, tiles, outputs, action."""
     rows = []
     for item in files:
@@ -59,19 +65,28 @@ class DryRun:
     note: str | None  # e.g. the weights are not available locally
 
 
-def dry_run(files: Sequence[InputFile], out_dir: str | Path, settings: SegmentSettings, *, weights: str,
-            cache_dir: Path | None = None) -> DryRun:
+def dry_run(
+    files: Sequence[InputFile],
+    out_dir: str | Path,
+    settings: SegmentSettings,
+    *,
+    weights: str,
+    cache_dir: Path | None = None,
+) -> DryRun:
     """Plan a run of `weights` on `files`; the checkpoint config is read only when the settings leave the
     resolution or the classes to it."""
     resolution, classes, note = settings.resolution, list(settings.classes), None
     if resolution is None or not classes:
         config = peek_config(weights, cache_dir)
         if config is None:
-            note = (f"weights {weights!r} are not available locally: a run would download them (or fail offline); "
-                    f"see `digseg weights info {weights}`")
+            note = (
+                f"weights {weights!r} are not available locally: a run would download them (or fail offline); "
+                f"see `digseg weights info {weights}`"
+            )
         else:
             resolution = config.default_resolution if resolution is None else resolution
             classes = settings.classes_for(config)
-    rows = plan_segment(files, out_dir, settings, classes or [PromptClass("class", ("class",))],
-                        resolution=resolution or 0)
+    rows = plan_segment(
+        files, out_dir, settings, classes or [PromptClass("class", ("class",))], resolution=resolution or 0
+    )
     return DryRun(rows, resolution, note)

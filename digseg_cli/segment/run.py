@@ -56,8 +56,11 @@ def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
 
     def check(w: int, h: int) -> None:
         if max_pixels and w * h > max_pixels:
-            raise images.ImageReadError(path, f"{w}x{h} is {w * h / 1e6:.1f} MP, over --max-pixels {max_pixels / 1e6:g}"
-                                              " MP: downscale it or raise --max-pixels (0 = no limit)")
+            raise images.ImageReadError(
+                path,
+                f"{w}x{h} is {w * h / 1e6:.1f} MP, over --max-pixels {max_pixels / 1e6:g}"
+                " MP: downscale it or raise --max-pixels (0 = no limit)",
+            )
 
     try:
         size = header_size(path)  # refuse before decoding
@@ -97,8 +100,16 @@ def _pairs_in_use(pipe: DigsegPipeline, tile: int | str, call: Mapping[str, Any]
     return min(pipe.batch_size, n_texts * count_tiles(h, w, tile, res, call.get("overlap", 0.25)))
 
 
-def _infer(pipe: DigsegPipeline, image: np.ndarray, prompts: Sequence[Prompt], call: Mapping[str, Any], *,
-           tile: int | str, rel: str, notes: list[str]) -> SegmentationOutput:
+def _infer(
+    pipe: DigsegPipeline,
+    image: np.ndarray,
+    prompts: Sequence[Prompt],
+    call: Mapping[str, Any],
+    *,
+    tile: int | str,
+    rel: str,
+    notes: list[str],
+) -> SegmentationOutput:
     """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller. What the
     pipeline changed on its own (fp32 after an overflow) joins `notes` too."""
     from digseg_cli.inference.device import is_out_of_memory
@@ -187,8 +198,10 @@ def run_segment(
 def _outcome(summary: RunSummary, error: DigsegError | None) -> RunSummary:
     """The summary of a run that ended by itself; an interrupted or out-of-memory run raises, carrying it."""
     if summary.status == "interrupted":
-        error = InterruptedRunError(f"interrupted after {summary.processed} of {summary.total} images; "
-                                    f"manifest written to {summary.manifest} (resume with --skip-existing)")
+        error = InterruptedRunError(
+            f"interrupted after {summary.processed} of {summary.total} images; "
+            f"manifest written to {summary.manifest} (resume with --skip-existing)"
+        )
     if error is not None:
         error.summary = summary  # type: ignore[attr-defined]
         raise error
@@ -199,9 +212,17 @@ class _FolderRun:
     """One run's moving parts: inputs read ahead on worker threads, results waiting in input order for their
     writes, and the summary they are counted in."""
 
-    def __init__(self, pipe: DigsegPipeline, settings: SegmentSettings, resolved: ResolvedRun,
-                 files: list[InputFile], out_dir: Path, *, progress: ProgressFn | None,
-                 on_result: Callable[[ImageResult], None] | None) -> None:
+    def __init__(
+        self,
+        pipe: DigsegPipeline,
+        settings: SegmentSettings,
+        resolved: ResolvedRun,
+        files: list[InputFile],
+        out_dir: Path,
+        *,
+        progress: ProgressFn | None,
+        on_result: Callable[[ImageResult], None] | None,
+    ) -> None:
         self.pipe, self.settings, self.resolved, self.files, self.out_dir = pipe, settings, resolved, files, out_dir
         self.progress, self.on_result = progress, on_result
         self.summary = RunSummary(out_dir, out_dir / "run.json", len(files))
@@ -257,8 +278,15 @@ class _FolderRun:
         result.seed = image_seed(self.settings.seed, item.rel)
         t0 = time.perf_counter()
         try:
-            out = _infer(self.pipe, image, self.resolved.prompts, {**self.resolved.call, "seed": result.seed},
-                         tile=self.settings.tile, rel=str(item.rel), notes=result.warnings)
+            out = _infer(
+                self.pipe,
+                image,
+                self.resolved.prompts,
+                {**self.resolved.call, "seed": result.seed},
+                tile=self.settings.tile,
+                rel=str(item.rel),
+                notes=result.warnings,
+            )
         except DigsegError:
             raise  # a usage error holds for every image; out-of-memory after back-off ends the run
         except Exception as exc:  # noqa: BLE001 - one image must not end a 10k-image run
@@ -270,8 +298,9 @@ class _FolderRun:
         self.summary.timings["model_s"] += model_s
         seg = _segmented(image, out, self.settings.mode)
         result.classes = seg.class_records(self.resolved, out.thresholds)
-        result.outputs = {key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v))
-                          for key, v in paths.items()}
+        result.outputs = {
+            key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
+        }
         result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
         return self.pool.submit(write_outputs, paths, seg, self.resolved, self.settings)
 
@@ -290,8 +319,12 @@ class _FolderRun:
 
     def flush(self, block: bool) -> None:
         """Hand finished results on, in input order: all of them when `block`, else those written or overdue."""
-        while self.pending and (block or self.pending[0][1] is None or self.pending[0][1].done()
-                                or len(self.pending) > self.settings.workers):
+        while self.pending and (
+            block
+            or self.pending[0][1] is None
+            or self.pending[0][1].done()
+            or len(self.pending) > self.settings.workers
+        ):
             result, job = self.pending.popleft()
             if job is not None:
                 try:

@@ -126,25 +126,38 @@ def resolve_classes(settings: SegmentSettings, config: DigsegConfig) -> tuple[li
     """The classes to run (threshold overrides in) and their thresholds; a `UsageError` when there are none."""
     classes = settings.classes_for(config)
     if not classes:
-        raise UsageError("no classes to segment: pass --prompt \"road, tree\" or --prompts classes.yaml "
-                         "(this model has no built-in class list)")
-    return resolve_thresholds(classes, config.default_threshold, threshold=settings.threshold,
-                              overrides=settings.thresholds)
+        raise UsageError(
+            'no classes to segment: pass --prompt "road, tree" or --prompts classes.yaml '
+            "(this model has no built-in class list)"
+        )
+    return resolve_thresholds(
+        classes, config.default_threshold, threshold=settings.threshold, overrides=settings.thresholds
+    )
 
 
 def resolve_run(pipe: DigsegPipeline, settings: SegmentSettings) -> ResolvedRun:
     """Resolve classes, thresholds, colours and the pipeline's arguments once per run."""
     classes, thresholds = resolve_classes(settings, pipe.config)
     defaults = images.default_palette(len(classes) + 1)[1:]
-    palette = [(0, 0, 0)] + [c.color or d for c, d in zip(classes, defaults)]
-    call = dict(steps=settings.steps, ensemble=settings.ensemble, resolution=settings.resolution,
-                threshold=thresholds, overlap=settings.overlap, prompt_template=settings.prompt_template,
-                decoder=pipe.resolve_decoder(settings.decoder))
+    palette = [(0, 0, 0)] + [c.color or d for c, d in zip(classes, defaults, strict=True)]
+    call = dict(
+        steps=settings.steps,
+        ensemble=settings.ensemble,
+        resolution=settings.resolution,
+        threshold=thresholds,
+        overlap=settings.overlap,
+        prompt_template=settings.prompt_template,
+        decoder=pipe.resolve_decoder(settings.decoder),
+    )
     return ResolvedRun(classes, thresholds, palette, call)
 
 
 def prompt_warnings(pipe: DigsegPipeline, settings: SegmentSettings) -> list[str]:
     """What the model's tokenizer says of each prompt text (too long, unknown words), before a run."""
     classes, _ = resolve_classes(settings, pipe.config)
-    return [warning for c in classes for text in c.texts
-            for warning in pipe.check_prompt(pipe.format_prompt(text, settings.prompt_template))]
+    return [
+        warning
+        for c in classes
+        for text in c.texts
+        for warning in pipe.check_prompt(pipe.format_prompt(text, settings.prompt_template))
+    ]

@@ -81,15 +81,20 @@ def train_fast_decoder(s: DecoderTrainSettings, progress: Progress | None = None
     loss = _fit(decoder, latents, targets, s, emit)
     model.fast_decoder = decoder.requires_grad_(False).eval()
     # 4. Accuracy (mIoU on the synth validation split, each decoder) and decode speed.
-    evaluation = {"teacher": "vae decoder", "distillation": {"steps": s.steps, "pool_latents": len(latents),
-                                                              "resolution": resolution, "final_bce": loss}}
+    evaluation = {
+        "teacher": "vae decoder",
+        "distillation": {"steps": s.steps, "pool_latents": len(latents), "resolution": resolution, "final_bce": loss},
+    }
     evaluation.update(_compare(pipe, s.val_limit, s.tolerance, emit))
     evaluation.update(_time_decoders(model, latents[: min(8, len(latents))]))
     # 5. A copy of the checkpoint with fast_decoder/ and the result in its config. The U-Net and VAE are
     # unchanged, so the checkpoint's other scores stay true, except those measured with a fast decoder:
     # that was another one.
-    kept = {k: v for k, v in pipe.config.evaluation.items()
-            if k != "fast_decoder" and not (isinstance(v, dict) and v.get("decoder") == "fast")}
+    kept = {
+        k: v
+        for k, v in pipe.config.evaluation.items()
+        if k != "fast_decoder" and not (isinstance(v, dict) and v.get("decoder") == "fast")
+    }
     pipe.config.evaluation = {**kept, "fast_decoder": evaluation}
     pipe.save_pretrained(s.out, overwrite=s.overwrite)
     params = sum(p.numel() for p in decoder.parameters())
@@ -166,6 +171,7 @@ def _compare(pipe, limit: int | None, tolerance: float, emit: Progress) -> dict:
     data = D.open_dataset(spec)
     scores = {}
     for decoder in ("vae", "fast"):
+
         def predict(image, prompts, name, decoder=decoder):
             seed = image_seed(0, name)  # paired noise for both decoders (eval's per-image seed)
             return pipe(image, prompts, seed=seed, decoder=decoder).probs  # [K,H,W]
@@ -173,14 +179,22 @@ def _compare(pipe, limit: int | None, tolerance: float, emit: Progress) -> dict:
         def tick(done, total, stem, decoder=decoder):
             emit({"event": "eval", "decoder": decoder, "done": done, "total": total})
 
-        result = evaluate(data, spec.class_names or (), predict, limit=limit, progress=tick, worst_k=0,
-                          **protocol_kwargs(spec))
+        result = evaluate(
+            data, spec.class_names or (), predict, limit=limit, progress=tick, worst_k=0, **protocol_kwargs(spec)
+        )
         scores[decoder] = 100 * float(result.metrics["metrics"]["miou"])
         images = result.metrics["num_images"]
     change = scores["fast"] - scores["vae"]
-    return {"dataset": "synth", "split": data.split, "images": images, "miou_vae": round(scores["vae"], 2),
-            "miou_fast": round(scores["fast"], 2), "miou_change_points": round(change, 2),
-            "tolerance_points": tolerance, "passed": bool(abs(change) <= tolerance)}
+    return {
+        "dataset": "synth",
+        "split": data.split,
+        "images": images,
+        "miou_vae": round(scores["vae"], 2),
+        "miou_fast": round(scores["fast"], 2),
+        "miou_change_points": round(change, 2),
+        "tolerance_points": tolerance,
+        "passed": bool(abs(change) <= tolerance),
+    }
 
 
 @torch.no_grad()
@@ -195,5 +209,9 @@ def _time_decoders(model, latents: torch.Tensor, repeats: int = 3) -> dict:
             fn(latents)
             runs.append(time.perf_counter() - t0)
         times[name] = statistics.median(runs)
-    return {"decode_batch": len(latents), "decode_seconds_vae": round(times["vae"], 5),
-            "decode_seconds_fast": round(times["fast"], 5), "decode_speedup": round(times["vae"] / times["fast"], 1)}
+    return {
+        "decode_batch": len(latents),
+        "decode_seconds_vae": round(times["vae"], 5),
+        "decode_seconds_fast": round(times["fast"], 5),
+        "decode_speedup": round(times["vae"] / times["fast"], 1),
+    }

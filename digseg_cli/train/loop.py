@@ -130,9 +130,17 @@ class _Run:
         last = kind == "last"
         training = {"settings": self.s.to_dict(), "step": self.pos.step, "epoch": self.pos.epoch}
         return train_state.save_run_checkpoint(
-            self.out / kind, self.loaded, accelerator=self.accelerator, training=training, position=self.pos,
-            elapsed=self.elapsed(), optimizer=self.optimizer if last else None, lr_sched=self.lr_sched,
-            ema=self.ema, trainable=self.trainable)
+            self.out / kind,
+            self.loaded,
+            accelerator=self.accelerator,
+            training=training,
+            position=self.pos,
+            elapsed=self.elapsed(),
+            optimizer=self.optimizer if last else None,
+            lr_sched=self.lr_sched,
+            ema=self.ema,
+            trainable=self.trainable,
+        )
 
 
 def train(settings: TrainSettings, progress: Callable[[dict], None] | None = None) -> TrainResult:
@@ -141,24 +149,49 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     Under several processes it closes the process group when the run ends (one training per process)."""
     s = settings
     # 1. Check the data (the same check as `digseg data check`) and split it.
-    classes, train_pairs, val_pairs = prepare_data(s.data, s.val, class_name=s.class_name, val_split=s.val_split,
-                                                   seed=s.seed)
+    classes, train_pairs, val_pairs = prepare_data(
+        s.data, s.val, class_name=s.class_name, val_split=s.val_split, seed=s.seed
+    )
     # 2. Processes, precision, accumulation (Accelerate) and seeds; the run folder with its settings.
     accelerator, accum, emit = _start(s, classes.to_json(), progress)
     # 3. Model: a checkpoint to resume or start from, else a fresh DiGSeg from the base; the samples.
     loaded, scheduler, state = _load_model(s, classes)
-    dataset = SegmentationTrainDataset(train_pairs, classes, loaded.config.default_resolution, seed=s.seed,
-                                       absent_prob=s.absent_prob, prompt_template=s.prompt_template)
+    dataset = SegmentationTrainDataset(
+        train_pairs,
+        classes,
+        loaded.config.default_resolution,
+        seed=s.seed,
+        absent_prob=s.absent_prob,
+        prompt_template=s.prompt_template,
+    )
     # 4. Stage 1 for compact bases trained from scratch: the VAE as an autoencoder of images and masks.
     if loaded.config.base_model.startswith("compact:") and s.vae_steps and state is None and s.init is None:
         from digseg_cli.train.vae_stage import calibrate_latent_scale, train_vae
 
-        train_vae(loaded.model.vae, dataset, steps=s.vae_steps, batch_size=s.batch_size, lr=s.vae_lr, seed=s.seed,
-                  device=accelerator.device, emit=emit)
+        train_vae(
+            loaded.model.vae,
+            dataset,
+            steps=s.vae_steps,
+            batch_size=s.batch_size,
+            lr=s.vae_lr,
+            seed=s.seed,
+            device=accelerator.device,
+            emit=emit,
+        )
         calibrate_latent_scale(loaded.model.vae, dataset, accelerator.device)
     # 5. Freeze the VAE (and an SD base's text encoder); optimizer, schedule and EMA of what trains.
-    run = _set_up_optimisation(_Run(s=s, accelerator=accelerator, emit=emit, accum=accum, loaded=loaded,
-                                    scheduler=scheduler, dataset=dataset, tokenize=tokenizer_fn(loaded.tokenizer)))
+    run = _set_up_optimisation(
+        _Run(
+            s=s,
+            accelerator=accelerator,
+            emit=emit,
+            accum=accum,
+            loaded=loaded,
+            scheduler=scheduler,
+            dataset=dataset,
+            tokenize=tokenizer_fn(loaded.tokenizer),
+        )
+    )
     # 6. Resume: the weights came with the checkpoint; restore optimizer, schedule, EMA, position and RNG.
     if state is not None:
         _restore(run, state)
@@ -170,11 +203,14 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     train_state.check_ranks_agree(loaded.model, accelerator)
     leave_process_group()
     if stopped_by == "signal":
-        raise InterruptedRunError(f"interrupted by {signal_name or 'a signal'} at step {run.pos.step}: checkpoint "
-                                  f"written to {last}; continue with `digseg train --out {run.out} --resume`")
+        raise InterruptedRunError(
+            f"interrupted by {signal_name or 'a signal'} at step {run.pos.step}: checkpoint "
+            f"written to {last}; continue with `digseg train --out {run.out} --resume`"
+        )
     best_path = run.out / "best" if (run.out / "best").exists() else None
-    return TrainResult(run.out, run.pos.step, run.pos.best_miou, last, best_path, stopped_by, history,
-                       accelerator.is_main_process)
+    return TrainResult(
+        run.out, run.pos.step, run.pos.best_miou, last, best_path, stopped_by, history, accelerator.is_main_process
+    )
 
 
 def _start(s: TrainSettings, classes_json: dict, progress) -> tuple[Any, int, Callable[[dict], None]]:
@@ -203,15 +239,18 @@ def _quiet(event: dict) -> None:
 
 
 def _load_model(s: TrainSettings, classes) -> tuple[LoadedModel, Any, dict | None]:
-    """(model, noise schedule, trainer state or None): `last/` of the run to resume, else `--init`'s weights, else a fresh
-    DiGSeg from `--base`, with this run's classes, objective, prompt template and resolution.
+    """(model, noise schedule, trainer state or None): `last/` of the run to resume, else `--init`'s weights, else a
+    fresh DiGSeg from `--base`, with this run's classes, objective, prompt template and resolution.
 
     A run that does not resume starts its `evaluation` record empty: scores that came with `--init`'s
     weights (and its fast decoder's accuracy check, which `decoder="auto"` trusts) describe other weights."""
     from digseg_cli.inference.pipeline import load_model
 
-    overrides = {"objective": s.objective, "prompt_template": s.prompt_template,
-                 "classes": [{"id": c.id, "name": c.name, "synonyms": list(c.synonyms)} for c in classes]}
+    overrides = {
+        "objective": s.objective,
+        "prompt_template": s.prompt_template,
+        "classes": [{"id": c.id, "name": c.name, "synonyms": list(c.synonyms)} for c in classes],
+    }
     source = str(s.resume) if s.resume else (s.init or s.base)
     loaded = load_model(source, config_overrides=overrides)
     cfg = loaded.config
@@ -248,20 +287,34 @@ def _set_up_optimisation(run: _Run) -> _Run:
     max_steps = s.max_steps or (s.epochs * steps_per_epoch if s.epochs else None)
     if max_steps is None and s.time_limit is None:
         raise UsageError("give at least one of --max-steps, --epochs or --time")
-    lr_sched = get_scheduler(s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps,
-                             num_training_steps=max_steps or 10**9)
+    lr_sched = get_scheduler(
+        s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=max_steps or 10**9
+    )
     ema = None
     if s.ema > 0:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(trainable, decay=s.ema)
-    loss_module = LossModule(model, run.scheduler, objective=s.objective, noise_strength=s.noise_strength,
-                             decoded_weight=s.decoded_loss, foreground_weight=s.foreground_weight)
+    loss_module = LossModule(
+        model,
+        run.scheduler,
+        objective=s.objective,
+        noise_strength=s.noise_strength,
+        decoded_weight=s.decoded_loss,
+        foreground_weight=s.foreground_weight,
+    )
     loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     if ema is not None:
         ema.to(accelerator.device)
-    return dataclasses.replace(run, optimizer=optimizer, lr_sched=lr_sched, ema=ema, trainable=trainable,
-                               loss_module=loss_module, max_steps=max_steps)
+    return dataclasses.replace(
+        run,
+        optimizer=optimizer,
+        lr_sched=lr_sched,
+        ema=ema,
+        trainable=trainable,
+        loss_module=loss_module,
+        max_steps=max_steps,
+    )
 
 
 def _restore(run: _Run, state: dict) -> None:
@@ -290,8 +343,10 @@ def _loop(run: _Run, validation: Validation) -> tuple[str, str | None, list[dict
             run.dataset.set_epoch(pos.epoch)
             n_batches = len(order) // (s.batch_size * accelerator.num_processes)
             if n_batches == 0:
-                raise UsageError(f"batch size {s.batch_size * accelerator.num_processes} is larger than the "
-                                 f"{len(order)} training images")
+                raise UsageError(
+                    f"batch size {s.batch_size * accelerator.num_processes} is larger than the "
+                    f"{len(order)} training images"
+                )
             while pos.batch_in_epoch + run.accum <= n_batches and not run.done():
                 record = _optimizer_step(run, order, window)
                 stopped_by = _stop_reason(run, signals, epoch_done=pos.batch_in_epoch + run.accum > n_batches)
@@ -319,7 +374,7 @@ def _optimizer_step(run: _Run, order: np.ndarray, window: list[float]) -> dict:
     loss_sum = 0.0
     for micro in range(run.accum):
         lo = (pos.batch_in_epoch + micro) * per_batch
-        idx = order[lo + rank * s.batch_size: lo + (rank + 1) * s.batch_size]
+        idx = order[lo + rank * s.batch_size : lo + (rank + 1) * s.batch_size]
         batch = collate([run.dataset[int(i)] for i in idx], run.tokenize, accelerator.device)
         with accelerator.autocast():
             loss = run.loss_module(batch, step_generator(s.seed, pos.step, micro * world + rank)) / run.accum
@@ -334,8 +389,14 @@ def _optimizer_step(run: _Run, order: np.ndarray, window: list[float]) -> dict:
     pos.batch_in_epoch += run.accum
     window.append(time.monotonic() - t_step)
     loss_value = float(accelerator.reduce(torch.tensor(loss_sum, device=accelerator.device), "mean"))
-    record = {"step": pos.step, "epoch": pos.epoch, "loss": loss_value, "lr": run.lr_sched.get_last_lr()[0],
-              "it_per_s": len(window[-20:]) / max(sum(window[-20:]), 1e-9), "elapsed_s": run.elapsed()}
+    record = {
+        "step": pos.step,
+        "epoch": pos.epoch,
+        "loss": loss_value,
+        "lr": run.lr_sched.get_last_lr()[0],
+        "it_per_s": len(window[-20:]) / max(sum(window[-20:]), 1e-9),
+        "elapsed_s": run.elapsed(),
+    }
     run.emit({"event": "step", "max_steps": run.max_steps, **record})
     return record
 
@@ -344,13 +405,21 @@ def _validate(run: _Run, record: dict, validation: Validation, stopped_by: str |
     """Validate on schedule and once more at the end of the run (not after a signal: exit fast); a new
     best is saved to `best/` with its score as the checkpoint's `evaluation`. Returns whether it validated."""
     s, pos = run.s, run.pos
-    val_now = bool(validation) and stopped_by != "signal" and (
-        bool(s.val_every and pos.step % s.val_every == 0) or stopped_by is not None)
+    val_now = (
+        bool(validation)
+        and stopped_by != "signal"
+        and (bool(s.val_every and pos.step % s.val_every == 0) or stopped_by is not None)
+    )
     if not val_now:
         return False
     record["val_miou"], record["val_iou"] = validation.score(
-        run.loaded, resolution=run.loaded.config.default_resolution, seed=s.seed, accelerator=run.accelerator,
-        ema=run.ema, trainable=run.trainable)
+        run.loaded,
+        resolution=run.loaded.config.default_resolution,
+        seed=s.seed,
+        accelerator=run.accelerator,
+        ema=run.ema,
+        trainable=run.trainable,
+    )
     run.emit({"event": "val", **record})
     if pos.best_miou is None or record["val_miou"] > pos.best_miou:
         pos.best_miou = record["val_miou"]
@@ -363,8 +432,11 @@ def _validate(run: _Run, record: dict, validation: Validation, stopped_by: str |
 def _stop_reason(run: _Run, signals, *, epoch_done: bool) -> str | None:
     """Why the run stops after this step, decided alike on every process (one tiny all-reduce)."""
     s, accelerator = run.s, run.accelerator
-    flags = torch.tensor([signals.requested is not None, bool(s.time_limit and run.elapsed() >= s.time_limit)],
-                         dtype=torch.float32, device=accelerator.device)
+    flags = torch.tensor(
+        [signals.requested is not None, bool(s.time_limit and run.elapsed() >= s.time_limit)],
+        dtype=torch.float32,
+        device=accelerator.device,
+    )
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(flags, "sum")
     if flags[0] > 0:
@@ -380,8 +452,11 @@ def _stop_reason(run: _Run, signals, *, epoch_done: bool) -> str | None:
 
 def _mixed_precision(precision: str) -> str:
     if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else (
-            "fp16" if torch.cuda.is_available() else "no")
+        return (
+            "bf16"
+            if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            else ("fp16" if torch.cuda.is_available() else "no")
+        )
     mapping = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
     if precision not in mapping:
         raise UsageError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")

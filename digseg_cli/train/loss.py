@@ -14,8 +14,17 @@ import torch.nn.functional as F
 from digseg_cli.core import diffusion
 
 
-def batch_loss(model, batch: dict, scheduler, *, objective: str, generator=None, noise_strength: float = 0.0,
-               decoded_weight: float = 0.0, foreground_weight: float = 1.0):
+def batch_loss(
+    model,
+    batch: dict,
+    scheduler,
+    *,
+    objective: str,
+    generator=None,
+    noise_strength: float = 0.0,
+    decoded_weight: float = 0.0,
+    foreground_weight: float = 1.0,
+):
     """Loss of one batch: frozen-VAE latents of image and target, prompt through the text encoder, then
     the objective's latent MSE (`core.diffusion.training_loss`), plus for `one-step` an optional loss on
     the mask decoded by the frozen VAE decoder (gradients flow through it, its weights stay fixed).
@@ -40,9 +49,16 @@ def batch_loss(model, batch: dict, scheduler, *, objective: str, generator=None,
     def decoded_loss(clean: torch.Tensor) -> torch.Tensor:
         return decoded_weight * decoded_mask_loss(model, clean, batch["target"])
 
-    return diffusion.training_loss(denoise, z_mask, scheduler, objective=objective, generator=generator,
-                                   noise_strength=noise_strength, clean_loss=decoded_loss if decoded_weight else None,
-                                   weight=weight)
+    return diffusion.training_loss(
+        denoise,
+        z_mask,
+        scheduler,
+        objective=objective,
+        generator=generator,
+        noise_strength=noise_strength,
+        clean_loss=decoded_loss if decoded_weight else None,
+        weight=weight,
+    )
 
 
 def decoded_mask_loss(model, clean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -58,16 +74,35 @@ def decoded_mask_loss(model, clean: torch.Tensor, target: torch.Tensor) -> torch
 class LossModule(torch.nn.Module):
     """Puts the whole loss inside `forward`, so DDP sees (and all-reduces) every trainable parameter."""
 
-    def __init__(self, model, scheduler, *, objective: str, noise_strength: float = 0.0, decoded_weight: float = 0.0,
-                 foreground_weight: float = 1.0):
+    def __init__(
+        self,
+        model,
+        scheduler,
+        *,
+        objective: str,
+        noise_strength: float = 0.0,
+        decoded_weight: float = 0.0,
+        foreground_weight: float = 1.0,
+    ):
         super().__init__()
         self.model, self.scheduler, self.objective = model, scheduler, objective
-        self.noise_strength, self.decoded_weight, self.foreground_weight = noise_strength, decoded_weight, foreground_weight
+        self.noise_strength, self.decoded_weight, self.foreground_weight = (
+            noise_strength,
+            decoded_weight,
+            foreground_weight,
+        )
 
     def forward(self, batch, generator=None):
-        return batch_loss(self.model, batch, self.scheduler, objective=self.objective, generator=generator,
-                          noise_strength=self.noise_strength, decoded_weight=self.decoded_weight,
-                          foreground_weight=self.foreground_weight)
+        return batch_loss(
+            self.model,
+            batch,
+            self.scheduler,
+            objective=self.objective,
+            generator=generator,
+            noise_strength=self.noise_strength,
+            decoded_weight=self.decoded_weight,
+            foreground_weight=self.foreground_weight,
+        )
 
 
 def step_generator(seed: int, step: int, micro: int) -> torch.Generator:

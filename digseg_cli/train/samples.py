@@ -34,8 +34,9 @@ from digseg_cli.models.config import check_prompt_template
 __all__ = ["SegmentationTrainDataset", "collate", "prepare_data", "tokenizer_fn"]
 
 
-def prepare_data(data: Path, val: Path | None, *, class_name: str | None, val_split: float,
-                 seed: int) -> tuple[ClassList, list[Pair], list[Pair]]:
+def prepare_data(
+    data: Path, val: Path | None, *, class_name: str | None, val_split: float, seed: int
+) -> tuple[ClassList, list[Pair], list[Pair]]:
     """(classes, training pairs, validation pairs) of a checked folder; the validation pairs are ``val``'s,
     else a ``val_split`` share of ``data`` chosen by ``seed``. A folder that fails the check raises
     ``DatasetError`` naming its first problems."""
@@ -43,7 +44,9 @@ def prepare_data(data: Path, val: Path | None, *, class_name: str | None, val_sp
 
     report = check_folder(data, class_name=class_name)
     if not report.ok:
-        shown = "; ".join(report.problems[:5]) + (f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else "")
+        shown = "; ".join(report.problems[:5]) + (
+            f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else ""
+        )
         raise DatasetError(f"{data} failed the data check: {shown}. Run `digseg data check {data}` for the full report")
     classes = folders.read_classes(data, class_name=class_name)
     pairs = folders.find_pairs(data)
@@ -60,8 +63,9 @@ def tokenizer_fn(tokenizer) -> Callable[[list[str]], torch.Tensor]:
     """Prompts → padded token ids ``[B,L]`` (the tokenizer's full length, as the pipeline pads them)."""
 
     def tokenize(texts: list[str]) -> torch.Tensor:
-        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids  # [B,L]
+        return tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids  # [B,L]
 
     return tokenize
 

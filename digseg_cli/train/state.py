@@ -40,12 +40,24 @@ class Position:
 
     @classmethod
     def from_state(cls, state: dict) -> Position:
-        return cls(state["step"], state["epoch"], state["batch_in_epoch"], state.get("best_miou"),
-                   state.get("elapsed_s", 0.0))
+        return cls(
+            state["step"], state["epoch"], state["batch_in_epoch"], state.get("best_miou"), state.get("elapsed_s", 0.0)
+        )
 
 
-def save_run_checkpoint(folder: Path, loaded, *, accelerator, training: dict, position: Position, elapsed: float,
-                        optimizer=None, lr_sched=None, ema=None, trainable=()) -> Path:
+def save_run_checkpoint(
+    folder: Path,
+    loaded,
+    *,
+    accelerator,
+    training: dict,
+    position: Position,
+    elapsed: float,
+    optimizer=None,
+    lr_sched=None,
+    ema=None,
+    trainable=(),
+) -> Path:
     """Write `last/` (with `optimizer` given: the trainer state too) or `best/` (the EMA weights when EMA
     is on) atomically, on the main process; the others wait for it. `training` is the config's record of
     how these weights were trained; their `evaluation` is whatever the run put in `loaded.config`."""
@@ -59,10 +71,20 @@ def save_run_checkpoint(folder: Path, loaded, *, accelerator, training: dict, po
         ema.copy_to(trainable)
 
     def add_state(tmp: Path) -> None:
-        save_state(tmp / STATE_FILE, {
-            "optimizer": optimizer.state_dict(), "lr_scheduler": lr_sched.state_dict(), "step": position.step,
-            "epoch": position.epoch, "batch_in_epoch": position.batch_in_epoch, "best_miou": position.best_miou,
-            "elapsed_s": elapsed, "rng": rng_state(), **({"ema": ema.state_dict()} if ema is not None else {})})
+        save_state(
+            tmp / STATE_FILE,
+            {
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_sched.state_dict(),
+                "step": position.step,
+                "epoch": position.epoch,
+                "batch_in_epoch": position.batch_in_epoch,
+                "best_miou": position.best_miou,
+                "elapsed_s": elapsed,
+                "rng": rng_state(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
+            },
+        )
 
     try:
         save_checkpoint(folder, loaded, overwrite=True, extra=None if optimizer is None else add_state)
@@ -150,8 +172,9 @@ def check_ranks_agree(model, accelerator) -> None:
     if accelerator.num_processes == 1:
         return
     with torch.no_grad():
-        digest = torch.stack([p.detach().double().sum() + (p.detach().double() ** 2).sum()
-                              for p in model.parameters()]).to(accelerator.device)  # [P]
+        digest = torch.stack(
+            [p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in model.parameters()]
+        ).to(accelerator.device)  # [P]
     gathered = accelerator.gather(digest[None])  # [world,P]
     if not bool((gathered == gathered[0]).all()):
         raise RuntimeError("training processes ended with different weights: the run is not synchronised")

@@ -28,8 +28,9 @@ class Validation:
         from digseg_cli.data.benchmarks.base import BenchmarkDataset, Item
         from digseg_cli.data.benchmarks.local import spec_from_classes
 
-        self.spec = spec_from_classes(classes, name=str(root), title=f"validation pairs of {Path(root).name}",
-                                      folder=str(root))
+        self.spec = spec_from_classes(
+            classes, name=str(root), title=f"validation pairs of {Path(root).name}", folder=str(root)
+        )
         items = [Item(p.stem, p.image, p.mask) for p in pairs]
         self.samples = BenchmarkDataset(self.spec, Path(root), VALIDATION_SPLIT, items)
         self.limit = limit
@@ -54,9 +55,16 @@ class Validation:
             # fp32 on the training device; the frozen VAE stays in the training precision (prepare=False).
             pipe = DigsegPipeline(loaded, accelerator.device, torch.float32, prepare=False)
             predictor = pipeline_predictor(pipe, seed=seed, resolution=resolution)
-            result = evaluate(self.samples, self.spec.class_names or (), predictor, limit=self.limit, worst_k=0,
-                              rank=accelerator.process_index, world_size=accelerator.num_processes,
-                              **protocol_kwargs(self.spec))
+            result = evaluate(
+                self.samples,
+                self.spec.class_names or (),
+                predictor,
+                limit=self.limit,
+                worst_k=0,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+                **protocol_kwargs(self.spec),
+            )
         finally:
             if ema is not None:
                 ema.restore(trainable)

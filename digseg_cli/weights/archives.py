@@ -74,8 +74,9 @@ def _check_space(archive: Path, unpacked: int, folder: Path) -> None:
     """Refuse an archive that unpacks to more than ``folder``'s disk has free (a bomb, or simply too big)."""
     free = shutil.disk_usage(folder).free
     if unpacked > free:
-        raise UnsafeArchiveError(f"refusing to extract {archive}: it unpacks to {unpacked} bytes and only {free} "
-                                 f"bytes are free in {folder}")
+        raise UnsafeArchiveError(
+            f"refusing to extract {archive}: it unpacks to {unpacked} bytes and only {free} bytes are free in {folder}"
+        )
 
 
 def _extract_zip(archive: Path, folder: Path) -> None:
@@ -95,8 +96,10 @@ def _extract_tar(archive: Path, folder: Path) -> None:
     with tar:
         _check_space(archive, _check_tar(tar, archive), folder)
         if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 / 3.11.4: no PEP 706 filter
-            raise UsageError(f"extracting {archive.name} needs Python 3.10.12+, 3.11.4+ or 3.12+ (tarfile's 'data' "
-                             f"filter); this is Python {platform.python_version()}: upgrade Python")
+            raise UsageError(
+                f"extracting {archive.name} needs Python 3.10.12+, 3.11.4+ or 3.12+ (tarfile's 'data' "
+                f"filter); this is Python {platform.python_version()}: upgrade Python"
+            )
         try:
             tar.extractall(folder, filter="data")
         except tarfile.FilterError as exc:

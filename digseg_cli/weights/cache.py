@@ -39,8 +39,9 @@ log = logging.getLogger("digseg")
 
 
 # -------------------------------------------------------------------------------------------- listing
-def list_weights(cache_dir: Path | str | None = None, *, registry: Mapping[str, WeightsSpec] | None = None
-                 ) -> list[dict]:
+def list_weights(
+    cache_dir: Path | str | None = None, *, registry: Mapping[str, WeightsSpec] | None = None
+) -> list[dict]:
     """One dict per registry entry: its fields plus ``cached`` and ``path`` (no network)."""
     rows = []
     for spec in (REGISTRY if registry is None else registry).values():
@@ -82,8 +83,7 @@ def verify_weights(
         return _verify_url(spec, cache_dir, repair=repair, offline=offline, progress=progress)
     folder = cached_path(name, cache_dir, registry=registry)
     if folder is None:
-        raise WeightsUnavailableError(
-            f"'{name}' is not cached, nothing to verify: {download_command(name, cache_dir)}")
+        raise WeightsUnavailableError(f"'{name}' is not cached, nothing to verify: {download_command(name, cache_dir)}")
     if spec is not None and spec.source == "bundled":
         expected = {f.path: f.sha256 for f in spec.files}
         if not expected and (folder / SUMS_FILE).is_file():
@@ -107,7 +107,8 @@ def _verify_url(spec: WeightsSpec, cache_dir, *, repair: bool, offline: bool, pr
     folder = entry_dir(spec, cache_dir)
     if not any((folder / f.path).is_file() for f in spec.files):
         raise WeightsUnavailableError(
-            f"'{spec.name}' is not cached, nothing to verify: {download_command(spec.name, cache_dir)}")
+            f"'{spec.name}' is not cached, nothing to verify: {download_command(spec.name, cache_dir)}"
+        )
     results, bad = [], []
     for f in spec.files:
         path = folder / f.path
@@ -133,8 +134,13 @@ def _mark_repaired(results: list[dict], indices: list[int]) -> None:
 
 
 # --------------------------------------------------------------------------------------------- removal
-def remove_weights(name: str, cache_dir: Path | str | None = None, *, dry_run: bool = False,
-                   registry: Mapping[str, WeightsSpec] | None = None) -> list[Path]:
+def remove_weights(
+    name: str,
+    cache_dir: Path | str | None = None,
+    *,
+    dry_run: bool = False,
+    registry: Mapping[str, WeightsSpec] | None = None,
+) -> list[Path]:
     """Delete digseg's cached copy of ``name`` (all its versions); return what was (``dry_run``: would be) removed.
 
     Only folders inside digseg's cache are ever removed: bundled weights, Hub entries (the HF cache is
@@ -147,8 +153,9 @@ def remove_weights(name: str, cache_dir: Path | str | None = None, *, dry_run: b
     if spec is not None and spec.source == "hub" or spec is None and parse_hub_id(name):
         snap = cached_path(name, cache_dir, registry=registry)
         hint = f"hf cache rm {snap.name}" if snap else "hf cache rm model/<owner>/<name>"
-        raise UsageError(f"'{name}' lives in the shared Hugging Face cache, which digseg does not delete from; "
-                         f"use: {hint}")
+        raise UsageError(
+            f"'{name}' lives in the shared Hugging Face cache, which digseg does not delete from; use: {hint}"
+        )
     if not NAME_RE.match(name):
         raise UsageError(f"'{name}' is not a weights name; digseg only removes its own cache entries")
     root = cache_root(cache_dir)

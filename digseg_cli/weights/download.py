@@ -86,9 +86,7 @@ def _content_range_total(header: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _attempt(
-    url: str, part: Path, *, size: int | None, progress: ProgressFn | None, timeout: float
-) -> bool:
+def _attempt(url: str, part: Path, *, size: int | None, progress: ProgressFn | None, timeout: float) -> bool:
     """One HTTP request that appends to ``part``. Returns True when ``part`` is complete.
 
     Raises ``_Retry`` for failures another attempt may fix and ``DownloadError`` for those it cannot.
@@ -135,8 +133,11 @@ def _attempt(
             mode = "ab"
         else:
             if offset:
-                log.info("the server sent all of %s (it changed since the partial download, or the server does "
-                         "not resume); downloading from the start", url)
+                log.info(
+                    "the server sent all of %s (it changed since the partial download, or the server does "
+                    "not resume); downloading from the start",
+                    url,
+                )
             offset, mode = 0, "wb"
             _remember_validator(validator, response.headers)
         length = response.headers.get("Content-Length")
@@ -237,8 +238,16 @@ def _progress_or_bar(progress: ProgressFn | None, label: str, size: int | None) 
         yield report
 
 
-def _fetch_part(url: str, part: Path, *, size: int | None, digests: dict[str, str], progress: ProgressFn,
-                timeout: float, retries: int) -> None:
+def _fetch_part(
+    url: str,
+    part: Path,
+    *,
+    size: int | None,
+    digests: dict[str, str],
+    progress: ProgressFn,
+    timeout: float,
+    retries: int,
+) -> None:
     """Attempt, resume and retry until ``part`` holds the verified file (``download_file``'s rules)."""
     resumed = part.exists() and part.stat().st_size > 0
     failures, last_error = 0, ""

@@ -34,12 +34,27 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 # What we take from a diffusers Stable Diffusion repo: the five components, safetensors only.
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-HUB_ALLOW = ("model_index.json", "digseg_config.json",
-             *(f"{c}/*.{ext}" for c in SD_COMPONENTS for ext in ("json", "txt", "safetensors")))
+HUB_ALLOW = (
+    "model_index.json",
+    "digseg_config.json",
+    *(f"{c}/*.{ext}" for c in SD_COMPONENTS for ext in ("json", "txt", "safetensors")),
+)
 # For any other Hub id (e.g. a digseg checkpoint): every component folder, safetensors/json/txt only.
 HUB_ALLOW_ANY = ("model_index.json", "digseg_config.json", "*/*.json", "*/*.txt", "*/*.safetensors")
-HUB_IGNORE = ("*fp16*", "*non_ema*", "*.ckpt", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*.pb", "*.h5",
-              "safety_checker/*", "feature_extractor/*")
+HUB_IGNORE = (
+    "*fp16*",
+    "*non_ema*",
+    "*.ckpt",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.msgpack",
+    "*.onnx",
+    "*.pb",
+    "*.h5",
+    "safety_checker/*",
+    "feature_extractor/*",
+)
 
 
 def parse_hub_id(text: str) -> tuple[str, str | None] | None:
@@ -63,8 +78,15 @@ def cached_snapshot(repo_id: str, revision: str | None, *, allow) -> Path | None
     from huggingface_hub.utils import LocalEntryNotFoundError
 
     try:  # local_files_only: never a request, whatever HF_HUB_OFFLINE says
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(allow),
-                                        ignore_patterns=list(HUB_IGNORE), local_files_only=True))
+        folder = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=list(allow),
+                ignore_patterns=list(HUB_IGNORE),
+                local_files_only=True,
+            )
+        )
     except LocalEntryNotFoundError:  # not cached, or cached with files missing (IncompleteSnapshotError)
         return None
     return folder if _snapshot_complete(folder) else None
@@ -93,17 +115,25 @@ def fetch_snapshot(label: str, repo_id: str, revision: str | None, allow) -> Pat
     where = f"{repo_id}@{revision or 'main'}"
     log.info("fetching %s from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN and proxies apply)", where)
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=list(allow),
-                                 ignore_patterns=list(HUB_IGNORE), library_name="digseg",
-                                 library_version=__version__)
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=list(allow),
+            ignore_patterns=list(HUB_IGNORE),
+            library_name="digseg",
+            library_version=__version__,
+        )
     except GatedRepoError:
-        raise WeightsUnavailableError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}"
-                                      f", then log in (hf auth login) or set HF_TOKEN") from None
+        raise WeightsUnavailableError(
+            f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id}"
+            f", then log in (hf auth login) or set HF_TOKEN"
+        ) from None
     except RevisionNotFoundError:
         raise WeightsUnavailableError(f"revision '{revision}' not found in {repo_id}") from None
     except RepositoryNotFoundError:
-        raise WeightsUnavailableError(f"'{label}' is neither a local folder nor a repo on the Hugging Face Hub "
-                                      f"(a private repo needs HF_TOKEN)") from None
+        raise WeightsUnavailableError(
+            f"'{label}' is neither a local folder nor a repo on the Hugging Face Hub (a private repo needs HF_TOKEN)"
+        ) from None
     except Exception as exc:  # network down, proxy, endpoint, disk: one line, with what to try
         raise WeightsUnavailableError(
             f"could not fetch {where} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
@@ -133,7 +163,8 @@ def _snapshot_blobs(folder: Path) -> dict[str, Path]:
     # A repo the scan cannot read (e.g. a blob deleted by hand) is left out of ``repos`` and named in ``warnings``.
     raise WeightsUnavailableError(
         f"huggingface_hub cannot read the cache entry of {folder} "
-        f"({'; '.join(map(str, scan.warnings)) or 'not listed'}); fetch it again with: digseg weights download NAME")
+        f"({'; '.join(map(str, scan.warnings)) or 'not listed'}); fetch it again with: digseg weights download NAME"
+    )
 
 
 def verify_snapshot(folder: Path, *, repair: bool) -> tuple[list[dict], list[int]]:

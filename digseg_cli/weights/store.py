@@ -77,8 +77,9 @@ def bundled_dir(name: str) -> Path | None:
         pass
     candidates.append(Path(__file__).resolve().parents[2] / "weights" / name)
     for folder in candidates:
-        if folder.is_dir() and any(p.is_file() and not p.name.startswith(("README", ".")) and p.name != SUMS_FILE
-                                   for p in folder.iterdir()):
+        if folder.is_dir() and any(
+            p.is_file() and not p.name.startswith(("README", ".")) and p.name != SUMS_FILE for p in folder.iterdir()
+        ):
             return folder
     return None
 
@@ -149,8 +150,9 @@ def download_weights(
     return folder
 
 
-def _ensure_named(name: str, registry: Mapping[str, WeightsSpec], *, cache_dir, offline: bool | None, progress,
-                  local_first: bool) -> Path | None:
+def _ensure_named(
+    name: str, registry: Mapping[str, WeightsSpec], *, cache_dir, offline: bool | None, progress, local_first: bool
+) -> Path | None:
     """The local folder of a registry name or Hub id, fetched unless offline; None when ``name`` is neither.
 
     ``local_first``: a complete cached Hub snapshot is used as is (``resolve``); otherwise the Hub is asked
@@ -161,8 +163,9 @@ def _ensure_named(name: str, registry: Mapping[str, WeightsSpec], *, cache_dir, 
         return _ensure(registry[name], cache_dir=cache_dir, offline=offline, progress=progress, local_first=local_first)
     hub_id = parse_hub_id(name)
     if hub_id is not None:
-        return _ensure_hub(name, *hub_id, allow=HUB_ALLOW_ANY, offline=offline, cache_dir=cache_dir,
-                           local_first=local_first)
+        return _ensure_hub(
+            name, *hub_id, allow=HUB_ALLOW_ANY, offline=offline, cache_dir=cache_dir, local_first=local_first
+        )
     return None
 
 
@@ -176,8 +179,15 @@ def _ensure(spec: WeightsSpec, *, cache_dir, offline: bool, progress, local_firs
             )
         return folder
     if spec.source == "hub":
-        return _ensure_hub(spec.name, spec.repo_id, spec.revision, allow=spec.allow_patterns, offline=offline,
-                           cache_dir=cache_dir, local_first=local_first)
+        return _ensure_hub(
+            spec.name,
+            spec.repo_id,
+            spec.revision,
+            allow=spec.allow_patterns,
+            offline=offline,
+            cache_dir=cache_dir,
+            local_first=local_first,
+        )
     return _ensure_url(spec, cache_dir=cache_dir, offline=offline, progress=progress)
 
 
@@ -211,8 +221,9 @@ def _ensure_url(spec: WeightsSpec, *, cache_dir, offline: bool, progress) -> Pat
     return folder
 
 
-def _ensure_hub(label: str, repo_id: str, revision: str | None, *, allow, offline: bool, cache_dir,
-                local_first: bool) -> Path:
+def _ensure_hub(
+    label: str, repo_id: str, revision: str | None, *, allow, offline: bool, cache_dir, local_first: bool
+) -> Path:
     cached = hub.cached_snapshot(repo_id, revision, allow=allow)
     if cached is not None and (local_first or offline):
         return cached
@@ -222,8 +233,9 @@ def _ensure_hub(label: str, repo_id: str, revision: str | None, *, allow, offlin
 
 
 # ------------------------------------------------------------------------------------------- look-up
-def cached_path(name: str, cache_dir: Path | str | None = None, *,
-                registry: Mapping[str, WeightsSpec] | None = None) -> Path | None:
+def cached_path(
+    name: str, cache_dir: Path | str | None = None, *, registry: Mapping[str, WeightsSpec] | None = None
+) -> Path | None:
     """The local folder of a registry name or Hub id if it is complete on disk, else None. No network."""
     registry = REGISTRY if registry is None else registry
     if name in registry:

@@ -74,8 +74,12 @@ ADE20K = DatasetSpec(
     download=(
         # size and sha256 from tensorflow/datasets tensorflow_datasets/url_checksums/ade20k.txt; the same values in
         # huggingface/datasets datasets/scene_parse_150/dataset_infos.json ("download_checksums").
-        DownloadItem(_ADE150_ZIP, "ADEChallengeData2016.zip", size=967382037,
-                     sha256="7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29"),
+        DownloadItem(
+            _ADE150_ZIP,
+            "ADEChallengeData2016.zip",
+            size=967382037,
+            sha256="7ff1be44964418441f542a7cc1e1a650e7dc0fc275f5d23252bc9bbdbc977b29",
+        ),
     ),
     manual=f"Official source: http://sceneparsing.csail.mit.edu (zip: {_ADE150_ZIP}).",
     protocol="dataset-level mIoU over 150 classes, reduce_zero_label, ignore 255; "
@@ -100,6 +104,5 @@ ADE20K_FULL = DatasetSpec(
         "CAT-Seg's datasets/prepare_ade20k_full.py to write the A-847 validation conversion (short side ≤ 512)."
     ),
     synonym_sep=", ",
-    protocol="dataset-level mIoU over 847 classes on the converted validation labels (short side ≤ 512), "
-    "ignore 65535",
+    protocol="dataset-level mIoU over 847 classes on the converted validation labels (short side ≤ 512), ignore 65535",
 )

@@ -247,7 +247,8 @@ def files_by_stem(folder: Path, pattern: str, suffix_to_strip: str = "") -> dict
 
 
 def keep_listed(files: dict[str, Path], ids: Sequence[str] | None) -> dict[str, Path]:
-    """The entries of ``files`` whose stem a split file lists (``read_split_file``); all of them when ``ids`` is None."""
+    """The entries of ``files`` whose stem a split file lists (``read_split_file``); all of them when ``ids`` is
+    None."""
     if ids is None:
         return files
     listed = set(ids)

@@ -38,12 +38,31 @@ log = logging.getLogger("digseg")
 
 DATASETS: dict[str, DatasetSpec] = {
     s.name: s
-    for s in (ADE20K, ADE20K_FULL, CITYSCAPES, PASCAL_CONTEXT_59, PASCAL_CONTEXT_459, COCO_STUFF, DEEPGLOBE_ROAD,
-              DEEPGLOBE_LANDCOVER, REFUGE2, PHENOBENCH, synth_spec())
+    for s in (
+        ADE20K,
+        ADE20K_FULL,
+        CITYSCAPES,
+        PASCAL_CONTEXT_59,
+        PASCAL_CONTEXT_459,
+        COCO_STUFF,
+        DEEPGLOBE_ROAD,
+        DEEPGLOBE_LANDCOVER,
+        REFUGE2,
+        PHENOBENCH,
+        synth_spec(),
+    )
 }
-ALIASES = {"ade150": "ade20k", "a150": "ade20k", "ade847": "ade20k-full", "a847": "ade20k-full",
-           "pc59": "pascal-context-59", "pc459": "pascal-context-459", "coco": "coco-stuff",
-           "deepglobe-road": "deepglobe", "refuge": "refuge2"}
+ALIASES = {
+    "ade150": "ade20k",
+    "a150": "ade20k",
+    "ade847": "ade20k-full",
+    "a847": "ade20k-full",
+    "pc59": "pascal-context-59",
+    "pc459": "pascal-context-459",
+    "coco": "coco-stuff",
+    "deepglobe-road": "deepglobe",
+    "refuge": "refuge2",
+}
 DATASET_NAMES = tuple(DATASETS)
 
 
@@ -86,8 +105,14 @@ def open_dataset(
         raise DatasetError(f"no labelled {split} images found for {spec.name} in {root}. {spec.how_to_get(root)}")
     skipped = len(items) - len(dataset)
     if skipped:
-        log.warning("%s/%s: %d of %d images have no label file or no image file and are skipped "
-                    "(`digseg eval --check` lists them)", spec.name, split, skipped, len(items))
+        log.warning(
+            "%s/%s: %d of %d images have no label file or no image file and are skipped "
+            "(`digseg eval --check` lists them)",
+            spec.name,
+            split,
+            skipped,
+            len(items),
+        )
     return dataset
 
 
@@ -109,8 +134,14 @@ class LayoutReport:
         return asdict(self)
 
 
-def check_layout(spec: DatasetSpec, root: Path | str | None = None, *, split: str | None = None,
-                 data_root: Path | str | None = None, read_first: int = 1) -> LayoutReport:
+def check_layout(
+    spec: DatasetSpec,
+    root: Path | str | None = None,
+    *,
+    split: str | None = None,
+    data_root: Path | str | None = None,
+    read_first: int = 1,
+) -> LayoutReport:
     """Validate the layout without any model: list the files, name what is missing, decode the first
     ``read_first`` label files to catch encoding problems."""
     split = _check_split(spec, split)
@@ -149,7 +180,9 @@ def check_layout(spec: DatasetSpec, root: Path | str | None = None, *, split: st
 
 
 def download_dataset(
-    spec: DatasetSpec, *, data_root: Path | str | None = None,
+    spec: DatasetSpec,
+    *,
+    data_root: Path | str | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Path:
     """Fetch and extract the official files of an auto-downloadable dataset into its folder; return it.
@@ -164,8 +197,10 @@ def download_dataset(
         if spec.prepare is not None:  # generated data (synth): nothing to fetch
             spec.prepare(root)
             return root
-        raise DatasetError(f"{spec.title} cannot be downloaded automatically. {spec.manual} "
-                           f"Expected layout under {root}: {spec.layout.rstrip('.')}.")
+        raise DatasetError(
+            f"{spec.title} cannot be downloaded automatically. {spec.manual} "
+            f"Expected layout under {root}: {spec.layout.rstrip('.')}."
+        )
     from digseg_cli.weights.archives import safe_extract
     from digseg_cli.weights.download import download_file
 
@@ -173,11 +208,14 @@ def download_dataset(
     for item in spec.download:
         log.info("downloading %s", item.url)
         if item.sha256 is None and item.md5 is None:
-            log.warning("no published checksum for %s: only a complete transfer (and its size, if known) is verified",
-                        item.filename)
+            log.warning(
+                "no published checksum for %s: only a complete transfer (and its size, if known) is verified",
+                item.filename,
+            )
         on_bytes = None if progress is None else (lambda done, total, _n=item.filename: progress(_n, done, total))
-        archive = download_file(item.url, cache / item.filename, sha256=item.sha256, md5=item.md5, size=item.size,
-                                progress=on_bytes)
+        archive = download_file(
+            item.url, cache / item.filename, sha256=item.sha256, md5=item.md5, size=item.size, progress=on_bytes
+        )
         target = (root / item.extract_to).resolve()
         done = cache / f"{item.filename}.extracted"
         if item.extract and not done.exists():
@@ -192,13 +230,27 @@ def download_dataset(
     try:
         spec.list_items(root, spec.default_split)
     except MissingLayout as exc:
-        raise DatasetError(f"the downloaded {spec.title} files do not have the expected layout ({exc}); "
-                           f"expected under {root}: {spec.layout.rstrip('.')}.") from None
+        raise DatasetError(
+            f"the downloaded {spec.title} files do not have the expected layout ({exc}); "
+            f"expected under {root}: {spec.layout.rstrip('.')}."
+        ) from None
     return root
 
 
 __all__ = [
-    "ALIASES", "DATASETS", "DATASET_NAMES", "ENV_DATA_ROOT", "BenchmarkDataset", "DatasetSpec", "DownloadItem",
-    "Item", "LayoutReport", "Sample", "check_layout", "default_data_root", "download_dataset", "get_spec",
+    "ALIASES",
+    "DATASETS",
+    "DATASET_NAMES",
+    "ENV_DATA_ROOT",
+    "BenchmarkDataset",
+    "DatasetSpec",
+    "DownloadItem",
+    "Item",
+    "LayoutReport",
+    "Sample",
+    "check_layout",
+    "default_data_root",
+    "download_dataset",
+    "get_spec",
     "open_dataset",
 ]

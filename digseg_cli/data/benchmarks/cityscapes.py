@@ -15,16 +15,53 @@ import numpy as np
 from digseg_cli.data.benchmarks.base import DatasetSpec, Item, files_by_stem, need_dir, pair_by_stem, read_gray, remap
 
 CITYSCAPES_CLASSES = (
-    "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
-    "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
 )
-LABEL_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
-                  26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+LABEL_TO_TRAIN = {
+    7: 0,
+    8: 1,
+    11: 2,
+    12: 3,
+    13: 4,
+    17: 5,
+    19: 6,
+    20: 7,
+    21: 8,
+    22: 9,
+    23: 10,
+    24: 11,
+    25: 12,
+    26: 13,
+    27: 14,
+    28: 15,
+    31: 16,
+    32: 17,
+    33: 18,
+}
 
 
 def _items(root: Path, split: str) -> list[Item]:
-    images = files_by_stem(need_dir(root / "leftImg8bit" / split, "Cityscapes images"), "*_leftImg8bit.png",
-                           "_leftImg8bit.png")
+    images = files_by_stem(
+        need_dir(root / "leftImg8bit" / split, "Cityscapes images"), "*_leftImg8bit.png", "_leftImg8bit.png"
+    )
     gt = need_dir(root / "gtFine" / split, "Cityscapes fine annotations")
     labels = files_by_stem(gt, "*_gtFine_labelIds.png", "_gtFine_labelIds.png")
     labels.update(files_by_stem(gt, "*_gtFine_labelTrainIds.png", "_gtFine_labelTrainIds.png"))  # preferred

@@ -72,8 +72,13 @@ COCO_STUFF = DatasetSpec(
     layout="images/val2017/*.jpg and annotations/val2017/*.png (stuffthingmaps_trainval2017)",
     download=(
         # size and sha256 from tensorflow/datasets tensorflow_datasets/url_checksums/coco2017.txt (and coco.txt).
-        DownloadItem("http://images.cocodataset.org/zips/val2017.zip", "val2017.zip", extract_to="images",
-                     size=815585330, sha256="4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05"),
+        DownloadItem(
+            "http://images.cocodataset.org/zips/val2017.zip",
+            "val2017.zip",
+            extract_to="images",
+            size=815585330,
+            sha256="4f7e2ccb2866ec5041993c9cf2a952bbed69647b115d0f74da7ce8f4bef82f05",
+        ),
         # no published checksum was found for the stuffthingmaps zip (nightrome/cocostuff README gives none).
         DownloadItem(
             "http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",

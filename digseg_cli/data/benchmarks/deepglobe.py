@@ -41,8 +41,11 @@ def _items(root: Path, split: str) -> list[Item]:
     if split != "all":
         ids = read_split_file(base / f"{split}.txt")
         if ids is None:
-            log.warning("%s not found: scoring all %d labelled tiles (not the 1,530-tile split papers use)",
-                        base / f"{split}.txt", len(images))
+            log.warning(
+                "%s not found: scoring all %d labelled tiles (not the 1,530-tile split papers use)",
+                base / f"{split}.txt",
+                len(images),
+            )
         else:
             images = keep_listed(images, ids)
     return pair_by_stem(images, labels)
@@ -84,8 +87,9 @@ DEEPGLOBE_ROAD = DatasetSpec(
     default_split="test",
     folder="deepglobe-road",
     layout="train/<id>_sat.jpg + train/<id>_mask.png; optional test.txt listing the 1,530 test ids",
-    manual=_MANUAL.format(kaggle="Kaggle: `kaggle datasets download balraj98/deepglobe-road-extraction-dataset`",
-                          folder="deepglobe-road"),
+    manual=_MANUAL.format(
+        kaggle="Kaggle: `kaggle datasets download balraj98/deepglobe-road-extraction-dataset`", folder="deepglobe-road"
+    ),
     protocol="road IoU = TP/(TP+FP+FN) of the road class over all test pixels (CoANet), GT binarised at 128; "
     "the 2-class mIoU is reported separately and is not comparable",
 )

@@ -55,8 +55,10 @@ def spec_from_classes(classes, *, name: str, title: str, folder: str, prepare=No
         out = remap(raw, table, -1)
         if (out < 0).any():
             bad = sorted(set(np.unique(raw[out < 0]).tolist()))[:10]
-            raise ValueError(f"mask values {bad} are neither the background ({classes.background}), a class id "
-                             f"{list(classes.ids)} nor the ignore value ({classes.ignore_index})")
+            raise ValueError(
+                f"mask values {bad} are neither the background ({classes.background}), a class id "
+                f"{list(classes.ids)} nor the ignore value ({classes.ignore_index})"
+            )
         return out
 
     return DatasetSpec(
@@ -86,8 +88,9 @@ def user_folder_spec(path: Path | str, class_name: str | None = None) -> Dataset
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise MissingLayout(f"dataset folder {root} does not exist")
-    return spec_from_classes(read_classes(root, class_name), name=str(path), title=f"folder {root.name}",
-                             folder=str(root))
+    return spec_from_classes(
+        read_classes(root, class_name), name=str(path), title=f"folder {root.name}", folder=str(root)
+    )
 
 
 def _write_synth(root: Path) -> None:

@@ -45,8 +45,11 @@ log = logging.getLogger("digseg")
 _VOC = "VOCdevkit/VOC2010"
 _DOWNLOADS = (
     # md5 from pytorch/vision torchvision/datasets/voc.py (DATASET_YEAR_DICT["2010"]); no sha256 is published.
-    DownloadItem("http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar",
-                 "VOCtrainval_03-May-2010.tar", md5="da459979d0c395079b5c75ee67908abb"),
+    DownloadItem(
+        "http://host.robots.ox.ac.uk/pascal/VOC/voc2010/VOCtrainval_03-May-2010.tar",
+        "VOCtrainval_03-May-2010.tar",
+        md5="da459979d0c395079b5c75ee67908abb",
+    ),
     # the 459-class .mat annotations: no published checksum was found.
     DownloadItem("https://roozbehm.info/pascal-context/trainval.tar.gz", "trainval.tar.gz", extract_to=_VOC),
 )
@@ -56,9 +59,65 @@ _DOWNLOADS = (
 # datasets/prepare_pcontext_sem_seg_59cls.py and mmseg tools/dataset_converters/pascal_context.py
 # (there applied to the Detail API masks, whose category ids are these 459 ids); 397 "table" is "diningtable".
 PC59_IDS = (
-    2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105, 113, 115, 144, 158,
-    159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326, 347, 349, 354, 355, 360, 366,
-    368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458,
+    2,
+    9,
+    18,
+    19,
+    22,
+    23,
+    25,
+    31,
+    33,
+    34,
+    44,
+    45,
+    46,
+    59,
+    65,
+    68,
+    72,
+    80,
+    85,
+    98,
+    104,
+    105,
+    113,
+    115,
+    144,
+    158,
+    159,
+    162,
+    187,
+    189,
+    207,
+    220,
+    232,
+    258,
+    259,
+    260,
+    284,
+    295,
+    296,
+    308,
+    324,
+    326,
+    347,
+    349,
+    354,
+    355,
+    360,
+    366,
+    368,
+    397,
+    415,
+    416,
+    420,
+    424,
+    427,
+    440,
+    445,
+    454,
+    458,
 )
 _NUM_IDS = 459
 _PC59_LUT = np.full(_NUM_IDS + 1, 255, dtype=np.uint8)  # LabelMap value → PC-59 label
@@ -102,7 +161,13 @@ def _read_label_map(path: Path) -> np.ndarray:
 
     try:
         values = np.asarray(loadmat(path, variable_names=["LabelMap"])["LabelMap"])
-    except (MatReadError, OSError, ValueError, NotImplementedError, KeyError) as exc:  # unreadable, v7.3, or no LabelMap
+    except (
+        MatReadError,
+        OSError,
+        ValueError,
+        NotImplementedError,
+        KeyError,
+    ) as exc:  # unreadable, v7.3, or no LabelMap
         raise DatasetError(f"cannot read LabelMap from {path} ({exc}); re-extract trainval.tar.gz") from None
     if values.ndim != 2 or values.size == 0:
         raise DatasetError(f"{path}: LabelMap must be a 2-D map; got shape {values.shape}")
@@ -128,8 +193,13 @@ def convert_labels(root: Path) -> None:
     from PIL import Image
 
     out.mkdir(parents=True, exist_ok=True)
-    log.info("converting %d PASCAL-Context validation labels from %s into %s (%s); done once", len(stems), mats,
-             out, ", ".join(todo))
+    log.info(
+        "converting %d PASCAL-Context validation labels from %s into %s (%s); done once",
+        len(stems),
+        mats,
+        out,
+        ", ".join(todo),
+    )
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = {name: out / f".{name}.partial-{tag}" for name in todo}  # mkdir, not mkdtemp: keep the umask's mode
     try:
@@ -165,8 +235,10 @@ def _restrict(items: list[Item], voc: Path) -> list[Item]:
 def _no_labels(voc: Path, sub: str, what: str) -> MissingLayout:
     """The error saying why ``annotations_detectron2/<sub>`` is missing (and could not be built)."""
     if (voc / "trainval").is_dir() and _val_ids(voc) is None:
-        return MissingLayout(f"found {voc / 'trainval'} but no validation list: neither "
-                             f"{' nor '.join(str(voc / n) for n in _VAL_LISTS)} exists")
+        return MissingLayout(
+            f"found {voc / 'trainval'} but no validation list: neither "
+            f"{' nor '.join(str(voc / n) for n in _VAL_LISTS)} exists"
+        )
     return MissingLayout(f"missing folder {voc / 'annotations_detectron2' / sub} ({what}); " + _HOW)
 
 
@@ -203,9 +275,15 @@ def _pc459_label(path: Path) -> np.ndarray:
     return np.asarray(read_raw(path), dtype=np.int64)  # uint16: 0…458, 65535 = ignore
 
 
-_COMMON = dict(splits=("val",), short_side=640, max_side=2560, folder="pascal-context", download=_DOWNLOADS,
-               prepare=convert_labels,
-               manual="Official source: https://www.cs.stanford.edu/~roozbeh/pascal-context/; " + _HOW + ".")
+_COMMON = dict(
+    splits=("val",),
+    short_side=640,
+    max_side=2560,
+    folder="pascal-context",
+    download=_DOWNLOADS,
+    prepare=convert_labels,
+    manual="Official source: https://www.cs.stanford.edu/~roozbeh/pascal-context/; " + _HOW + ".",
+)
 
 PASCAL_CONTEXT_59 = DatasetSpec(
     name="pascal-context-59",

@@ -41,8 +41,10 @@ def _items(root: Path, split: str) -> list[Item]:
         elif path.name.endswith("_seg_cup_1.png"):
             labels.setdefault(path.name.removesuffix("_seg_cup_1.png"), path)
     if not images:
-        raise MissingLayout(f"no {split} images under {root} (expected a folder whose name contains "
-                            f"{' or '.join(repr(k) for k in _SPLIT_KEYS[split])}, e.g. REFUGE-Test400/)")
+        raise MissingLayout(
+            f"no {split} images under {root} (expected a folder whose name contains "
+            f"{' or '.join(repr(k) for k in _SPLIT_KEYS[split])}, e.g. REFUGE-Test400/)"
+        )
     return pair_by_stem(images, labels)
 
 
