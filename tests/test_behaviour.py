@@ -1,8 +1,8 @@
 """Behaviour unchanged by the house move (issue 16, item 9).
 
-`tests/data/behaviour_before_house.npz` was recorded before any module moved: the label maps and
+`tests/fixtures/behaviour_before_house.npz` was recorded before any module moved: the label maps and
 probabilities that the README's example images get from the built-in demo, and the probabilities of a fresh
-DiGSeg built from the tiny SD base stored in `tests/data/tiny-sd/` (stored, not rebuilt, so a newer
+DiGSeg built from the tiny SD base stored in `tests/fixtures/tiny-sd/` (stored, not rebuilt, so a newer
 diffusers' initialisation cannot move it). Both must come out identical: the same torch build, one thread.
 """
 
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from digseg_cli.cli.app import app
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["road", "tree", "building", "water", "field"]
 

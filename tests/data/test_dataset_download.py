@@ -24,7 +24,7 @@ from digseg_cli.weights.archives import UnsafeArchiveError
 try:
     from test_download import LocalServer, guard_network
 except ImportError:  # run from the repository root as a package
-    from tests.test_download import LocalServer, guard_network
+    from tests.weights.test_download import LocalServer, guard_network
 
 
 def _png_bytes(arr: np.ndarray, fmt: str = "PNG") -> bytes:

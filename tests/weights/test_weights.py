@@ -20,7 +20,7 @@ from digseg_cli.weights.store import cache_dir, resolve_weights, weights_sha256
 try:
     from test_download import LocalServer, guard_network
 except ImportError:  # pragma: no cover - tests run as a package
-    from tests.test_download import LocalServer, guard_network
+    from tests.weights.test_download import LocalServer, guard_network
 
 UNET = os.urandom(300_000)
 CONFIG = b'{"format_version": 1}'

@@ -17,8 +17,8 @@ try:
     from test_download import LocalServer, guard_network
     from test_weights import CONFIG, FILES, UNET, make_spec
 except ImportError:  # pragma: no cover - tests run as a package
-    from tests.test_download import LocalServer, guard_network
-    from tests.test_weights import CONFIG, FILES, UNET, make_spec
+    from tests.weights.test_download import LocalServer, guard_network
+    from tests.weights.test_weights import CONFIG, FILES, UNET, make_spec
 
 app = typer.Typer()
 

@@ -18,7 +18,7 @@ from digseg_cli.errors import DatasetError
 try:
     from test_datasets import H, W, img
 except ImportError:  # run from the repository root as a package
-    from tests.test_datasets import H, W, img
+    from tests.data.test_datasets import H, W, img
 
 import scipy.io as sio
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from digseg_cli.cli.app import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "weights" / "demo"
 
 
