@@ -8,30 +8,24 @@ weights folders, file layouts, seeds or output formats.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
-import time
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors, stderr_is_terminal
+from digseg_cli.cli import segment_view as view
+from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors
 from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
 
 if TYPE_CHECKING:
     from digseg_cli.segment.inputs import InputFile
     from digseg_cli.segment.loading import LoadedPipeline
     from digseg_cli.segment.outputs import ImageResult, RunSummary
-    from digseg_cli.segment.plan import DryRun
     from digseg_cli.segment.settings import SegmentSettings
 
-DEMO_NOTE = (
-    "note: `demo` is a small demo model trained on synthetic aerial-like scenes (road, tree, building, "
-    "water, field); expect poor masks on other images (choose other weights with --weights)"
-)
 
 EPILOG = (
     'Examples:  digseg segment photos/ --recursive --prompt "road, tree|bush, building"  ·  '
@@ -50,87 +44,6 @@ class Mode(str, Enum):
 class ProbsFormat(str, Enum):
     png16 = "png16"
     npy = "npy"
-
-
-class _Reporter:
-    """Per-image progress: a Rich bar on a terminal, else a plain line about every 10 seconds."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.start = self.last = time.monotonic()
-        self.bar = self.task = None
-
-    def __enter__(self) -> _Reporter:
-        if self.enabled and stderr_is_terminal():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                SpinnerColumn,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(
-                SpinnerColumn(),
-                TextColumn("segment"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeElapsedColumn(),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
-                TextColumn("[dim]{task.fields[current]}"),
-                console=err_console.real,
-                transient=False,
-            )
-            self.bar.start()
-            self.task = self.bar.add_task("segment", total=self.total, rate="", current="")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-    def __call__(self, done: int, total: int, current: str | None) -> None:
-        now = time.monotonic()
-        rate = done / (now - self.start) if now > self.start else 0.0
-        if self.bar is not None:
-            fields = {"rate": f"{rate:.2f} img/s"} | ({"current": current} if current else {})
-            self.bar.update(self.task, completed=done, **fields)
-        elif self.enabled and current is None and (now - self.last >= 10 or done == total):
-            self.last = now
-            eta = f", ETA {(total - done) / rate:.0f} s" if rate > 0 and done < total else ""
-            err_console.print(f"segment: {done}/{total} images, {rate:.2f} img/s{eta}", highlight=False, markup=False)
-
-
-def _echo_json(obj: dict) -> None:
-    typer.echo(json.dumps(obj, default=str))
-
-
-def _print_summary(summary: RunSummary) -> None:
-    from rich.table import Table
-
-    from digseg_cli.weights.store import human_size
-
-    table = Table(title="digseg segment", title_justify="left", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in (
-        ("status", summary.status),
-        ("processed", str(summary.processed)),
-        ("skipped", str(summary.skipped)),
-        ("failed", str(len(summary.failed))),
-        ("not processed", str(summary.not_processed)),
-        ("wall time", f"{summary.wall_s:.1f} s"),
-        ("images/s", f"{summary.images_per_s:.2f}"),
-        ("peak memory", f"{human_size(summary.peak_memory_bytes)} ({summary.peak_memory_kind})"),
-        ("outputs", str(summary.out_dir)),
-        ("manifest", str(summary.manifest)),
-    ):
-        table.add_row(key, value)
-    err_console.print(table)
 
 
 def segment(
@@ -287,11 +200,11 @@ def segment(
         files = expand_inputs(inputs, recursive=recursive, exclude=out)
         if to_stdout and len(files) != 1:
             raise UsageError(f"`--out -` takes exactly one input image, found {len(files)}")
-        _warn(warnings)
+        view.warn(warnings)
         if dry_run:
             from digseg_cli.segment.plan import dry_run as plan_run
 
-            _show_plan(plan_run(files, out, settings, weights=weights, cache_dir=cache_dir), out, weights, as_json)
+            view.show_plan(plan_run(files, out, settings, weights=weights, cache_dir=cache_dir), out, weights, as_json)
             return
         # 2. Device, precision and weights: exit codes 4 and 5 before any work.
         from digseg_cli.segment.loading import open_pipeline
@@ -305,8 +218,8 @@ def segment(
             offline=offline,
             deterministic=deterministic,
         )
-        _show_banner(loaded, len(files), out, weights)
-        _warn(prompt_warnings(loaded.pipe, settings))
+        view.show_banner(loaded, len(files), out, weights)
+        view.warn(prompt_warnings(loaded.pipe, settings))
         # 3. Run, streaming records; the mask to stdout for `-o -`.
         arguments.update(out="-" if to_stdout else str(out))
         summary = _run(files, out, loaded, settings, weights=weights, arguments=arguments, as_json=as_json)
@@ -369,25 +282,6 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
     ), warnings
 
 
-def _warn(warnings: list[str]) -> None:
-    for warning in warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-
-
-def _show_banner(loaded: LoadedPipeline, n_files: int, out: Path, weights: str) -> None:
-    err_console.print(
-        f"digseg segment: {n_files} input(s) → {out}; device {loaded.device}; weights {weights} "
-        f"(loaded in {loaded.load_s:.1f} s)",
-        highlight=False,
-        markup=False,
-        soft_wrap=True,
-    )
-    if weights == "demo":
-        err_console.print(DEMO_NOTE, style="yellow", highlight=False, markup=False, soft_wrap=True)
-    for note in loaded.notes:
-        err_console.print(note, style="dim", highlight=False, markup=False, soft_wrap=True)
-
-
 def _run(
     files: list[InputFile],
     out: Path,
@@ -404,16 +298,16 @@ def _run(
 
     def on_result(result: ImageResult) -> None:
         if as_json:
-            _echo_json(result.to_json())
+            view.echo_json(result.to_json())
         if result.status == "failed":
             err_console.print(
                 f"[red]failed:[/] {result.relative_path}: {result.reason}", highlight=False, soft_wrap=True
             )
-        _warn(result.warnings)
+        view.warn(result.warnings)
 
     summary = None
     try:
-        with _Reporter(len(files), enabled=True) as reporter:
+        with view.Reporter(len(files), enabled=True) as reporter:
             summary = run_segment(
                 files,
                 out,
@@ -431,40 +325,9 @@ def _run(
     finally:
         if summary is not None:
             if as_json:
-                _echo_json(summary.to_json())
-            _print_summary(summary)
+                view.echo_json(summary.to_json())
+            view.print_summary(summary)
     return summary
-
-
-def _show_plan(plan: DryRun, out: Path, weights: str, as_json: bool) -> None:
-    """Print what a run would do (`--dry-run`): JSON lines, or a table on stderr."""
-    from digseg_cli.segment.outputs import SCHEMA
-
-    if as_json:
-        for row in plan.rows:
-            _echo_json({"schema": SCHEMA, "type": "plan", **row})
-        _echo_json(
-            {
-                "schema": SCHEMA,
-                "type": "plan-summary",
-                "inputs": len(plan.rows),
-                "weights": weights,
-                "resolution": plan.resolution,
-                "note": plan.note,
-            }
-        )
-        return
-    from rich.table import Table
-
-    table = Table(title=f"digseg segment --dry-run: {len(plan.rows)} input(s) → {out}", title_justify="left")
-    for column in ("input", "size", "tiles", "action", "mask"):
-        table.add_column(column, overflow="fold")
-    for row in plan.rows:
-        size = f"{row['width']}x{row['height']}" if "width" in row else "?"
-        table.add_row(row["relative_path"], size, str(row.get("tiles", "?")), row["action"], row["mask"])
-    err_console.print(table)
-    if plan.note:
-        err_console.print(plan.note, style="yellow", highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -46,38 +46,13 @@ from digseg_cli.inference.images import ImageReadError, parse_color, read_image,
 
 MASK_DIR_NAMES = ("masks", "labels", "annotations")
 CLASS_FILE_NAMES = ("classes.json", "classes.yaml", "classes.yml", "classes.txt")
-_SIDE_CAR = {
-    ".txt",
-    ".json",
-    ".yaml",
-    ".yml",
-    ".md",
-    ".csv",
-    ".xml",
-    ".db",
-    ".ini",
-    ".prj",
-    ".tfw",
-    ".wld",
-    ".pgw",
-    ".jgw",
-    ".aux",
-    ".ovr",
-    ".py",
-    ".zip",
-}
+# Files beside images that are neither images nor masks (world files, overviews, notes, archives).
+_SIDE_CAR = frozenset(
+    ".txt .json .yaml .yml .md .csv .xml .db .ini .prj .tfw .wld .pgw .jgw .aux .ovr .py .zip".split()
+)
 _IMAGE_SUFFIXES = ("_sat", "_img", "_image", "_rgb", "_leftImg8bit", "_input")
-_MASK_SUFFIXES = (
-    "_mask",
-    "_masks",
-    "_label",
-    "_labels",
-    "_labelIds",
-    "_gt",
-    "_seg",
-    "_segmentation",
-    "_annotation",
-    "_gtFine_labelTrainIds",
+_MASK_SUFFIXES = tuple(
+    "_mask _masks _label _labels _labelIds _gt _seg _segmentation _annotation _gtFine_labelTrainIds".split()
 )
 
 

@@ -388,14 +388,3 @@ def write_synth_dataset(
     summary = SynthSummary(out, n, time.perf_counter() - t0, {names_by_id[k]: v for k, v in counts.items()})
     log.debug("synth: %d scenes of %d px in %.1f s", n, size, summary.seconds)
     return summary
-
-
-__all__ = [
-    "SYNTH_CLASSES",
-    "SYNTH_PALETTE",
-    "SynthSummary",
-    "generate_scene",
-    "make_scene_image",
-    "scene_rng",
-    "write_synth_dataset",
-]

@@ -21,14 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
-from digseg_cli.evaluate.scoring import (
-    EvalResult,
-    Progress,
-    evaluate,
-    pipeline_predictor,
-    protocol_kwargs,
-    score_predictions,
-)
+from digseg_cli.evaluate.predictions import pipeline_predictor, score_predictions
+from digseg_cli.evaluate.scoring import EvalResult, Progress, evaluate, protocol_kwargs
 from digseg_cli.models.config import check_prompt_template
 
 if TYPE_CHECKING:

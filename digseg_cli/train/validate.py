@@ -43,7 +43,8 @@ class Validation:
         """(mIoU, {label name: IoU or None}) of the weights in `loaded` (the EMA weights when `ema` is on).
 
         A class absent from the validation images has no IoU: None (JSON null), not NaN."""
-        from digseg_cli.evaluate.scoring import evaluate, pipeline_predictor, protocol_kwargs
+        from digseg_cli.evaluate.predictions import pipeline_predictor
+        from digseg_cli.evaluate.scoring import evaluate, protocol_kwargs
         from digseg_cli.inference.pipeline import DigsegPipeline
 
         model = loaded.model

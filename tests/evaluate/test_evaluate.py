@@ -15,7 +15,8 @@ from PIL import Image
 from digseg_cli.core import metrics as M
 from digseg_cli.core.labels import labels_from_probs
 from digseg_cli.errors import DatasetError, UsageError
-from digseg_cli.evaluate.scoring import evaluate, pipeline_predictor, score_predictions
+from digseg_cli.evaluate.predictions import pipeline_predictor, score_predictions
+from digseg_cli.evaluate.scoring import evaluate
 from digseg_cli.inference.seeds import image_seed
 
 
