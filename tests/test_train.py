@@ -253,7 +253,8 @@ def test_foreground_weight_weighs_the_latent_pixels_the_target_covers(monkeypatc
     loaded = load_model("tiny")
     model, f = loaded.model, loaded.model.vae_scale_factor
     seen = []
-    monkeypatch.setattr(diffusion, "training_loss", lambda *a, weight=None, **k: seen.append(weight) or torch.tensor(0.))
+    monkeypatch.setattr(diffusion, "training_loss",
+                        lambda *a, weight=None, **k: seen.append(weight) or torch.tensor(0.0))
     target = torch.zeros(2, 1, 32, 32)
     target[0, :, :8, :8] = 1  # the top-left 8x8 pixels of the first image; the second is empty
     target[1, :, 9:10, 9:10] = 1  # one pixel: its latent pixel counts as covered
