@@ -239,8 +239,9 @@ def _quiet(event: dict) -> None:
 
 
 def _load_model(s: TrainSettings, classes) -> tuple[LoadedModel, Any, dict | None]:
-    """(model, noise schedule, trainer state or None): `last/` of the run to resume, else `--init`'s weights, else a
-    fresh DiGSeg from `--base`, with this run's classes, objective, prompt template and resolution.
+    """(model, noise schedule, trainer state or None): `last/` of the run to resume, else `--init`'s
+    weights, else a fresh DiGSeg from `--base`, with this run's classes, objective, prompt template and
+    resolution.
 
     A run that does not resume starts its `evaluation` record empty: scores that came with `--init`'s
     weights (and its fast decoder's accuracy check, which `decoder="auto"` trusts) describe other weights."""

@@ -86,11 +86,8 @@ class LossModule(torch.nn.Module):
     ):
         super().__init__()
         self.model, self.scheduler, self.objective = model, scheduler, objective
-        self.noise_strength, self.decoded_weight, self.foreground_weight = (
-            noise_strength,
-            decoded_weight,
-            foreground_weight,
-        )
+        self.noise_strength, self.decoded_weight = noise_strength, decoded_weight
+        self.foreground_weight = foreground_weight
 
     def forward(self, batch, generator=None):
         return batch_loss(

@@ -44,9 +44,8 @@ def prepare_data(
 
     report = check_folder(data, class_name=class_name)
     if not report.ok:
-        shown = "; ".join(report.problems[:5]) + (
-            f" (and {len(report.problems) - 5} more)" if len(report.problems) > 5 else ""
-        )
+        more = len(report.problems) - 5
+        shown = "; ".join(report.problems[:5]) + (f" (and {more} more)" if more > 0 else "")
         raise DatasetError(f"{data} failed the data check: {shown}. Run `digseg data check {data}` for the full report")
     classes = folders.read_classes(data, class_name=class_name)
     pairs = folders.find_pairs(data)
