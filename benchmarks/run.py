@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from digseg_cli.weights.store import human_size
+
 HERE = Path(__file__).resolve().parent
 TITLE = (
     "# digseg performance results\n\nWritten by `benchmarks/run.py`; see its docstring for what each row measures.\n\n"
@@ -400,10 +402,6 @@ def precision_name(dtype) -> str:
     return PRECISION_NAMES[dtype]
 
 
-def size(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
 def s(x: float) -> str:
     return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
 
@@ -564,13 +562,13 @@ def run(a: argparse.Namespace) -> str:
         table.add(
             "d",
             f"(d) {what} while running ours (K up to {kmax}) / weights in memory ({precision_name(a.dtype)})",
-            size(peak_ours),
-            size(wb),
+            human_size(peak_ours),
+            human_size(wb),
             f"{peak_ours / wb:.2f}×",
             "— (reported)",
             "—",
         )
-        notes.append(f"Process RSS before building the model: {size(rss0)}; building it took {build_s:.0f} s.")
+        notes.append(f"Process RSS before building the model: {human_size(rss0)}; building it took {build_s:.0f} s.")
     # (e) startup and (3) threads
     if "startup" not in a.skip:
         t_help, t_pass = startup(3 if a.quick else 7)
@@ -609,7 +607,9 @@ def run(a: argparse.Namespace) -> str:
             table.add(*row)
 
     peak_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    notes.append(f"Lifetime peak RSS of the benchmark process (getrusage, includes the baselines): {size(peak_all)}.")
+    notes.append(
+        f"Lifetime peak RSS of the benchmark process (getrusage, includes the baselines): {human_size(peak_all)}."
+    )
     notes.append(
         f"Total benchmark time {time.perf_counter() - t_start:.0f} s. Load average (1 min) at the start "
         f"{info['load']:.2f}, at the end {os.getloadavg()[0]:.2f} (other processes on the machine skew timings)."
@@ -852,7 +852,7 @@ def report(a, info, label, m, wb, table, notes) -> str:
             + f"; ran on **{a.device}, {precision_name(a.dtype)}**.",
             f"- **Model timed:** {label}: U-Net {params['unet']:.1f} M, VAE {params['vae']:.1f} M, text encoder "
             f"{params['text_encoder']:.1f} M, text pathway {params['text_pathway']:.2f} M, fast decoder "
-            f"{params['fast_decoder']:.3f} M parameters ({size(wb)} {precision_name(a.dtype)}).",
+            f"{params['fast_decoder']:.3f} M parameters ({human_size(wb)} {precision_name(a.dtype)}).",
             f"- **Test image:** one {a.image}×{a.image} synthetic scene; prompts are class "
             "names; default settings with the "
             f"processing resolution = the image size ({m.vae_scale_factor}× VAE, one-step model: "
