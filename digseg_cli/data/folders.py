@@ -1,4 +1,4 @@
-"""A user's training folder: its class list, its image/mask pairs, a split (``data_check`` checks it).
+"""A user's training folder: its class list, its image/mask pairs, a split (``data.check`` checks it).
 
 Layout (DESIGN §5)::
 
@@ -342,7 +342,7 @@ def scan_folder(folder: str | Path) -> FolderScan:
 
 
 def find_pairs(folder: str | Path) -> list[Pair]:
-    """Image/mask pairs of ``folder``, sorted by stem (unpaired files are left out; see ``data_check.check_folder``)."""
+    """Image/mask pairs of ``folder``, sorted by stem (unpaired files are left out; see ``data.check.check_folder``)."""
     return scan_folder(folder).pairs
 
 

@@ -214,12 +214,15 @@ def resolve_thresholds(
     classes = [replace(c, threshold=overrides[c.name]) if c.name in overrides else c for c in classes]
     one_value = threshold is None or isinstance(threshold, (int, float))
     run_wide = [threshold] * len(classes) if one_value else list(threshold)
+    wrong = UsageError("`threshold` must be one value in [0, 1] or one per prompt")
+    if len(run_wide) != len(classes):
+        raise wrong
     resolved = [
         float(next(t for t in (c.threshold, run, checkpoint_default) if t is not None))
         for c, run in zip(classes, run_wide, strict=True)
     ]
-    if len(run_wide) != len(classes) or not all(0 <= t <= 1 for t in resolved):
-        raise UsageError("`threshold` must be one value in [0, 1] or one per prompt")
+    if not all(0 <= t <= 1 for t in resolved):
+        raise wrong
     return classes, resolved
 
 
