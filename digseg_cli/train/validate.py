@@ -62,8 +62,7 @@ class Validation:
                 predictor,
                 limit=self.limit,
                 worst_k=0,
-                rank=accelerator.process_index,
-                world_size=accelerator.num_processes,
+                processes=accelerator,  # shard over the training processes, sum their confusion matrices
                 **protocol_kwargs(self.spec),
             )
         finally:
