@@ -28,12 +28,12 @@ from digseg_cli.errors import InterruptedRunError, UsageError
 from digseg_cli.inference.device import emulated_bf16_note, leave_process_group
 from digseg_cli.models.checkpoint import LoadedModel
 from digseg_cli.train import state as train_state
-from digseg_cli.train.loss import LossModule, batch_loss, step_generator
+from digseg_cli.train.loss import LossModule, step_generator
 from digseg_cli.train.samples import SegmentationTrainDataset, collate, prepare_data, tokenizer_fn
 from digseg_cli.train.settings import TrainResult, TrainSettings, accelerate_precision
 from digseg_cli.train.validate import Validation
 
-__all__ = ["TrainResult", "TrainSettings", "batch_loss", "train"]
+__all__ = ["TrainResult", "TrainSettings", "train"]
 log = logging.getLogger("digseg")
 
 

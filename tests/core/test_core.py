@@ -272,7 +272,7 @@ def test_sd_base_folder_loads_offline_and_runs(tiny_sd_base, monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("objective", ["one-step", "diffusion"])
 def test_training_on_one_batch_lowers_loss_5x(objective):
-    from digseg_cli.train.loop import batch_loss
+    from digseg_cli.train.loss import batch_loss
 
     torch.manual_seed(0)
     loaded = build_compact("tiny", objective=objective)
@@ -311,7 +311,7 @@ def test_loss_weight_of_ones_is_plain_mse_and_a_weight_moves_the_loss_towards_it
     sched = diffusion.make_scheduler(build_compact("tiny").scheduler_config)
     z_mask = torch.randn(2, 4, 8, 8)
     pred = torch.randn(2, 4, 8, 8)
-    pred[:, :, :4] = 0  # the top half is predicted far worse than the bottom half for any target scale
+    pred[:, :, :4] = 0  # the top half's prediction differs in kind from the bottom half's
     denoise = lambda z_t, t: pred  # noqa: E731
 
     def loss(weight=None):
@@ -326,16 +326,15 @@ def test_loss_weight_of_ones_is_plain_mse_and_a_weight_moves_the_loss_towards_it
     bottom[:, :, 4:] = 5
     # the same weights scaled give the same loss (normalised by their mean) ...
     assert torch.allclose(loss(top), loss(top * 3))
-    # ... and weighting one half moves the loss towards that half's error
-    per_half = [
-        float(
-            diffusion.training_loss(
-                denoise, z_mask, sched, objective=objective, weight=w, generator=torch.Generator().manual_seed(1)
-            )
-        )
-        for w in (top, bottom)
-    ]
-    assert per_half[0] != pytest.approx(per_half[1])
+    # ... and weighting one half moves the loss towards that half's own error, by exactly its share:
+    # with halves of equal size, weight 5 on one half gives (5·e_that + e_other) / 6.
+    only_top, only_bottom = (top == 5).float(), (bottom == 5).float()
+    e_top, e_bottom, plain = float(loss(only_top)), float(loss(only_bottom)), float(loss())
+    assert e_top != pytest.approx(e_bottom)  # the zeroed top half has an error of its own
+    assert plain == pytest.approx((e_top + e_bottom) / 2)
+    assert float(loss(top)) == pytest.approx((5 * e_top + e_bottom) / 6)
+    assert float(loss(bottom)) == pytest.approx((e_top + 5 * e_bottom) / 6)
+    assert min(e_top, plain) < float(loss(top)) < max(e_top, plain)  # between the plain loss and the top's
 
 
 def test_core_imports_no_io_or_cli_libraries():
