@@ -23,6 +23,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(root / "hf"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (tiny models; bit-exact comparisons are made on one thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def both_cores():
     """Two torch threads for one long single-process test (the CI machine has 2 cores; others use 1)."""

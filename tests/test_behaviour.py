@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,20 +22,15 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["road", "tree", "building", "water", "field"]
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def recorded():
     return np.load(DATA / "behaviour_before_house.npz")
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_readme_examples_give_the_recorded_label_maps(tmp_path, recorded, one_thread):
+def test_readme_examples_give_the_recorded_label_maps(tmp_path, recorded):
     images = [str(REPO / "examples" / f"aerial-{i}.png") for i in (1, 2, 3)]
     result = CliRunner().invoke(
         app,
@@ -60,7 +54,7 @@ def test_readme_examples_give_the_recorded_label_maps(tmp_path, recorded, one_th
         np.testing.assert_array_equal(probs, recorded[f"probs_{i}"])
 
 
-def test_fresh_model_from_a_tiny_sd_base_gives_the_recorded_probabilities(recorded, one_thread):
+def test_fresh_model_from_a_tiny_sd_base_gives_the_recorded_probabilities(recorded):
     from digseg_cli import load_pipeline
 
     pipe = load_pipeline(DATA / "tiny-sd")

@@ -21,13 +21,8 @@ runner = CliRunner()
 SIZE = (40, 48)  # (H, W)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The tiny model is far faster on one thread, and 2 spinning threads crawl on a busy 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The tiny model is far faster on one thread, and 2 spinning threads crawl on a busy 2-core runner.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _save(path: Path, seed: int, size=SIZE, exif=None) -> Path:
