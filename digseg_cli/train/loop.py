@@ -27,6 +27,7 @@ from digseg_cli.core import diffusion
 from digseg_cli.errors import InterruptedRunError, UsageError
 from digseg_cli.inference.device import emulated_bf16_note, leave_process_group
 from digseg_cli.models.checkpoint import LoadedModel
+from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.train import state as train_state
 from digseg_cli.train.loss import LossModule, step_generator
 from digseg_cli.train.samples import SegmentationTrainDataset, collate, prepare_data, tokenizer_fn
@@ -108,7 +109,7 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
         prompt_template=s.prompt_template,
     )
     # 4. Stage 1 for compact bases trained from scratch: the VAE as an autoencoder of images and masks.
-    if loaded.config.base_model.startswith("compact:") and s.vae_steps and state is None and s.init is None:
+    if loaded.config.base_model.startswith(COMPACT_PREFIX) and s.vae_steps and state is None and s.init is None:
         from digseg_cli.train.vae_stage import calibrate_latent_scale, train_vae
 
         train_vae(
@@ -217,7 +218,7 @@ def _set_up_optimisation(run: _Run) -> _Run:
     from diffusers.optimization import get_scheduler
 
     s, loaded, accelerator = run.s, run.loaded, run.accelerator
-    model, compact = loaded.model, loaded.config.base_model.startswith("compact:")
+    model, compact = loaded.model, loaded.config.base_model.startswith(COMPACT_PREFIX)
     model.vae.requires_grad_(False).eval()
     model.text_encoder.requires_grad_(compact)  # a compact base's text encoder is trained from scratch
     if s.gradient_checkpointing:
