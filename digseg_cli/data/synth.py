@@ -40,7 +40,8 @@ import numpy as np
 
 from digseg_cli.data import synth_paint as paint
 from digseg_cli.errors import UsageError
-from digseg_cli.inference.images import atomic_write_text, write_image, write_label_png
+from digseg_cli.files import atomic_write_text
+from digseg_cli.inference.images import write_image, write_label_png
 
 log = logging.getLogger("digseg")
 

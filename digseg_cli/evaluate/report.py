@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from digseg_cli.inference.images import atomic_write_bytes, atomic_write_text, default_palette
+from digseg_cli.files import atomic_write_bytes, atomic_write_text
+from digseg_cli.inference.images import default_palette
 from digseg_cli.inference.overlay import make_overlay
 
 DIGITS = 4

@@ -12,9 +12,7 @@ one place:
   Multi-frame files (GIF, TIFF) give their first frame.
 - ``read_mask`` returns ``HxW`` integer class indices. Palette PNGs are read as indices, never as
   colours; ``L``/``I;16``/``I`` as stored; RGB masks whose three channels are equal as one channel.
-- Writers are atomic (temporary file in the same folder, then ``os.replace``), so a crash never leaves a
-  half-written file under the final name. ``atomic_path`` and ``atomic_write_bytes`` are shared with the
-  rest of the library.
+- Writers are atomic, durable and follow the umask: they write through ``digseg_cli.files.atomic_path``.
 
 It deliberately knows nothing of models, prompts, tensors, folder layouts or file naming schemes:
 callers decide which file to write; this module only decides how.
@@ -23,17 +21,16 @@ callers decide which file to write; this module only decides how.
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import io
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 from digseg_cli.errors import UsageError
+from digseg_cli.files import atomic_path, atomic_write_bytes
 
 PathLike = str | os.PathLike[str]
 RGB = tuple[int, int, int]
@@ -71,44 +68,6 @@ class ImageReadError(UsageError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read image {path}: {reason}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffix); on success it replaces ``path`` atomically.
-
-    On an exception the temporary file is removed and ``path`` is untouched. With ``overwrite=False``
-    an existing ``path`` raises ``UsageError`` before anything is written.
-    """
-    final = Path(path)
-    if not overwrite and final.exists():
-        raise UsageError(f"{final} already exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically and return the path."""
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
-
-
-def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = True) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically and return the path."""
-    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------------

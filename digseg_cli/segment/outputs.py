@@ -12,7 +12,6 @@ is `settings.py`'s to say, encoding pixels `inference/images.py`'s.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from digseg_cli.files import atomic_write_json
 from digseg_cli.inference import images
 from digseg_cli.inference.overlay import make_overlay
 from digseg_cli.inference.prompts import PromptClass, file_names
@@ -258,7 +258,7 @@ def write_manifest(
     """Write the run's `run.json` (`summary.manifest`) atomically: settings, resolved values, counts, timings."""
     manifest = _manifest(summary, settings, resolved, pipe, origin)
     summary.out_dir.mkdir(parents=True, exist_ok=True)
-    images.atomic_write_text(summary.manifest, json.dumps(manifest, indent=2, default=str) + "\n")
+    atomic_write_json(summary.manifest, manifest)
 
 
 def _manifest(

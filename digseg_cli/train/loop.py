@@ -25,6 +25,7 @@ import torch
 
 from digseg_cli.core import diffusion
 from digseg_cli.errors import InterruptedRunError, UsageError
+from digseg_cli.files import atomic_write_json
 from digseg_cli.inference.device import emulated_bf16_note, leave_process_group
 from digseg_cli.models.checkpoint import LoadedModel
 from digseg_cli.models.compact import COMPACT_PREFIX
@@ -176,7 +177,7 @@ def _start(s: TrainSettings, classes_json: dict, progress) -> tuple[Any, int, Ca
         torch.use_deterministic_algorithms(True, warn_only=True)
     if accelerator.is_main_process:
         Path(s.out).mkdir(parents=True, exist_ok=True)
-        train_state.write_json_atomic(Path(s.out) / "config.json", {**s.to_dict(), "classes": classes_json})
+        atomic_write_json(Path(s.out) / "config.json", {**s.to_dict(), "classes": classes_json})
     return accelerator, accum, emit
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from digseg_cli.errors import CheckpointError
+from digseg_cli.files import atomic_path, atomic_write_text
 from digseg_cli.models.checkpoint import save_checkpoint
 
 STATE_FILE = "trainer_state.pt"
@@ -94,17 +93,10 @@ def save_run_checkpoint(
     return folder
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def save_state(path: Path, state: dict) -> None:
     """Write `trainer_state.pt` (temp name, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_state(folder: Path) -> dict:
@@ -156,9 +148,7 @@ class MetricsLog:
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _fmt(value) -> str:

@@ -1,4 +1,4 @@
-"""digseg_cli.inference.images: decoding by content, EXIF, odd modes, masks as indices, atomic writers, overlays."""
+"""digseg_cli.inference.images: decoding by content, EXIF, odd modes, masks as indices, writers, overlays."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from PIL import Image
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.images import (
     ImageReadError,
-    atomic_path,
-    atomic_write_bytes,
     default_palette,
     is_image_file,
     parse_color,
@@ -151,19 +149,6 @@ def test_writers_round_trip(tmp_path):
     with pytest.raises(UsageError):
         write_image(tmp_path / "q.xyz", _gradient())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "b.png", "p.png", "q.jpg"]  # no temp files
-
-
-def test_atomic_path_leaves_old_file_on_error(tmp_path):
-    target = tmp_path / "keep.txt"
-    atomic_write_bytes(target, b"old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half")
-            raise RuntimeError("boom")
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
-    with pytest.raises(UsageError, match="overwrite"):
-        atomic_write_bytes(target, b"new", overwrite=False)
 
 
 def test_palette_and_colors():

@@ -1,0 +1,156 @@
+"""How digseg writes and opens files: atomically, durably, with the user's umask, and only regular files.
+
+Every file digseg writes goes through `atomic_path` (or the `atomic_write_*` helpers over it): the bytes go
+to a temporary file in the destination folder, are fsynced, get the permissions the user's umask gives a
+new file (`tempfile.mkstemp` alone would leave 0600), and are renamed over the final name; the folder is
+fsynced after the rename. A crash or a kill never leaves a half-written file under a final name, and the
+temporary files a killed run leaves behind carry `TEMP_PREFIX` and their writer's pid, so
+`remove_stale_temporaries` can tell them from the user's files and from a live run's.
+
+`require_regular_file` is the one check before digseg opens an input: a FIFO, a socket or a device would
+block a reader forever or stream without end.
+
+It knows nothing of images, models or run folders: callers decide which file to write; this decides how.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from digseg_cli.errors import UsageError
+
+PathLike = str | os.PathLike[str]
+TEMP_PREFIX = ".digseg-tmp-"
+_TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
+_umask_lock = threading.Lock()
+_umask: int | None = None
+
+
+def user_umask() -> int:
+    """The process's umask (read once: `os.umask` can only be read by setting it, so under a lock)."""
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            _umask = os.umask(0o022)
+            os.umask(_umask)
+        return _umask
+
+
+def new_file_mode() -> int:
+    """The permissions `open(path, "w")` would give a new file: 0o666 less the umask."""
+    return 0o666 & ~user_umask()
+
+
+def fsync_folder(folder: PathLike) -> None:
+    """Make a rename inside `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix) for the caller to write; on success it is fsynced,
+    given the umask's permissions and renamed over `path`.
+
+    On an exception the temporary file is removed and `path` is untouched. With `overwrite=False` an
+    existing `path` raises `UsageError` before anything is written.
+    """
+    final = Path(path)
+    if not overwrite and final.exists():
+        raise UsageError(f"{final} already exists; pass --overwrite to replace it")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=final.suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, new_file_mode())
+        os.replace(tmp, final)
+        fsync_folder(final.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> Path:
+    """Write `data` to `path` atomically and return the path."""
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = True) -> Path:
+    """Write UTF-8 `text` to `path` atomically and return the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def atomic_write_json(path: PathLike, data: Any, *, overwrite: bool = True) -> Path:
+    """Write `data` as indented JSON (non-JSON values as their `str`) to `path` atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", overwrite=overwrite)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process, or we cannot tell: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Remove the temporary files that killed digseg processes left directly in `folder`; return them.
+
+    Only names `atomic_path` makes are touched, and only when the pid in the name is no longer running.
+    """
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            match = _TEMP_NAME.match(entry.name)
+            if match and entry.is_file(follow_symlinks=False) and not _pid_alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
+def is_regular_file(path: PathLike) -> bool:
+    """True for a regular file (after following symlinks); False for FIFOs, sockets, devices, folders, nothing."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def require_regular_file(path: PathLike, what: str = "file") -> Path:
+    """`path` when it is a regular file, else a `UsageError` naming what it is instead."""
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{what} {p} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {p}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise UsageError(f"{what} {p} is {kind}; digseg reads only regular files")
+    return p
