@@ -88,6 +88,13 @@ class BackgroundPool:
         self._closed = True
         if not wait_queued:
             self._stop.set()
+            while True:  # cancel what waits now: a worker stuck in its job would only see it later
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _DONE:
+                    item[0].cancel()
         for _ in self._threads:
             self._queue.put(_DONE)
         deadline = None if timeout is None else time.monotonic() + timeout
