@@ -74,6 +74,12 @@ class DatasetError(DigsegError):
     exit_code = EXIT_DATASET
 
 
+class OutputUnwritableError(DigsegError):
+    """The output folder stopped taking files mid-run (full disk, quota, read-only): the run stopped there."""
+
+    exit_code = EXIT_USAGE
+
+
 class InterruptedRunError(DigsegError):
     """The run was interrupted (SIGINT/SIGTERM) after writing what it could."""
 

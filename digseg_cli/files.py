@@ -7,8 +7,9 @@ fsynced after the rename. A crash or a kill never leaves a half-written file und
 temporary files a killed run leaves behind carry `TEMP_PREFIX` and their writer's pid, so
 `remove_stale_temporaries` can tell them from the user's files and from a live run's.
 
-`require_regular_file` is the one check before digseg opens an input: a FIFO, a socket or a device would
-block a reader forever or stream without end.
+`require_regular_file` (and `not_regular_reason`, `is_regular_file`) is the one check before digseg opens an
+input: a FIFO, a socket or a device would block a reader forever or stream without end.
+`require_writable_folder` proves a folder takes files before a long run starts writing into it.
 
 It knows nothing of images, models or run folders: callers decide which file to write; this decides how.
 """
@@ -141,16 +142,48 @@ def is_regular_file(path: PathLike) -> bool:
         return False
 
 
+def not_regular_reason(path: PathLike) -> str | None:
+    """None for a regular file (after following symlinks), else what it is instead, as a phrase after its name:
+    "does not exist", "is a folder", "is a named pipe", "is not a regular file" or "cannot be read: <why>"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    return (
+        "is a folder" if stat.S_ISDIR(mode) else "is a named pipe" if stat.S_ISFIFO(mode) else "is not a regular file"
+    )
+
+
 def require_regular_file(path: PathLike, what: str = "file") -> Path:
     """`path` when it is a regular file, else a `UsageError` naming what it is instead."""
     p = Path(path)
+    reason = not_regular_reason(p)
+    if reason is None:
+        return p
+    only = "; digseg reads only regular files" if reason.startswith("is ") and reason != "is a folder" else ""
+    raise UsageError(f"{what} {p} {reason}{only}")
+
+
+def require_writable_folder(folder: PathLike, what: str = "output folder") -> Path:
+    """Create `folder` (and its parents) and write and remove a probe file in it, before any work is done; a
+    `UsageError` saying why not (a file in the way, no permission, a read-only or full file system)."""
+    p = Path(folder)
     try:
-        mode = os.stat(p).st_mode
-    except FileNotFoundError:
-        raise UsageError(f"{what} {p} does not exist") from None
+        p.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-probe-", dir=p)
+        try:
+            os.write(fd, b"digseg")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except FileExistsError:
+        raise UsageError(f"{what} {p} is a file, not a folder: choose another folder") from None
     except OSError as exc:
-        raise UsageError(f"cannot read {what} {p}: {exc.strerror}") from None
-    if not stat.S_ISREG(mode):
-        kind = "a folder" if stat.S_ISDIR(mode) else "a named pipe" if stat.S_ISFIFO(mode) else "not a regular file"
-        raise UsageError(f"{what} {p} is {kind}; digseg reads only regular files")
+        why = exc.strerror or str(exc)
+        raise UsageError(f"cannot write to {what} {p}: {why}: choose another folder") from None
     return p

@@ -206,9 +206,12 @@ def segment(
 
             view.show_plan(plan_run(files, out, settings, weights=weights, cache_dir=cache_dir), out, weights, as_json)
             return
-        # 2. Device, precision and weights: exit codes 4 and 5 before any work.
+        # 2. The output folder takes files (exit code 2), then device, precision and weights (4 and 5).
         from digseg_cli.segment.loading import open_pipeline
+        from digseg_cli.segment.outputs import prepare_out_dir
         from digseg_cli.segment.settings import prompt_warnings
+
+        prepare_out_dir(out)
 
         loaded = open_pipeline(
             weights,

@@ -100,7 +100,7 @@ def print_summary(summary: RunSummary) -> None:
         ("images/s", f"{summary.images_per_s:.2f}"),
         ("peak memory", f"{human_size(summary.peak_memory_bytes)} ({summary.peak_memory_kind})"),
         ("outputs", str(summary.out_dir)),
-        ("manifest", str(summary.manifest)),
+        ("manifest", str(summary.manifest) + ("" if summary.manifest_written else " (unchanged: no image written)")),
     ):
         table.add_row(key, value)
     err_console.print(table)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 from digseg_cli.errors import UsageError
-from digseg_cli.files import atomic_path, atomic_write_bytes
+from digseg_cli.files import atomic_path, atomic_write_bytes, is_regular_file, not_regular_reason
 
 PathLike = str | os.PathLike[str]
 RGB = tuple[int, int, int]
@@ -74,13 +74,17 @@ class ImageReadError(UsageError):
 # Reading
 
 
+def require_image_file(path: PathLike) -> Path:
+    """``path`` when it is a regular file, else ``ImageReadError`` saying what it is (a named pipe would block
+    a read forever)."""
+    if (reason := not_regular_reason(path)) is not None:
+        raise ImageReadError(path, "no such file" if reason == "does not exist" else reason)
+    return Path(path)
+
+
 def _open(path: PathLike) -> Image.Image:
     """Decode ``path`` (first frame, EXIF orientation applied), mapping every failure to ``ImageReadError``."""
-    p = Path(path)
-    if not p.exists():
-        raise ImageReadError(path, "no such file")
-    if p.is_dir():
-        raise ImageReadError(path, "is a folder")
+    p = require_image_file(path)
     try:
         data = p.read_bytes()  # decoded from memory: no file handle is left open (GIF, TIFF)
     except OSError as exc:
@@ -99,7 +103,10 @@ def _open(path: PathLike) -> Image.Image:
 
 
 def is_image_file(path: PathLike) -> bool:
-    """True when Pillow recognises the content of ``path`` as an image (header sniff, no decoding)."""
+    """True when Pillow recognises the content of ``path`` as an image (header sniff, no decoding); False for
+    anything but a regular file."""
+    if not is_regular_file(path):
+        return False
     try:
         with Image.open(path) as im:
             return im.format is not None

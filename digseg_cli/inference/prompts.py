@@ -2,8 +2,9 @@
 
 One job: turn what the user typed or wrote in a JSON/YAML file into `PromptClass`es (name, texts whose scores
 are averaged, optional colour and threshold), refusing instruction-like prompts and unknown keys with a hint;
-resolve each class's threshold by the one rule every caller uses (`resolve_thresholds`); and give each class a
-file-safe name for its output files.
+resolve each class's threshold by the one rule every caller uses (`resolve_thresholds`); and name the output
+files: each class's file-safe name (`file_names`), the suffixes `digseg segment` writes (`OUTPUT_SUFFIXES`)
+and how a name too long for the file system is shortened (`fit_name`).
 
 It knows nothing of images, models, folders or how a run is carried out (`digseg_cli.segment`), nor of Typer
 or Rich; whether a prompt template is usable is `models.config.check_prompt_template`'s to say.
@@ -26,7 +27,14 @@ _INSTRUCTION = re.compile(
     r"^(all|every|each|any|segment|find|detect|show|highlight|mark|select|extract|locate|identify|give|please)\b",
     re.IGNORECASE,
 )
+# What `digseg segment` writes beside each input's stem; class names never take these words.
+MASK_SUFFIX = ".mask.png"
+OVERLAY_SUFFIX = ".overlay.jpg"
+PROB_SUFFIXES = {"png16": ".prob.png", "npy": ".prob.npy"}
+OUTPUT_SUFFIXES = (MASK_SUFFIX, OVERLAY_SUFFIX, *PROB_SUFFIXES.values())
 _RESERVED_NAMES = {"mask", "overlay", "prob"}  # would collide with <rel>.mask.png / .overlay.jpg / .prob.*
+MAX_FILE_NAME_BYTES = 255  # one path component (ext4, APFS, most others)
+MAX_CLASS_NAME_BYTES = 96  # a class's part of `<stem>.<class>.prob.png`, leaving the stem most of the 255
 RGB = tuple[int, int, int]
 
 
@@ -226,12 +234,25 @@ def resolve_thresholds(
     return classes, resolved
 
 
+def fit_name(name: str, max_bytes: int) -> str:
+    """`name` when its UTF-8 form fits `max_bytes`; else its head (cut between characters), `~` and 8 hex
+    digits of the full name's sha256, so two long names that share a head still differ."""
+    encoded = name.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return name
+    import hashlib
+
+    digest = hashlib.sha256(encoded).hexdigest()[:8]
+    return encoded[: max(0, max_bytes - 9)].decode("utf-8", "ignore") + "~" + digest
+
+
 def file_names(classes: Sequence[PromptClass]) -> list[str]:
-    """File-safe, unique name per class for `<rel>.<name>.png` (no dots, not `mask`/`overlay`/`prob`)."""
+    """File-safe, unique name per class for `<rel>.<name>.png` (no dots, not `mask`/`overlay`/`prob`, at most
+    `MAX_CLASS_NAME_BYTES`: a longer name is shortened by `fit_name`)."""
     names: list[str] = []
     for c in classes:
         base = re.sub(r"[^\w-]+", "_", c.name).strip("_") or "class"
-        base = base + "_" if base.lower() in _RESERVED_NAMES else base
+        base = fit_name(base + "_" if base.lower() in _RESERVED_NAMES else base, MAX_CLASS_NAME_BYTES - 4)
         name, i = base, 2
         while name.lower() in (n.lower() for n in names):
             name, i = f"{base}_{i}", i + 1

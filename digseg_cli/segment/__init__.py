@@ -1,3 +1,4 @@
 """`digseg segment` as a library, one module per step: `settings` (what a run is asked to do and what that
 comes to for one model), `inputs` (files, folders, globs and lists in), `loading` (device, precision and
-weights), `run` (the folder run), `outputs` (files, records and the manifest out) and `plan` (`--dry-run`)."""
+weights), `run` (the folder run), `backoff` (out-of-memory), `outputs` (the files of each image, checked
+before they are written), `manifest` (`run.json`, and whether a rerun continues it) and `plan` (`--dry-run`)."""

@@ -1,11 +1,13 @@
 """Input expansion for `digseg segment`: files, folders, quoted globs and `@list.txt` into `InputFile`s.
 
-One job: find the images a run reads, give each a relative path that mirrors the input tree (so outputs of
-same-named files from different folders never collide), the order-independent noise seed of each file, and
-an image's size from its header alone (for `--dry-run` and `--max-pixels`).
+One job: find the images a run reads (regular files only: a named pipe met in a folder is skipped with a
+warning, one named explicitly is refused; digseg's own outputs in the output folder are never inputs), give
+each a relative path that mirrors the input tree and an output stem no other input shares, the
+order-independent noise seed of each file, and an image's size from its header alone (for `--dry-run` and
+`--max-pixels`).
 
-It knows nothing of prompts, models or outputs (`segment.py`), nor of Typer or Rich; decoding pixels is
-`images.py`'s job.
+It knows nothing of prompts, models or what outputs are written (`outputs.py`; the suffixes it leaves out are
+`inference.prompts.OUTPUT_SUFFIXES`), nor of Typer or Rich; decoding pixels is `images.py`'s job.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import dataclasses
 import glob
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from digseg_cli.errors import NoInputsError, UsageError
+from digseg_cli.files import not_regular_reason, require_regular_file
 from digseg_cli.inference import images
+from digseg_cli.inference.prompts import OUTPUT_SUFFIXES
 from digseg_cli.inference.seeds import image_seed  # noqa: F401 - re-exported: the seed policy lives in inference
 
 log = logging.getLogger("digseg")
@@ -49,6 +54,26 @@ def images_suffixes() -> set[str]:
     return {s.lower() for s in Image.registered_extensions()}
 
 
+def _is_own_output(path: Path, out_dir: Path | None) -> bool:
+    """A mask, overlay or probability map digseg wrote in the output folder: never an input of a rerun."""
+    return out_dir is not None and out_dir in path.parents and path.name.endswith(OUTPUT_SUFFIXES)
+
+
+def _candidates(paths: Sequence[Path], out_dir: Path | None) -> list[Path]:
+    """The images among files met while listing: digseg's own outputs left out, and anything but a regular
+    file (a named pipe would block the read forever) skipped with a warning."""
+    keep = []
+    for path in paths:
+        if _is_own_output(path, out_dir):
+            continue
+        if (reason := not_regular_reason(path)) is not None:
+            log.warning("skipping %s: it %s; digseg reads only regular files", path, reason)
+            continue
+        if _looks_like_image(path):
+            keep.append(path)
+    return keep
+
+
 def _walk(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -59,7 +84,20 @@ def _walk(folder: Path, recursive: bool, exclude: Path | None) -> list[Path]:
             if dirnames:
                 log.debug("%s has %d sub-folders; pass --recursive to include them", folder, len(dirnames))
             break
-    return [p for p in found if _looks_like_image(p)]
+    return _candidates(found, exclude)
+
+
+def _distinct_keys(items: list[InputFile]) -> list[InputFile]:
+    """Give inputs that share an output stem their suffix (img.jpg, img.png → img.jpg.*, img.png.*), again
+    until no stem is shared: a.png, a.jpg and a.png.png end as a.png.*, a.jpg.* and a.png.png.* (relative
+    paths are unique, so this always ends; `outputs.check_outputs` checks the final file names)."""
+    while True:
+        counts = Counter(item.key for item in items)
+        shared = [i for i, item in enumerate(items) if counts[item.key] > 1 and not item.keep_suffix]
+        if not shared:
+            return items
+        for i in shared:
+            items[i] = dataclasses.replace(items[i], keep_suffix=True)
 
 
 def expand_inputs(
@@ -92,15 +130,16 @@ def expand_inputs(
         if path.is_dir():
             found.extend((p, path) for p in _walk(path, recursive, exclude))
         elif path.exists():
-            found.append((path, path.parent))
+            found.append((require_regular_file(path, "input"), path.parent))
         elif glob.has_magic(text):
             root = Path(os.path.abspath(base / Path(text).expanduser()))
             while glob.has_magic(str(root)):
                 root = root.parent
             matches = [Path(m) for m in sorted(glob.glob(str(path), recursive=True))]
-            files = [
-                m for m in matches if m.is_file() and not (exclude and exclude in m.parents) and _looks_like_image(m)
-            ]
+            inside_out = exclude is not None and exclude != root  # an output folder below the glob's root
+            files = _candidates(
+                [m for m in matches if not m.is_dir() and not (inside_out and exclude in m.parents)], exclude
+            )
             for m in (m for m in matches if m.is_dir()):
                 files += _walk(m, recursive, exclude)
             if not files:
@@ -125,20 +164,14 @@ def expand_inputs(
         )
         raise NoInputsError(f"no images found in {tried}{hint}")
     common = Path(os.path.commonpath([str(r) for _, r in unique]))
-    result = [InputFile(f, PurePosixPath(f.relative_to(common).as_posix())) for f, _ in unique]
-    keys: dict[PurePosixPath, int] = {}
-    for item in result:
-        keys[item.key] = keys.get(item.key, 0) + 1
-    for i, item in enumerate(result):
-        if keys[item.key] > 1:  # img.jpg and img.png side by side
-            result[i] = dataclasses.replace(item, keep_suffix=True)
-    return result
+    return _distinct_keys([InputFile(f, PurePosixPath(f.relative_to(common).as_posix())) for f, _ in unique])
 
 
 def header_size(path: Path) -> tuple[int, int]:
     """(width, height) from the file header, EXIF rotation applied, without decoding the pixels."""
     from PIL import Image, UnidentifiedImageError
 
+    images.require_image_file(path)  # a named pipe would block Image.open forever
     try:
         with Image.open(path) as im:
             (w, h), orientation = im.size, im.getexif().get(0x0112, 1)

@@ -1,39 +1,47 @@
-"""What a `digseg segment` run leaves on disk: per-image outputs, their JSON records and the `run.json` manifest.
+"""What a `digseg segment` run leaves on disk per image: its output files and their JSON records.
 
-One job: name each input's output files (mirroring the input tree) and decide from the ones already there
-whether the input is skipped or refused; write an image's label map, overlay, binary masks and
-probabilities, each atomically; describe each input (`ImageResult`) and the run (`RunSummary`), both
-schema `digseg.segment/1`; and record the run in a `run.json` manifest (`digseg.run/1`).
+One job: name each input's output files (mirroring the input tree) and prove, before anything is written,
+that no two inputs write one file (`check_outputs`) and that the output folder takes files
+(`prepare_out_dir`); decide from the outputs already there whether an input is skipped or refused; write an
+image's label map, overlay, binary masks and probabilities, each through `digseg_cli.files` (atomic,
+fsynced, the umask's permissions); and describe each input (`ImageResult`) and the run (`RunSummary`), both
+schema `digseg.segment/1`.
 
-It knows nothing of Typer, Rich, the model or how a run is scheduled (`run.py`); what the settings resolve to
-is `settings.py`'s to say, encoding pixels `inference/images.py`'s.
+It knows nothing of Typer, Rich, the model or how a run is scheduled (`run.py`); the `run.json` manifest is
+`manifest.py`'s, what the settings resolve to `settings.py`'s, encoding pixels `inference/images.py`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from digseg_cli.files import atomic_write_json
+from digseg_cli.errors import UsageError
+from digseg_cli.files import is_regular_file, remove_stale_temporaries, require_writable_folder
 from digseg_cli.inference import images
 from digseg_cli.inference.overlay import make_overlay
-from digseg_cli.inference.prompts import PromptClass, file_names
+from digseg_cli.inference.prompts import (
+    MASK_SUFFIX,
+    MAX_FILE_NAME_BYTES,
+    OVERLAY_SUFFIX,
+    PROB_SUFFIXES,
+    PromptClass,
+    file_names,
+    fit_name,
+)
 from digseg_cli.segment.inputs import InputFile
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 
-if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline
-
 SCHEMA = "digseg.segment/1"
-MANIFEST_SCHEMA = "digseg.run/1"
-PROBABILITY_SCALE = "linear 0-65535: probability = value / 65535 (16-bit PNG); float32 in [0, 1] (npy)"
+log = logging.getLogger("digseg")
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -67,12 +75,14 @@ class ImageResult:
 
 @dataclass
 class RunSummary:
-    """What a run did. `status`: completed | stopped (--fail-fast) | interrupted | out-of-memory | error."""
+    """What a run did. `status`: completed | stopped (--fail-fast) | interrupted (SIGINT, SIGTERM) |
+    out-of-memory | output-error (full disk, read-only file system) | error."""
 
     out_dir: Path
     manifest: Path
     total: int
     status: str = "error"
+    manifest_written: bool = False  # False: no run.json was written (an earlier one is kept as it was)
     processed: int = 0
     skipped: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
@@ -121,20 +131,23 @@ class RunSummary:
 def output_paths(
     out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings
 ) -> dict[str, Any]:
-    """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}}` for one input."""
+    """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}}` for one input.
+
+    A stem too long for a file name with its suffix is shortened by `prompts.fit_name` (class names already are).
+    """
     base = Path(out_dir) / item.key
 
     def at(suffix: str) -> Path:
-        return base.parent / f"{base.name}{suffix}"
+        return base.parent / (fit_name(base.name, MAX_FILE_NAME_BYTES - len(suffix.encode("utf-8"))) + suffix)
 
     names = file_names(classes)
-    paths: dict[str, Any] = {"mask": at(".mask.png")}
+    paths: dict[str, Any] = {"mask": at(MASK_SUFFIX)}
     if settings.overlay:
-        paths["overlay"] = at(".overlay.jpg")
+        paths["overlay"] = at(OVERLAY_SUFFIX)
     if settings.save_binary or settings.mode == "multilabel":
         paths["binary"] = {c.name: at(f".{n}.png") for c, n in zip(classes, names, strict=True)}
     if settings.save_probs:
-        ext = ".prob.png" if settings.probs_format == "png16" else ".prob.npy"
+        ext = PROB_SUFFIXES[settings.probs_format]
         paths["probs"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names, strict=True)}
     return paths
 
@@ -143,14 +156,69 @@ def _flat(paths: Mapping[str, Any]) -> list[Path]:
     return [p for v in paths.values() for p in (v.values() if isinstance(v, Mapping) else [v])]
 
 
+def check_outputs(
+    files: Sequence[InputFile], out_dir: Path, classes: Sequence[PromptClass], settings: SegmentSettings
+) -> list[InputFile]:
+    """The inputs of a run once every output file name is known, before anything is written: an input that is
+    itself one of the run's outputs (a mask of an earlier run in the output folder) is left out with a
+    warning; two inputs that would write one file, or a file where another needs a folder, are a `UsageError`
+    naming both."""
+    out_dir = Path(os.path.abspath(out_dir))
+    owner: dict[Path, InputFile] = {}
+    for item in files:
+        for path in _flat(output_paths(out_dir, item, classes, settings)):
+            if (other := owner.setdefault(path, item)) is not item:
+                raise UsageError(f"{other.path} and {item.path} would both write {path}: rename one of them")
+    folders = {parent: owner[p] for p in owner for parent in p.relative_to(out_dir).parents}
+    for path, item in owner.items():
+        if (other := folders.get(path.relative_to(out_dir))) is not None:
+            raise UsageError(f"{item.path} would write {path}, a folder the outputs of {other.path} need: rename one")
+    kept = []
+    for item in files:
+        if (maker := owner.get(Path(os.path.abspath(item.path)))) is not None:
+            log.warning("skipping %s: it is an output of %s in this run's output folder", item.path, maker.path)
+        else:
+            kept.append(item)
+    return kept
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """Before the model is loaded: the output folder exists and takes a file (else a one-line `UsageError`),
+    and the temporary files of killed runs are gone from it."""
+    require_writable_folder(out_dir, "--out")
+    for path in remove_stale_temporaries(out_dir):
+        log.info("removed %s, left behind by a killed run", path)
+    return out_dir
+
+
+def remove_stale_below(out_dir: Path, paths: Sequence[Mapping[str, Any]]) -> None:
+    """Remove killed runs' temporary files from every folder this run writes into (the tree below --out)."""
+    for folder in {p.parent for each in paths for p in _flat(each)} - {out_dir}:
+        for path in remove_stale_temporaries(folder):
+            log.info("removed %s, left behind by a killed run", path)
+
+
+def _complete(path: Path) -> bool:
+    """An output that is really there: a regular file, not empty, and, for the label PNG, one that decodes."""
+    if not is_regular_file(path) or path.stat().st_size == 0:
+        return False
+    if path.name.endswith(MASK_SUFFIX):
+        try:
+            images.read_mask(path)
+        except images.ImageReadError:
+            return False
+    return True
+
+
 def existing_verdict(paths: Mapping[str, Any], settings: SegmentSettings) -> tuple[str, str] | None:
     """("skipped"|"failed", reason) when existing outputs decide the input's fate, else None."""
     wanted = _flat(paths)
     existing = [p for p in wanted if p.exists()]
     if not existing or settings.overwrite:
         return None
-    if settings.skip_existing:  # all there: skip; some missing (an interrupted write): redo them all
-        return ("skipped", "outputs exist (--skip-existing)") if len(existing) == len(wanted) else None
+    if settings.skip_existing:  # all there and sound: skip; some missing, empty or broken: redo them all
+        done = len(existing) == len(wanted) and all(_complete(p) for p in wanted)
+        return ("skipped", "outputs exist (--skip-existing)") if done else None
     more = f" +{len(existing) - 1}" if len(existing) > 1 else ""
     return "failed", f"outputs exist ({existing[0]}{more}): pass --overwrite or --skip-existing"
 
@@ -196,129 +264,3 @@ def write_outputs(paths: Mapping[str, Any], seg: Segmented, resolved: ResolvedRu
         else:
             images.write_npy(path, seg.probs[k])
     return time.perf_counter() - t0
-
-
-# ------------------------------------------------------------------------------------------ the manifest
-def peak_memory(device=None) -> tuple[int | None, str]:
-    """(bytes, what was measured): CUDA `max_memory_allocated`, else the process's peak resident set."""
-    if device is not None and getattr(device, "type", "") == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
-    try:
-        import resource
-        import sys
-    except ImportError:  # Windows
-        return None, "unavailable"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS"
-
-
-def versions() -> dict[str, str | None]:
-    """digseg and its main libraries' versions, plus digseg's git revision when run from a checkout."""
-    import platform
-    import subprocess
-    from importlib import metadata
-
-    from digseg_cli._version import __version__
-
-    found: dict[str, str | None] = {"digseg": __version__, "python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers"):
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    root = Path(__file__).resolve().parents[2]
-    try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
-        )
-        lines = top.stdout.split()
-        ok = top.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == root
-        found["digseg_git_revision"] = lines[1] if ok else None
-    except (OSError, subprocess.SubprocessError):
-        found["digseg_git_revision"] = None
-    return found
-
-
-@dataclass(frozen=True)
-class RunOrigin:
-    """Where a run came from, for its manifest: when it started, the weights and the command's arguments."""
-
-    started: datetime
-    weights: str | None = None  # the name the user gave
-    weights_folder: str | Path | None = None  # the local folder behind it (None for built-in compact models)
-    sha256: str | None = None  # of the weights folder's files, or why it is unavailable
-    arguments: Mapping[str, Any] | None = None
-
-
-def write_manifest(
-    summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline, origin: RunOrigin
-) -> None:
-    """Write the run's `run.json` (`summary.manifest`) atomically: settings, resolved values, counts, timings."""
-    manifest = _manifest(summary, settings, resolved, pipe, origin)
-    summary.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(summary.manifest, manifest)
-
-
-def _manifest(
-    summary: RunSummary, settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline, origin: RunOrigin
-) -> dict[str, Any]:
-    from digseg_cli.inference.device import PRECISION_NAMES  # torch is loaded by now: there is a pipeline
-
-    cfg, classes = pipe.config, resolved.classes
-    precision = PRECISION_NAMES.get(pipe.dtype)
-    return {
-        "schema": MANIFEST_SCHEMA,
-        "command": "segment",
-        "status": summary.status,
-        "started": origin.started.isoformat(timespec="seconds"),
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "arguments": dict(origin.arguments or {}),
-        "settings": dataclasses.asdict(settings),
-        "resolved": {
-            "classes": [dataclasses.asdict(c) for c in classes],
-            "thresholds": resolved.thresholds,
-            "labels": {str(k + 1): c.name for k, c in enumerate(classes)} | {"0": "background"},
-            "file_names": file_names(classes),
-            "objective": cfg.objective,
-            "steps": cfg.default_steps if settings.steps is None else settings.steps,
-            "ensemble": cfg.default_ensemble if settings.ensemble is None else settings.ensemble,
-            "resolution": cfg.default_resolution if settings.resolution is None else settings.resolution,
-            "prompt_template": settings.prompt_template or cfg.prompt_template,
-            "batch_size": pipe.batch_size,
-            "seed_rule": "sha256(seed, file name)",
-            "decoder": resolved.call["decoder"],
-        },
-        "weights": {
-            "name": origin.weights,
-            "folder": None if origin.weights_folder is None else str(origin.weights_folder),
-            "sha256": origin.sha256,
-            "base_model": cfg.base_model,
-        },
-        "versions": versions(),
-        "device": str(pipe.device),
-        "precision": precision,
-        "counts": {
-            "inputs": summary.total,
-            "processed": summary.processed,
-            "skipped": summary.skipped,
-            "failed": len(summary.failed),
-            "not_processed": summary.not_processed,
-        },
-        "failures": [{"input": r, "reason": why} for r, why in summary.failed],
-        "backoffs": summary.backoffs,
-        "timings": {
-            "wall_s": round(summary.wall_s, 3),
-            "images_per_s": round(summary.images_per_s, 3),
-            **{k: round(v, 3) for k, v in summary.timings.items()},
-        },
-        "peak_memory": {"bytes": summary.peak_memory_bytes, "kind": summary.peak_memory_kind},
-        "probability_scale": PROBABILITY_SCALE,
-        "outputs": {
-            "mask": "<rel>.mask.png: palette PNG; 0 = background, k = class k (see resolved.labels)",
-            "overlay": "<rel>.overlay.jpg: label colours over the image, with a legend",
-            "binary": "<rel>.<class>.png: 0/255 per class (--save-binary; always in multilabel mode)",
-            "probs": "<rel>.<class>.prob.png|.prob.npy: per-class probability (--save-probs)",
-        },
-    }

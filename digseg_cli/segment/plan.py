@@ -19,7 +19,7 @@ from digseg_cli.inference import images
 from digseg_cli.inference.prompts import PromptClass
 from digseg_cli.segment.inputs import InputFile, header_size
 from digseg_cli.segment.loading import peek_config
-from digseg_cli.segment.outputs import existing_verdict, output_paths
+from digseg_cli.segment.outputs import check_outputs, existing_verdict, output_paths
 from digseg_cli.segment.settings import SegmentSettings
 
 
@@ -86,7 +86,7 @@ def dry_run(
         else:
             resolution = config.default_resolution if resolution is None else resolution
             classes = settings.classes_for(config)
-    rows = plan_segment(
-        files, out_dir, settings, classes or [PromptClass("class", ("class",))], resolution=resolution or 0
-    )
+    classes = classes or [PromptClass("class", ("class",))]
+    files = check_outputs(files, Path(out_dir), classes, settings)  # the run's own refusal, before its model
+    rows = plan_segment(files, out_dir, settings, classes, resolution=resolution or 0)
     return DryRun(rows, resolution, note)

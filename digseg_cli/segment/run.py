@@ -1,8 +1,8 @@
 """Folder runs of `digseg segment`: inputs in, per-image label maps, overlays and probabilities out.
 
 One job: run a `DigsegPipeline` on each input (from `inputs.expand_inputs`) with an order-independent seed,
-back off on out-of-memory, hand the outputs to a background thread for writing and record a `run.json`
-manifest (also when interrupted).
+back off on out-of-memory (`backoff.py`), hand the outputs to background threads for writing, stop cleanly on
+SIGINT/SIGTERM or a full disk, and record a `run.json` manifest (`manifest.py`) on every path.
 
 It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
 callbacks and `logging.getLogger("digseg")`. What the settings resolve to is `settings.py`'s job, loading the
@@ -13,40 +13,53 @@ the manifest `outputs.py`'s.
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError
+from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError, OutputUnwritableError
 from digseg_cli.inference import images
+from digseg_cli.inference.stopping import BackgroundPool, StopSignals
+from digseg_cli.segment.backoff import infer
 from digseg_cli.segment.inputs import InputFile, expand_inputs, header_size, image_seed
+from digseg_cli.segment.manifest import (
+    MANIFEST_NAME,
+    RunOrigin,
+    continue_or_refuse,
+    describe,
+    peak_memory,
+    read_previous,
+    write_manifest,
+)
 from digseg_cli.segment.outputs import (
     ImageResult,
-    RunOrigin,
     RunSummary,
     Segmented,
+    check_outputs,
     existing_verdict,
     output_paths,
-    peak_memory,
-    write_manifest,
+    prepare_out_dir,
+    remove_stale_below,
     write_outputs,
 )
-from digseg_cli.segment.plan import count_tiles
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
 
 if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline, Prompt, SegmentationOutput
+    from digseg_cli.inference.pipeline import DigsegPipeline, SegmentationOutput
 
 log = logging.getLogger("digseg")
 
 ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
+# A write failing so says every later write will: the run stops at the first one.
+_OUTPUT_GONE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -81,66 +94,6 @@ def _input_files(inputs: Sequence[InputFile | str | Path], out_dir: Path, settin
     return files
 
 
-# ------------------------------------------------------------------------------------------ out of memory
-def _smaller_tile(pipe: DigsegPipeline, tile: int | str, resolution: int | None, h: int, w: int) -> int | None:
-    """The next tile size to try after an OOM: half the current tile (or of the processing size)."""
-    from digseg_cli.core.transforms import tile_size_for
-
-    res = pipe.config.default_resolution if resolution is None else resolution
-    multiple = getattr(pipe.model, "size_multiple", 8)
-    current = tile_size_for(tile, res, h, w)
-    base = min(current or res or max(h, w), max(h, w))
-    smaller = base // 2 // multiple * multiple
-    return smaller if smaller >= 4 * multiple else None
-
-
-def _pairs_in_use(pipe: DigsegPipeline, tile: int | str, call: Mapping[str, Any], h: int, w: int, n_texts: int) -> int:
-    """How many (tile, prompt) pairs one U-Net call holds for this image: at most `batch_size`."""
-    res = pipe.config.default_resolution if call.get("resolution") is None else call["resolution"]
-    return min(pipe.batch_size, n_texts * count_tiles(h, w, tile, res, call.get("overlap", 0.25)))
-
-
-def _infer(
-    pipe: DigsegPipeline,
-    image: np.ndarray,
-    prompts: Sequence[Prompt],
-    call: Mapping[str, Any],
-    *,
-    tile: int | str,
-    rel: str,
-    notes: list[str],
-) -> SegmentationOutput:
-    """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller. What the
-    pipeline changed on its own (fp32 after an overflow) joins `notes` too."""
-    from digseg_cli.inference.device import is_out_of_memory
-
-    n_texts = sum(1 if isinstance(p, str) else len(p) for p in prompts)
-    while True:
-        try:
-            out = pipe(image, prompts, tile=tile, **call)
-            changes = getattr(pipe, "notes", [])  # e.g. fp32 after an fp16 overflow; the pipeline logged them
-            notes.extend(f"{note} (on {rel})" for note in changes)
-            changes.clear()
-            return out
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            h, w = image.shape[:2]
-            if (in_use := _pairs_in_use(pipe, tile, call, h, w, n_texts)) > 1:
-                pipe.batch_size = in_use // 2  # sticky for the rest of the run
-                note = f"out of memory on {rel}: U-Net batch lowered to {pipe.batch_size}"
-            elif (smaller := _smaller_tile(pipe, tile, call.get("resolution"), h, w)) is not None:
-                tile, note = smaller, f"out of memory on {rel}: tiled inference with {smaller} px tiles"
-            else:
-                raise OutOfMemoryError(
-                    f"out of memory on {pipe.device} for {rel} ({w}x{h}) even with a U-Net batch of 1 and small "
-                    "tiles: try --resolution 256, --tile 256, --precision bf16/fp16, --ensemble 1, fewer classes "
-                    "per run, or --device cpu"
-                ) from None
-            log.warning("%s", note)
-            notes.append(note)
-
-
 def _segmented(image: np.ndarray, out: SegmentationOutput, mode: str) -> Segmented:
     """The pipeline's tensors as the arrays the outputs and records are made of."""
     probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
@@ -167,40 +120,68 @@ def run_segment(
 ) -> RunSummary:
     """Segment every input with `pipe` and write outputs under `out_dir`, mirroring the input tree.
 
-    `inputs` are `InputFile`s from `expand_inputs`, or raw paths/globs/`@lists` expanded here. Per input,
-    `on_result` gets an `ImageResult` (in input order) and `progress(done, total, current)` is called.
-    A file that cannot be read, is too large or whose outputs exist (without `overwrite`) fails alone and
-    the run goes on (`fail_fast` stops it). `run.json` is written at the end, also on Ctrl-C (then
-    `InterruptedRunError`) and on out-of-memory after back-off (`OutOfMemoryError`); both carry `.summary`.
+    `inputs` are `InputFile`s from `expand_inputs`, or raw paths/globs/`@lists` expanded here. Before the first
+    image: no two inputs may write one file, the folder must take files, and a `run.json` already there must
+    be of the same run (`manifest.continue_or_refuse`). Per input, `on_result` gets an `ImageResult` (in input
+    order) and `progress(done, total, current)` is called. A file that cannot be read, is too large or whose
+    outputs exist (without `overwrite`) fails alone and the run goes on (`fail_fast` stops it). `run.json` is
+    written at the end, also after SIGINT/SIGTERM (then `InterruptedRunError`), out-of-memory after back-off
+    (`OutOfMemoryError`) and a full disk (`OutputUnwritableError`); each carries `.summary`.
     """
     out_dir = Path(out_dir)
     started, t_start = datetime.now(timezone.utc), time.perf_counter()
-    files = _input_files(inputs, out_dir, settings)
     resolved = resolve_run(pipe, settings)
+    files = check_outputs(_input_files(inputs, out_dir, settings), out_dir, resolved.classes, settings)
+    prepare_out_dir(out_dir)
+    origin = RunOrigin(started, weights, weights_folder, None, arguments)
+    previous = read_previous(out_dir)
+    earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
+    remove_stale_below(out_dir, [output_paths(out_dir, f, resolved.classes, settings) for f in files])
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
     run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result)
     sha_job = run.start_sha256(weights_folder)
     error: DigsegError | None = None
-    try:
-        run.segment_all()
-    except KeyboardInterrupt:
-        run.summary.status = "interrupted"
-    except OutOfMemoryError as exc:
-        run.summary.status, error = "out-of-memory", exc
-    finally:
-        sha = run.finish(sha_job, t_start)
-        origin = RunOrigin(started, weights, weights_folder, sha, arguments)
-        write_manifest(run.summary, settings, resolved, pipe, origin)
+    with StopSignals() as run.signals:
+        try:
+            run.segment_all()
+        except KeyboardInterrupt:
+            run.summary.status = "interrupted"
+        except OutOfMemoryError as exc:
+            run.summary.status, error = "out-of-memory", exc
+        finally:
+            origin = RunOrigin(started, weights, weights_folder, run.finish(sha_job, t_start), arguments)
+            error = error or run.output_error()
+            head = describe(settings, resolved, pipe, origin)
+            error = _record(run.summary, head, earlier, previous is not None, error)
     return _outcome(run.summary, error)
 
 
+def _record(summary: RunSummary, head: dict, earlier: list[dict], replaces: bool, error: DigsegError | None):
+    """Write the manifest; when even that fails, the run's error (or a new one) says so in its one line."""
+    try:
+        summary.manifest_written = write_manifest(summary, head, earlier, replaces)
+    except OSError as exc:
+        lost = f"; the manifest {summary.manifest} could not be written either ({exc.strerror or exc})"
+        if error is None:
+            return OutputUnwritableError(f"cannot write the manifest {summary.manifest}: {exc.strerror or exc}")
+        error.args = (f"{error}{lost}",)
+    return error
+
+
+def _manifest_note(summary: RunSummary) -> str:
+    if summary.manifest_written:
+        return f"manifest written to {summary.manifest}"
+    return f"{summary.manifest} left as it was (this run wrote no image)"
+
+
 def _outcome(summary: RunSummary, error: DigsegError | None) -> RunSummary:
-    """The summary of a run that ended by itself; an interrupted or out-of-memory run raises, carrying it."""
+    """The summary of a run that ended by itself; an interrupted, out-of-memory or output-error run raises,
+    carrying it."""
     if summary.status == "interrupted":
         error = InterruptedRunError(
             f"interrupted after {summary.processed} of {summary.total} images; "
-            f"manifest written to {summary.manifest} (resume with --skip-existing)"
+            f"{_manifest_note(summary)} (resume with --skip-existing)"
         )
     if error is not None:
         error.summary = summary  # type: ignore[attr-defined]
@@ -225,11 +206,15 @@ class _FolderRun:
     ) -> None:
         self.pipe, self.settings, self.resolved, self.files, self.out_dir = pipe, settings, resolved, files, out_dir
         self.progress, self.on_result = progress, on_result
-        self.summary = RunSummary(out_dir, out_dir / "run.json", len(files))
-        self.pool = ThreadPoolExecutor(settings.workers + 1, thread_name_prefix="digseg-io")
+        self.summary = RunSummary(out_dir, out_dir / MANIFEST_NAME, len(files))
+        # Daemon threads, ended by `finish` on every path: a stuck read cannot keep the process alive.
+        self.pool = BackgroundPool(settings.workers + 1, "digseg-io")
+        self.digest = BackgroundPool(1, "digseg-sha256")  # not waited for when the run is interrupted
+        self.signals = StopSignals()  # replaced by the entered one in `run_segment`
         self.jobs: dict[int, tuple[dict, Future | None, tuple[str, str] | None]] = {}  # read-aheads by index
         self.pending: deque[tuple[ImageResult, Future | None]] = deque()  # results and their write jobs
         self.stop = False  # --fail-fast after a failure
+        self.unwritable: tuple[str, OSError] | None = None  # (input, error) of the first write the disk refused
 
     def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
         """Digest the weights for the manifest on a worker thread while the run goes on."""
@@ -237,11 +222,17 @@ class _FolderRun:
             return None
         from digseg_cli.weights.store import weights_sha256
 
-        return self.pool.submit(weights_sha256, weights_folder)
+        return self.digest.submit(weights_sha256, weights_folder)
 
     def segment_all(self) -> None:
         """Each input in order: read ahead, segment or skip it, hand on what has been written."""
         for i, item in enumerate(self.files):
+            if self.signals.requested:  # SIGINT or SIGTERM: the image in hand is done, stop here
+                self.summary.status = "interrupted"
+                break
+            if self.unwritable is not None:
+                self.summary.status = "output-error"
+                break
             if self.stop:
                 self.summary.status = "stopped"
                 break
@@ -278,7 +269,7 @@ class _FolderRun:
         result.seed = image_seed(self.settings.seed, item.rel)
         t0 = time.perf_counter()
         try:
-            out = _infer(
+            out = infer(
                 self.pipe,
                 image,
                 self.resolved.prompts,
@@ -330,7 +321,11 @@ class _FolderRun:
                 try:
                     result.timings["write"] = job.result()
                     self.summary.timings["write_s"] += result.timings["write"]
-                except (OSError, ValueError, DigsegError) as exc:
+                except OSError as exc:
+                    result.fail(f"cannot write outputs: {exc.strerror or exc}")
+                    if exc.errno in _OUTPUT_GONE and self.unwritable is None:
+                        self.unwritable = result.relative_path, exc
+                except (ValueError, DigsegError) as exc:
                     result.fail(f"cannot write outputs: {exc}")
             self.count(result)
             if self.on_result is not None:
@@ -354,15 +349,18 @@ class _FolderRun:
             self.progress(s.processed + s.skipped + len(s.failed), s.total, current)
 
     def finish(self, sha_job: Future | None, t_start: float) -> str | None:
-        """Stop reading ahead, hand on what is done and measure the run; the weights' digest, when it is ready
-        (an interrupted run does not wait for it)."""
+        """Stop reading ahead, hand on what is done, end the I/O threads and measure the run; the weights'
+        digest, when it is ready (an interrupted run does not wait for it)."""
         for _, job, _ in self.jobs.values():
             if job is not None:
                 job.cancel()
-        self.flush(block=True)
+        try:
+            self.flush(block=True)
+        finally:
+            self.pool.shutdown(wait_queued=False, timeout=30)  # queued reads cancelled; a running one ends
         summary = self.summary
-        if self.stop and summary.status == "completed":
-            summary.status = "stopped"
+        if summary.status == "completed" and (self.stop or self.unwritable is not None):
+            summary.status = "output-error" if self.unwritable is not None else "stopped"
         summary.wall_s = time.perf_counter() - t_start
         summary.peak_memory_bytes, summary.peak_memory_kind = peak_memory(getattr(self.pipe, "device", None))
         sha = None
@@ -371,5 +369,16 @@ class _FolderRun:
                 sha = sha_job.result()
             except OSError as exc:
                 sha = f"unavailable ({exc})"
-        self.pool.shutdown(wait=summary.status != "interrupted", cancel_futures=True)
+        self.digest.shutdown(wait_queued=False, timeout=None if sha_job is None or sha_job.done() else 0)
         return sha
+
+    def output_error(self) -> OutputUnwritableError | None:
+        """The error that ends a run whose output folder stopped taking files, or None."""
+        if self.unwritable is None:
+            return None
+        rel, exc = self.unwritable
+        s = self.summary
+        return OutputUnwritableError(
+            f"{exc.strerror or exc} writing the outputs of {rel} in {self.out_dir}: stopped after {s.processed} "
+            f"of {s.total} images; free space (or choose another --out) and rerun with --skip-existing"
+        )

@@ -27,6 +27,7 @@ from digseg_cli.core import diffusion
 from digseg_cli.errors import InterruptedRunError, UsageError
 from digseg_cli.files import atomic_write_json
 from digseg_cli.inference.device import emulated_bf16_note, leave_process_group
+from digseg_cli.inference.stopping import StopSignals
 from digseg_cli.models.checkpoint import LoadedModel
 from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.train import state as train_state
@@ -285,7 +286,7 @@ def _loop(run: _Run, validation: Validation) -> tuple[str, str | None, list[dict
     run.t0 = time.monotonic()
     run.loaded.model.train()
     run.loaded.model.vae.eval()
-    with train_state.StopSignals() as signals:
+    with StopSignals() as signals:
         while not run.done():
             order = np.random.default_rng([s.seed, pos.epoch]).permutation(len(run.dataset))
             run.dataset.set_epoch(pos.epoch)

@@ -1,4 +1,4 @@
-"""What a training run keeps between processes: checkpoints, resumable state, metrics files and stop signals.
+"""What a training run keeps between processes: checkpoints, resumable state and metrics files.
 
 The run folder holds `config.json` (resolved settings), `metrics.csv` / `metrics.jsonl`, and the
 checkpoints `last/` and `best/` in the checkpoint format (`digseg_cli.models.checkpoint`);
@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,28 +169,3 @@ def check_ranks_agree(model, accelerator) -> None:
         raise RuntimeError("training processes ended with different weights: the run is not synchronised")
     if accelerator.is_main_process:
         log.info("all %d processes hold identical weights", accelerator.num_processes)
-
-
-class StopSignals:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (then it saves and exits 130)."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread): no handler
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
