@@ -51,6 +51,17 @@ def new_file_mode() -> int:
     return 0o666 & ~user_umask()
 
 
+def new_folder_mode() -> int:
+    """The permissions `mkdir` would give a new folder: 0o777 less the umask (`tempfile.mkdtemp` gives 0o700)."""
+    return 0o777 & ~user_umask()
+
+
+def fsync_file(path: PathLike) -> None:
+    """Make a file's bytes durable before it is renamed into place."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_folder(folder: PathLike) -> None:
     """Make a rename inside `folder` durable (POSIX; a no-op where folders cannot be opened)."""
     if os.name != "posix":
@@ -79,8 +90,7 @@ def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, final)
         fsync_folder(final.parent)

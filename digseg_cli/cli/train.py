@@ -89,8 +89,10 @@ def train_command(
 
     with handle_errors():
         resume_path = resume_from or ((out / "last") if resume else None)
-        if resume_path is not None and not (resume_path / "trainer_state.pt").is_file():
-            raise UsageError(f"nothing to resume: {resume_path} has no trainer_state.pt")
+        if resume_path is not None:
+            from digseg_cli.train.state import require_resumable
+
+            require_resumable(resume_path)
         if resume_path is None and (out / "last").exists() and not overwrite:
             raise UsageError(
                 f"{out} already holds a run: pass --resume to continue it, --overwrite to start over, "

@@ -25,9 +25,11 @@ from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet
 from digseg_cli.errors import CheckpointError, UsageError
 from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
+from digseg_cli.weights.hub import SD_WEIGHTS
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")
 FAST_DECODER = "fast_decoder"  # optional component
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass
@@ -46,7 +48,20 @@ def is_checkpoint(path: Path) -> bool:
 
 def is_sd_base(path: Path) -> bool:
     path = Path(path)
-    return (path / "model_index.json").is_file() or all((path / c).is_dir() for c in ("unet", "vae", "text_encoder"))
+    return (path / "model_index.json").is_file() or all((path / c).is_dir() for c in SD_WEIGHTS)
+
+
+def _require_safetensors(component: Path) -> None:
+    """A base component's weights must be safetensors: a pickled ``.bin`` can run code when it is loaded."""
+    if any(component.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in component.glob("*") if p.suffix in PICKLE_SUFFIXES)
+    found = f"only {', '.join(pickled)}" if pickled else "no weights"
+    raise CheckpointError(
+        f"{component} has {found} and no .safetensors; digseg loads no pickled weights: convert them where you "
+        f"trust the files (diffusers: from_pretrained(...).save_pretrained(OUT, safe_serialization=True), or "
+        f"safetensors.torch.save_file(state_dict, 'model.safetensors'))"
+    )
 
 
 def assemble(unet, vae, text_encoder, tokenizer, scheduler_config: dict, config: DigsegConfig) -> LoadedModel:
@@ -86,9 +101,14 @@ def build_from_sd_base(
     folder = Path(folder)
     if not is_sd_base(folder):
         raise CheckpointError(f"{folder} is not a diffusers Stable Diffusion folder (no unet/, vae/, text_encoder/)")
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    for component in SD_WEIGHTS:
+        _require_safetensors(folder / component)
+    try:  # use_safetensors: never diffusers' or transformers' fallback to a pickled .bin
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
+    except (OSError, ValueError) as exc:  # e.g. only an fp16 variant, or a damaged file
+        raise CheckpointError(f"cannot load the base {folder}: {str(exc).splitlines()[0]}") from None
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     sched = _read_json(folder / "scheduler" / "scheduler_config.json")
     factor = vae_scale_factor(vae.config.block_out_channels)

@@ -2,10 +2,11 @@
 
 The run folder holds `config.json` (resolved settings), `metrics.csv` / `metrics.jsonl`, and the
 checkpoints `last/` and `best/` in the checkpoint format (`digseg_cli.models.checkpoint`);
-`last/trainer_state.pt` adds what a resume needs (optimizer, schedule, EMA, the `Position`, RNG states).
-Everything is written atomically. The state file holds tensors and plain values only and is read with
-`weights_only=True`; `check_ranks_agree` proves at the end that every process holds the same weights.
-This module does not know the training maths.
+`last/trainer_state.safetensors` + `last/trainer_state.json` add what a resume needs (optimizer, schedule,
+EMA, the `Position`, RNG states): the tensors in safetensors under their path in the state
+(`optimizer.state.<param>.<name>`, `ema.shadow_params.<i>`, `rng.torch`), everything else in JSON, so nothing
+is ever unpickled. Everything is written atomically; `check_ranks_agree` proves at the end that every process
+holds the same weights. This module does not know the training maths.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from pathlib import Path
 
 import torch
 
-from digseg_cli.errors import CheckpointError
+from digseg_cli.errors import CheckpointError, UsageError
 from digseg_cli.files import atomic_path, atomic_write_text
 from digseg_cli.models.checkpoint import save_checkpoint
 
-STATE_FILE = "trainer_state.pt"
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+STATE_SCHEMA = "digseg.trainer-state/1"
+OLD_STATE_FILE = "trainer_state.pt"  # a pickle, written before 0.x: refused, never read
 log = logging.getLogger("digseg")
 
 
@@ -70,7 +74,7 @@ def save_run_checkpoint(
 
     def add_state(tmp: Path) -> None:
         save_state(
-            tmp / STATE_FILE,
+            tmp,
             {
                 "optimizer": optimizer.state_dict(),
                 "lr_scheduler": lr_sched.state_dict(),
@@ -92,20 +96,89 @@ def save_run_checkpoint(
     return folder
 
 
-def save_state(path: Path, state: dict) -> None:
-    """Write `trainer_state.pt` (temp name, then rename)."""
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def save_state(folder: Path, state: dict) -> None:
+    """Write `state` as `trainer_state.safetensors` (its tensors) + `trainer_state.json` (the rest), atomically."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split(state, "", tensors)
+    with atomic_path(Path(folder) / STATE_TENSORS) as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_text(Path(folder) / STATE_JSON, json.dumps({"schema": STATE_SCHEMA, "state": skeleton}) + "\n")
+
+
+def require_resumable(folder: Path) -> None:
+    """Refuse a folder without a trainer state (`UsageError`) or with an older digseg's pickle (exit 5)."""
+    folder = Path(folder)
+    if (folder / STATE_JSON).is_file() and (folder / STATE_TENSORS).is_file():
+        return
+    if (folder / OLD_STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{folder / OLD_STATE_FILE} was written by an older digseg (a pickle, which digseg no longer reads): "
+            f"start a new run from its weights with --init {folder}"
+        )
+    raise UsageError(f"nothing to resume: {folder} has no {STATE_JSON} and {STATE_TENSORS}")
 
 
 def load_state(folder: Path) -> dict:
-    path = Path(folder) / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{folder} has no {STATE_FILE}: it is not a resumable training checkpoint")
+    """The state `save_state` wrote into `folder`, tensors on the CPU."""
+    from safetensors.torch import load_file
+
+    require_resumable(folder)
+    path = Path(folder) / STATE_JSON
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+        record = json.loads(path.read_text())
+        tensors = load_file(str(Path(folder) / STATE_TENSORS))
+        if record.get("schema") != STATE_SCHEMA:
+            raise ValueError(f"unknown schema {record.get('schema')!r}")
+        return _join(record["state"], tensors)
+    except Exception as exc:  # truncated, edited or mismatched files: the run cannot resume from them
+        raise CheckpointError(f"cannot read the trainer state in {folder}: {exc}") from None
+
+
+def _split(value, key: str, tensors: dict[str, torch.Tensor]):
+    """`value` with each tensor moved into `tensors` under its dotted path and replaced by a reference.
+
+    Tuples and dicts with non-string keys (the optimizer's per-parameter state) are tagged, so `_join` gives
+    back exactly the types `load_state_dict` was given."""
+
+    def child(k) -> str:
+        return f"{key}.{k}" if key else str(k)
+
+    if isinstance(value, torch.Tensor):
+        if key in tensors:
+            raise ValueError(f"two tensors of the trainer state share the name {key!r}")
+        tensor = value.detach().cpu().contiguous()
+        # safetensors refuses tensors that share memory; a clone only for those
+        shared = any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values())
+        tensors[key] = tensor.clone() if shared else tensor
+        return {"__tensor__": key}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_split(v, child(i), tensors) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_split(v, child(i), tensors) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _split(v, child(k), tensors) for k, v in value.items()}
+        return {"__items__": [[k, _split(v, child(k), tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"the trainer state holds a {type(value).__name__} at {key!r}, which is neither JSON nor a tensor")
+
+
+def _join(value, tensors: dict[str, torch.Tensor]):
+    """The inverse of `_split`."""
+    if isinstance(value, list):
+        return [_join(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__tuple__" in value:
+        return tuple(_join(v, tensors) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {k: _join(v, tensors) for k, v in value["__items__"]}
+    return {k: _join(v, tensors) for k, v in value.items()}
 
 
 def rng_state() -> dict:

@@ -2,7 +2,8 @@
 
 ``list_weights`` (``digseg weights list|info``), ``verify_weights`` (``verify``: recompute checksums, remove
 corrupt files and fetch them again unless offline) and ``remove_weights`` (``rm``: digseg's own cache only;
-the shared Hugging Face cache and a user's folders are never deleted from).
+the shared Hugging Face cache and a user's folders are never deleted from). Before deleting anything in
+digseg's cache both ask ``entries.py`` whether digseg wrote the entry and the cache folder holds nothing else.
 
 Where entries live and how a name becomes a folder (and is fetched) is ``store.py``'s; the Hub's checks
 are ``hub.py``'s. Nothing here prints; it logs to ``logging.getLogger("digseg")``.
@@ -20,6 +21,7 @@ from pathlib import Path
 from digseg_cli.errors import UsageError, WeightsUnavailableError
 from digseg_cli.weights import hub
 from digseg_cli.weights.download import sha256_file
+from digseg_cli.weights.entries import own_entry, require_own_cache
 from digseg_cli.weights.hub import parse_hub_id
 from digseg_cli.weights.registry import NAME_RE, REGISTRY, WeightsSpec, unknown_weights_error
 from digseg_cli.weights.store import (
@@ -80,6 +82,8 @@ def verify_weights(
     offline = is_offline_env() if offline is None else offline
     spec = registry.get(name)
     if spec is not None and spec.source == "url":
+        if repair:  # it may delete and fetch files: only in an entry, and a cache, of digseg's own
+            _require_own(spec.name, cache_dir, registry)
         return _verify_url(spec, cache_dir, repair=repair, offline=offline, progress=progress)
     folder = cached_path(name, cache_dir, registry=registry)
     if folder is None:
@@ -143,8 +147,9 @@ def remove_weights(
 ) -> list[Path]:
     """Delete digseg's cached copy of ``name`` (all its versions); return what was (``dry_run``: would be) removed.
 
-    Only folders inside digseg's cache are ever removed: bundled weights, Hub entries (the HF cache is
-    shared with other tools) and user folders are refused with a ``UsageError``.
+    Only entries digseg wrote (``entries.py``), in a cache folder holding nothing else, are ever removed:
+    bundled weights, Hub entries (the HF cache is shared with other tools), user folders and a cache folder
+    with anything else in it are refused with a ``UsageError``.
     """
     registry = REGISTRY if registry is None else registry
     spec = registry.get(name)
@@ -158,9 +163,8 @@ def remove_weights(
         )
     if not NAME_RE.match(name):
         raise UsageError(f"'{name}' is not a weights name; digseg only removes its own cache entries")
-    root = cache_root(cache_dir)
-    target = root / name
-    if not target.is_dir() or target.is_symlink() or target.resolve().parent != root.resolve():
+    target = _require_own(name, cache_dir, registry)  # an entry an older registry had is still removable
+    if target is None:
         if spec is None:
             raise unknown_weights_error(name, registry)
         return []
@@ -169,3 +173,11 @@ def remove_weights(
     shutil.rmtree(target)
     log.debug("removed %s", target)
     return [target]
+
+
+def _require_own(name: str, cache_dir, registry: Mapping[str, WeightsSpec]) -> Path | None:
+    """``name``'s entry folder (None when absent) if digseg wrote it and the cache holds nothing else; else
+    ``UsageError`` (``entries.py``'s rule)."""
+    root = cache_root(cache_dir)
+    require_own_cache(root, registry)
+    return own_entry(root, name, registry.get(name))

@@ -1,12 +1,13 @@
 """Fetch one file over HTTP(S) safely: ``download_file``, and the file digests it checks with.
 
-``download_file`` writes to ``<dest>.part``, resumes it with a ``Range`` request after a dropped
-connection (or in a later process), guarded by ``If-Range`` with the server's validator so a file that
-changed in between is fetched whole rather than stitched from two versions, checks size and sha256 (or
-md5, where that is all a publisher gives), then renames it into place atomically, so ``dest`` either does
-not exist or is complete. No library does this resume-and-verify (``huggingface_hub`` only for Hub repos),
-hence the code. It uses urllib only, so ``HTTP(S)_PROXY``/``NO_PROXY`` apply as they do for any urllib
-client; ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``/``SSL_CERT_FILE`` pick the CA bundle.
+``download_file`` writes to ``<dest>.part``, resumes it with a ``Range`` request after a dropped connection
+(or in a later process), guarded by ``If-Range`` with the server's validator so a file that changed in
+between is fetched whole rather than stitched from two versions, checks size and sha256 (or md5, where that
+is all a publisher gives), then fsyncs it and renames it into place atomically, with the permissions the
+user's umask gives (``digseg_cli.files``), so ``dest`` either does not exist or is complete. No library does
+this resume-and-verify (``huggingface_hub`` only for Hub repos), hence the code. It uses urllib only, so
+``HTTP(S)_PROXY``/``NO_PROXY`` apply as they do for any urllib client;
+``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``/``SSL_CERT_FILE`` pick the CA bundle.
 
 Progress goes to an optional ``progress(done, total)`` callback; without one, a ``tqdm.auto`` bar (a
 widget in a notebook, a bar on a terminal, nothing when stderr is not a terminal), as ``huggingface_hub``
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from digseg_cli._version import __version__
 from digseg_cli.errors import ChecksumMismatchError, WeightsUnavailableError
+from digseg_cli.files import atomic_write_text, fsync_file, fsync_folder, new_file_mode
 
 log = logging.getLogger("digseg")
 
@@ -172,7 +174,7 @@ def _remember_validator(path: Path, headers) -> None:
     etag = headers.get("ETag")
     value = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
     if value:
-        path.write_text(value + "\n")
+        atomic_write_text(path, value + "\n")
     else:
         path.unlink(missing_ok=True)
 
@@ -211,7 +213,11 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _progress_or_bar(progress, dest.name, size) as report:
         _fetch_part(url, part, size=size, digests=digests, progress=report, timeout=timeout, retries=retries)
+    # files.py's rule for a finished file, kept here because the .part must survive a crash to be resumed
+    fsync_file(part)
+    os.chmod(part, new_file_mode())  # a .part resumed from a run under another umask
     os.replace(part, dest)
+    fsync_folder(dest.parent)
     _validator_path(part).unlink(missing_ok=True)
     log.debug("downloaded %s → %s", url, dest)
     return dest

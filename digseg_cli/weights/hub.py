@@ -34,6 +34,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 # What we take from a diffusers Stable Diffusion repo: the five components, safetensors only.
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_WEIGHTS = ("unet", "vae", "text_encoder")  # the components that hold weights (safetensors only)
 HUB_ALLOW = (
     "model_index.json",
     "digseg_config.json",
@@ -101,7 +102,7 @@ def _snapshot_complete(folder: Path) -> bool:
     if not index.is_file():
         return (folder / "digseg_config.json").is_file()
     try:
-        components = set(json.loads(index.read_text())) & {"unet", "vae", "text_encoder"}
+        components = set(json.loads(index.read_text())) & set(SD_WEIGHTS)
     except (ValueError, OSError):
         return False
     return all(any((folder / c).glob("*.safetensors")) for c in components)

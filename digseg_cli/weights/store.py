@@ -10,7 +10,8 @@
 
 A warm cache means zero network calls; offline (``--offline``, ``DIGSEG_OFFLINE=1``, ``HF_HUB_OFFLINE=1``)
 plus a miss fails at once with the exact ``digseg weights download`` command. digseg's own cache holds only
-URL entries, as ``<cache>/<name>/<revision-or-sha>/<file>``; Hub entries live in the shared HF cache.
+URL entries, as ``<cache>/<name>/<revision-or-sha>/<file>``, each marked as digseg's when it is created
+(``entries.py``); Hub entries live in the shared HF cache.
 ``cached_path`` is the same look-up without fetching; ``weights_sha256`` the digest manifests record.
 
 This module does not know which entries exist (``registry.py``), how a checkpoint is loaded
@@ -33,6 +34,7 @@ from urllib.parse import quote
 from digseg_cli.errors import UsageError, WeightsUnavailableError
 from digseg_cli.weights import hub
 from digseg_cli.weights.download import download_file, sha256_file
+from digseg_cli.weights.entries import claim_entry, release_if_empty, version_name
 from digseg_cli.weights.hub import HUB_ALLOW_ANY, parse_hub_id
 from digseg_cli.weights.registry import REGISTRY, WeightsSpec, unknown_weights_error
 
@@ -86,8 +88,7 @@ def bundled_dir(name: str) -> Path | None:
 
 def entry_dir(spec: WeightsSpec, cache_dir: Path | str | None = None) -> Path:
     """Where a URL entry's files live: ``<cache>/<name>/<revision, or the first 12 hex of its files' digest>``."""
-    version = spec.revision or hashlib.sha256("".join(f.sha256 for f in spec.files).encode()).hexdigest()[:12]
-    return _cache_root(cache_dir) / spec.name / version
+    return _cache_root(cache_dir) / spec.name / version_name(spec)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -204,6 +205,8 @@ def _ensure_url(spec: WeightsSpec, *, cache_dir, offline: bool, progress) -> Pat
         raise _offline_miss(spec.name, folder, cache_dir)
     total = spec.size
     done = total - sum(f.size for f in missing)
+    root = _cache_root(cache_dir)
+    claim_entry(root, spec)  # before anything is written or removed in it: digseg's own, or refused
     try:
         for f in missing:
             dest = folder / f.path
@@ -216,7 +219,8 @@ def _ensure_url(spec: WeightsSpec, *, cache_dir, offline: bool, progress) -> Pat
             download_file(url, dest, sha256=f.sha256, size=f.size, progress=cb)
             done += f.size
     except BaseException:
-        _prune_empty(folder, _cache_root(cache_dir))
+        _prune_empty(folder, root)
+        release_if_empty(root, spec.name)
         raise
     return folder
 

@@ -80,7 +80,8 @@ def test_train_writes_checkpoints_metrics_and_config(synth32, tmp_path):
         "config.json",
         "metrics.csv",
         "metrics.jsonl",
-        "last/trainer_state.pt",
+        "last/trainer_state.safetensors",
+        "last/trainer_state.json",
         "last/digseg_config.json",
         "best/digseg_config.json",
     ):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import os
 import shutil
 import socket
 import tarfile
@@ -398,3 +399,29 @@ def test_safe_extract_good_archives_and_merge(tmp_path: Path) -> None:
     assert (target / "README").read_bytes() == b"same"
     with pytest.raises(UsageError, match="not a zip or tar"):
         safe_extract(tmp_path / "data" / "ds" / "README", tmp_path / "x")
+
+
+def test_a_download_is_fsynced_before_its_rename_and_follows_the_umask(
+    server: LocalServer, tmp_path: Path, monkeypatch
+) -> None:
+    from digseg_cli import files
+
+    events: list[tuple[str, int]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.fstat(fd).st_ino)), real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "replace", lambda a, b: (events.append(("replace", os.stat(a).st_ino)), real_replace(a, b))[1]
+    )
+    monkeypatch.setattr(files, "_umask", None)  # read again under the umask set here
+    part = tmp_path / "model.bin.part"  # complete, left by a killed run (before its fsync) under umask 077
+    part.write_bytes(PAYLOAD)
+    part.chmod(0o600)
+    old = os.umask(0o027)
+    try:
+        dest = download_file(f"{server.url}/model.bin", tmp_path / "model.bin", sha256=SHA, size=len(PAYLOAD))
+    finally:
+        os.umask(old)
+    inode = dest.stat().st_ino
+    renamed = events.index(("replace", inode))
+    assert events[:renamed][-1] == ("fsync", inode)  # made durable right before its rename
+    assert dest.stat().st_mode & 0o777 == 0o640 and dest.read_bytes() == PAYLOAD
