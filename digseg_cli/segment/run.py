@@ -112,7 +112,7 @@ def _infer(
 ) -> SegmentationOutput:
     """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller. What the
     pipeline changed on its own (fp32 after an overflow) joins `notes` too."""
-    from digseg_cli.inference.device import is_out_of_memory
+    from digseg_cli.errors import is_out_of_memory
 
     n_texts = sum(1 if isinstance(p, str) else len(p) for p in prompts)
     while True:
