@@ -32,7 +32,13 @@ from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.train import state as train_state
 from digseg_cli.train.loss import LossModule, step_generator
 from digseg_cli.train.samples import SegmentationTrainDataset, collate, prepare_data, tokenizer_fn
-from digseg_cli.train.settings import TrainResult, TrainSettings, accelerate_precision
+from digseg_cli.train.settings import (
+    TrainResult,
+    TrainSettings,
+    accelerate_precision,
+    check_inputs,
+    check_resolution,
+)
 from digseg_cli.train.validate import Validation
 
 __all__ = ["TrainResult", "TrainSettings", "train"]
@@ -93,6 +99,7 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
 
     Under several processes it closes the process group when the run ends (one training per process)."""
     s = settings
+    check_inputs(s)  # option values, before any work
     # 1. Check the data (the same check as `digseg data check`) and split it.
     classes, train_pairs, val_pairs = prepare_data(
         s.data, s.val, class_name=s.class_name, val_split=s.val_split, seed=s.seed
@@ -206,7 +213,7 @@ def _load_model(s: TrainSettings, classes) -> tuple[LoadedModel, Any, dict | Non
         cfg.objective, cfg.prompt_template, cfg.classes = s.objective, s.prompt_template, overrides["classes"]
     if s.resume is None:
         cfg.evaluation = {}
-    cfg.default_resolution = s.resolution or cfg.default_resolution
+    cfg.default_resolution = check_resolution(s.resolution or cfg.default_resolution, loaded.model.size_multiple)
     scheduler = diffusion.make_scheduler(loaded.scheduler_config)
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UsageError(f"unsupported prediction type {scheduler.config.prediction_type!r}")
