@@ -1,10 +1,14 @@
 """Errors a user can cause, each carrying the documented exit code the CLI maps it to.
 
 This module knows nothing of Typer, Rich or torch: library code raises these, the CLI renders
-``str(error)`` as one line and exits with ``error.exit_code``.
+``str(error)`` as one line and exits with ``error.exit_code``. `as_user_error` says which other exceptions
+a user can cause (files, encodings, memory) and which error each stands for; anything else is a bug.
 """
 
 from __future__ import annotations
+
+import json
+import sys
 
 # Documented exit codes (README "Exit codes", `digseg --help` epilog).
 EXIT_OK = 0
@@ -84,3 +88,51 @@ class InterruptedRunError(DigsegError):
     """The run was interrupted (SIGINT/SIGTERM) after writing what it could."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+# Messages of allocation failures torch raises as a plain RuntimeError (CPU allocator, MPS), lower-cased.
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory", "failed to allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """The one rule for "the device ran out of memory": Python's `MemoryError`, torch's `OutOfMemoryError`
+    (CUDA), and the RuntimeErrors torch raises for the CPU ("DefaultCPUAllocator: can't allocate memory")
+    and MPS. Torch is not imported here: an exception can only be torch's once torch is loaded."""
+    torch = sys.modules.get("torch")
+    if isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MESSAGES)
+
+
+def as_user_error(exc: BaseException) -> DigsegError | None:
+    """The `DigsegError` an exception of the user's environment or files stands for, or None for a bug.
+
+    Files and folders (any `OSError`: permission denied, is a directory, disk full, ...) → `strerror: filename`,
+    exit 2; text that is not UTF-8, JSON or YAML that does not parse → exit 2; out of memory → exit 6. Callers
+    that know the file name raise their own error first (`files.read_settings_file`); this is the net under
+    them (`cli.common.handle_errors`). Anything else, a bug, keeps its traceback."""
+    if isinstance(exc, DigsegError):
+        return exc
+    if is_out_of_memory(exc):
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return OutOfMemoryError(
+            f"out of memory ({detail[:160]}): try a smaller --batch-size or --resolution, or another device"
+        )
+    if isinstance(exc, OSError):
+        if exc.strerror and exc.filename is not None:
+            target = f"{exc.filename} → {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+            return UsageError(f"{exc.strerror}: {target}")
+        return UsageError(_first_line(exc))
+    if isinstance(exc, UnicodeDecodeError):
+        return UsageError(f"a file is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8")
+    if isinstance(exc, json.JSONDecodeError):
+        return UsageError(f"a file is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}")
+    yaml = sys.modules.get("yaml")
+    if yaml is not None and isinstance(exc, yaml.YAMLError):
+        return UsageError(f"a file is not valid YAML: {_first_line(exc)}")
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,6 +11,11 @@ temporary files a killed run leaves behind carry `TEMP_PREFIX` and their writer'
 input: a FIFO, a socket or a device would block a reader forever or stream without end.
 `require_writable_folder` proves a folder takes files before a long run starts writing into it.
 
+`read_settings_file` is the one way to read a JSON/YAML file a user wrote (prompts, class lists, configs):
+an unreadable, non-UTF-8 or malformed file is one line naming it. `check_type` checks each value that
+came out of one against the type it must have, naming the key (`classes[2].synonyms must be a list of
+strings, got 5`), so a wrong type never reaches code that would fail on it with a traceback.
+
 It knows nothing of images, models or run folders: callers decide which file to write; this decides how.
 """
 
@@ -197,3 +202,98 @@ def require_writable_folder(folder: PathLike, what: str = "output folder") -> Pa
         why = exc.strerror or str(exc)
         raise UsageError(f"cannot write to {what} {p}: {why}: choose another folder") from None
     return p
+
+
+# ------------------------------------------------------------------------------------ reading settings files
+def read_text_file(path: PathLike, what: str = "file", *, error: type[UsageError] = UsageError) -> str:
+    """The UTF-8 text (a BOM dropped) of a regular file a user gave; missing, not a regular file, unreadable
+    or not UTF-8 raises `error` (a `UsageError` or a subclass: the caller's exit code) naming the file."""
+    p = Path(path)
+    try:
+        require_regular_file(p, what)
+        return p.read_bytes().decode("utf-8-sig")
+    except UsageError as exc:
+        raise error(str(exc)) from None
+    except OSError as exc:
+        raise error(f"cannot read {what} {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
+
+
+def read_settings_file(path: PathLike, what: str = "file", *, error: type[UsageError] = UsageError) -> Any:
+    """The parsed content of a JSON (by its `.json` suffix) or YAML file a user gave or edited.
+
+    YAML is read with `safe_load`: a tag such as `!!python/object` is refused, never run. A file that
+    `read_text_file` refuses, or that is not valid JSON/YAML, raises `error` with one line naming it."""
+    p = Path(path)
+    text = read_text_file(p, what, error=error)
+    if p.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise error(f"{what} {p} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {p} is not valid YAML: {yaml_problem(exc)}") from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """One line for a PyYAML error: its problem and where (PyYAML's own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
+
+
+# What a settings value must be: a type, a tuple of types, or a description with its own check.
+_NUMBER = (int, float)
+
+
+def is_of_type(value: Any, expected: Any) -> bool:
+    """Whether `value` fits the annotation `expected`: `str`, `int`, `float` (an int too), `bool`, `dict`,
+    `list[X]`, `X | None` and unions of them. A bool is not a number (`True` is no resolution)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return any(is_of_type(value, arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is Any:
+        return True
+    if origin is list:
+        (item,) = typing.get_args(expected) or (Any,)
+        return isinstance(value, list) and all(is_of_type(v, item) for v in value)
+    if origin is dict or expected is dict:
+        return isinstance(value, dict)
+    if expected in (int, float) and isinstance(value, bool):
+        return False
+    return isinstance(value, _NUMBER if expected is float else expected)
+
+
+def type_name(expected: Any) -> str:
+    """`expected` as the message says it: "an integer", "a list of strings", "a string or null"."""
+    import types
+    import typing
+
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}
+    names[type(None)] = "null"
+    origin = typing.get_origin(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(expected))
+    if origin is list:
+        (item,) = typing.get_args(expected) or (Any,)
+        return "a list" if item is Any else f"a list of {type_name(item).split(' ', 1)[1]}s"
+    return names.get(expected, getattr(expected, "__name__", str(expected)))
+
+
+def check_type(value: Any, expected: Any, where: str, *, error: type[UsageError] = UsageError) -> Any:
+    """`value` when it fits `expected` (see `is_of_type`), else `error("<where> must be <type>, got <value>")`:
+    the one message for a wrong value type in a settings file (`prompts.yaml: classes[2].synonyms must be a
+    list of strings, got 5`)."""
+    if not is_of_type(value, expected):
+        raise error(f"{where} must be {type_name(expected)}, got {value!r:.60}")
+    return value

@@ -1,7 +1,8 @@
 """Shared CLI plumbing: the stderr console, logging set-up and error → exit-code mapping.
 
 Commands stay thin: they call one library function inside ``handle_errors()``, which turns a
-``DigsegError`` into one red line on stderr and the error's documented exit code (never a traceback).
+``DigsegError`` (or an exception the user's files or machine caused, such as a full disk) into one red line
+on stderr and the error's documented exit code (never a traceback).
 """
 
 from __future__ import annotations
@@ -80,15 +81,18 @@ def fail(message: str, code: int) -> typer.Exit:
 
 @contextlib.contextmanager
 def handle_errors() -> Iterator[None]:
-    """Map library errors to their exit codes; Ctrl-C to 130."""
+    """Map library errors, and the exceptions a user's files and machine cause (`errors.as_user_error`:
+    file-system errors, undecodable files, out of memory), to one line and their exit codes; Ctrl-C to 130.
+    Any other exception is a bug and keeps its traceback."""
     try:
         yield
-    except errors.DigsegError as exc:
-        raise fail(str(exc), exc.exit_code) from None
     except KeyboardInterrupt:
         raise fail("interrupted", errors.EXIT_INTERRUPTED) from None
-    except FileNotFoundError as exc:
-        raise fail(f"{exc.strerror}: {exc.filename}", errors.EXIT_USAGE) from None
+    except Exception as exc:
+        user_error = errors.as_user_error(exc)
+        if user_error is None:
+            raise
+        raise fail(str(user_error), user_error.exit_code) from None
 
 
 def stderr_is_terminal() -> bool:

@@ -125,6 +125,13 @@ def eval_command(
             "--predictions", help="Score saved label maps (<stem>.png, values = label ids) instead of running a model."
         ),
     ] = None,
+    resize_predictions: Annotated[
+        bool,
+        typer.Option(
+            "--resize-predictions",
+            help="Resize --predictions of another size than their label (nearest neighbour) instead of exit 2.",
+        ),
+    ] = False,
     weights: Annotated[
         str, typer.Option("--weights", "-w", help="Checkpoint folder, registry name or Hub id.")
     ] = "demo",
@@ -184,6 +191,7 @@ def eval_command(
             download=download,
             check=check,
             predictions=predictions,
+            resize_predictions=resize_predictions,
             weights=weights,
             limit=limit,
             out=out,

@@ -70,7 +70,6 @@ def train_command(
     foreground_weight: Annotated[
         float,
         typer.Option(
-            min=1.0,
             help="Weight of the latent pixels the target covers, against 1 for the rest (small classes learn sooner).",
         ),
     ] = 1.0,
@@ -155,14 +154,21 @@ def _given(ctx: typer.Context, field: str) -> bool:
 
 def _stored_settings(checkpoint: Path) -> dict:
     """The settings a training checkpoint was written with (its `digseg_config.json` training record)."""
+    import dataclasses
     import json
 
     from digseg_cli.errors import CheckpointError
 
     try:
         stored = json.loads((checkpoint / "digseg_config.json").read_text())["training"]["settings"]
-    except (OSError, KeyError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{checkpoint} does not record the settings it was trained with") from None
+    from digseg_cli.train.settings import TrainSettings
+
+    known = {f.name for f in dataclasses.fields(TrainSettings)}
+    if not isinstance(stored, dict) or set(stored) - known:
+        extra = sorted(set(stored) - known) if isinstance(stored, dict) else []
+        raise CheckpointError(f"{checkpoint}/digseg_config.json records settings this digseg does not know: {extra}")
     stored.pop("resume", None)
     for key in ("data", "out", "val"):
         if stored.get(key) is not None:

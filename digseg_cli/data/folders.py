@@ -31,7 +31,6 @@ text templates (``digseg_cli.train.samples`` turns pairs into training samples).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from digseg_cli.errors import DatasetError, UsageError
+from digseg_cli.files import check_type, read_settings_file, read_text_file
 from digseg_cli.inference.images import ImageReadError, parse_color, read_image, read_mask
 
 MASK_DIR_NAMES = ("masks", "labels", "annotations")
@@ -162,7 +162,11 @@ def _spec(class_id: Any, name: Any, synonyms: Any = (), color: Any = None, *, wh
         raise DatasetError(f"class {cid} in {where} needs a non-empty name")
     if isinstance(synonyms, str):
         synonyms = [synonyms]
-    syns = tuple(str(s).strip() for s in (synonyms or ()) if str(s).strip())
+    syns = tuple(
+        s.strip()
+        for s in check_type(synonyms or [], list[str], f"{where}: synonyms of class {cid}", error=DatasetError)
+        if s.strip()
+    )
     try:
         rgb = parse_color(color) if color is not None else None
     except UsageError as exc:
@@ -174,9 +178,8 @@ def classes_from_obj(obj: Any, where: str) -> ClassList:
     """Build a ``ClassList`` from parsed JSON/YAML in any of the documented forms."""
     background, ignore = 0, 255
     if isinstance(obj, dict) and "classes" in obj:
-        background = int(obj.get("background", 0))
-        ignore = obj.get("ignore_index", 255)
-        ignore = None if ignore is None else int(ignore)
+        background = check_type(obj.get("background", 0), int, f"{where}: background", error=DatasetError)
+        ignore = check_type(obj.get("ignore_index", 255), int | None, f"{where}: ignore_index", error=DatasetError)
         unknown = set(obj) - {"classes", "background", "ignore_index"}
         if unknown:
             raise DatasetError(
@@ -243,18 +246,9 @@ def read_classes(folder: str | Path, class_name: str | None = None) -> ClassList
         path = folder / name
         if not path.is_file():
             continue
-        text = path.read_text(encoding="utf-8-sig")
         if name.endswith(".txt"):
-            return parse_classes_txt(text, str(path))
-        try:
-            if name.endswith(".json"):
-                obj = json.loads(text)
-            else:
-                import yaml
-
-                obj = yaml.safe_load(text)
-        except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError
-            raise DatasetError(f"cannot parse {path}: {exc}") from None
+            return parse_classes_txt(read_text_file(path, "class file", error=DatasetError), str(path))
+        obj = read_settings_file(path, "class file", error=DatasetError)
         return classes_from_obj(obj, str(path))
     raise DatasetError(
         f"no classes.json or classes.txt in {folder}; add one (e.g. a line '1 road' per class) "

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from digseg_cli.errors import DatasetError
+from digseg_cli.errors import DatasetError, UsageError
 from digseg_cli.evaluate.scoring import EvalResult, Predictor, Progress, score_samples
 from digseg_cli.inference.seeds import image_seed
 
@@ -113,12 +113,14 @@ def score_predictions(
     world_size: int | None = None,
     worst_k: int = 6,
     decode_prediction: Callable | None = None,
+    resize_predictions: bool = False,
     **_unused: Any,
 ) -> EvalResult:
     """Score a folder of label-map files (``<stem>.png``, values = label ids of ``label_names``) — no model.
 
     Every sample must have a prediction; a missing one raises ``DatasetError`` naming the first few.
-    A prediction of another size is resized to the label with nearest neighbour (and logged).
+    A prediction of another size than its label is a `UsageError` naming the file and both sizes; with
+    ``resize_predictions`` it is resized to the label with nearest neighbour instead (and logged).
     ``decode_prediction(path)`` reads a benchmark's own submission format (REFUGE BMPs) instead.
     ``processes``, ``rank`` and ``world_size`` shard as in ``evaluate``.
     """
@@ -147,11 +149,13 @@ def score_predictions(
             raise DatasetError(str(exc)) from None
         size = np.asarray(sample.label).shape
         if pred.shape != size:
+            sizes = f"{path} is {pred.shape[1]}x{pred.shape[0]}, its label {size[1]}x{size[0]}"
+            if not resize_predictions:
+                # Scoring a resized map would report a number for predictions nobody made: refuse unless asked.
+                raise UsageError(f"{sizes}: save predictions at the label's size, or pass --resize-predictions")
             import cv2
 
-            log.warning(
-                "%s is %dx%d, its label %dx%d: resized (nearest)", path, pred.shape[1], pred.shape[0], size[1], size[0]
-            )
+            log.warning("%s: resized (nearest)", sizes)
             pred = cv2.resize(pred.astype(np.int32), size[::-1], interpolation=cv2.INTER_NEAREST).astype(np.int64)
         return torch.from_numpy(pred), str(path)
 

@@ -45,6 +45,7 @@ class EvalSettings:
     download: bool = False
     check: bool = False  # only check the layout: no model, no scores
     predictions: Path | None = None  # score saved label maps instead of a model
+    resize_predictions: bool = False  # resize saved label maps of another size (nearest) instead of refusing
     weights: str = "demo"
     limit: int | None = None
     out: Path | None = None  # default digseg-out/eval/<dataset>-<split>
@@ -80,6 +81,8 @@ class EvalSettings:
             raise UsageError(f"`--threshold` must be in [0, 1]; got {self.threshold}")
         if self.predictions is not None and self.check:
             raise UsageError("`--check` and `--predictions` cannot be combined")
+        if self.resize_predictions and self.predictions is None:
+            raise UsageError("`--resize-predictions` applies to `--predictions` only")
 
 
 @dataclass
@@ -134,7 +137,13 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
     }
     if s.predictions is not None:
         record["predictions"] = str(s.predictions)
-        result = score_predictions(data, s.predictions, decode_prediction=spec.decode_prediction, **common)
+        result = score_predictions(
+            data,
+            s.predictions,
+            decode_prediction=spec.decode_prediction,
+            resize_predictions=s.resize_predictions,
+            **common,
+        )
     else:
         result = _score_model(s, spec, data, processes=processes, note=note, record=record, common=common)
     leave_process_group()

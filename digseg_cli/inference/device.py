@@ -157,10 +157,3 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads), {precision}"
     return f"{device}, {precision}"
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for CUDA and MPS out-of-memory errors (which torch raises under different types)."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()

@@ -216,10 +216,11 @@ def default_palette(n: int) -> list[RGB]:
 def parse_color(value: str | Sequence[int]) -> RGB:
     """A colour name (``"orange"``), ``#rrggbb``/``#rgb``, ``rgb(…)`` or ``"r,g,b"`` → (r, g, b)."""
     if not isinstance(value, str):
-        vals = tuple(int(v) for v in value)
-        if len(vals) != 3 or any(v < 0 or v > 255 for v in vals):
-            raise UsageError(f"colour {list(value)!r} must be three integers in 0..255")
-        return vals  # type: ignore[return-value]
+        # From a settings file a colour can be anything (`color: 5`, `[1.5, "a"]`): one message for all.
+        ints = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ints or len(value) != 3 or any(v < 0 or v > 255 for v in value):
+            raise UsageError(f"colour {value!r:.60} must be a name, '#rrggbb' or three integers in 0..255")
+        return (int(value[0]), int(value[1]), int(value[2]))
     text = value.strip()
     if "," in text and not text.lower().startswith(("rgb", "hsl", "hsv")):
         try:

@@ -13,7 +13,6 @@ or Rich; whether a prompt template is usable is `models.config.check_prompt_temp
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from digseg_cli.errors import UsageError
+from digseg_cli.files import check_type, read_settings_file
 from digseg_cli.inference import images
 
 _INSTRUCTION = re.compile(
@@ -85,13 +85,27 @@ def parse_prompts(text: str) -> tuple[list[PromptClass], list[str]]:
 
 
 _CLASS_KEYS = ("name", "prompt", "synonyms", "color", "colour", "threshold", "id", "description")
+# The type each key of a class entry must have (checked where the file is read, naming the key).
+_KEY_TYPES: dict[str, Any] = {
+    "name": str,
+    "prompt": str | None,
+    "synonyms": list[str] | str | None,
+    "color": str | list[int] | None,
+    "colour": str | list[int] | None,
+    "threshold": float | None,
+    "id": int | str | None,
+    "description": str | None,
+}
 
 
 def _class_from_entry(entry: Any, where: str) -> PromptClass:
+    """One class from a file's entry; `where` names it (`prompts.yaml: classes[2]`)."""
     if isinstance(entry, str):
         entry = {"name": entry.split("|")[0], "synonyms": entry.split("|")[1:]}
+    if isinstance(entry, Mapping) and "name" in entry:
+        check_type(entry["name"], str, f"{where}.name")
     if not isinstance(entry, Mapping) or not str(entry.get("name", "")).strip():
-        raise UsageError(f"{where}: each class needs a `name` (got {entry!r})")
+        raise UsageError(f"{where}: each class needs a `name` (got {entry!r:.60})")
     unknown = [k for k in entry if k not in _CLASS_KEYS]
     if unknown:
         hint = difflib.get_close_matches(str(unknown[0]), _CLASS_KEYS, 1)
@@ -99,21 +113,41 @@ def _class_from_entry(entry: Any, where: str) -> PromptClass:
             f"{where}: unknown key {unknown[0]!r} in class {entry['name']!r}"
             + (f" (did you mean {hint[0]!r}?)" if hint else f"; known keys: {', '.join(_CLASS_KEYS)}")
         )
+    for key, value in entry.items():
+        check_type(value, _KEY_TYPES[key], f"{where}.{key}")
     synonyms = entry.get("synonyms") or []
     synonyms = synonyms.split("|") if isinstance(synonyms, str) else list(synonyms)
-    texts = [_check_text(str(t)) for t in [entry.get("prompt") or entry["name"], *synonyms] if str(t).strip()]
+    texts = [_check_text(t) for t in [entry.get("prompt") or entry["name"], *synonyms] if t.strip()]
     color = entry.get("color", entry.get("colour"))
     threshold = entry.get("threshold")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
-        raise UsageError(
-            f"{where}: `threshold` of class {entry['name']!r} must be a number in [0, 1], got {threshold!r}"
-        )
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise UsageError(f"{where}.threshold must be a number in [0, 1], got {threshold!r}")
     return PromptClass(
-        str(entry["name"]).strip(),
+        entry["name"].strip(),
         tuple(dict.fromkeys(texts)),
         images.parse_color(color) if color is not None else None,
         None if threshold is None else float(threshold),
     )
+
+
+def _entries(data: Any, name: str) -> list[tuple[Any, str]]:
+    """The class entries of a parsed prompts file, each with the name of its place (`classes.yaml: classes[2]`)."""
+    if isinstance(data, Mapping) and "classes" in data:
+        if set(data) - {"classes"}:
+            extra = sorted(str(k) for k in set(data) - {"classes"})
+            raise UsageError(f"{name}: unknown top-level keys {extra}; only `classes` is read")
+        data, name = data["classes"], f"{name}: classes"
+    elif isinstance(data, Mapping):  # {road: {color: ...}}, {road: [street, highway]}, {road: "asphalt road"}, {road: }
+        entries = []
+        for k, v in data.items():
+            where = f"{name}: {check_type(k, str, f'{name}: class name {k!r}')}"
+            if not isinstance(v, Mapping):
+                v = {"synonyms": v} if isinstance(v, list) else {"prompt": v} if v is not None else {}
+            entries.append(({"name": k, **v}, where))
+        return entries
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"{name}: expected a non-empty list of classes (see `digseg segment --help`)")
+    return [(entry, f"{name}[{i}]") for i, entry in enumerate(data)]
 
 
 def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
@@ -121,46 +155,12 @@ def load_prompt_file(path: str | Path) -> tuple[list[PromptClass], list[str]]:
 
     An entry has `name` and optionally `prompt` (text, default the name), `synonyms` (list or `a|b`),
     `color` (name, `#rrggbb` or `r,g,b`), `threshold` (0–1) and `id`/`description` (kept for eval/train).
+    Each value's type is checked, naming its place in the file (`classes.yaml: classes[2].synonyms`).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except (json.JSONDecodeError, ValueError) as exc:
-        raise UsageError(f"{path} is not valid JSON/YAML: {exc}") from None
-    if isinstance(data, Mapping) and "classes" in data:
-        if set(data) - {"classes"}:
-            extra = sorted(set(data) - {"classes"})
-            raise UsageError(f"{path}: unknown top-level keys {extra}; only `classes` is read")
-        data = data["classes"]
-    if isinstance(data, Mapping):  # {road: {color: ...}} or {road: [street, highway]} or {road: "asphalt road"}
-        data = [
-            {
-                "name": k,
-                **(
-                    v
-                    if isinstance(v, Mapping)
-                    else {"synonyms": v}
-                    if isinstance(v, list)
-                    else {"prompt": v}
-                    if isinstance(v, str)
-                    else {}
-                ),
-            }
-            for k, v in data.items()
-        ]
-    if not isinstance(data, list) or not data:
-        raise UsageError(f"{path}: expected a non-empty list of classes (see `digseg segment --help`)")
+    entries = _entries(read_settings_file(path, "prompts file"), path.name)
     warnings: list[str] = []
-    return dedupe_classes([_class_from_entry(e, str(path)) for e in data], warnings), warnings
+    return dedupe_classes([_class_from_entry(e, where) for e, where in entries], warnings), warnings
 
 
 def load_classes(prompts: Sequence[str], prompts_file: str | Path | None = None) -> tuple[list[PromptClass], list[str]]:

@@ -10,10 +10,11 @@ checkpoint that loads wrong. This module does not know about devices beyond `.to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels, vae_scale_factor
-from digseg_cli.errors import CheckpointError, UsageError
+from digseg_cli.errors import CheckpointError, DigsegError, UsageError
+from digseg_cli.files import check_type, read_settings_file
 from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
 from digseg_cli.weights.hub import SD_WEIGHTS
@@ -190,32 +192,62 @@ def _replace_dir(src: Path, dst: Path) -> None:
 
 # -- loading -------------------------------------------------------------------------------------------
 def load_checkpoint(folder: Path) -> LoadedModel:
-    """Rebuild every component from its config and load its safetensors with strict key checks."""
+    """Rebuild every component from its config and load its safetensors with strict key checks. A component
+    whose config does not build (wrong types, a missing key, an empty tokenizer folder) is a `CheckpointError`
+    naming it (`_component`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoConfig, AutoTokenizer, CLIPTextModel
+
+    from digseg_cli.core.diffusion import make_scheduler
 
     folder = Path(folder)
     config = DigsegConfig.load(folder)
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}/")
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    with _component(folder / "unet" / "config.json"):
+        unet = UNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json"))
     _load_strict(unet, folder / "unet" / "diffusion_pytorch_model.safetensors")
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    with _component(folder / "vae" / "config.json"):
+        vae = AutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"))
     _load_strict(vae, folder / "vae" / "diffusion_pytorch_model.safetensors")
-    text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
+    with _component(folder / "text_encoder" / "config.json"):
+        _read_json(
+            folder / "text_encoder" / "config.json"
+        )  # a readable JSON object first: transformers' errors are long
+        text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
     _load_strict(text_encoder, folder / "text_encoder" / "model.safetensors")
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    with _component(folder / "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     pcfg = _read_json(folder / "text_pathway" / "config.json")
+    for key, kind in (("text_dim", int), ("level_channels", list[int]), ("hidden", int)):
+        check_type(pcfg.get(key), kind, f"{folder / 'text_pathway' / 'config.json'}: {key}", error=CheckpointError)
     pathway = TextPathway(pcfg["text_dim"], pcfg["level_channels"], hidden=pcfg["hidden"])
     _load_strict(pathway, folder / "text_pathway" / "model.safetensors")
-    sched = {
-        k: v for k, v in _read_json(folder / "scheduler" / "scheduler_config.json").items() if not k.startswith("_")
-    }
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = {k: v for k, v in _read_json(sched_path).items() if not k.startswith("_")}
+    with _component(sched_path):
+        make_scheduler(sched)  # built once here so that a schedule that cannot be built fails as the checkpoint's
     fast = load_fast_decoder(folder / FAST_DECODER) if (folder / FAST_DECODER).is_dir() else None
     for module in (unet, vae, text_encoder, pathway):
         module.eval()
     return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway, fast), tokenizer, sched, config)
+
+
+@contextlib.contextmanager
+def _component(source: Path) -> Iterator[None]:
+    """Turn the errors diffusers and transformers raise for a config they cannot build from (`source`, a
+    file of the user's checkpoint) into one `CheckpointError` line. Only around building from that file:
+    elsewhere these exception types are bugs and keep their tracebacks."""
+    try:
+        yield
+    except DigsegError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"cannot build a model part from {source}: {detail[:200]} (re-save the checkpoint)"
+        ) from None
 
 
 def save_fast_decoder(folder: Path, decoder: torch.nn.Module) -> None:
@@ -263,10 +295,9 @@ def _load_strict(module: torch.nn.Module, path: Path) -> None:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    """A component's JSON config: a `CheckpointError` naming the file unless it is a readable JSON object."""
+    data = read_settings_file(path, "config file", error=CheckpointError)
+    return check_type(data, dict, str(path), error=CheckpointError)
 
 
 def _write_json(path: Path, data: dict) -> None:

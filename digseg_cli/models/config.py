@@ -1,7 +1,8 @@
 """`DigsegConfig`: the settings that travel with every checkpoint as `digseg_config.json` (DESIGN §3).
 
 Every method choice of DESIGN §1 is a field here, never a constant hidden in code. This module reads and
-writes JSON and validates values; it knows nothing of torch, models or the command line.
+writes JSON and validates values (each key's type where the file is read); it knows nothing of torch,
+models or the command line.
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from digseg_cli.core import OBJECTIVES
 from digseg_cli.errors import CheckpointError, UsageError
+from digseg_cli.files import check_type, read_settings_file
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "digseg_config.json"
@@ -75,22 +78,40 @@ class DigsegConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DigsegConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: Any, where: str = CONFIG_NAME) -> DigsegConfig:
+        """A config from the parsed `digseg_config.json`; every key and value type is checked, and any
+        problem is a `CheckpointError` naming the key (`digseg_config.json: default_threshold must be a
+        number, got 'x'`)."""
+        check_type(data, dict, where, error=CheckpointError)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(known))
         if unknown:
             hints = [
                 f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
                 for k in unknown
             ]
-            raise CheckpointError(f"unknown keys in {CONFIG_NAME}: {', '.join(hints)}")
+            raise CheckpointError(f"unknown keys in {where}: {', '.join(hints)}")
+        missing = [
+            n for n, f in known.items() if n not in data and f.default is f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise CheckpointError(f"{where} lacks {', '.join(missing)}: re-save the checkpoint")
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            check_type(value, hints[key], f"{where}: {key}", error=CheckpointError)
+        for i, entry in enumerate(data.get("classes") or []):
+            check_type(entry.get("name"), str, f"{where}: classes[{i}].name", error=CheckpointError)
+            check_type(entry.get("synonyms", []), list[str], f"{where}: classes[{i}].synonyms", error=CheckpointError)
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             raise CheckpointError(
                 f"checkpoint format version {version} is newer than this digseg understands ({FORMAT_VERSION}): "
                 "upgrade digseg (pip install -U digseg)"
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except UsageError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
 
     def save(self, folder: Path) -> None:
         (Path(folder) / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
@@ -98,13 +119,9 @@ class DigsegConfig:
     @classmethod
     def load(cls, folder: Path) -> DigsegConfig:
         path = Path(folder) / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{folder} is not a digseg checkpoint: {CONFIG_NAME} is missing") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        return cls.from_dict(data)
+        if not path.exists():
+            raise CheckpointError(f"{folder} is not a digseg checkpoint: {CONFIG_NAME} is missing")
+        return cls.from_dict(read_settings_file(path, "checkpoint config", error=CheckpointError), str(path))
 
     def class_names(self) -> list[str] | None:
         return [c["name"] for c in self.classes] if self.classes else None

@@ -1,6 +1,6 @@
 """How a `digseg segment` run survives running out of device memory on one image.
 
-One job: run the pipeline on an image and, on CUDA/MPS out-of-memory, halve the U-Net batch (sticky for the
+One job: run the pipeline on an image and, on out-of-memory (CUDA, MPS or CPU), halve the U-Net batch (sticky for the
 rest of the run), then tile smaller and smaller, noting each step; `OutOfMemoryError` when even a batch of one
 and small tiles do not fit. The tiling rule is the pipeline's own (`plan.count_tiles`).
 """
@@ -50,9 +50,9 @@ def infer(
     rel: str,
     notes: list[str],
 ) -> SegmentationOutput:
-    """Run the pipeline; on CUDA/MPS out-of-memory halve the batch, then tile smaller and smaller. What the
+    """Run the pipeline; on out-of-memory (CUDA, MPS or CPU) halve the batch, then tile smaller and smaller. What the
     pipeline changed on its own (fp32 after an overflow) joins `notes` too."""
-    from digseg_cli.inference.device import is_out_of_memory
+    from digseg_cli.errors import is_out_of_memory
 
     n_texts = sum(1 if isinstance(p, str) else len(p) for p in prompts)
     while True:

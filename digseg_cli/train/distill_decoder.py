@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.core.fast_decoder import FastMaskDecoder
 from digseg_cli.errors import UsageError
+from digseg_cli.train.settings import refuse_broken
 
 log = logging.getLogger("digseg")
 POOL_SEED = 2_000_029  # synthetic scenes for distillation: neither the training data nor the synth val split
@@ -60,12 +61,28 @@ class DecoderTrainResult:
     evaluation: dict
 
 
+def check_inputs(s: DecoderTrainSettings) -> None:
+    """Refuse, before any work, settings no distillation could use: a `UsageError` (exit 2) naming the option
+    as `digseg decoder train` spells it. Pure; `train_fast_decoder` calls it."""
+    rules = [
+        (s.steps >= 1, "--steps", "at least 1", s.steps),
+        (s.batch_size >= 1, "--batch-size", "at least 1", s.batch_size),
+        (s.pool >= 1, "--pool", "at least 1", s.pool),
+        (s.lr > 0, "--lr", "a positive number", s.lr),
+        (s.width >= 1, "--width", "at least 1", s.width),
+        (s.blocks >= 0, "--blocks", "0 or more", s.blocks),
+        (s.resolution is None or s.resolution >= 1, "--resolution", "a positive number of pixels", s.resolution),
+        (s.val_limit is None or s.val_limit >= 1, "--val-limit", "at least 1", s.val_limit),
+        (s.tolerance >= 0, "--tolerance", "0 or more (mIoU points)", s.tolerance),
+    ]
+    refuse_broken(rules)
+
+
 def train_fast_decoder(s: DecoderTrainSettings, progress: Progress | None = None) -> DecoderTrainResult:
     from digseg_cli.inference.pipeline import load_pipeline
 
     emit = progress or (lambda event: None)
-    if s.steps < 1 or s.batch_size < 1 or s.pool < 1:
-        raise UsageError("`steps`, `batch_size` and `pool` must be at least 1")
+    check_inputs(s)
     if Path(s.out).exists() and not s.overwrite:
         raise UsageError(f"{s.out} already exists: pass --overwrite or choose another --out")
     # 1. Load the teacher (CPU, fp32).

@@ -5,8 +5,9 @@ and nodes (Accelerate handles the process group, mixed precision and gradient ac
 choice is derived from (seed, step) or (seed, epoch, index), so a run resumed from `last/` continues
 exactly where the uninterrupted run would be. The loop reports through a progress callback and logging;
 it knows nothing of the terminal. Its parts live beside it: the samples (`train.samples`), the loss
-(`train.loss`), a compact base's VAE stage (`train.vae_stage`), validation through `digseg eval`'s scorer
-(`train.validate`) and the checkpoints and resumable state (`train.state`).
+(`train.loss`), a compact base's VAE stage (`train.vae_stage`, which a signal stops as it stops the loop),
+validation through `digseg eval`'s scorer (`train.validate`), the checkpoints and resumable state
+(`train.state`); the stop signals are `inference.stopping`'s.
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.train import state as train_state
 from digseg_cli.train.loss import LossModule, step_generator
 from digseg_cli.train.samples import SegmentationTrainDataset, collate, prepare_data, tokenizer_fn
-from digseg_cli.train.settings import TrainResult, TrainSettings, accelerate_precision
+from digseg_cli.train.settings import (
+    TrainResult,
+    TrainSettings,
+    accelerate_precision,
+    check_inputs,
+    check_resolution,
+)
 from digseg_cli.train.validate import Validation
 
 __all__ = ["TrainResult", "TrainSettings", "train"]
@@ -94,63 +101,56 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
 
     Under several processes it closes the process group when the run ends (one training per process)."""
     s = settings
+    check_inputs(s)  # option values, before any work
     # 1. Check the data (the same check as `digseg data check`) and split it.
     classes, train_pairs, val_pairs = prepare_data(
         s.data, s.val, class_name=s.class_name, val_split=s.val_split, seed=s.seed
     )
     # 2. Processes, precision, accumulation (Accelerate) and seeds; the run folder with its settings.
     accelerator, accum, emit = _start(s, classes.to_json(), progress)
-    # 3. Model: a checkpoint to resume or start from, else a fresh DiGSeg from the base; the samples.
-    loaded, scheduler, state = _load_model(s, classes)
-    dataset = SegmentationTrainDataset(
-        train_pairs,
-        classes,
-        loaded.config.default_resolution,
-        seed=s.seed,
-        absent_prob=s.absent_prob,
-        prompt_template=s.prompt_template,
-    )
-    # 4. Stage 1 for compact bases trained from scratch: the VAE as an autoencoder of images and masks.
-    if loaded.config.base_model.startswith(COMPACT_PREFIX) and s.vae_steps and state is None and s.init is None:
-        from digseg_cli.train.vae_stage import calibrate_latent_scale, train_vae
-
-        train_vae(
-            loaded.model.vae,
-            dataset,
-            steps=s.vae_steps,
-            batch_size=s.batch_size,
-            lr=s.vae_lr,
+    # SIGINT/SIGTERM from here on end the run at the next step with a checkpoint and exit 130, in every stage.
+    with StopSignals() as signals:
+        # 3. Model: a checkpoint to resume or start from, else a fresh DiGSeg from the base; the samples.
+        loaded, scheduler, state = _load_model(s, classes)
+        dataset = SegmentationTrainDataset(
+            train_pairs,
+            classes,
+            loaded.config.default_resolution,
             seed=s.seed,
-            device=accelerator.device,
-            emit=emit,
+            absent_prob=s.absent_prob,
+            prompt_template=s.prompt_template,
         )
-        calibrate_latent_scale(loaded.model.vae, dataset, accelerator.device)
-    # 5. Freeze the VAE (and an SD base's text encoder); optimizer, schedule and EMA of what trains.
-    run = _set_up_optimisation(
-        _Run(
-            s=s,
-            accelerator=accelerator,
-            emit=emit,
-            accum=accum,
-            loaded=loaded,
-            scheduler=scheduler,
-            dataset=dataset,
-            tokenize=tokenizer_fn(loaded.tokenizer),
+        # 4. Stage 1 for compact bases trained from scratch: the VAE as an autoencoder of images and masks.
+        if loaded.config.base_model.startswith(COMPACT_PREFIX) and s.vae_steps and state is None and s.init is None:
+            from digseg_cli.train.vae_stage import run_vae_stage
+
+            run_vae_stage(s, loaded, dataset, accelerator=accelerator, emit=emit, signals=signals)
+        # 5. Freeze the VAE (and an SD base's text encoder); optimizer, schedule and EMA of what trains.
+        run = _set_up_optimisation(
+            _Run(
+                s=s,
+                accelerator=accelerator,
+                emit=emit,
+                accum=accum,
+                loaded=loaded,
+                scheduler=scheduler,
+                dataset=dataset,
+                tokenize=tokenizer_fn(loaded.tokenizer),
+            )
         )
-    )
-    # 6. Resume: the weights came with the checkpoint; restore optimizer, schedule, EMA, position and RNG.
-    if state is not None:
-        _restore(run, state)
-    # 7. The loop: `accum` micro-batches per optimizer step; validate and save on schedule.
-    validation = Validation(classes, val_pairs, Path(s.val or s.data), limit=s.val_limit)
-    stopped_by, signal_name, history = _loop(run, validation)
+        # 6. Resume: the weights came with the checkpoint; restore optimizer, schedule, EMA, position and RNG.
+        if state is not None:
+            _restore(run, state)
+        # 7. The loop: `accum` micro-batches per optimizer step; validate and save on schedule.
+        validation = Validation(classes, val_pairs, Path(s.val or s.data), limit=s.val_limit)
+        stopped_by, history = _loop(run, validation, signals)
     # 8. The last checkpoint (with the trainer state), and a check that every process agrees on it.
     last = run.save("last")
     train_state.check_ranks_agree(loaded.model, accelerator)
     leave_process_group()
     if stopped_by == "signal":
         raise InterruptedRunError(
-            f"interrupted by {signal_name or 'a signal'} at step {run.pos.step}: checkpoint "
+            f"interrupted by {signals.requested or 'a signal'} at step {run.pos.step}: checkpoint "
             f"written to {last}; continue with `digseg train --out {run.out} --resume`"
         )
     best_path = run.out / "best" if (run.out / "best").exists() else None
@@ -207,7 +207,7 @@ def _load_model(s: TrainSettings, classes) -> tuple[LoadedModel, Any, dict | Non
         cfg.objective, cfg.prompt_template, cfg.classes = s.objective, s.prompt_template, overrides["classes"]
     if s.resume is None:
         cfg.evaluation = {}
-    cfg.default_resolution = s.resolution or cfg.default_resolution
+    cfg.default_resolution = check_resolution(s.resolution or cfg.default_resolution, loaded.model.size_multiple)
     scheduler = diffusion.make_scheduler(loaded.scheduler_config)
     if scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise UsageError(f"unsupported prediction type {scheduler.config.prediction_type!r}")
@@ -276,8 +276,9 @@ def _restore(run: _Run, state: dict) -> None:
     log.info("resumed from %s at step %d", run.s.resume, run.pos.step)
 
 
-def _loop(run: _Run, validation: Validation) -> tuple[str, str | None, list[dict]]:
-    """Epochs of optimizer steps until a stop; returns (why it stopped, the signal's name, the records)."""
+def _loop(run: _Run, validation: Validation, signals: StopSignals) -> tuple[str, list[dict]]:
+    """Epochs of optimizer steps until a stop (`signals` asks for one after a step); returns (why it
+    stopped, the records)."""
     s, pos, accelerator = run.s, run.pos, run.accelerator
     metrics = train_state.MetricsLog(run.out, truncate_after_step=pos.step) if accelerator.is_main_process else None
     history: list[dict] = []
@@ -286,31 +287,29 @@ def _loop(run: _Run, validation: Validation) -> tuple[str, str | None, list[dict
     run.t0 = time.monotonic()
     run.loaded.model.train()
     run.loaded.model.vae.eval()
-    with StopSignals() as signals:
-        while not run.done():
-            order = np.random.default_rng([s.seed, pos.epoch]).permutation(len(run.dataset))
-            run.dataset.set_epoch(pos.epoch)
-            n_batches = len(order) // (s.batch_size * accelerator.num_processes)
-            if n_batches == 0:
-                raise UsageError(
-                    f"batch size {s.batch_size * accelerator.num_processes} is larger than the "
-                    f"{len(order)} training images"
-                )
-            while pos.batch_in_epoch + run.accum <= n_batches and not run.done():
-                record = _optimizer_step(run, order, window)
-                stopped_by = _stop_reason(run, signals, epoch_done=pos.batch_in_epoch + run.accum > n_batches)
-                val_now = _validate(run, record, validation, stopped_by)
-                if metrics and (pos.step % s.log_every == 0 or val_now or stopped_by):
-                    metrics.write(record)
-                    history.append(record)
-                if s.save_every and pos.step % s.save_every == 0 and not stopped_by:
-                    run.save("last")
-                if stopped_by:
-                    break
-            if stopped_by or run.done():
+    while not run.done():
+        order = np.random.default_rng([s.seed, pos.epoch]).permutation(len(run.dataset))
+        run.dataset.set_epoch(pos.epoch)
+        n_batches = len(order) // (s.batch_size * accelerator.num_processes)
+        if n_batches == 0:
+            raise UsageError(
+                f"batch size {s.batch_size * accelerator.num_processes} is larger than the {len(order)} training images"
+            )
+        while pos.batch_in_epoch + run.accum <= n_batches and not run.done():
+            record = _optimizer_step(run, order, window)
+            stopped_by = _stop_reason(run, signals, epoch_done=pos.batch_in_epoch + run.accum > n_batches)
+            val_now = _validate(run, record, validation, stopped_by)
+            if metrics and (pos.step % s.log_every == 0 or val_now or stopped_by):
+                metrics.write(record)
+                history.append(record)
+            if s.save_every and pos.step % s.save_every == 0 and not stopped_by:
+                run.save("last")
+            if stopped_by:
                 break
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-    return stopped_by or "max_steps", signals.requested, history
+        if stopped_by or run.done():
+            break
+        pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+    return stopped_by or "max_steps", history
 
 
 def _optimizer_step(run: _Run, order: np.ndarray, window: list[float]) -> dict:

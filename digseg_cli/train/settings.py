@@ -1,6 +1,6 @@
 """What a training run is asked to do (`TrainSettings`, every option of `digseg train`) and what it leaves
 (`TrainResult`). Plain data: the settings are written to `<out>/config.json` and into the checkpoint's
-`training` record; `train.loop` runs them.
+`training` record; `train.loop` runs them. `check_inputs` is the one check of their values.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from digseg_cli.errors import UsageError
+
+# `--precision` (besides auto) as Accelerate's `mixed_precision`.
+MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 
 
 @dataclass
@@ -70,6 +73,62 @@ class TrainResult:
     is_main_process: bool = True
 
 
+def check_inputs(s: TrainSettings) -> None:
+    """Refuse, before any work, settings no run could use: a `UsageError` (exit 2) naming the option as
+    `digseg train` spells it. Pure (diffusers' pipelines' `check_inputs` is the model): `train()` calls it, so
+    the Python API is checked alike. The resolution's multiple needs the model: `check_resolution`."""
+    from digseg_cli.core import OBJECTIVES
+    from digseg_cli.models.config import check_prompt_template
+
+    rules = [
+        (s.batch_size >= 1, "--batch-size", "at least 1", s.batch_size),
+        (s.effective_batch is None or s.effective_batch >= 1, "--effective-batch", "at least 1", s.effective_batch),
+        (s.lr > 0, "--lr", "a positive number", s.lr),
+        (s.vae_lr > 0, "vae_lr", "a positive number", s.vae_lr),
+        (s.weight_decay >= 0, "weight_decay", "0 or more", s.weight_decay),
+        (s.warmup_steps >= 0, "--warmup-steps", "0 or more", s.warmup_steps),
+        (s.max_steps is None or s.max_steps >= 1, "--max-steps", "at least 1", s.max_steps),
+        (s.epochs is None or s.epochs >= 1, "--epochs", "at least 1", s.epochs),
+        (s.time_limit is None or s.time_limit > 0, "--time", "a positive duration", s.time_limit),
+        (s.val_every >= 0, "--val-every", "0 (off) or more", s.val_every),
+        (s.save_every >= 0, "--save-every", "0 (off) or more", s.save_every),
+        (s.log_every >= 1, "log_every", "at least 1", s.log_every),
+        (s.val_limit is None or s.val_limit >= 1, "val_limit", "at least 1", s.val_limit),
+        (0 <= s.val_split < 1, "--val-split", "in [0, 1)", s.val_split),
+        (0 <= s.ema < 1, "--ema", "in [0, 1) (0 = off; 0.999 is usual)", s.ema),
+        (s.vae_steps >= 0, "--vae-steps", "0 or more", s.vae_steps),
+        (s.resolution is None or s.resolution >= 1, "--resolution", "a positive number of pixels", s.resolution),
+        (s.decoded_loss >= 0, "--decoded-loss", "0 or more", s.decoded_loss),
+        (s.foreground_weight >= 1, "--foreground-weight", "at least 1", s.foreground_weight),
+        (0 <= s.absent_prob <= 1, "absent_prob", "in [0, 1]", s.absent_prob),
+        (s.noise_strength >= 0, "noise_strength", "0 or more", s.noise_strength),
+        (s.workers >= 0, "workers", "0 or more", s.workers),
+        (s.objective in OBJECTIVES, "--objective", " or ".join(OBJECTIVES), s.objective),
+    ]
+    refuse_broken(rules)
+    if s.precision != "auto" and s.precision not in MIXED_PRECISION:
+        raise UsageError(f"`--precision` must be auto, fp32, fp16 or bf16, got {s.precision!r}")
+    check_prompt_template(s.prompt_template)
+
+
+def refuse_broken(rules: list[tuple[bool, str, str, object]]) -> None:
+    """A `UsageError` for the first rule `(holds, option, what it must be, value)` that does not hold: the one
+    wording of an option check (`` `--lr` must be a positive number, got -1.0 ``)."""
+    for holds, option, wanted, value in rules:
+        if not holds:
+            raise UsageError(f"`{option}` must be {wanted}, got {value!r}")
+
+
+def check_resolution(resolution: int, multiple: int) -> int:
+    """`resolution` when the model can train at it (a multiple of its `size_multiple`), else a `UsageError`."""
+    if resolution % multiple:
+        lower = max(multiple, resolution // multiple * multiple)
+        raise UsageError(
+            f"`--resolution` must be a multiple of {multiple} for this model, got {resolution} (try {lower})"
+        )
+    return resolution
+
+
 def accelerate_precision(precision: str) -> str:
     """`--precision` as Accelerate's `mixed_precision`: auto is bf16 on a CUDA GPU that has it, else fp16 there,
     else no mixed precision."""
@@ -81,7 +140,6 @@ def accelerate_precision(precision: str) -> str:
             if torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             else ("fp16" if torch.cuda.is_available() else "no")
         )
-    mapping = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
-    if precision not in mapping:
-        raise UsageError(f"unknown precision {precision!r}: use auto, fp32, fp16 or bf16")
-    return mapping[precision]
+    if precision not in MIXED_PRECISION:
+        raise UsageError(f"`--precision` must be auto, fp32, fp16 or bf16, got {precision!r}")
+    return MIXED_PRECISION[precision]

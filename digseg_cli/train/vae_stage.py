@@ -2,19 +2,25 @@
 
 One job: fit the VAE to reconstruct training images and 3-channel masks, then set its latent
 `scaling_factor` so the U-Net sees unit-variance latents. It reads samples from the training dataset
-(`digseg_cli.train.samples`) and reports through the loop's progress callback; the U-Net stage, the
-optimizer of stage 2 and checkpoints belong to `digseg_cli.train.loop`.
+(`digseg_cli.train.samples`) and reports through the loop's progress callback. A SIGINT/SIGTERM (the run's
+`inference.stopping.StopSignals`) stops it after the step it is in; `run_vae_stage` then writes the model as it
+stands to `last/` through `train.state` and ends the run with exit 130. The U-Net stage, the optimizer of
+stage 2 and its resumable checkpoints belong to `digseg_cli.train.loop`.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from digseg_cli.core.model import vae_scale_factor
+from digseg_cli.errors import InterruptedRunError
+from digseg_cli.inference.device import leave_process_group
+from digseg_cli.train import state as train_state
 
 log = logging.getLogger("digseg")
 # AdamW at its full rate from the first step sometimes (seeds 2 and 3 of 0-4, 64 px synth scenes) left the
@@ -25,9 +31,46 @@ log = logging.getLogger("digseg")
 VAE_WARMUP_STEPS = 100
 
 
-def train_vae(vae, dataset, *, steps: int, batch_size: int, lr: float, seed: int, device, emit) -> None:
+def run_vae_stage(s, loaded, dataset, *, accelerator, emit, signals) -> None:
+    """Stage 1 of run settings `s` on `loaded`'s VAE: fit it, then calibrate its latent scale. After a signal
+    the model as it stands (latent scale calibrated, so `--init` can start the U-Net stage from it) is
+    written to `<out>/last/` without a trainer state (no U-Net step to resume) and `InterruptedRunError`
+    (exit 130) says how to go on."""
+    done = train_vae(
+        loaded.model.vae,
+        dataset,
+        steps=s.vae_steps,
+        batch_size=s.batch_size,
+        lr=s.vae_lr,
+        seed=s.seed,
+        device=accelerator.device,
+        emit=emit,
+        stop=lambda: signals.requested is not None,
+    )
+    calibrate_latent_scale(loaded.model.vae, dataset, accelerator.device)
+    if signals.requested is None:
+        return
+    training = {"settings": s.to_dict(), "step": 0, "epoch": 0, "vae_steps_done": done}
+    last = train_state.save_run_checkpoint(
+        Path(s.out) / "last",
+        loaded,
+        accelerator=accelerator,
+        training=training,
+        position=train_state.Position(),
+        elapsed=0.0,
+    )
+    leave_process_group()
+    raise InterruptedRunError(
+        f"interrupted by {signals.requested} in the VAE stage after {done} of {s.vae_steps} VAE steps: the model "
+        f"as it stands written to {last} (not resumable: no U-Net step was taken); start the U-Net stage from "
+        f"it with `digseg train --init {last} --out NEW_FOLDER ...`, or run again with --overwrite"
+    )
+
+
+def train_vae(vae, dataset, *, steps: int, batch_size: int, lr: float, seed: int, device, emit, stop=None) -> int:
     """Train `vae` for `steps` AdamW steps (linear warm-up over `VAE_WARMUP_STEPS`, then `lr`; diffusers'
-    `get_scheduler`) on random crops of images and masks (the masks weigh half)."""
+    `get_scheduler`) on random crops of images and masks (the masks weigh half). `stop()`, asked after each
+    step, ends it early; returns the steps taken."""
     from diffusers.optimization import get_scheduler
 
     vae.train().requires_grad_(True).to(device)
@@ -35,6 +78,7 @@ def train_vae(vae, dataset, *, steps: int, batch_size: int, lr: float, seed: int
     sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=min(VAE_WARMUP_STEPS, steps))
     rng = np.random.default_rng([seed, 10**6])
     f = vae_scale_factor(vae.config.block_out_channels)
+    step = 0
     for step in range(1, steps + 1):
         idx = rng.choice(len(dataset), size=min(batch_size, len(dataset)), replace=False)
         samples = [dataset[int(i)] for i in idx]
@@ -65,7 +109,10 @@ def train_vae(vae, dataset, *, steps: int, batch_size: int, lr: float, seed: int
         opt.step()
         sched.step()
         emit({"event": "vae_step", "step": step, "max_steps": steps, "loss": float(loss.detach())})
+        if stop is not None and stop():
+            break
     vae.eval()
+    return step
 
 
 @torch.no_grad()

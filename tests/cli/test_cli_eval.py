@@ -80,6 +80,26 @@ def test_predictions_scoring_through_the_cli(tmp_path):
     assert "1.0000" in res.stderr  # the Rich table shows the same numbers (4 decimals)
 
 
+def test_predictions_of_another_size_exit_2_unless_resize_predictions(tmp_path):
+    data = user_folder(tmp_path / "data")
+    for i in range(3):  # labels are 8x8; the predictions 4x4 (every other pixel)
+        mask = np.asarray(Image.open(data / f"masks/{i}.png"))[::2, ::2]
+        _png(tmp_path / f"preds/{i}.png", mask)
+    args = ["eval", "-d", str(data), "--predictions", str(tmp_path / "preds"), "--out", str(tmp_path / "report")]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    assert (
+        f"{tmp_path / 'preds'}/0.png is 4x4, its label 8x8" in refused.stderr
+        and "--resize-predictions" in refused.stderr
+    )
+    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.output
+    resized = runner.invoke(app, [*args, "--resize-predictions", "--json"])
+    assert resized.exit_code == 0, resized.output
+    assert json.loads(resized.stdout)["num_images"] == 3
+    wrong = runner.invoke(app, ["eval", "-d", str(data), "--resize-predictions", "--check"])
+    assert wrong.exit_code == 2 and "applies to `--predictions` only" in wrong.stderr
+
+
 def test_absent_rule_option_changes_the_number(tmp_path):
     folder = user_folder(tmp_path / "mine", classes_in_masks=2)  # "tree" (2) is never in the ground truth ...
     preds = tmp_path / "preds"

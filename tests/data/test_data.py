@@ -61,7 +61,7 @@ def test_classes_json_full_and_plain(tmp_path):
     cl = read_classes(tmp_path)
     assert cl.ids == (1, 7) and cl.ignore_index == 255
     (tmp_path / "classes.json").write_text("{not json")
-    with pytest.raises(DatasetError, match="cannot parse"):
+    with pytest.raises(DatasetError, match="is not valid JSON"):
         read_classes(tmp_path)
 
 

@@ -227,6 +227,35 @@ def test_sigterm_writes_a_checkpoint_and_exits_130_then_resume_extends(synth32, 
     assert resumed["settings"]["data"] == str(synth32) and resumed["settings"]["lr"] == 1e-3
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_in_the_vae_stage_writes_the_model_and_exits_130(synth32, tmp_path, sig):
+    out = tmp_path / "run"
+    args = ["--data", str(synth32), *TINY, "--vae-steps", "100000", "--max-steps", "2", "--val-every", "0", "--cpu"]
+    proc = subprocess.Popen(
+        _cmd(*args, "--out", str(out)), env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "config.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3.0)  # the model is built and the VAE stage under way (or about to be: a signal waits for it)
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, stderr
+    assert "in the VAE stage after" in stderr and "--init" in stderr and "Traceback" not in stderr
+    training = json.loads((out / "last" / "digseg_config.json").read_text())["training"]
+    assert 1 <= training["vae_steps_done"] < 100000 and training["step"] == 0
+    assert not (out / "last" / "trainer_state.pt").exists()  # nothing of a U-Net stage to resume
+    if sig == signal.SIGTERM:  # the command the message suggests starts the U-Net stage from it
+        done = subprocess.run(
+            _cmd("--data", str(synth32), *TINY, "--init", str(out / "last"), "--out", str(tmp_path / "next"))
+            + ["--max-steps", "1", "--val-every", "0", "--cpu"],
+            env=_env(),
+            capture_output=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+
+
 def test_two_processes_end_with_identical_weights(synth32, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
