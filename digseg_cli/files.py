@@ -12,9 +12,8 @@ input: a FIFO, a socket or a device would block a reader forever or stream witho
 `require_writable_folder` proves a folder takes files before a long run starts writing into it.
 
 `read_settings_file` is the one way to read a JSON/YAML file a user wrote (prompts, class lists, configs):
-an unreadable, non-UTF-8 or malformed file is one line naming it. `check_type` checks each value that
-came out of one against the type it must have, naming the key (`classes[2].synonyms must be a list of
-strings, got 5`), so a wrong type never reaches code that would fail on it with a traceback.
+an unreadable, non-UTF-8 or malformed file is one line naming it. The values that come out of one are
+checked by `digseg_cli.typecheck`.
 
 It knows nothing of images, models or run folders: callers decide which file to write; this decides how.
 """
@@ -245,55 +244,3 @@ def yaml_problem(exc: Exception) -> str:
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     mark = getattr(exc, "problem_mark", None)
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(problem)
-
-
-# What a settings value must be: a type, a tuple of types, or a description with its own check.
-_NUMBER = (int, float)
-
-
-def is_of_type(value: Any, expected: Any) -> bool:
-    """Whether `value` fits the annotation `expected`: `str`, `int`, `float` (an int too), `bool`, `dict`,
-    `list[X]`, `X | None` and unions of them. A bool is not a number (`True` is no resolution)."""
-    import types
-    import typing
-
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        return any(is_of_type(value, arg) for arg in typing.get_args(expected))
-    if expected is type(None):
-        return value is None
-    if expected is Any:
-        return True
-    if origin is list:
-        (item,) = typing.get_args(expected) or (Any,)
-        return isinstance(value, list) and all(is_of_type(v, item) for v in value)
-    if origin is dict or expected is dict:
-        return isinstance(value, dict)
-    if expected in (int, float) and isinstance(value, bool):
-        return False
-    return isinstance(value, _NUMBER if expected is float else expected)
-
-
-def type_name(expected: Any) -> str:
-    """`expected` as the message says it: "an integer", "a list of strings", "a string or null"."""
-    import types
-    import typing
-
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}
-    names[type(None)] = "null"
-    origin = typing.get_origin(expected)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(expected))
-    if origin is list:
-        (item,) = typing.get_args(expected) or (Any,)
-        return "a list" if item is Any else f"a list of {type_name(item).split(' ', 1)[1]}s"
-    return names.get(expected, getattr(expected, "__name__", str(expected)))
-
-
-def check_type(value: Any, expected: Any, where: str, *, error: type[UsageError] = UsageError) -> Any:
-    """`value` when it fits `expected` (see `is_of_type`), else `error("<where> must be <type>, got <value>")`:
-    the one message for a wrong value type in a settings file (`prompts.yaml: classes[2].synonyms must be a
-    list of strings, got 5`)."""
-    if not is_of_type(value, expected):
-        raise error(f"{where} must be {type_name(expected)}, got {value!r:.60}")
-    return value

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "digseg_cli"
 LAYERS = {
     "errors": 0,
     "files": 0.5,  # how files are written and opened: over errors, under everything else
+    "typecheck": 0.5,  # what a settings value must be: beside files
     "_version": 0,
     "core": 1,
     "weights": 2,
@@ -77,7 +78,7 @@ def _room(module: str) -> str:
 
 def test_the_tree_is_the_table_of_contents():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert top == ["__init__.py", "__main__.py", "_version.py", "errors.py", "files.py"], top
+    assert top == ["__init__.py", "__main__.py", "_version.py", "errors.py", "files.py", "typecheck.py"], top
     for folder in (p for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"):
         assert folder.name in LAYERS, f"{folder.name}/ has no layer in this test: give it one"
         init = folder / "__init__.py"

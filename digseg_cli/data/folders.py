@@ -41,8 +41,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from digseg_cli.errors import DatasetError, UsageError
-from digseg_cli.files import check_type, read_settings_file, read_text_file
+from digseg_cli.files import read_settings_file, read_text_file
 from digseg_cli.inference.images import ImageReadError, parse_color, read_image, read_mask
+from digseg_cli.typecheck import check_type
 
 MASK_DIR_NAMES = ("masks", "labels", "annotations")
 CLASS_FILE_NAMES = ("classes.json", "classes.yaml", "classes.yml", "classes.txt")

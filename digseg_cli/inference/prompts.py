@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from digseg_cli.errors import UsageError
-from digseg_cli.files import check_type, read_settings_file
+from digseg_cli.files import read_settings_file
 from digseg_cli.inference import images
+from digseg_cli.typecheck import check_type
 
 _INSTRUCTION = re.compile(
     r"^(all|every|each|any|segment|find|detect|show|highlight|mark|select|extract|locate|identify|give|please)\b",

@@ -24,9 +24,10 @@ from safetensors.torch import load_file, save_file
 
 from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels, vae_scale_factor
 from digseg_cli.errors import CheckpointError, DigsegError, UsageError
-from digseg_cli.files import check_type, read_settings_file
+from digseg_cli.files import read_settings_file
 from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
+from digseg_cli.typecheck import check_type
 from digseg_cli.weights.hub import SD_WEIGHTS
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")

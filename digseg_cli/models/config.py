@@ -17,7 +17,8 @@ from typing import Any
 
 from digseg_cli.core import OBJECTIVES
 from digseg_cli.errors import CheckpointError, UsageError
-from digseg_cli.files import check_type, read_settings_file
+from digseg_cli.files import read_settings_file
+from digseg_cli.typecheck import check_type
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "digseg_config.json"
