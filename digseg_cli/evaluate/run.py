@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from digseg_cli.errors import UsageError
 from digseg_cli.evaluate.predictions import pipeline_predictor, score_predictions
 from digseg_cli.evaluate.scoring import EvalResult, Progress, evaluate, protocol_kwargs
+from digseg_cli.files import require_writable_folder
 from digseg_cli.models.config import check_prompt_template
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
         return EvalRun(check=D.check_layout(spec, split=s.split, data_root=s.data_root))
     # 2. The samples, where the reports go, the protocol and what the reports record of this run.
     data = D.open_dataset(spec, split=s.split, data_root=s.data_root)
-    out_dir = s.out or default_out_dir(spec.name, data.split)
+    out_dir = require_writable_folder(s.out or default_out_dir(spec.name, data.split), "--out")  # before the model
     protocol = protocol_kwargs(spec)
     protocol["absent_rule"] = s.absent_rule or spec.absent_rule
     if s.threshold is not None:

@@ -26,7 +26,7 @@ import torch
 
 from digseg_cli.core import diffusion
 from digseg_cli.errors import InterruptedRunError, UsageError
-from digseg_cli.files import atomic_write_json
+from digseg_cli.files import atomic_write_json, require_writable_folder
 from digseg_cli.inference.device import emulated_bf16_note, leave_process_group
 from digseg_cli.inference.stopping import StopSignals
 from digseg_cli.models.checkpoint import LoadedModel
@@ -177,7 +177,7 @@ def _start(s: TrainSettings, classes_json: dict, progress) -> tuple[Any, int, Ca
     if s.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if accelerator.is_main_process:
-        Path(s.out).mkdir(parents=True, exist_ok=True)
+        require_writable_folder(s.out, "--out")  # before the model loads: a file there, read-only, full
         atomic_write_json(Path(s.out) / "config.json", {**s.to_dict(), "classes": classes_json})
     return accelerator, accum, emit
 

@@ -276,7 +276,7 @@ CASES = [
         2,
         "`--resolution` must be a multiple of 4 for this model, got 33",
     ),
-    ("train out a file", _train("--out", "{tmp}/file"), {"file": "x"}, 2, "File exists: {tmp}/file"),
+    ("train out a file", _train("--out", "{tmp}/file"), {"file": "x"}, 2, "--out {tmp}/file is a file, not a folder"),
     (
         "decoder steps 0",
         ["decoder", "train", "--weights", "{ck}", "--out", "{tmp}/d", "--steps", "0"],
@@ -304,15 +304,35 @@ CASES = [
         ["eval", "-d", "{data}", "--weights", "{ck}", "--limit", "1", "--out", "{tmp}/file"],
         {"file": "x"},
         2,
-        "File exists: {tmp}/file",
+        "--out {tmp}/file is a file, not a folder",
     ),
-    ("segment out a file", _segment("-p", "road", "--out", "{tmp}/file"), {"file": "x"}, 2, "File exists: {tmp}/file"),
+    (
+        "segment out a file",
+        _segment("-p", "road", "--out", "{tmp}/file"),
+        {"file": "x"},
+        2,
+        "--out {tmp}/file is a file, not a folder",
+    ),
     (
         "segment out under a file",
         _segment("-p", "road", "--out", "{tmp}/file/out"),
         {"file": "x"},
         2,
-        "Not a directory: {tmp}/file",
+        "cannot write to --out {tmp}/file/out: Not a directory",
+    ),
+    (
+        "train out under a file",
+        _train("--out", "{tmp}/file/out"),
+        {"file": "x"},
+        2,
+        "cannot write to --out {tmp}/file/out: Not a directory",
+    ),
+    (
+        "eval out under a file",
+        ["eval", "-d", "{data}", "--weights", "{ck}", "--limit", "1", "--out", "{tmp}/file/out"],
+        {"file": "x"},
+        2,
+        "cannot write to --out {tmp}/file/out: Not a directory",
     ),
 ]
 
