@@ -7,6 +7,7 @@ command bodies so that ``digseg --help`` and ``digseg --version`` answer without
 from __future__ import annotations
 
 import importlib
+import signal
 from typing import Annotated
 
 import typer
@@ -62,4 +63,8 @@ for _module in COMMAND_MODULES:
 
 
 def main() -> None:
+    # SIGTERM ends a command as Ctrl-C does (exit 130 through `handle_errors`, `finally` blocks run) instead
+    # of killing it with 143; `segment` and `train` install their own handler for the run itself, which
+    # finishes the image or step in hand and writes the manifest or a checkpoint first.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     app()

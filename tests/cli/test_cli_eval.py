@@ -304,3 +304,31 @@ def test_two_processes_under_accelerate_launch_give_the_one_process_metrics(tmp_
     assert written["per_class"] == expected["per_class"]
     assert (tmp_path / "two/confusion_matrix.csv").read_text() == (tmp_path / "one/confusion_matrix.csv").read_text()
     assert two.stderr.count("reports written to") == 1
+
+
+def test_sigterm_ends_an_eval_as_ctrl_c_does_with_exit_130_and_one_line(tmp_path):
+    """Commands without a run loop of their own (eval, decoder train, weights) end on SIGTERM as on Ctrl-C:
+    exit 130 and one line, not a kill with 143. The signal is sent once eval has probed `--out`, which it does
+    after reading the dataset and before loading the model: well inside the command, long before it ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from digseg_cli.data.synth import write_synth_dataset
+    from digseg_cli.models.checkpoint import build_compact, save_checkpoint
+
+    save_checkpoint(tmp_path / "ck", build_compact("tiny"))
+    write_synth_dataset(tmp_path / "data", 40, seed=0, size=32)
+    out = tmp_path / "eval"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIGSEG_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    command = ["eval", "-d", str(tmp_path / "data"), "--weights", str(tmp_path / "ck"), "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "digseg_cli", *command], env=env, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["error: interrupted"] and not (out / "metrics.json").exists()
