@@ -463,7 +463,7 @@ def test_small_model_trained_on_synthetic_scenes_reaches_validation_miou_0_5(tmp
     from bare ground, and validation mIoU stayed near 0.38 (seeds 0 and 1: 0.559, 0.556). Stage 1 now warms
     its learning rate up (`train.vae_stage.VAE_WARMUP_STEPS`). Measured with it, 1 thread per run, validation
     as `digseg eval` scores it (synonyms included), this recipe at step 900 with training seeds 0-4:
-    0.553, 0.549, 0.582, 0.552, SEED4; the lowest field IoU 0.59. At 64 px buildings are about one latent
+    0.553, 0.549, 0.582, 0.552, 0.556 (against 0.5); the lowest field IoU 0.59. At 64 px buildings are about one latent
     pixel wide and stay near 0 IoU; background, water and field carry the mean."""
     from digseg_cli.data.synth import write_synth_dataset
 
