@@ -66,5 +66,6 @@ def main() -> None:
     # SIGTERM ends a command as Ctrl-C does (exit 130 through `handle_errors`, `finally` blocks run) instead
     # of killing it with 143; `segment` and `train` install their own handler for the run itself, which
     # finishes the image or step in hand and writes the manifest or a checkpoint first.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # an ignored SIGTERM stays ignored
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     app()

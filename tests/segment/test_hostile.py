@@ -351,7 +351,13 @@ def test_sigint_finishes_the_image_in_hand_then_stops_with_130(tmp_path, monkeyp
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(DigsegPipeline, "__call__", signal_during_second)
-    result = _segment(str(tmp_path / "in"), "-p", "road", "--out", str(tmp_path / "out"))
+    # A shell starts background jobs with SIGINT ignored (and the run then leaves it so): give this test the
+    # handler an interactive shell gives.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = _segment(str(tmp_path / "in"), "-p", "road", "--out", str(tmp_path / "out"))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back after the run
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     _one_error(result, 130, "interrupted after 2 of 3 images")
     assert json.loads((tmp_path / "out/run.json").read_text())["counts"]["processed"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handed back after the run
