@@ -168,6 +168,8 @@ def _differences(before: Mapping[str, Any], now: Mapping[str, Any], where: str =
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) and "name" in v for v in value):
+        value = [v["name"] for v in value]  # classes: their names say which they are
     text = json.dumps(value, default=str)
     return text if len(text) <= 60 else text[:57] + "..."
 
