@@ -472,7 +472,7 @@ def test_small_model_trained_on_synthetic_scenes_reaches_validation_miou_0_5(tmp
     0.553, 0.549, 0.582, 0.552, 0.556 (against 0.5); the lowest field IoU 0.59. The test runs on one torch
     thread, as measured, and is then the same computation on every run: two threads sum in another order, and
     the training's path moves with it (seed 0 on two threads: 0.498), so the margin is not yet one that
-    holds against any change of float rounding; about 14 minutes on one core of the 2-core CPU. At 64 px
+    holds against any change of float rounding; 15-17 minutes on one core of the 2-core CPU. At 64 px
     buildings are about one latent pixel wide and stay near 0 IoU; background, water and field carry the mean."""
     from digseg_cli.data.synth import write_synth_dataset
 
