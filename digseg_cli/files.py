@@ -150,10 +150,7 @@ def remove_stale_temporaries(folder: PathLike) -> list[Path]:
 
 def is_regular_file(path: PathLike) -> bool:
     """True for a regular file (after following symlinks); False for FIFOs, sockets, devices, folders, nothing."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
-        return False
+    return not_regular_reason(path) is None
 
 
 def not_regular_reason(path: PathLike) -> str | None:
