@@ -186,16 +186,19 @@ def prepare_out_dir(out_dir: Path) -> Path:
     """Before the model is loaded: the output folder exists and takes a file (else a one-line `UsageError`),
     and the temporary files of killed runs are gone from it."""
     require_writable_folder(out_dir, "--out")
-    for path in remove_stale_temporaries(out_dir):
-        log.info("removed %s, left behind by a killed run", path)
+    _remove_stale(out_dir)
     return out_dir
 
 
 def remove_stale_below(out_dir: Path, paths: Sequence[Mapping[str, Any]]) -> None:
     """Remove killed runs' temporary files from every folder this run writes into (the tree below --out)."""
     for folder in {p.parent for each in paths for p in _flat(each)} - {out_dir}:
-        for path in remove_stale_temporaries(folder):
-            log.info("removed %s, left behind by a killed run", path)
+        _remove_stale(folder)
+
+
+def _remove_stale(folder: Path) -> None:
+    for path in remove_stale_temporaries(folder):
+        log.info("removed %s, left behind by a killed run", path)
 
 
 def _complete(path: Path) -> bool:
