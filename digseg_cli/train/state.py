@@ -101,7 +101,7 @@ def save_state(folder: Path, state: dict) -> None:
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    skeleton = _split(state, "", tensors)
+    skeleton = _split(state, "", tensors, set())
     with atomic_path(Path(folder) / STATE_TENSORS) as tmp:
         save_file(tensors, str(tmp))
     atomic_write_text(Path(folder) / STATE_JSON, json.dumps({"schema": STATE_SCHEMA, "state": skeleton}) + "\n")
@@ -136,7 +136,7 @@ def load_state(folder: Path) -> dict:
         raise CheckpointError(f"cannot read the trainer state in {folder}: {exc}") from None
 
 
-def _split(value, key: str, tensors: dict[str, torch.Tensor]):
+def _split(value, key: str, tensors: dict[str, torch.Tensor], storages: set[int]):
     """`value` with each tensor moved into `tensors` under its dotted path and replaced by a reference.
 
     Tuples and dicts with non-string keys (the optimizer's per-parameter state) are tagged, so `_join` gives
@@ -149,18 +149,20 @@ def _split(value, key: str, tensors: dict[str, torch.Tensor]):
         if key in tensors:
             raise ValueError(f"two tensors of the trainer state share the name {key!r}")
         tensor = value.detach().cpu().contiguous()
-        # safetensors refuses tensors that share memory; a clone only for those
-        shared = any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values())
-        tensors[key] = tensor.clone() if shared else tensor
+        # safetensors refuses tensors that share memory; a clone only for those (`storages`: the memory of the
+        # tensors kept so far, a set so that a state of thousands of tensors is not compared pair by pair)
+        pointer = tensor.untyped_storage().data_ptr()
+        tensors[key] = tensor.clone() if pointer in storages else tensor
+        storages.add(tensors[key].untyped_storage().data_ptr())
         return {"__tensor__": key}
     if isinstance(value, tuple):
-        return {"__tuple__": [_split(v, child(i), tensors) for i, v in enumerate(value)]}
+        return {"__tuple__": [_split(v, child(i), tensors, storages) for i, v in enumerate(value)]}
     if isinstance(value, list):
-        return [_split(v, child(i), tensors) for i, v in enumerate(value)]
+        return [_split(v, child(i), tensors, storages) for i, v in enumerate(value)]
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: _split(v, child(k), tensors) for k, v in value.items()}
-        return {"__items__": [[k, _split(v, child(k), tensors)] for k, v in value.items()]}
+            return {k: _split(v, child(k), tensors, storages) for k, v in value.items()}
+        return {"__items__": [[k, _split(v, child(k), tensors, storages)] for k, v in value.items()]}
     if value is None or isinstance(value, bool | int | float | str):
         return value
     raise TypeError(f"the trainer state holds a {type(value).__name__} at {key!r}, which is neither JSON nor a tensor")
