@@ -213,9 +213,8 @@ def load_checkpoint(folder: Path) -> LoadedModel:
         vae = AutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"))
     _load_strict(vae, folder / "vae" / "diffusion_pytorch_model.safetensors")
     with _component(folder / "text_encoder" / "config.json"):
-        _read_json(
-            folder / "text_encoder" / "config.json"
-        )  # a readable JSON object first: transformers' errors are long
+        # A readable JSON object first: transformers' own errors for a broken config run over many lines.
+        _read_json(folder / "text_encoder" / "config.json")
         text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
     _load_strict(text_encoder, folder / "text_encoder" / "model.safetensors")
     with _component(folder / "tokenizer"):
