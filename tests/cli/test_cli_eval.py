@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from layouts import write_cityscapes, write_predictions
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,21 +23,6 @@ def _png(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path)
 
 
-def cityscapes_tree(root: Path, n: int = 3) -> list[str]:
-    rng = np.random.default_rng(0)
-    stems = []
-    for i in range(n):
-        stem = f"lindau_000000_{i:06d}"
-        _png(
-            root / f"cityscapes/leftImg8bit/val/lindau/{stem}_leftImg8bit.png",
-            rng.integers(0, 255, (8, 8, 3), np.uint8),
-        )
-        raw = rng.choice([7, 8, 26, 0], size=(8, 8)).astype(np.uint8)  # road, sidewalk, car, unlabelled
-        _png(root / f"cityscapes/gtFine/val/lindau/{stem}_gtFine_labelIds.png", raw)
-        stems.append(stem)
-    return stems
-
-
 def user_folder(root: Path, classes_in_masks: int = 3) -> Path:
     rng = np.random.default_rng(1)
     for i in range(3):
@@ -47,12 +33,8 @@ def user_folder(root: Path, classes_in_masks: int = 3) -> Path:
 
 
 def test_predictions_scoring_through_the_cli(tmp_path):
-    stems = cityscapes_tree(tmp_path / "data")
-    preds = tmp_path / "preds"
-    lut = {7: 0, 8: 1, 26: 13, 0: 0}
-    for stem in stems:  # perfect predictions (unlabelled pixels predicted as road: ignored anyway)
-        raw = np.asarray(Image.open(tmp_path / f"data/cityscapes/gtFine/val/lindau/{stem}_gtFine_labelIds.png"))
-        _png(preds / f"{stem}.png", np.vectorize(lut.get)(raw).astype(np.uint8))
+    layout = write_cityscapes(tmp_path / "data", n=3)
+    preds = write_predictions(layout, tmp_path / "preds", wrong=0.0)  # perfect (ignore pixels hold 0: not scored)
     out = tmp_path / "report"
     res = runner.invoke(
         app,
@@ -133,7 +115,7 @@ def test_absent_rule_option_changes_the_number(tmp_path):
 
 
 def test_check_reports_and_exit_codes(tmp_path):
-    cityscapes_tree(tmp_path / "data", n=2)
+    write_cityscapes(tmp_path / "data", n=2)
     ok = runner.invoke(app, ["eval", "-d", "cityscapes", "--data-root", str(tmp_path / "data"), "--check", "--json"])
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.stdout)["images"] == 2

@@ -6,42 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from layouts import WRITERS, H, W, img, mask, rgb_mask, write_pascal_context
 
 from digseg_cli.data.benchmarks import catalog as D
 from digseg_cli.data.benchmarks import classnames
 from digseg_cli.errors import DatasetError, UsageError
-
-H = W = 8
-
-
-def img(path: Path, fmt: str | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(len(str(path)))
-    Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(path, format=fmt)
-    return path
-
-
-def mask(path: Path, values, mode: str | None = None, palette: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.zeros((H, W), dtype=np.uint16 if mode == "I;16" else np.uint8)
-    flat = np.asarray(values).reshape(-1)
-    arr.reshape(-1)[: flat.size] = flat
-    im = Image.fromarray(arr)
-    if palette:
-        im = im.convert("P")
-        im.putpalette([(i * 37) % 256 for i in range(768)])
-    im.save(path)
-    return path
-
-
-def rgb_mask(path: Path, colours) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.zeros((H, W, 3), dtype=np.uint8)
-    for i, c in enumerate(colours):
-        arr.reshape(-1, 3)[i] = c
-    Image.fromarray(arr).save(path)
-    return path
 
 
 def first_label(name: str, root: Path, split: str | None = None) -> np.ndarray:
@@ -232,3 +201,30 @@ def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
         D.download_dataset(D.DATASETS["refuge2"], data_root=tmp_path)
     with pytest.raises(UsageError, match="split"):
         D.open_dataset(D.DATASETS["cityscapes"], split="nope", data_root=tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(WRITERS))
+def test_shared_layout_writers_are_read_back_by_the_catalog(tmp_path, name):
+    """tests/layouts.py: what each writer says it wrote is what the catalog reads, split by split."""
+    layout = WRITERS[name](tmp_path, n=3, size=(6, 10), seed=1)
+    spec = D.get_spec(name)
+    assert layout.dataset == spec.name and layout.ignore_index == spec.ignore_index
+    for split in spec.splits:
+        ds = D.open_dataset(spec, split=split, data_root=layout.data_root)
+        assert [s.stem for s in ds.items] == layout.stems(split)
+        for sample in ds:
+            assert sample.image.shape == (6, 10, 3)
+            np.testing.assert_array_equal(sample.label, layout.labels[split][sample.stem])
+        labels = np.stack(list(layout.labels[split].values()))
+        assert (labels == spec.ignore_index).any() and len(np.unique(labels)) > 2  # not all ignore, not one class
+    assert sorted(layout.labels) == ["train", "val"]  # the train split is written even where eval reads only val
+
+
+def test_pascal_context_writer_serves_both_benchmarks_from_one_release(tmp_path):
+    both = write_pascal_context(tmp_path, n=2, seed=3)
+    pc59, pc459 = both["pascal-context-59"].labels["val"], both["pascal-context-459"].labels["val"]
+    assert pc59.keys() == pc459.keys() and all((pc59[s] != 255).any() for s in pc59)
+    assert (tmp_path / "pascal-context/VOCdevkit/VOC2010/ImageSets/Main/train.txt").read_text().split() == [
+        "2009_000001",
+        "2009_000002",
+    ]

@@ -9,18 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io as sio
+from layouts import H, W, img, write_label_map
 
 from digseg_cli.data.benchmarks import catalog as D
 from digseg_cli.data.benchmarks import classnames
 from digseg_cli.data.benchmarks.pascal_context import PC59_IDS, convert_labels
 from digseg_cli.errors import DatasetError
-
-try:
-    from test_datasets import H, W, img
-except ImportError:  # run from the repository root as a package
-    from tests.data.test_datasets import H, W, img
-
-import scipy.io as sio
 
 # One official LabelMap row: unlabelled 0, aeroplane 2, accordion 1, table 397, wood 458, wool 459, person 284
 LABEL_MAP = [0, 2, 1, 397, 458, 459, 284]
@@ -28,12 +23,10 @@ PC459_EXPECTED = [65535, 1, 0, 396, 457, 458, 283]
 PC59_EXPECTED = [255, 0, 255, PC59_IDS.index(397), 58, 255, PC59_IDS.index(284)]
 
 
-def write_mat(path: Path, values, dtype=np.uint16, compress: bool = True, **extra) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    label = np.full((H, W), 284, dtype=dtype)
+def write_mat(path: Path, values) -> Path:
+    label = np.full((H, W), 284, dtype=np.uint16)
     label.reshape(-1)[: len(values)] = values
-    sio.savemat(path, {"LabelMap": label, **extra}, do_compression=compress)
-    return path
+    return write_label_map(path, label)
 
 
 def official_tree(root: Path, val_ids=("2008_000002",), train_ids=("2008_000003",)) -> Path:
