@@ -27,6 +27,7 @@ from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.train import setup
 from digseg_cli.train import state as train_state
 from digseg_cli.train.loss import step_generator
+from digseg_cli.train.optim import time_progress
 from digseg_cli.train.samples import SegmentationTrainDataset, to_batch, tokenizer_fn
 from digseg_cli.train.settings import TrainResult, TrainSettings, check_inputs
 from digseg_cli.train.sources import open_sources, union_classes
@@ -171,7 +172,7 @@ def _optimizer_step(run: setup.Run, window: list[float]) -> dict:
 
 def _set_time_progress(run: setup.Run) -> None:
     """A run bounded only by time: its schedule's curve follows the share of the time budget spent."""
-    progress = getattr(run.lr_sched, "time_progress", None)
+    progress = time_progress(run.lr_sched)
     if progress is not None and run.s.time_limit:
         progress.progress = run.elapsed() / run.s.time_limit
 

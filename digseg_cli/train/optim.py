@@ -54,12 +54,15 @@ def _curve(kind: str, warmup_steps: int, total: int):
 
 def lr_schedule(optimizer, *, kind: str, warmup_steps: int, max_steps: int | None):
     """diffusers' `get_scheduler(kind)` over `max_steps`; with no step bound (a `--time` run), a `LambdaLR`
-    whose curve runs over the time budget (`TimeProgress`; the loop sets `schedule.time_progress.progress`)."""
+    whose curve runs over the time budget (`TimeProgress`, which the loop moves through `time_progress`)."""
     from diffusers.optimization import get_scheduler
 
     if max_steps is not None:
         return get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
-    progress = TimeProgress(kind, warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, progress)
-    schedule.time_progress = progress
-    return schedule
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, TimeProgress(kind, warmup_steps))
+
+
+def time_progress(schedule) -> TimeProgress | None:
+    """The time-bounded curve of `schedule`, or None for a schedule over steps."""
+    factors = getattr(schedule, "lr_lambdas", [None])
+    return factors[0] if isinstance(factors[0], TimeProgress) else None
