@@ -26,7 +26,7 @@ import torch
 
 from digseg_cli.core import diffusion
 from digseg_cli.errors import InterruptedRunError, UsageError
-from digseg_cli.files import atomic_write_json, require_writable_folder
+from digseg_cli.files import atomic_write_json, atomic_write_text, require_writable_folder
 from digseg_cli.inference.device import emulated_bf16_note, leave_process_group
 from digseg_cli.inference.stopping import StopSignals
 from digseg_cli.models.checkpoint import LoadedModel
@@ -161,7 +161,7 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
 
 def _start(s: TrainSettings, classes_json: dict, progress) -> tuple[Any, int, Callable[[dict], None]]:
     """(accelerator, micro-batches per step, the progress callback of this process): only the main
-    process reports, writes `config.json`, and the seed is set on every process alike."""
+    process reports, writes `config.json` and `recipe.yaml`, and the seed is set on every process alike."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -179,6 +179,7 @@ def _start(s: TrainSettings, classes_json: dict, progress) -> tuple[Any, int, Ca
     if accelerator.is_main_process:
         require_writable_folder(s.out, "--out")  # before the model loads: a file there, read-only, full
         atomic_write_json(Path(s.out) / "config.json", {**s.to_dict(), "classes": classes_json})
+        atomic_write_text(Path(s.out) / "recipe.yaml", s.to_yaml())  # `--recipe` of it starts this run again
     return accelerator, accum, emit
 
 
