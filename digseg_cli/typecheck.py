@@ -3,11 +3,13 @@
 `check_type` checks a value that came out of a prompts file, a class list or a checkpoint config against
 the annotation it must fit, naming the key (`prompts.yaml: classes[2].synonyms must be a list of strings,
 got 5`), so a wrong type never reaches code that would fail on it with a traceback. Reading the files is
-`digseg_cli.files.read_settings_file`'s job; what each key must be is the caller's.
+`digseg_cli.files.read_settings_file`'s job; what each key must be is the caller's. `check_known_keys` is the
+one refusal of a key no setting has, with the nearest one suggested.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from digseg_cli.errors import UsageError
@@ -62,3 +64,20 @@ def check_type(value: Any, expected: Any, where: str, *, error: type[UsageError]
     if not is_of_type(value, expected):
         raise error(f"{where} must be {type_name(expected)}, got {value!r:.60}")
     return value
+
+
+def check_known_keys(
+    keys: Iterable[Any], known: Iterable[str], where: str, *, error: type[UsageError] = UsageError, hint: str = ""
+) -> None:
+    """Nothing when every key is one of `known`; else `error("unknown keys in <where>: 'max_step' (did you mean
+    'max_steps'?)<hint>")`, the nearest known key suggested for each (difflib)."""
+    import difflib
+
+    known = list(known)
+    unknown = sorted((k for k in keys if k not in known), key=str)
+    if unknown:
+        named = [
+            f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(str(k), known, 1)) else "")
+            for k in unknown
+        ]
+        raise error(f"unknown keys in {where}: {', '.join(named)}{hint}")

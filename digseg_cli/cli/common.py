@@ -12,6 +12,8 @@ import logging
 import sys
 from collections.abc import Iterator
 from enum import Enum
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -21,6 +23,15 @@ from digseg_cli.models.config import DECODERS
 # `--decoder` of segment and eval (`DigsegPipeline.resolve_decoder` says what auto picks).
 Decoder = Enum("Decoder", [(name, name) for name in DECODERS], type=str)
 
+
+# `--data-root` of eval and train; when it is not given, the library reads $DIGSEG_DATA_ROOT (so a recipe or
+# a run's record that leaves it out means "this machine's data root").
+DataRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root", help="Folder holding the datasets (default: $DIGSEG_DATA_ROOT, else the user data folder)."
+    ),
+]
 
 DECODER_HELP = (
     "Mask decoder: vae, fast (the checkpoint's distilled decoder) or auto (fast when it passed its "

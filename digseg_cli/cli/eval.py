@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors, stderr_is_terminal
+from digseg_cli.cli.common import DECODER_HELP, DataRoot, Decoder, err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_DATASET
 
 if TYPE_CHECKING:
@@ -104,12 +104,7 @@ def eval_command(
         ),
     ],
     split: Annotated[str | None, typer.Option(help="Split to score (default: the protocol's split).")] = None,
-    data_root: Annotated[
-        Path | None,
-        typer.Option(
-            "--data-root", help="Folder holding the datasets (default: $DIGSEG_DATA_ROOT, else the user data folder)."
-        ),
-    ] = None,
+    data_root: DataRoot = None,
     download: Annotated[
         bool,
         typer.Option(

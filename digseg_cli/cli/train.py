@@ -1,4 +1,7 @@
-"""`digseg train`: fine-tune DiGSeg on a folder of image/mask pairs (thin wrapper over `digseg_cli.train.loop`)."""
+"""`digseg train`: fine-tune DiGSeg on folders of image/mask pairs or benchmarks by name (thin wrapper over
+`digseg_cli.train.loop`). The settings are a recipe's (`--recipe`, `digseg_cli.train.recipes`) or a resumed
+run's, with the options given on the command line over them; `--print-config` prints them and stops.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +11,33 @@ from typing import Annotated
 
 import typer
 
-from digseg_cli.cli.common import err_console, handle_errors, stderr_is_terminal
+from digseg_cli.cli.common import DataRoot, err_console, handle_errors, stderr_is_terminal
 from digseg_cli.errors import EXIT_CODES_HELP
 from digseg_cli.models.config import OBJECTIVES
+from digseg_cli.train.recipes import load_recipe, resolve_settings, shipped_recipes
+from digseg_cli.train.settings import LR_SCHEDULES, TrainSettings, check_inputs, parse_duration
 
-
-def _parse_duration(text: str | None) -> float | None:
-    """`90`, `90s`, `45m`, `2h` → seconds."""
-    if text is None:
-        return None
-    text = text.strip().lower()
-    units = {"s": 1, "m": 60, "h": 3600}
-    try:
-        return float(text[:-1]) * units[text[-1]] if text[-1] in units else float(text)
-    except (ValueError, IndexError):
-        raise typer.BadParameter(f"{text!r} is not a duration (examples: 900, 45m, 2h)") from None
+# A run takes every option not given from the recipe, else from `TrainSettings`: the defaults declared below
+# only show in --help, and are `TrainSettings`' own (`_D`'s, where the line has room).
+_D = TrainSettings()
+# Parameters that are settings under another name, and those that are not settings.
+_SETTING_OF = {"time_budget": "time_limit", "dataset": "datasets"}
+_NOT_SETTINGS = ("recipe", "print_config", "resume", "resume_from", "overwrite")
 
 
 def train_command(
     ctx: typer.Context,
     *,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Start from a recipe: {', '.join(shipped_recipes())} or a YAML file of settings "
+            "(options given here override it).",
+        ),
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the resolved settings as a YAML recipe and exit.")
+    ] = False,
     data: Annotated[
         Path | None,
         typer.Option(
@@ -35,46 +45,65 @@ def train_command(
             help="Training folder: images/, masks/, classes.json or classes.txt (a resumed run reuses its own).",
         ),
     ] = None,
+    dataset: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dataset",
+            help="Benchmark name or training folder, NAME[:WEIGHT] (repeat it for a mixture sampled by weight).",
+        ),
+    ] = None,
+    data_root: DataRoot = None,
     out: Annotated[
         Path, typer.Option("--out", help="Run folder (config, metrics, last/ and best/ checkpoints).")
-    ] = Path("digseg-train"),
+    ] = _D.out,
     base: Annotated[
         str, typer.Option(help="SD base (folder or Hub id) or compact config name (tiny, small).")
-    ] = "stabilityai/stable-diffusion-2",
+    ] = _D.base,
     init: Annotated[
         str | None,
         typer.Option(help="Start from these weights (checkpoint folder, registry name) instead of a fresh base."),
     ] = None,
     val: Annotated[Path | None, typer.Option(help="Validation folder (default: a split of --data).")] = None,
-    val_split: Annotated[float, typer.Option(help="Fraction of --data held out for validation.")] = 0.1,
+    val_split: Annotated[float, typer.Option(help="Fraction of --data held out for validation.")] = _D.val_split,
+    val_limit: Annotated[int | None, typer.Option(help="Validate on at most this many images.")] = _D.val_limit,
     class_name: Annotated[str | None, typer.Option(help="Class name for 0/255 binary masks.")] = None,
-    objective: Annotated[str, typer.Option(help=f"{' or '.join(OBJECTIVES)}.")] = OBJECTIVES[0],
+    objective: Annotated[str, typer.Option(help=f"{' or '.join(OBJECTIVES)}.")] = _D.objective,
     resolution: Annotated[int | None, typer.Option(help="Training resolution (default: the model's).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per process per micro-batch.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Samples per process per micro-batch.")] = _D.batch_size,
     effective_batch: Annotated[
         int | None, typer.Option(help="Accumulate gradients up to this many samples per step.")
     ] = None,
-    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = 3e-5,
-    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps, then cosine decay.")] = 100,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW).")] = _D.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = _D.weight_decay,
+    warmup_steps: Annotated[int, typer.Option(help="Linear warm-up steps, then --lr-schedule.")] = _D.warmup_steps,
+    lr_schedule: Annotated[
+        str, typer.Option(help=f"Learning-rate schedule after the warm-up: {', '.join(LR_SCHEDULES)}.")
+    ] = _D.lr_schedule,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Stop after this many epochs.")] = None,
     time_budget: Annotated[str | None, typer.Option("--time", help="Wall-clock budget, e.g. 45m or 2h.")] = None,
-    val_every: Annotated[int, typer.Option(help="Validate (mIoU) every N steps.")] = 500,
-    save_every: Annotated[int, typer.Option(help="Write last/ every N steps.")] = 500,
-    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0 = off).")] = 0.0,
+    val_every: Annotated[int, typer.Option(help="Validate (mIoU) every N steps.")] = _D.val_every,
+    save_every: Annotated[int, typer.Option(help="Write last/ every N steps.")] = _D.save_every,
+    log_every: Annotated[int, typer.Option(help="Log loss and learning rate every N steps.")] = _D.log_every,
+    ema: Annotated[float, typer.Option(help="EMA decay of the weights (0 = off).")] = _D.ema,
     precision: Annotated[str, typer.Option(help="auto, fp32, fp16 or bf16 (mixed precision on GPUs).")] = "auto",
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory (SD-size U-Nets).")] = False,
-    decoded_loss: Annotated[
-        float, typer.Option(help="one-step: weight of a loss on the decoded mask (MSE + Dice).")
-    ] = 0.0,
+    prompt_template: Annotated[str, typer.Option(help="Prompt around a class name: 'a photo of a {name}'.")] = "{name}",
+    absent_prob: Annotated[float, typer.Option(help="Share of prompts for a class the image lacks.")] = _D.absent_prob,
+    noise_strength: Annotated[float, typer.Option(help="diffusion: multi-resolution noise strength.")] = 0.0,
+    decoded_loss: Annotated[float, typer.Option(help="one-step: weight of a decoded-mask loss (MSE + Dice).")] = 0.0,
     foreground_weight: Annotated[
         float,
         typer.Option(
             help="Weight of the latent pixels the target covers, against 1 for the rest (small classes learn sooner).",
         ),
-    ] = 1.0,
+    ] = _D.foreground_weight,
     vae_steps: Annotated[int, typer.Option(help="Compact bases: autoencoder steps for the VAE first (stage 1).")] = 0,
-    seed: Annotated[int, typer.Option(help="Seed for the split, data order, augmentation and noise.")] = 0,
+    vae_lr: Annotated[float, typer.Option(help="Compact bases: learning rate of the VAE stage.")] = _D.vae_lr,
+    seed: Annotated[int, typer.Option(help="Seed for the split, data order, augmentation and noise.")] = _D.seed,
+    workers: Annotated[
+        int | None, typer.Option(help="Data-loading worker processes (default: from the usable cores).")
+    ] = None,
     deterministic: Annotated[bool, typer.Option(help="Use deterministic torch algorithms.")] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last/ checkpoint.")
@@ -83,59 +112,26 @@ def train_command(
     cpu: Annotated[bool, typer.Option("--cpu", help="Train on the CPU even if a GPU is present.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Start a new run in an --out that already holds one.")] = False,
 ) -> None:
-    """Fine-tune a DiGSeg model on a folder of masks; resumable, on one machine or many (accelerate launch)."""
+    """Fine-tune DiGSeg on folders of masks or on benchmarks, from a recipe; resumable, on one machine or many."""
     from digseg_cli.errors import UsageError
 
     with handle_errors():
-        resume_path = resume_from or ((out / "last") if resume else None)
-        if resume_path is not None:
-            from digseg_cli.train.state import require_resumable
-
-            require_resumable(resume_path)
-        if resume_path is None and (out / "last").exists() and not overwrite:
+        settings = _resolve(ctx, recipe)
+        if print_config:
+            typer.echo(settings.to_yaml(), nl=False)
+            return
+        if settings.resume is None and (Path(settings.out) / "last").exists() and not overwrite:
             raise UsageError(
-                f"{out} already holds a run: pass --resume to continue it, --overwrite to start over, "
+                f"{settings.out} already holds a run: pass --resume to continue it, --overwrite to start over, "
                 "or choose another --out"
             )
-        from digseg_cli.train.loop import TrainSettings, train
+        if settings.resume is None and settings.data is None and not settings.datasets:
+            raise UsageError(
+                "--data or --dataset is required (a folder with images/, masks/ and classes.json or classes.txt, "
+                "or a benchmark name)"
+            )
+        from digseg_cli.train.loop import train
 
-        fields = dict(
-            data=data,
-            out=out,
-            base=base,
-            init=init,
-            val=val,
-            val_split=val_split,
-            class_name=class_name,
-            objective=objective,
-            resolution=resolution,
-            batch_size=batch_size,
-            effective_batch=effective_batch,
-            lr=lr,
-            warmup_steps=warmup_steps,
-            max_steps=max_steps,
-            epochs=epochs,
-            time_limit=_parse_duration(time_budget),
-            val_every=val_every,
-            save_every=save_every,
-            ema=ema,
-            precision=precision,
-            gradient_checkpointing=gradient_checkpointing,
-            decoded_loss=decoded_loss,
-            foreground_weight=foreground_weight,
-            vae_steps=vae_steps,
-            seed=seed,
-            deterministic=deterministic,
-            cpu=cpu,
-        )
-        if resume_path is not None:
-            # A resumed run keeps its own settings; only options given on this command line change them
-            # (e.g. a longer --max-steps or --time).
-            fields = {**_stored_settings(resume_path), **{k: v for k, v in fields.items() if _given(ctx, k)}}
-            fields["out"] = out if _given(ctx, "out") or resume_from is None else resume_path.parent
-        elif data is None:
-            raise UsageError("--data is required (a folder with images/, masks/ and classes.json or classes.txt)")
-        settings = TrainSettings(**{**fields, "resume": resume_path})
         with _Progress() as progress:
             result = train(settings, progress=progress)
         if not result.is_main_process:
@@ -144,9 +140,34 @@ def train_command(
         err_console.print(f"done: {result.step} steps ({result.stopped_by}); last checkpoint {result.last}{best}")
 
 
-def _given(ctx: typer.Context, field: str) -> bool:
-    """Whether a setting was given on the command line or through the environment (not a default)."""
-    name = {"time_limit": "time_budget"}.get(field, field)
+def _resolve(ctx: typer.Context, recipe: str | None) -> TrainSettings:
+    """The run's settings: the options given on the command line over the recipe's over the defaults. A resumed
+    run's stored settings lie under both: it keeps its own settings but for those given here (e.g. a longer
+    --max-steps or --time). Checked (`check_inputs`) before `--print-config` or a run uses them."""
+    params = ctx.params
+    given = {_SETTING_OF.get(k, k): v for k, v in params.items() if k not in _NOT_SETTINGS and _given(ctx, k)}
+    if "time_limit" in given:
+        given["time_limit"] = parse_duration(given["time_limit"], "--time")
+    if "datasets" in given:
+        given["datasets"] = list(given["datasets"])
+    start = load_recipe(recipe) if recipe is not None else {}
+    out = given.get("out", start.get("out"))
+    resume_path = params["resume_from"] or ((Path(out or params["out"]) / "last") if params["resume"] else None)
+    if resume_path is not None:
+        from digseg_cli.train.state import require_resumable
+
+        require_resumable(resume_path)
+        start = {**_stored_settings(resume_path), **start}
+        # Without --out, a run continued from another checkpoint writes beside it.
+        out = out or (resume_path.parent if params["resume_from"] else params["out"])
+        given.update(out=out, resume=resume_path)
+    settings = resolve_settings(start, given)
+    check_inputs(settings)
+    return settings
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the parameter `name` was given on the command line or through the environment (not a default)."""
     source = ctx.get_parameter_source(name)
     # Compared by name: Typer may carry its own copy of click, whose enum is not click's.
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
@@ -163,14 +184,12 @@ def _stored_settings(checkpoint: Path) -> dict:
         stored = json.loads((checkpoint / "digseg_config.json").read_text())["training"]["settings"]
     except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError):
         raise CheckpointError(f"{checkpoint} does not record the settings it was trained with") from None
-    from digseg_cli.train.settings import TrainSettings
-
     known = {f.name for f in dataclasses.fields(TrainSettings)}
     if not isinstance(stored, dict) or set(stored) - known:
         extra = sorted(set(stored) - known) if isinstance(stored, dict) else []
         raise CheckpointError(f"{checkpoint}/digseg_config.json records settings this digseg does not know: {extra}")
     stored.pop("resume", None)
-    for key in ("data", "out", "val"):
+    for key in ("data", "out", "val", "data_root"):
         if stored.get(key) is not None:
             stored[key] = Path(stored[key])
     return stored

@@ -8,7 +8,6 @@ models or the command line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 from digseg_cli.core import OBJECTIVES
 from digseg_cli.errors import CheckpointError, UsageError
 from digseg_cli.files import read_settings_file
-from digseg_cli.typecheck import check_type
+from digseg_cli.typecheck import check_known_keys, check_type
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "digseg_config.json"
@@ -85,13 +84,7 @@ class DigsegConfig:
         number, got 'x'`)."""
         check_type(data, dict, where, error=CheckpointError)
         known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            hints = [
-                f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else "")
-                for k in unknown
-            ]
-            raise CheckpointError(f"unknown keys in {where}: {', '.join(hints)}")
+        check_known_keys(data, known, where, error=CheckpointError)
         missing = [
             n for n, f in known.items() if n not in data and f.default is f.default_factory is dataclasses.MISSING
         ]

@@ -23,7 +23,7 @@ import torch
 
 from digseg_cli.core import diffusion
 from digseg_cli.errors import UsageError
-from digseg_cli.files import atomic_write_json, require_writable_folder
+from digseg_cli.files import atomic_write_json, atomic_write_text, require_writable_folder
 from digseg_cli.inference.device import emulated_bf16_note
 from digseg_cli.models.checkpoint import LoadedModel
 from digseg_cli.models.compact import COMPACT_PREFIX
@@ -91,9 +91,9 @@ class Run:
 
 def start(s: TrainSettings, sources: list, progress) -> tuple[Any, int, Callable[[dict], None]]:
     """(accelerator, micro-batches per step, the progress callback of this process): only the main
-    process reports, writes `config.json` (settings, the class list and each dataset), and the seed is set
-    on every process alike. Accumulation runs through `accelerator.accumulate`: no gradient all-reduce on
-    the micro-batches before an optimizer step's last."""
+    process reports and writes `config.json` (settings, the class list and each dataset) and `recipe.yaml`;
+    the seed is set on every process alike. Accumulation runs through `accelerator.accumulate`: no
+    gradient all-reduce on the micro-batches before an optimizer step's last."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -117,6 +117,7 @@ def start(s: TrainSettings, sources: list, progress) -> tuple[Any, int, Callable
         ]
         record = {**s.to_dict(), "classes": union_classes(sources), "datasets": datasets}
         atomic_write_json(Path(s.out) / "config.json", record)
+        atomic_write_text(Path(s.out) / "recipe.yaml", s.to_yaml())  # `--recipe` of it starts this run again
     return accelerator, accum, emit
 
 
