@@ -237,3 +237,22 @@ def test_a_run_bounded_by_time_decays_its_rate_over_the_time_and_resumes_the_cur
     opt2, resumed = make()
     resumed.load_state_dict(state)
     assert time_progress(resumed).progress == 1.0 and resumed.get_last_lr() == sched.get_last_lr()
+
+
+def test_the_command_line_trains_on_a_benchmark_and_a_missing_one_is_one_line_and_exit_7(benchmarks, tmp_path):
+    from typer.testing import CliRunner
+
+    from digseg_cli.cli.app import app
+
+    args = ["train", "--base", "tiny", "--batch-size", "2", "--max-steps", "1", "--val-every", "0"]
+    runner = CliRunner()
+    done = runner.invoke(
+        app, [*args, "--dataset", "cityscapes:2", "--data-root", str(benchmarks), "--out", str(tmp_path / "a")]
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["datasets"][0]["weight"] == 2.0
+    missing = runner.invoke(
+        app, [*args, "--dataset", "ade20k", "--data-root", str(tmp_path / "none"), "--out", str(tmp_path / "b")]
+    )
+    assert missing.exit_code == 7 and "Traceback" not in missing.output
+    assert "ADE20K" in missing.output and "--data-root" in missing.output

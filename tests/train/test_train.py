@@ -161,7 +161,9 @@ def _wait_for_checkpoint(out: Path, proc: subprocess.Popen, timeout: float = 120
     raise AssertionError("no checkpoint appeared")
 
 
-def test_resume_after_sigkill_ends_with_the_same_weights(synth32, tmp_path):
+def test_resume_after_sigkill_with_loader_workers_ends_with_the_same_weights(synth32, tmp_path):
+    """The uninterrupted run reads its batches in the training process, the killed and resumed one in two
+    loader workers: the same weights."""
     args = [
         "--data",
         str(synth32),
@@ -180,7 +182,10 @@ def test_resume_after_sigkill_ends_with_the_same_weights(synth32, tmp_path):
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cmd(*args, "--out", str(killed)), env=_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+        _cmd(*args, "--workers", "2", "--out", str(killed)),
+        env=_env(),
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
     )
     step = _wait_for_checkpoint(killed, proc)
     proc.send_signal(signal.SIGKILL)
