@@ -42,7 +42,7 @@ Note = Callable[[str], None]  # a one-line note for the user (reduced precision)
 class EvalSettings:
     """What ``digseg eval`` was asked (the command's options; None: the benchmark's or the model's default)."""
 
-    dataset: str
+    dataset: str  # a catalog name or a folder; "" for a suite (`evaluate.suite` sets each benchmark's)
     split: str | None = None
     data_root: Path | None = None
     download: bool = False
@@ -71,6 +71,8 @@ class EvalSettings:
         from digseg_cli.core.metrics import ABSENT_RULES
         from digseg_cli.inference.device import PRECISIONS
 
+        if not self.dataset:
+            raise UsageError("give `--dataset NAME` (one benchmark) or `--suite NAME` (a table of benchmarks)")
         if self.absent_rule is not None and self.absent_rule not in ABSENT_RULES:
             raise UsageError(f"`--absent-rule` must be {' or '.join(ABSENT_RULES)}; got {self.absent_rule!r}")
         if self.tile not in TILES:
