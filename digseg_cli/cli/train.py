@@ -209,7 +209,8 @@ class _Progress:
             err_console.print(event["text"], style="dim", highlight=False, markup=False, soft_wrap=True)
             return
         if kind == "val":
-            err_console.print(f"step {event['step']}: validation mIoU {event['val_miou']:.4f}")
+            each = "".join(f", {k} {v:.4f}" for k, v in (event.get("val_miou_by_dataset") or {}).items())
+            err_console.print(f"step {event['step']}: validation mIoU {event['val_miou']:.4f}{each}", highlight=False)
             return
         name = "vae" if kind == "vae_step" else "train"
         info = f"loss {event['loss']:.4g}" + (

@@ -78,7 +78,8 @@ def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     if weight is None:
         return F.mse_loss(pred, target)
     weight = weight.to(pred.dtype).expand_as(pred)  # [B,1,h,w] -> [B,4,h,w]
-    return (weight * (pred - target) ** 2).mean() / weight.mean()
+    # clamped: a batch whose every pixel is ignore has weight 0 and contributes 0, not NaN
+    return (weight * (pred - target) ** 2).mean() / weight.mean().clamp_min(1e-12)
 
 
 def training_loss(

@@ -1,24 +1,29 @@
-"""Training samples: the checked and split pairs, the torch ``Dataset`` that turns them into (image, prompt,
-binary target) samples, and the batches the loop feeds the model.
+"""Training samples: the torch ``Dataset`` that turns a run's sources into (image, prompt, binary target,
+valid pixels) samples, and the batches the loop feeds the model.
 
 DESIGN §1 step 5: each sample asks about one class. With probability ``absent_prob`` the class is one
 that is absent from the (augmented) crop, so the target is empty and the model learns to answer
-"nothing here"; otherwise it is a class present in the crop. The prompt is the class name or one of its
-synonyms, put into ``prompt_template``.
+"nothing here"; otherwise it is a class present in the crop. Either way the class comes from the
+sample's own dataset (a class another dataset of a mixture never labels is not "absent" here). The prompt
+is the class name or one of its synonyms, put into ``prompt_template``.
 
-Determinism: sample ``index`` of epoch ``epoch`` draws every random choice (flips, crop, class, synonym)
-from ``np.random.default_rng([seed, epoch, index])`` only, so a resumed run (``set_epoch``) sees exactly
-the same samples in any number of loader workers.
+Mixtures: with several sources, sample ``index`` of epoch ``epoch`` picks its dataset with probability
+proportional to the dataset's weight and then one of its images uniformly, both from
+``np.random.default_rng([seed, epoch, index, MIXTURE_STREAM])``; an epoch has as many samples as the
+datasets have images together. One source is read in order (index i is image i), as before.
+
+Determinism: every random choice of sample ``(epoch, index)`` (dataset, image, flips, crop, class,
+synonym) comes from the seed, the epoch and the index only, so results do not depend on the number of
+loader workers and a resumed run sees exactly the samples the uninterrupted one would.
 
 This module knows pixels, masks and class lists; it knows nothing of the VAE, latents or the training loop
-(``collate`` only applies the tokenizer it is given). It reads files only through ``digseg_cli.data.folders``,
-and checks them with ``digseg_cli.data.check`` (the same check as ``digseg data check``).
+(``to_batch`` only applies the tokenizer it is given). Reading files is the sources' job
+(``digseg_cli.train.sources``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -26,36 +31,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from digseg_cli.data import folders
-from digseg_cli.data.folders import ClassList, Pair, load_pair
-from digseg_cli.errors import DatasetError, UsageError
+from digseg_cli.errors import UsageError
 from digseg_cli.models.config import check_prompt_template
 
-__all__ = ["SegmentationTrainDataset", "collate", "prepare_data", "tokenizer_fn"]
+__all__ = ["MIXTURE_STREAM", "SegmentationTrainDataset", "collate", "to_batch", "tokenizer_fn"]
 
-
-def prepare_data(
-    data: Path, val: Path | None, *, class_name: str | None, val_split: float, seed: int
-) -> tuple[ClassList, list[Pair], list[Pair]]:
-    """(classes, training pairs, validation pairs) of a checked folder; the validation pairs are ``val``'s,
-    else a ``val_split`` share of ``data`` chosen by ``seed``. A folder that fails the check raises
-    ``DatasetError`` naming its first problems."""
-    from digseg_cli.data.check import check_folder
-
-    report = check_folder(data, class_name=class_name)
-    if not report.ok:
-        more = len(report.problems) - 5
-        shown = "; ".join(report.problems[:5]) + (f" (and {more} more)" if more > 0 else "")
-        raise DatasetError(f"{data} failed the data check: {shown}. Run `digseg data check {data}` for the full report")
-    classes = folders.read_classes(data, class_name=class_name)
-    pairs = folders.find_pairs(data)
-    if val:
-        val_report = check_folder(val, class_name=class_name)
-        if not val_report.ok:
-            raise DatasetError(f"{val} failed the data check: {val_report.problems[0]}")
-        return classes, pairs, folders.find_pairs(val)
-    train_pairs, val_pairs = folders.split_pairs(pairs, val_split, seed)
-    return classes, train_pairs, val_pairs
+MIXTURE_STREAM = 7  # the 4th seed word of a mixture's dataset-and-image choice (apart from augmentation's)
 
 
 def tokenizer_fn(tokenizer) -> Callable[[list[str]], torch.Tensor]:
@@ -69,36 +50,45 @@ def tokenizer_fn(tokenizer) -> Callable[[list[str]], torch.Tensor]:
     return tokenize
 
 
-def collate(samples: list[dict], tokenize, device) -> dict:
-    """Samples of ``SegmentationTrainDataset`` → one batch on ``device`` (what ``train.loss.batch_loss`` reads)."""
+def collate(samples: list[dict]) -> dict:
+    """Samples of ``SegmentationTrainDataset`` → one CPU batch (in a loader worker): stacked tensors and the
+    prompts, still text (the tokenizer stays in the training process)."""
     return {
-        "pixel_values": torch.stack([x["pixel_values"] for x in samples]).to(device),  # [B,3,R,R]
-        "target": torch.stack([x["target"] for x in samples]).to(device),  # [B,1,R,R]
-        "input_ids": tokenize([x["prompt"] for x in samples]).to(device),  # [B,L]
+        "pixel_values": torch.stack([x["pixel_values"] for x in samples]),  # [B,3,R,R]
+        "target": torch.stack([x["target"] for x in samples]),  # [B,1,R,R]
+        "valid": torch.stack([x["valid"] for x in samples]),  # [B,1,R,R]
+        "prompts": [x["prompt"] for x in samples],
     }
 
 
-class SegmentationTrainDataset(Dataset):
-    """``pairs`` + ``classes`` → dicts of ``pixel_values`` ``[3,R,R]`` in [-1, 1], ``target`` and ``valid``
-    ``[1,R,R]`` in {0, 1}, ``prompt`` (str) and ``class_id`` (int).
+def to_batch(collated: dict, tokenize, device) -> dict:
+    """A collated batch on ``device`` with its prompts as token ids (what ``train.loss.batch_loss`` reads)."""
+    keys = ("pixel_values", "target", "valid")
+    batch = {k: collated[k].to(device, non_blocking=True) for k in keys}
+    batch["input_ids"] = tokenize(collated["prompts"]).to(device)  # [B,L]
+    return batch
 
-    Augmentation (``augment=True``): horizontal and vertical flips (p = 0.5 each) and a random square crop
-    whose side is ``scale_range`` × the short side, resized to R×R (image: area when shrinking, bilinear
-    when enlarging; mask: nearest). Without it: the centre square of the short side, resized to R×R.
-    ``cache=True`` keeps decoded pairs in memory (per loader worker).
+
+class SegmentationTrainDataset(Dataset):
+    """A run's sources (``digseg_cli.train.sources.TrainSource``) → dicts of ``pixel_values`` ``[3,R,R]`` in
+    [-1, 1], ``target`` and ``valid`` ``[1,R,R]`` in {0, 1} (``valid`` 0 where the label is the source's ignore
+    value), ``prompt`` (str), ``class_id`` (the class's label value) and ``dataset`` (the source's name).
+
+    Items are ``(epoch, index)`` (or an index of the epoch set by ``set_epoch``). Augmentation
+    (``augment=True``): horizontal and vertical flips (p = 0.5 each) and a random square crop whose side is
+    ``scale_range`` × the short side, resized to R×R (image: area when shrinking, bilinear when enlarging;
+    mask: nearest). Without it: the centre square of the short side, resized to R×R.
     """
 
     def __init__(
         self,
-        pairs: Sequence[Pair],
-        classes: ClassList,
+        sources: Sequence,
         resolution: int,
         *,
         seed: int,
         augment: bool = True,
         absent_prob: float = 0.3,
         prompt_template: str = "{name}",
-        cache: bool = True,
         scale_range: tuple[float, float] = (0.5, 1.0),
     ) -> None:
         if resolution < 8:
@@ -108,34 +98,33 @@ class SegmentationTrainDataset(Dataset):
         if not 0.0 < scale_range[0] <= scale_range[1] <= 1.0:
             raise UsageError(f"`scale_range` must satisfy 0 < low <= high <= 1, got {scale_range}")
         check_prompt_template(prompt_template)
-        if not pairs:
+        self.sources = list(sources)
+        if not self.sources or not all(len(src) for src in self.sources):
             raise UsageError("the training set is empty")
-        self.pairs = list(pairs)
-        self.classes = classes
         self.resolution = int(resolution)
         self.seed = int(seed)
         self.augment = augment
         self.absent_prob = float(absent_prob)
         self.prompt_template = prompt_template
-        self.cache = cache
         self.scale_range = scale_range
         self.epoch = 0
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        weights = np.array([src.weight for src in self.sources], dtype=np.float64)
+        self.probabilities = weights / weights.sum()
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return sum(len(src) for src in self.sources)
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose samples ``__getitem__`` returns (call before each epoch and on resume)."""
+        """Choose the epoch whose samples a plain index returns."""
         self.epoch = int(epoch)
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        if index in self._cache:
-            return self._cache[index]
-        image, mask = load_pair(self.pairs[index], self.classes)
-        if self.cache:
-            self._cache[index] = (image, mask)
-        return image, mask
+    def locate(self, epoch: int, index: int) -> tuple[int, int]:
+        """(source, image in it) of sample ``index`` of ``epoch``: see the module docstring."""
+        if len(self.sources) == 1:
+            return 0, index
+        rng = np.random.default_rng([self.seed, epoch, index, MIXTURE_STREAM])
+        k = int(rng.choice(len(self.sources), p=self.probabilities))
+        return k, int(rng.integers(len(self.sources[k])))
 
     def _geometry(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Flip and crop a square, then resize to R×R → (``[R,R,3]`` uint8, ``[R,R]`` ids)."""
@@ -161,35 +150,44 @@ class SegmentationTrainDataset(Dataset):
             mask = _resize_nearest(mask, r)
         return image, mask
 
-    def _choose_class(self, mask: np.ndarray, rng: np.random.Generator) -> int:
-        """A present class, or with probability ``absent_prob`` an absent one (when both kinds exist)."""
+    def _choose_class(self, classes, mask: np.ndarray, rng: np.random.Generator):
+        """A present class of the source, or with probability ``absent_prob`` an absent one (when both exist)."""
         present_values = set(np.unique(mask).tolist())
-        ids = list(self.classes.ids)
-        present = [c for c in ids if c in present_values]
-        absent = [c for c in ids if c not in present_values]
+        present = [c for c in classes if any(v in present_values for v in c.values)]
+        absent = [c for c in classes if not any(v in present_values for v in c.values)]
         want_absent = rng.random() < self.absent_prob
         pool = absent if (want_absent and absent) or not present else present
-        return int(pool[int(rng.integers(len(pool)))])
+        return pool[int(rng.integers(len(pool)))]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < len(self.pairs):
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        if not 0 <= index < len(self):
             raise IndexError(index)
-        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
-        # 1. Decode (or take from the cache): [H,W,3] uint8, [H,W] class ids.
-        image, mask = self._load(index)
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)])
+        # 1. Which dataset and image; decode it (or take it from the source's cache): [H,W,3] uint8, [H,W] ids.
+        k, item = self.locate(int(epoch), int(index))
+        source = self.sources[k]
+        image, mask = source.read(item)
         # 2. Flip, crop and resize: [R,R,3], [R,R].
         image, mask = self._geometry(image, mask, rng)
-        # 3. Pick the class this sample asks about, then the words that name it.
-        class_id = self._choose_class(mask, rng)
-        words = self.classes.by_id(class_id).prompts
+        # 3. Pick the class this sample asks about (from its own dataset), then the words that name it.
+        chosen = self._choose_class(source.classes, mask, rng)
+        words = chosen.prompts
         prompt = self.prompt_template.format(name=words[int(rng.integers(len(words)))])
         # 4. Tensors: pixels [3,R,R] in [-1, 1]; target and valid [1,R,R] in {0, 1}.
         pixel_values = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0  # [3,R,R] in [-1, 1]
-        target = torch.from_numpy((mask == class_id).astype(np.float32))[None]  # [1,R,R]
-        ignore = self.classes.ignore_index
+        target = torch.from_numpy(np.isin(mask, chosen.values).astype(np.float32))[None]  # [1,R,R]
+        ignore = source.ignore_index
         valid_np = np.ones(mask.shape, np.float32) if ignore is None else (mask != ignore).astype(np.float32)
         valid = torch.from_numpy(valid_np)[None]  # [1,R,R]
-        return {"pixel_values": pixel_values, "target": target, "valid": valid, "prompt": prompt, "class_id": class_id}
+        return {
+            "pixel_values": pixel_values,
+            "target": target,
+            "valid": valid,
+            "prompt": prompt,
+            "class_id": chosen.values[0],
+            "dataset": source.name,
+        }
 
 
 def _resize_nearest(mask: np.ndarray, r: int) -> np.ndarray:

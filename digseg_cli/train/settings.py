@@ -19,8 +19,10 @@ MIXED_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}
 class TrainSettings:
     """Every knob of a run; written to `<out>/config.json` and into the checkpoint's `training` record."""
 
-    data: Path
-    out: Path
+    data: Path | None = None  # a folder of image/mask pairs (see also `datasets`)
+    out: Path = Path("digseg-train")
+    datasets: list[str] = field(default_factory=list)  # "NAME_OR_PATH[:WEIGHT]": benchmarks by name, folders
+    data_root: Path | None = None  # where benchmarks live (default: $DIGSEG_DATA_ROOT or the user data folder)
     base: str = "stabilityai/stable-diffusion-2"  # SD base (folder / Hub id) or compact config name
     init: str | None = None  # start from these weights (checkpoint, registry name) instead of a fresh base
     val: Path | None = None
@@ -52,13 +54,21 @@ class TrainSettings:
     vae_steps: int = 0  # compact bases: stage-1 autoencoder steps before the U-Net trains
     vae_lr: float = 1e-3
     seed: int = 0
-    workers: int = 0
+    workers: int | None = None  # loader worker processes; None: `train.loader.default_workers`
     deterministic: bool = False
     resume: Path | None = None
     cpu: bool = False
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def __post_init__(self) -> None:
+        # Paths stay paths when the settings come back from JSON (a resume) or a recipe.
+        self.data, self.val, self.data_root = (
+            Path(p) if p is not None else None for p in (self.data, self.val, self.data_root)
+        )
+        self.out = Path(self.out)
+        self.datasets = list(self.datasets)
 
 
 @dataclass
@@ -102,7 +112,7 @@ def check_inputs(s: TrainSettings) -> None:
         (s.foreground_weight >= 1, "--foreground-weight", "at least 1", s.foreground_weight),
         (0 <= s.absent_prob <= 1, "absent_prob", "in [0, 1]", s.absent_prob),
         (s.noise_strength >= 0, "noise_strength", "0 or more", s.noise_strength),
-        (s.workers >= 0, "workers", "0 or more", s.workers),
+        (s.workers is None or s.workers >= 0, "--workers", "0 or more", s.workers),
         (s.objective in OBJECTIVES, "--objective", " or ".join(OBJECTIVES), s.objective),
     ]
     refuse_broken(rules)

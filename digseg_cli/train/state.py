@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,15 +195,18 @@ def set_rng_state(state: dict) -> None:
 class MetricsLog:
     """Appends one record per event to `metrics.jsonl` and the scalar columns to `metrics.csv`."""
 
-    COLUMNS = ("step", "epoch", "loss", "lr", "it_per_s", "val_miou", "elapsed_s")
+    COLUMNS = ("step", "epoch", "loss", "lr", "it_per_s", "val_miou", "elapsed_s", "data_wait_s")
 
-    def __init__(self, folder: Path, *, truncate_after_step: int | None = None):
+    def __init__(self, folder: Path, *, truncate_after_step: int | None = None, datasets: Sequence[str] = ()):
+        """`datasets`: with two or more, one more column per dataset, `val_miou[NAME]` (its validation mIoU)."""
         self.jsonl, self.csv = Path(folder) / "metrics.jsonl", Path(folder) / "metrics.csv"
+        self.datasets = list(datasets) if len(datasets) > 1 else []
+        self.columns = (*self.COLUMNS, *(f"val_miou[{name}]" for name in self.datasets))
         if truncate_after_step is not None:
             self._truncate(truncate_after_step)
         if not self.csv.exists():
             with self.csv.open("w", newline="") as f:
-                csv.writer(f).writerow(self.COLUMNS)
+                csv.writer(f).writerow(self.columns)
 
     def _truncate(self, step: int) -> None:
         """On resume, drop records written after the checkpoint (they will be written again)."""
@@ -218,7 +222,9 @@ class MetricsLog:
         with self.jsonl.open("a") as f:
             f.write(json.dumps(record, default=float) + "\n")
         with self.csv.open("a", newline="") as f:
-            csv.writer(f).writerow([_fmt(record.get(c)) for c in self.COLUMNS])
+            by_dataset = record.get("val_miou_by_dataset") or {}
+            row = [_fmt(record.get(c)) for c in self.COLUMNS] + [_fmt(by_dataset.get(n)) for n in self.datasets]
+            csv.writer(f).writerow(row)
 
 
 def write_lines(path: Path, lines: list[str]) -> None:

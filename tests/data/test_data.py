@@ -171,12 +171,15 @@ def test_check_binary_folder(tmp_path):
 def test_dataset_deterministic_and_absent_prompts(synth_dir):
     torch = pytest.importorskip("torch")
     from digseg_cli.train.samples import SegmentationTrainDataset
+    from digseg_cli.train.sources import pairs_source
 
     classes = read_classes(synth_dir)
     pairs = find_pairs(synth_dir)
-    ds = SegmentationTrainDataset(pairs, classes, 32, seed=3, absent_prob=0.5, prompt_template="a photo of {name}")
+    ds = SegmentationTrainDataset(
+        [pairs_source(pairs, classes)], 32, seed=3, absent_prob=0.5, prompt_template="a photo of {name}"
+    )
     ds2 = SegmentationTrainDataset(
-        pairs, classes, 32, seed=3, absent_prob=0.5, prompt_template="a photo of {name}", cache=False
+        [pairs_source(pairs, classes, cache=False)], 32, seed=3, absent_prob=0.5, prompt_template="a photo of {name}"
     )
     a, b = ds[2], ds2[2]
     assert a["pixel_values"].shape == (3, 32, 32) and a["target"].shape == (1, 32, 32) == a["valid"].shape
@@ -210,17 +213,18 @@ def test_dataset_deterministic_and_absent_prompts(synth_dir):
 def test_dataset_absent_only_gives_empty_targets_and_eval_loader(synth_dir):
     pytest.importorskip("torch")
     from digseg_cli.train.samples import SegmentationTrainDataset
+    from digseg_cli.train.sources import pairs_source
 
     classes = read_classes(synth_dir)
     pairs = find_pairs(synth_dir)
-    ds = SegmentationTrainDataset(pairs, classes, 48, seed=0, augment=False, absent_prob=1.0)
+    ds = SegmentationTrainDataset([pairs_source(pairs, classes)], 48, seed=0, augment=False, absent_prob=1.0)
     for i, sample in enumerate(load_eval_pairs(pairs, classes)):
         s = ds[i]
         assert float(s["valid"].min()) == 1.0
         all_present = set(classes.ids) <= set(np.unique(sample.label).tolist())
         assert float(s["target"].sum()) == 0.0 or all_present  # absent whenever some class is absent
     with pytest.raises(UsageError):
-        SegmentationTrainDataset(pairs, classes, 24, seed=0, prompt_template="no field")
+        SegmentationTrainDataset([pairs_source(pairs, classes)], 24, seed=0, prompt_template="no field")
     samples = list(load_eval_pairs(pairs[:2], classes))
     assert [s.stem for s in samples] == [p.stem for p in pairs[:2]]
     assert samples[0].image.shape == (48, 48, 3) and samples[0].label.shape == (48, 48)
