@@ -2,9 +2,11 @@
 
 The command builds an ``EvalSettings`` from its options and calls one library function,
 ``digseg_cli.evaluate.run.run_eval`` (which resolves and checks the dataset, joins the processes of a
-multi-process launch, loads the model, scores and always writes the reports); it renders the layout
-report or the same numbers as a Rich table on stderr and, with ``--json``, the object on stdout, and maps
-errors to exit codes. It knows nothing of layouts, metrics, devices, processes or the model internals.
+multi-process launch, loads the model, scores and always writes the reports), or with ``--suite``
+``digseg_cli.evaluate.suite.run_suite`` (every benchmark of the suite into one table); it renders the layout
+report, the numbers or the suite's table as a Rich table on stderr and, with ``--json``, the object on
+stdout, and maps errors to exit codes. It knows nothing of layouts, metrics, devices, processes or the model
+internals.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from digseg_cli.cli.common import DECODER_HELP, DataRoot, Decoder, err_console, handle_errors, stderr_is_terminal
-from digseg_cli.errors import EXIT_DATASET
+from digseg_cli.errors import EXIT_DATASET, EXIT_PARTIAL
 
 if TYPE_CHECKING:
     from digseg_cli.data.benchmarks.catalog import LayoutReport
     from digseg_cli.evaluate.scoring import EvalResult
+    from digseg_cli.evaluate.suite import SuiteResult
 
 
 def _progress(description: str):
@@ -91,10 +94,38 @@ def _render_result(result: EvalResult) -> None:
         err_console.print(f"reports written to {result.out_dir}", highlight=False)
 
 
+def _render_suite(result: SuiteResult, as_json: bool) -> None:
+    """The suite's table on stderr (and its object on stdout with ``--json``); exit 1 if a benchmark failed."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from digseg_cli.evaluate.suite import TABLE_HEADER, table_lines
+
+    if not result.main_process:
+        return
+    table = Table(title=f"suite {result.name} (ours beside DiGSeg's published numbers)", title_justify="left")
+    for col in TABLE_HEADER:
+        table.add_column(col, justify="right" if col in ("ours", "DiGSeg") else "left")
+    lines = table_lines(result.table)
+    for line in lines:
+        table.add_row(*map(escape, line), style="dim" if line[4] in ("missing", "failed") else None)
+    err_console.print(table)
+    for key in dict.fromkeys(line[-1] for line in lines):  # what each source named in the table means
+        err_console.print(f"{key}: {result.table['sources'][key]}", style="dim", highlight=False, markup=False)
+    for row in result.rows:
+        if row.status != "scored":
+            err_console.print(f"{row.benchmark.dataset} {row.status}: {row.message}", highlight=False, markup=False)
+    err_console.print(f"suite.md and suite.json written to {result.out_dir}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(result.table, indent=2))
+    if result.failed:
+        raise typer.Exit(code=EXIT_PARTIAL)
+
+
 def eval_command(
     *,
     dataset: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--dataset",
             "-d",
@@ -102,7 +133,16 @@ def eval_command(
             "pascal-context-59, pascal-context-459, coco-stuff, deepglobe, deepglobe-landcover, refuge2, "
             "phenobench, synth) or a folder in the training format.",
         ),
-    ],
+    ] = None,
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            "--suite",
+            help="Instead of --dataset: every benchmark of a suite that is on this machine, each with its "
+            "protocol, in one table (suite.md, suite.json) beside the paper's numbers: open-vocab (A-847, PC-459, "
+            "A-150, PC-59) or paper (all nine). --predictions DIR then reads DIR/<dataset>/. Exit 1 if one failed.",
+        ),
+    ] = None,
     split: Annotated[str | None, typer.Option(help="Split to score (default: the protocol's split).")] = None,
     data_root: DataRoot = None,
     download: Annotated[
@@ -132,9 +172,14 @@ def eval_command(
     ] = "demo",
     limit: Annotated[int | None, typer.Option("--limit", help="Score only the first N images (smoke test).")] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Report folder (default digseg-out/eval/<dataset>-<split>).")
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Report folder (default digseg-out/eval/<dataset>-<split>, or .../suite-<name>)."
+        ),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metrics object as JSON on stdout.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the metrics (or suite.json) object as JSON on stdout.")
+    ] = False,
     absent_rule: Annotated[
         str | None,
         typer.Option(
@@ -174,13 +219,14 @@ def eval_command(
         int, typer.Option("--seed", help="Base seed (each image's noise comes from it and the image's name).")
     ] = 0,
 ) -> None:
-    """Evaluate on a benchmark with its exact protocol; always writes metrics.json, CSVs, a confusion matrix
-    and report.md. Exit 7 when the dataset is missing or invalid, 2 on a usage error."""
+    """Evaluate on a benchmark (or a --suite of them, in one table beside the paper's numbers) with its exact
+    protocol; always writes metrics.json, CSVs, a confusion matrix and report.md. Exit 7 when the dataset is
+    missing or invalid, 2 on a usage error, 1 when a benchmark of a suite failed."""
     with handle_errors():
         from digseg_cli.evaluate.run import EvalSettings, run_eval
 
         settings = EvalSettings(
-            dataset=dataset,
+            dataset=dataset or "",
             split=split,
             data_root=data_root,
             download=download,
@@ -204,7 +250,16 @@ def eval_command(
             prompt_template=prompt_template,
             seed=seed,
         )
-        run = run_eval(settings, progress=_progress("scoring" if predictions is not None else "evaluating"), note=_note)
+        progress = _progress("scoring" if predictions is not None else "evaluating")
+        if suite is not None:
+            from digseg_cli.evaluate.suite import run_suite
+
+            suite_result = run_suite(settings, suite, progress=progress, note=_note)
+        else:
+            run = run_eval(settings, progress=progress, note=_note)
+    if suite is not None:
+        _render_suite(suite_result, as_json)
+        return
     if run.check is not None:
         if as_json:
             typer.echo(json.dumps(run.check.to_json(), indent=2))

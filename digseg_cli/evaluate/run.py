@@ -5,7 +5,9 @@ check it when asked, then score saved label maps or a model: join the processes 
 through Accelerate (one GPU per process under CUDA, gloo on the CPU), load the model with
 ``inference.pipeline.load_pipeline``, wrap it as a predictor and call ``evaluate.scoring``, which shards
 the samples, sums the confusion matrices and writes the reports. Each image's noise comes from the seed and
-the image's name (``inference.seeds.image_seed``), as in ``segment``.
+the image's name (``inference.seeds.image_seed``), as in ``segment``. ``score_dataset`` is the scoring half
+alone (an opened split, the processes already joined), for ``evaluate.suite`` to join them once for all its
+benchmarks.
 
 It renders nothing and maps no exit codes (``digseg_cli.cli.eval`` does both); errors a user can cause are
 ``DigsegError``s.
@@ -40,7 +42,7 @@ Note = Callable[[str], None]  # a one-line note for the user (reduced precision)
 class EvalSettings:
     """What ``digseg eval`` was asked (the command's options; None: the benchmark's or the model's default)."""
 
-    dataset: str
+    dataset: str  # a catalog name or a folder; "" for a suite (`evaluate.suite` sets each benchmark's)
     split: str | None = None
     data_root: Path | None = None
     download: bool = False
@@ -69,6 +71,8 @@ class EvalSettings:
         from digseg_cli.core.metrics import ABSENT_RULES
         from digseg_cli.inference.device import PRECISIONS
 
+        if not self.dataset:
+            raise UsageError("give `--dataset NAME` (one benchmark) or `--suite NAME` (a table of benchmarks)")
         if self.absent_rule is not None and self.absent_rule not in ABSENT_RULES:
             raise UsageError(f"`--absent-rule` must be {' or '.join(ABSENT_RULES)}; got {self.absent_rule!r}")
         if self.tile not in TILES:
@@ -113,9 +117,29 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
         D.download_dataset(spec, data_root=s.data_root)
     if s.check:
         return EvalRun(check=D.check_layout(spec, split=s.split, data_root=s.data_root))
-    # 2. The samples, where the reports go, the protocol and what the reports record of this run.
+    # 2. The samples; then the processes (one shard of the samples each) and the scores.
     data = D.open_dataset(spec, split=s.split, data_root=s.data_root)
-    out_dir = require_writable_folder(s.out or default_out_dir(spec.name, data.split), "--out")  # before the model
+    processes = join_processes(s.device)
+    result = score_dataset(s, data, processes=processes, progress=progress, note=note)
+    leave_process_group()
+    return EvalRun(result=result, main_process=processes is None or processes.is_main_process)
+
+
+def score_dataset(
+    settings: EvalSettings,
+    data: BenchmarkDataset,
+    *,
+    processes: PartialState | None = None,
+    progress: Progress | None = None,
+    note: Note | None = None,
+) -> EvalResult:
+    """Score an opened split as ``settings`` say (saved label maps, or the model) and write its reports.
+
+    ``processes``: the group this process joined (``join_processes``), or None for one process; a suite joins
+    it once for all its benchmarks."""
+    s, spec = settings, data.spec
+    # Where the reports go (probed before the model loads), the protocol and what the reports record of this run.
+    out_dir = require_writable_folder(s.out or default_out_dir(spec.name, data.split), "--out")
     protocol = protocol_kwargs(spec)
     protocol["absent_rule"] = s.absent_rule or spec.absent_rule
     if s.threshold is not None:
@@ -125,8 +149,6 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
         "limit": s.limit,
         "absent_rule_source": "option" if s.absent_rule else "benchmark default",
     }
-    # 3. Processes (one shard of the samples each), then the scores.
-    processes = join_processes(s.device)
     common = {
         "out_dir": out_dir,
         "split": data.split,
@@ -136,19 +158,16 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
         "processes": processes,
         **protocol,
     }
-    if s.predictions is not None:
-        record["predictions"] = str(s.predictions)
-        result = score_predictions(
-            data,
-            s.predictions,
-            decode_prediction=spec.decode_prediction,
-            resize_predictions=s.resize_predictions,
-            **common,
-        )
-    else:
-        result = _score_model(s, spec, data, processes=processes, note=note, record=record, common=common)
-    leave_process_group()
-    return EvalRun(result=result, main_process=processes is None or processes.is_main_process)
+    if s.predictions is None:
+        return _score_model(s, spec, data, processes=processes, note=note, record=record, common=common)
+    record["predictions"] = str(s.predictions)
+    return score_predictions(
+        data,
+        s.predictions,
+        decode_prediction=spec.decode_prediction,
+        resize_predictions=s.resize_predictions,
+        **common,
+    )
 
 
 def _score_model(
