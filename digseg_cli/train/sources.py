@@ -122,6 +122,7 @@ def open_sources(s) -> list[TrainSource]:
 
 def _open_one(s, name: str, weight: float, *, first: bool) -> TrainSource:
     from digseg_cli.data.benchmarks import catalog
+    from digseg_cli.data.benchmarks.local import is_folder_spec
 
     path = Path(name).expanduser()
     is_folder = (s.data is not None and first) or (
@@ -129,7 +130,14 @@ def _open_one(s, name: str, weight: float, *, first: bool) -> TrainSource:
     )
     if is_folder:
         return folder_source(s, path, weight, val=s.val if first and s.data is not None else None)
-    return benchmark_source(catalog.get_spec(name), weight, data_root=s.data_root)
+    spec = catalog.get_spec(name)
+    if is_folder_spec(spec):  # the synth sets: generated once, then read as the user folder they are
+        root = spec.root(s.data_root)
+        spec.prepare(root)
+        source = folder_source(s, root, weight, val=None)
+        source.name = spec.name
+        return source
+    return benchmark_source(spec, weight, data_root=s.data_root)
 
 
 def folder_source(s, folder: Path, weight: float, *, val: Path | None) -> TrainSource:

@@ -256,3 +256,17 @@ def test_the_command_line_trains_on_a_benchmark_and_a_missing_one_is_one_line_an
     )
     assert missing.exit_code == 7 and "Traceback" not in missing.output
     assert "ADE20K" in missing.output and "--data-root" in missing.output
+
+
+def test_the_synthetic_scenes_by_name_are_generated_once_and_train_as_a_folder(tmp_path, one_torch_thread):
+    from digseg_cli.data.benchmarks.catalog import get_spec
+
+    root = tmp_path / "data-root"
+    settings = TrainSettings(out=tmp_path / "run", datasets=["synth"], data_root=root, max_steps=1, val_every=1, **TINY)
+    train(settings)
+    folder = get_spec("synth").root(root)
+    assert len(list((folder / "images").iterdir())) == 64
+    run = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run["datasets"][0]["name"] == "synth" and run["datasets"][0]["kind"] == "folder"
+    assert [c["name"] for c in run["classes"]] == ["road", "tree", "building", "water", "field"]
+    assert "val_miou" in _records(tmp_path / "run")[-1]  # its held-out share validates

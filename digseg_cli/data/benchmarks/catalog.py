@@ -50,6 +50,8 @@ DATASETS: dict[str, DatasetSpec] = {
         REFUGE2,
         PHENOBENCH,
         synth_spec(),
+        # the demo's training scenes (`digseg data synth --n 2000 --seed 0 --size 128`): `train --recipe demo`
+        synth_spec("synth-train", count=2000, seed=0, size=128),
     )
 }
 ALIASES = {

@@ -93,35 +93,49 @@ def user_folder_spec(path: Path | str, class_name: str | None = None) -> Dataset
     )
 
 
-def _write_synth(root: Path) -> None:
-    """Generate the synth split into ``root`` (atomically: a temporary folder renamed into place)."""
-    if root.is_dir() and (root / "classes.json").is_file():
-        return
-    from digseg_cli.data.synth import write_synth_dataset
+def _synth_writer(count: int, seed: int, size: int):
+    """``prepare`` of a synth spec: generate its scenes into the folder on first use (atomically: a
+    temporary folder renamed into place)."""
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        log.info("writing %d synthetic scenes (seed %d, %d px) to %s", SYNTH_COUNT, SYNTH_SEED, SYNTH_SIZE, root)
-        write_synth_dataset(tmp, SYNTH_COUNT, SYNTH_SEED, SYNTH_SIZE, overwrite=True)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    def write(root: Path) -> None:
+        if root.is_dir() and (root / "classes.json").is_file():
+            return
+        from digseg_cli.data.synth import write_synth_dataset
+
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            log.info("writing %d synthetic scenes (seed %d, %d px) to %s", count, seed, size, root)
+            write_synth_dataset(tmp, count, seed, size, overwrite=True)
+            if root.exists():
+                shutil.rmtree(root)
+            os.replace(tmp, root)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    return write
 
 
-def synth_spec() -> DatasetSpec:
-    """``synth``: a fresh split of the synthetic scenes, generated on first use under the data root."""
+def synth_spec(name: str = "synth", *, count: int | None = None, seed: int | None = None, size: int | None = None):
+    """A split of the synthetic scenes, generated on first use under the data root: ``synth`` (the default:
+    ``SYNTH_COUNT`` scenes with ``SYNTH_SEED``, which training never uses) or another named set."""
     from digseg_cli.data.folders import classes_from_obj
     from digseg_cli.data.synth import SYNTH_CLASSES
 
+    count = SYNTH_COUNT if count is None else count
+    seed = SYNTH_SEED if seed is None else seed
+    size = SYNTH_SIZE if size is None else size
     return spec_from_classes(
         classes_from_obj(SYNTH_CLASSES, "digseg_cli.data.synth"),
-        name="synth",
-        title=f"synthetic aerial scenes (seed {SYNTH_SEED})",
-        folder=f"synth/seed{SYNTH_SEED}-n{SYNTH_COUNT}-s{SYNTH_SIZE}",
-        prepare=_write_synth,
+        name=name,
+        title=f"synthetic aerial scenes ({count}, seed {seed}, {size} px)",
+        folder=f"synth/seed{seed}-n{count}-s{size}",
+        prepare=_synth_writer(count, seed, size),
         manual="It is generated on the fly; nothing to download.",
     )
+
+
+def is_folder_spec(spec: DatasetSpec) -> bool:
+    """Whether a spec reads a folder in the training layout (a user folder, the synth sets)."""
+    return spec.layout == _FOLDER_LAYOUT
