@@ -121,6 +121,8 @@ def open_sources(s) -> list[TrainSource]:
 
 
 def _open_one(s, name: str, weight: float, *, first: bool) -> TrainSource:
+    """`--data`, a folder path, or a catalog name (a bare name the catalog knows is the benchmark, even where
+    a folder of that name exists: write `./NAME` for the folder)."""
     from digseg_cli.data.benchmarks import catalog
     from digseg_cli.data.benchmarks.local import is_folder_spec
 

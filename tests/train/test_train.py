@@ -521,3 +521,33 @@ def test_small_model_trained_on_synthetic_scenes_reaches_validation_miou_0_5(tmp
     validation = [r for r in records if "val_miou" in r]
     assert validation[-1]["step"] == 900
     assert validation[-1]["val_miou"] >= 0.5, validation[-1]
+
+
+def test_the_vae_stage_learns_to_reconstruct_images_and_masks_and_calibrates_its_scale(synth32, one_torch_thread):
+    """Stage 1 of a compact base on its own (the slow learning test starts from the demo's trained VAE): a
+    fresh tiny VAE, 150 steps, reconstructs held-out images and masks with a fraction of its first error
+    (measured: 0.065-0.070 of it with training seeds 0, 1 and 2; the test asks for under 0.25)."""
+    from digseg_cli.models.loader import load_model
+    from digseg_cli.train.samples import SegmentationTrainDataset
+    from digseg_cli.train.sources import pairs_source, prepare_data
+    from digseg_cli.train.vae_stage import calibrate_latent_scale, train_vae
+
+    classes, train_pairs, val_pairs = prepare_data(synth32, None, class_name=None, val_split=0.25, seed=0)
+    dataset = SegmentationTrainDataset([pairs_source(train_pairs, classes)], 32, seed=0)
+    held_out = SegmentationTrainDataset([pairs_source(val_pairs, classes)], 32, seed=0, augment=False)
+    torch.manual_seed(0)
+    vae = load_model("tiny").model.vae
+
+    @torch.no_grad()
+    def error() -> float:
+        x = torch.stack([held_out[i]["pixel_values"] for i in range(len(held_out))])  # [n,3,32,32]
+        m = torch.stack([held_out[i]["target"] for i in range(len(held_out))]).expand(-1, 3, -1, -1) * 2 - 1
+        both = torch.cat([x, m])
+        return float(((vae.decode(vae.encode(both).latent_dist.mean).sample - both) ** 2).mean())
+
+    before = error()
+    done = train_vae(vae, dataset, steps=150, batch_size=8, lr=1e-3, seed=0, device="cpu", emit=lambda e: None)
+    after = error()
+    assert done == 150 and after < 0.25 * before, (before, after)
+    calibrate_latent_scale(vae, dataset, "cpu")
+    assert 0 < vae.config.scaling_factor != 1.0
