@@ -387,9 +387,9 @@ def _raise(exc: BaseException):
 def test_out_of_memory_is_exit_6_in_train_and_eval(shared, tmp_path, monkeypatch, make_error):
     """The real error types, raised where the work happens (the training loop, the benchmark scorer)."""
     import digseg_cli.evaluate.run as eval_run
-    import digseg_cli.train.loop as loop
+    import digseg_cli.train.setup as setup
 
-    monkeypatch.setattr(loop, "_set_up_optimisation", _raise(make_error()))
+    monkeypatch.setattr(setup, "set_up_optimisation", _raise(make_error()))
     train = runner.invoke(app, [a.format(tmp=tmp_path, data=shared["data"]) for a in _train()])
     monkeypatch.setattr(eval_run, "_score_model", _raise(make_error()))
     evaluate = runner.invoke(app, ["eval", "-d", str(shared["data"]), "--weights", str(shared["ck"]), "--limit", "1"])
@@ -400,8 +400,8 @@ def test_out_of_memory_is_exit_6_in_train_and_eval(shared, tmp_path, monkeypatch
 
 def test_a_bug_keeps_its_traceback(shared, tmp_path, monkeypatch):
     """Only what a user can cause is mapped: any other exception is a bug and is not hidden."""
-    import digseg_cli.train.loop as loop
+    import digseg_cli.train.setup as setup
 
-    monkeypatch.setattr(loop, "_set_up_optimisation", _raise(ValueError("a bug")))
+    monkeypatch.setattr(setup, "set_up_optimisation", _raise(ValueError("a bug")))
     result = runner.invoke(app, [a.format(tmp=tmp_path, data=shared["data"]) for a in _train()])
     assert isinstance(result.exception, ValueError) and result.exit_code == 1
