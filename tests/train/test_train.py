@@ -491,8 +491,9 @@ def test_a_fresh_small_unet_on_the_demos_vae_reaches_validation_miou_0_5(tmp_pat
     Measured, 1 thread per run, validation as `digseg eval` scores it (synonyms included) on 16 held-out
     scenes, with training seeds 0-4: 0.541, 0.557, 0.591, 0.567, 0.583 (against 0.5); seed 4 alone took
     423 s, 333 of them training. The test runs on one torch thread, as measured, and is then the same
-    computation on every run (two threads sum in another order, and the training's path moves with it). At 64 px buildings are about one latent pixel wide and stay near 0 IoU; background,
-    water and field carry the mean."""
+    computation on every run (two threads sum in another order, and the training's path moves with it).
+    At 64 px buildings are about one latent pixel wide and stay near 0 IoU; background, water and field
+    carry the mean."""
     from digseg_cli.data.synth import write_synth_dataset
 
     write_synth_dataset(tmp_path / "scenes", 400, seed=0, size=128)
