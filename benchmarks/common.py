@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import platform
 import resource
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -175,11 +176,13 @@ def markdown_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_results(out: Path, text: str, append: bool) -> None:
-    """Write a run's section to `out`: after what is there with `append` (the by-hand summary on top and the
-    earlier runs stay), else as a new file under the title."""
+def publish(out: Path, text: str, append: bool) -> None:
+    """Print a run's section and write it to `out`: after what is there with `append` (the by-hand summary on
+    top and the earlier runs stay), else as a new file under the title."""
+    print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     if append and out.is_file():
         out.write_text(out.read_text().rstrip("\n") + "\n\n" + text)
     else:
         out.write_text(TITLE + text)
+    print(f"wrote {out}", file=sys.stderr)

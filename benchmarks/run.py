@@ -41,10 +41,10 @@ from common import (
     markdown_table,
     peak_memory,
     peak_rss,
+    publish,
     reset_peak_memory,
     reset_peak_rss,
     s,
-    write_results,
     yes,
 )
 
@@ -758,10 +758,7 @@ def report(a, info, label, m, wb, table, notes) -> str:
 
 def main(argv=None) -> int:
     a = parse(argv)
-    text = run(a)
-    print(text)
-    write_results(a.out, text, a.append)
-    print(f"wrote {a.out}", file=sys.stderr)
+    publish(a.out, run(a), a.append)
     return 0
 
 
