@@ -76,7 +76,12 @@ def parse(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--size", default="demo,sd2", help="parts to run, comma list of demo, sd2 (default both)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", default="auto", help="auto (bf16 where the device has it, else fp32), fp32, bf16")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="default auto: bf16 where the device has it, else fp32",
+    )
     p.add_argument("--batch-sizes", help="(2)'s batch sizes (default 1,2 on a CPU, 1,2,4,8 on a GPU)")
     p.add_argument("--resolutions", default="512", help="(2)'s training resolutions in px (default 512)")
     p.add_argument("--steps", type=int, help="counted steps per row (default: 20 for demo; sd2 2 on CPU, 5 on GPU)")
@@ -348,7 +353,7 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def report(a, info: dict, rows: list[dict], labels: list[str], t_total: float) -> str:
-    card = info["gpu"].split(" (")[0] if a.device.type == "cuda" else "CPU"
+    card = info["gpu"].split(" (")[0] if a.device.type == "cuda" else f"{info['cpu']} ({info['cores']} cores)"
     head = ("#", "Model, resolution, precision, device", "Batch", "Grad. checkpointing", "Workers")
     head += ("Step time (median)", "Samples/s", "Peak memory", "Data wait", "≤ 5 %")
     memory = "torch's max_memory_allocated" if a.device.type == "cuda" else "peak RSS of the training process"
