@@ -20,7 +20,8 @@ state and activations all live there), both read at the row's last step.
 
 Precision (`--precision auto`): bf16 where the device has it (CUDA with bf16; a CPU with AVX512-BF16 or AMX,
 elsewhere torch emulates bf16, many times slower), else fp32; the report says which. `digseg train`'s own
-default differs on a CPU (fp32 always).
+default differs on a CPU (fp32 always). Each row also records the 1-minute load average as it ended: on a
+shared machine, other processes' work shows there.
 
 How a row runs, and why:
 - A row stops right after its last counted step (the progress callback raises `Measured`), so the run's
@@ -176,7 +177,10 @@ def measure(spec: dict) -> dict:
     try:
         train(settings(spec), progress)
     except Measured as done:
-        return {"records": records, "peak": done.peak}
+        # The load average says whether other processes shared the CPU while the row ran: on the shared 2-core
+        # machine, the SD-2 row run beside other jobs read 2.35× the step time of the next one, checkpointing
+        # (≤ 1.3× expected) aside.
+        return {"records": records, "peak": done.peak, "load": os.getloadavg()[0]}
     raise RuntimeError(f"{spec['name']}: the run ended before step {total}")
 
 
@@ -194,7 +198,21 @@ def measure_alone(spec: dict) -> dict:
     return {"failed": why}
 
 
+def die_with_parent() -> None:
+    """On Linux, have the kernel kill this row's process when the benchmark's process dies: a stopped benchmark
+    would otherwise leave an SD-2 row training for minutes, and a SIGTERM sent to the row would make `train`
+    end it with its final checkpoint (12 GB at SD-2 size)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the row outlives a killed benchmark
+        pass
+
+
 def child(spec_json: str) -> int:
+    die_with_parent()
     import torch
 
     spec = json.loads(spec_json)
@@ -219,6 +237,7 @@ def summarize(spec: dict, result: dict) -> dict:
         "samples_per_s": spec["batch"] * len(times) / sum(times),
         "wait": sum(waits) / sum(times),
         "peak": result["peak"],
+        "load": result["load"],
     }
 
 
@@ -318,16 +337,17 @@ def table_row(r: dict, card: str) -> tuple[str, ...]:
     where = f"{r['model']}, {r['resolution']} px, {r['precision']}, on {card}"
     setting = (str(r["batch"]), "on" if r["checkpointing"] else "off", str(r["workers"]))
     if "failed" in r:
-        return (r["part"], where, *setting, r["failed"], "—", "—", "—", "—")
+        return (r["part"], where, *setting, r["failed"], "—", "—", "—", "—", "—")
     return (
         r["part"],
         where,
         *setting,
         common.s(r["step_s"]),
-        f"{r['samples_per_s']:.2f}",
+        f"{r['samples_per_s']:.3g}",
         human_size(r["peak"]),
         f"{r['wait']:.1%}",
         common.yes(r["wait"] <= DATA_WAIT_GOAL),
+        f"{r['load']:.1f}",
     )
 
 
@@ -355,7 +375,7 @@ def ratios(rows: list[dict]) -> list[str]:
 def report(a, info: dict, rows: list[dict], labels: list[str], t_total: float) -> str:
     card = info["gpu"].split(" (")[0] if a.device.type == "cuda" else f"{info['cpu']} ({info['cores']} cores)"
     head = ("#", "Model, resolution, precision, device", "Batch", "Grad. checkpointing", "Workers")
-    head += ("Step time (median)", "Samples/s", "Peak memory", "Data wait", "≤ 5 %")
+    head += ("Step time (median)", "Samples/s", "Peak memory", "Data wait", "≤ 5 %", "Load")
     memory = "torch's max_memory_allocated" if a.device.type == "cuda" else "peak RSS of the training process"
     cmd = ("python benchmarks/train.py " + " ".join(sys.argv[1:])).strip()
     return "\n".join(
@@ -367,9 +387,10 @@ def report(a, info: dict, rows: list[dict], labels: list[str], t_total: float) -
             common.machine_line(info, f"{a.device}, {a.precision}"),
             f"- **Models:** {'; '.join(labels)}.",
             "- **Rows:** `train()` on synthetic scenes, one-step objective; per row "
-            + ", ".join(f"{p}: {a.schedule[p][0]} warm-up + {a.schedule[p][1]} counted steps" for p in a.size)
+            + ", ".join(f"{p}: {a.schedule[p][0]} warm-up + {a.schedule[p][1]} counted step(s)" for p in a.size)
             + f". Peak memory = {memory}. Data wait = Σ data_wait_s / Σ step time of the counted steps "
-            f"(goal ≤ {DATA_WAIT_GOAL:.0%}).",
+            f"(goal ≤ {DATA_WAIT_GOAL:.0%}). Load = the 1-minute load average as the row ended (the row's own "
+            f"threads and workers count in it; well above {info['cores']} cores, other processes shared the CPU).",
             "",
             common.markdown_table(head, [table_row(r, card) for r in rows]),
             "",
