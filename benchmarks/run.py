@@ -25,9 +25,7 @@ timings and meaningless outputs. The table goes to stdout and to `--out` (defaul
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -35,12 +33,23 @@ import sys
 import time
 from pathlib import Path
 
+from common import (
+    HERE,
+    build_sd2,
+    machine,
+    machine_line,
+    markdown_table,
+    peak_memory,
+    peak_rss,
+    publish,
+    reset_peak_memory,
+    reset_peak_rss,
+    s,
+    yes,
+)
+
 from digseg_cli.weights.store import human_size
 
-HERE = Path(__file__).resolve().parent
-TITLE = (
-    "# digseg performance results\n\nWritten by `benchmarks/run.py`; see its docstring for what each row measures.\n\n"
-)
 DEFAULTS = {  # size → (image px, naive steps on CPU, repeats on CPU, tile model, big image px)
     "sd2": (512, 2, 1, "demo", 2048),
     "demo": (128, 50, 7, "demo", 2048),  # 7 repeats: a 0.1 s call on a 2-core CPU varies by ±20 %
@@ -107,120 +116,8 @@ def parse(argv=None) -> argparse.Namespace:
     return a
 
 
-# -- machine and memory ---------------------------------------------------------------------------------
-def machine() -> dict:
-    import torch
-
-    info = {"cpu": platform.processor() or platform.machine(), "flags": ""}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
-        flags = next(line for line in text.splitlines() if line.startswith("flags")).split()
-        info["flags"] = ", ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else float("nan")
-    info.update(
-        cores=cores,
-        torch=torch.__version__,
-        threads=torch.get_num_threads(),
-        ram_gib=ram,
-        python=platform.python_version(),
-        date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        omp=os.environ.get("OMP_NUM_THREADS", "unset"),
-        load=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
-        gpu="",
-    )
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        info["gpu"] = (
-            f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs), "
-            f"CUDA {torch.version.cuda}"
-        )
-    return info
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) so the next phase is measured alone (Linux ≥ 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss() -> float:
-    """Peak resident set size in bytes: VmHWM since the last reset, else getrusage's lifetime peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def weights_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
-# -- models ---------------------------------------------------------------------------------------------
-def build_sd2():
-    """SD 2 sizes (U-Net, VAE, OpenCLIP-H-size text encoder) with random weights, widened by `assemble`."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from digseg_cli.models.checkpoint import assemble
-    from digseg_cli.models.compact import SCHEDULER_CONFIG, build_tokenizer
-    from digseg_cli.models.config import DigsegConfig
-
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    tokenizer.model_max_length = 77
-    unet = UNet2DConditionModel(
-        sample_size=96,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        cross_attention_dim=1024,
-        attention_head_dim=(5, 10, 20, 20),
-        use_linear_projection=True,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=768,
-        block_out_channels=(128, 256, 512, 512),
-        scaling_factor=0.18215,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    # OpenCLIP-H's 49,408-token embedding table (the compact tokenizer uses the first ~600 ids), so the
-    # weights in memory are the real text encoder's size.
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=max(len(tokenizer), 49408),
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            projection_dim=512,
-            hidden_act="gelu",
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    config = DigsegConfig(
-        base_model="random weights, SD 2 sizes", prediction_type="v_prediction", default_resolution=512, film_hidden=256
-    )
-    return assemble(unet, vae, text, tokenizer, dict(SCHEDULER_CONFIG), config)
 
 
 def load(name: str, device, dtype):
@@ -390,24 +287,13 @@ class Table:
         print(f"[{time.strftime('%H:%M:%S')}] {what}: {ratio} ({met})", file=sys.stderr, flush=True)
 
     def markdown(self) -> str:
-        head = ("#", "Measurement", "Ours", "Baseline", "Ratio", "Target", "Met")
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
-        return "\n".join(lines)
+        return markdown_table(("#", "Measurement", "Ours", "Baseline", "Ratio", "Target", "Met"), self.rows)
 
 
 def precision_name(dtype) -> str:
     from digseg_cli.inference.device import PRECISION_NAMES
 
     return PRECISION_NAMES[dtype]
-
-
-def s(x: float) -> str:
-    return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
-
-
-def yes(ok: bool, extrapolated: bool = False) -> str:
-    return ("yes" if ok else "**no**") + (" (extrapolated)" if extrapolated else "")
 
 
 def run(a: argparse.Namespace) -> str:
@@ -440,13 +326,11 @@ def run(a: argparse.Namespace) -> str:
     # untimed call) do not pay either. (Without it, one cold K=2 call at SD size read 2.2× the floor.)
     t_ours: dict[tuple[int, str], float] = {}
     cuda = a.device.type == "cuda"
-    reset_peak_rss()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(a.device)
+    reset_peak_memory(a.device)
     for k in a.prompts:
         for dec in ("vae", "fast"):
             t_ours[k, dec] = timed(lambda k=k, dec=dec: ours(pipe, image, prompts[k], dec), a.repeats, warmup=1)
-    peak_ours = torch.cuda.max_memory_allocated(a.device) if cuda else peak_rss()
+    peak_ours = peak_memory(a.device)
 
     # (a) naive loop
     if "naive" not in a.skip:
@@ -845,11 +729,7 @@ def report(a, info, label, m, wb, table, notes) -> str:
             "",
             f"Generated by `{cmd.strip()}` on {info['date']}.",
             "",
-            f"- **Machine:** {info['cpu']} ({info['flags'] or 'no AVX flags read'}), {info['cores']} usable cores, "
-            f"{info['ram_gib']:.0f} GiB RAM; Python {info['python']}, torch {info['torch']}, "
-            f"{info['threads']} torch threads in this run (OMP_NUM_THREADS={info['omp']})"
-            + (f"; GPU: {info['gpu']}" if info["gpu"] else "")
-            + f"; ran on **{a.device}, {precision_name(a.dtype)}**.",
+            machine_line(info, f"{a.device}, {precision_name(a.dtype)}"),
             f"- **Model timed:** {label}: U-Net {params['unet']:.1f} M, VAE {params['vae']:.1f} M, text encoder "
             f"{params['text_encoder']:.1f} M, text pathway {params['text_pathway']:.2f} M, fast decoder "
             f"{params['fast_decoder']:.3f} M parameters ({human_size(wb)} {precision_name(a.dtype)}).",
@@ -878,14 +758,7 @@ def report(a, info, label, m, wb, table, notes) -> str:
 
 def main(argv=None) -> int:
     a = parse(argv)
-    text = run(a)
-    print(text)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    if a.append and a.out.is_file():
-        a.out.write_text(a.out.read_text().rstrip("\n") + "\n\n" + text)
-    else:
-        a.out.write_text(TITLE + text)
-    print(f"wrote {a.out}", file=sys.stderr)
+    publish(a.out, run(a), a.append)
     return 0
 
 
