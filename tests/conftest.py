@@ -14,6 +14,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def _own_cores_per_worker() -> None:
+    """Under `-n N` each xdist worker (and every process it starts) runs on its own share of the cores.
+    Otherwise the multi-process tests of one worker (DDP pairs, loader workers, subprocess runs) take cores
+    from the long learning test on the other, which then ran 560 s instead of its 423 s alone and set the
+    suite's wall time."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) >= count:
+        os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) % count :: count])
+
+
+_own_cores_per_worker()
+
+
 def pytest_collection_modifyitems(config, items):
     """Slow tests first: under `-n 2 --dist worksteal` (README's test command) the longest one then runs on one
     core while the other core takes every other test, instead of starting last and running alone."""
