@@ -47,11 +47,12 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     #    `digseg eval` reads it), with its classes and validation split.
     sources = open_sources(s)
     # 2. Processes, precision, accumulation (Accelerate) and seeds; the run folder with its settings.
-    accelerator, accum, emit = setup.start(s, sources, progress)
+    classes = union_classes(sources)  # the checkpoint's class list, each class with its datasets
+    accelerator, accum, emit = setup.start(s, sources, classes, progress)
     # SIGINT/SIGTERM from here on end the run at the next step with a checkpoint and exit 130, in every stage.
     with StopSignals() as signals:
         # 3. Model: a checkpoint to resume or start from, else a fresh DiGSeg from the base; the samples.
-        loaded, scheduler, state = setup.load_run_model(s, union_classes(sources))
+        loaded, scheduler, state = setup.load_run_model(s, classes)
         dataset = SegmentationTrainDataset(
             sources,
             loaded.config.default_resolution,

@@ -65,15 +65,15 @@ def batch_loss(
 
 def latent_weight(target, valid, factor: int, foreground_weight: float) -> torch.Tensor | None:
     """Per latent pixel `[B,1,h,w]`: the valid share of its `factor`×`factor` footprint, times
-    `foreground_weight` where the target touches it (1 elsewhere); None when every weight would be 1."""
-    all_valid = valid is None or bool((valid > 0).all())
-    if all_valid and foreground_weight == 1.0:
+    `foreground_weight` where the target touches it (1 elsewhere); None when every weight would be 1.
+    `valid` None: every pixel labelled (`train.samples.to_batch` decides it)."""
+    if valid is None and foreground_weight == 1.0:
         return None
     weight = 1.0
     if foreground_weight != 1.0:
         covered = F.max_pool2d(target.float(), kernel_size=factor, stride=factor)  # [B,1,R,R] -> [B,1,h,w]
         weight = 1.0 + (foreground_weight - 1.0) * covered
-    if not all_valid:
+    if valid is not None:
         weight = weight * F.avg_pool2d(valid.float(), kernel_size=factor, stride=factor)  # [B,1,h,w]
     return weight
 

@@ -62,9 +62,12 @@ def collate(samples: list[dict]) -> dict:
 
 
 def to_batch(collated: dict, tokenize, device) -> dict:
-    """A collated batch on ``device`` with its prompts as token ids (what ``train.loss.batch_loss`` reads)."""
-    keys = ("pixel_values", "target", "valid")
-    batch = {k: collated[k].to(device, non_blocking=True) for k in keys}
+    """A collated batch on ``device`` with its prompts as token ids (what ``train.loss.batch_loss`` reads).
+    ``valid`` is None when every pixel is labelled, decided here on the CPU tensor: the loss then takes
+    its plain path, and a GPU step never waits on a device-to-host check."""
+    batch = {k: collated[k].to(device, non_blocking=True) for k in ("pixel_values", "target")}
+    valid = collated["valid"]
+    batch["valid"] = None if bool(valid.all()) else valid.to(device, non_blocking=True)
     batch["input_ids"] = tokenize(collated["prompts"]).to(device)  # [B,L]
     return batch
 

@@ -33,7 +33,6 @@ from digseg_cli.train.loss import LossModule
 from digseg_cli.train.optim import adamw, lr_schedule
 from digseg_cli.train.samples import SegmentationTrainDataset
 from digseg_cli.train.settings import TrainSettings, accelerate_precision, check_resolution
-from digseg_cli.train.sources import union_classes
 
 log = logging.getLogger("digseg")
 
@@ -89,7 +88,7 @@ class Run:
         )
 
 
-def start(s: TrainSettings, sources: list, progress) -> tuple[Any, int, Callable[[dict], None]]:
+def start(s: TrainSettings, sources: list, classes: list[dict], progress) -> tuple[Any, int, Callable[[dict], None]]:
     """(accelerator, micro-batches per step, the progress callback of this process): only the main
     process reports and writes `config.json` (settings, the class list and each dataset) and `recipe.yaml`;
     the seed is set on every process alike. Accumulation runs through `accelerator.accumulate`: no
@@ -115,7 +114,7 @@ def start(s: TrainSettings, sources: list, progress) -> tuple[Any, int, Callable
             {"name": src.name, "kind": src.kind, "weight": src.weight, "ignore_index": src.ignore_index}
             for src in sources
         ]
-        record = {**s.to_dict(), "classes": union_classes(sources), "datasets": datasets}
+        record = {**s.to_dict(), "classes": classes, "datasets": datasets}
         atomic_write_json(Path(s.out) / "config.json", record)
         atomic_write_text(Path(s.out) / "recipe.yaml", s.to_yaml())  # `--recipe` of it starts this run again
     return accelerator, accum, emit

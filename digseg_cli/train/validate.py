@@ -23,8 +23,7 @@ class Validations:
     """The validation splits of a run's sources (those that have one), capped at `limit` images each."""
 
     def __init__(self, sources, *, limit: int | None = None):
-        self.parts = [(src.name, *src.validation) for src in sources if src.validation is not None]
-        self.parts = [(name, spec, samples) for name, spec, samples in self.parts if len(samples) > 0]
+        self.parts = [(src.name, *src.validation) for src in sources if src.validation and len(src.validation[1])]
         self.limit = limit
 
     def __bool__(self) -> bool:
