@@ -94,6 +94,29 @@ def _render_result(result: EvalResult) -> None:
         err_console.print(f"reports written to {result.out_dir}", highlight=False)
 
 
+def _render_word_test(test: dict) -> None:
+    from rich.table import Table
+
+    from digseg_cli.evaluate.report import fmt
+
+    table = Table(
+        title=f"word test ({test['vocabulary']}): {test['images']} images, one prompt each", title_justify="left"
+    )
+    for col in ("kind", "class", "word", "IoU / marked"):
+        table.add_column(col, justify="right" if col.startswith("IoU") else "left")
+    for r in test["rows"]:
+        value = fmt(r["iou"]) if "iou" in r else f"{100 * r['marked']:.2f} %"
+        table.add_row(r["kind"], r["class"] or "", r["word"], value)
+    err_console.print(table)
+    s = test["summary"]
+    err_console.print(
+        f"[bold]names {fmt(s['name_iou'])}, held-out words {fmt(s['held_out_iou'])} "
+        f"({fmt(s['held_out_ratio'])} of the names), unrelated words mark {100 * (s['unrelated_marked'] or 0):.2f} % "
+        "of the pixels[/]",
+        highlight=False,
+    )
+
+
 def _render_suite(result: SuiteResult, as_json: bool) -> None:
     """The suite's table on stderr (and its object on stdout with ``--json``); exit 1 if a benchmark failed."""
     from rich.markup import escape
@@ -218,6 +241,14 @@ def eval_command(
     seed: Annotated[
         int, typer.Option("--seed", help="Base seed (each image's noise comes from it and the image's name).")
     ] = 0,
+    word_test: Annotated[
+        str | None,
+        typer.Option(
+            "--word-test",
+            help="Also ask for each class by the vocabulary's held-out words, one prompt at a time, and count "
+            "what its unrelated words mark (word_test.json): a vocabulary file, or synth.",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate on a benchmark (or a --suite of them, in one table beside the paper's numbers) with its exact
     protocol; always writes metrics.json, CSVs, a confusion matrix and report.md. Exit 7 when the dataset is
@@ -249,6 +280,7 @@ def eval_command(
             decoder=decoder.value,
             prompt_template=prompt_template,
             seed=seed,
+            word_test=word_test,
         )
         progress = _progress("scoring" if predictions is not None else "evaluating")
         if suite is not None:
@@ -270,6 +302,8 @@ def eval_command(
     if not run.main_process:  # every process holds the summed metrics; one prints them
         return
     _render_result(run.result)
+    if run.result.word_test is not None:
+        _render_word_test(run.result.word_test)
     if as_json:
         from digseg_cli.evaluate.report import json_safe
 

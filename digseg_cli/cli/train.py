@@ -90,6 +90,12 @@ def train_command(
     gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for memory (SD-size U-Nets).")] = False,
     prompt_template: Annotated[str, typer.Option(help="Prompt around a class name: 'a photo of a {name}'.")] = "{name}",
     absent_prob: Annotated[float, typer.Option(help="Share of prompts for a class the image lacks.")] = _D.absent_prob,
+    vocabulary: Annotated[
+        str | None,
+        typer.Option(
+            help="More words per class, and unrelated words trained as 'nothing here': a YAML file, or synth.",
+        ),
+    ] = None,
     noise_strength: Annotated[float, typer.Option(help="diffusion: multi-resolution noise strength.")] = 0.0,
     decoded_loss: Annotated[float, typer.Option(help="one-step: weight of a decoded-mask loss (MSE + Dice).")] = 0.0,
     foreground_weight: Annotated[

@@ -66,6 +66,12 @@ class TextPathway(nn.Module):
         return out
 
 
+def pooled_dim(text_encoder: nn.Module) -> int:
+    """The size of a text encoder's pooled prompt embedding (what the text pathway reads)."""
+    dim = getattr(text_encoder, "embedding_dim", None)  # a pretrained sentence encoder says it
+    return int(dim if dim is not None else text_encoder.config.hidden_size)
+
+
 def unet_level_channels(unet: nn.Module) -> list[int]:
     """Output channels of each down block, the mid block (if any) and each up block, in call order."""
     chans = list(unet.config.block_out_channels)

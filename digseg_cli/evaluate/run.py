@@ -65,6 +65,7 @@ class EvalSettings:
     decoder: str = "auto"
     prompt_template: str | None = None
     seed: int = 0
+    word_test: str | None = None  # also run the word test of this vocabulary (`evaluate.words`)
 
     def validate(self) -> None:
         """``UsageError`` for an option value no run could use, named as the command line names it."""
@@ -184,6 +185,7 @@ def _score_model(
     from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
     from digseg_cli.inference.device import PRECISION_NAMES, precision_note
 
+    vocabulary = _word_test_vocabulary(s, spec)  # checked before the model loads and the images are scored
     # Under CUDA each process has its own GPU (Accelerate picked cuda:LOCAL_RANK); elsewhere --device holds.
     device = str(processes.device) if processes is not None and processes.device.type == "cuda" else s.device
     pipe = pipeline.load_pipeline(s.weights, device=device, dtype=None if s.precision == "auto" else s.precision)
@@ -220,7 +222,41 @@ def _score_model(
         max_side=spec.max_side,
         decoder=decoder,
     )
-    return evaluate(data, spec.class_names or (), predictor, **common)
+    result = evaluate(data, spec.class_names or (), predictor, **common)
+    if s.word_test is not None and main:
+        result.word_test = _word_test(
+            s, vocabulary, spec, data, predictor, out_dir=result.out_dir, threshold=common["threshold"]
+        )
+    return result
+
+
+def _word_test_vocabulary(s: EvalSettings, spec):
+    if s.word_test is None:
+        return None
+    from digseg_cli.data.vocabulary import load_vocabulary
+
+    if spec.label_mode != "background":
+        raise UsageError(f"--word-test needs a benchmark whose label 0 is 'nothing' (synth, a folder); not {spec.name}")
+    return load_vocabulary(s.word_test)
+
+
+def _word_test(s: EvalSettings, vocabulary, spec, data, predictor, *, out_dir: Path | None, threshold: float) -> dict:
+    """The word test of `--word-test` on the same images, written to `word_test.json` beside the scores."""
+    from digseg_cli.evaluate.words import word_test
+    from digseg_cli.files import atomic_write_json
+
+    test = word_test(
+        data,
+        spec.class_names or (),
+        predictor,
+        vocabulary,
+        threshold=threshold,
+        ignore_index=spec.ignore_index,
+        limit=s.limit,
+    )
+    if out_dir is not None:
+        atomic_write_json(out_dir / "word_test.json", test)
+    return test
 
 
 def default_out_dir(dataset: str, split: str) -> Path:

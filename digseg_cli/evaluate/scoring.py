@@ -54,6 +54,7 @@ class EvalResult:
     worst: list[tuple[float, str, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     out_dir: Path | None = None
     files: list[Path] = field(default_factory=list)
+    word_test: dict | None = None  # `--word-test`'s table (`evaluate.words`), when asked
 
 
 def protocol_kwargs(spec) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -112,21 +111,10 @@ class DigsegPipeline:
         )
 
     def check_prompt(self, text: str) -> list[str]:
-        """Warnings for one prompt: longer than the text encoder takes, or words it does not know."""
-        warnings = []
-        limit = self.tokenizer.model_max_length
-        n = len(self.tokenizer(text, truncation=False).input_ids)
-        if n > limit:
-            warnings.append(f"prompt {text!r} is {n} tokens; the text encoder takes {limit}, the rest is cut off")
-        unk = self.tokenizer.unk_token
-        for word in re.findall(r"[^\W\d_]+", text.lower()):
-            pieces = self.tokenizer.tokenize(word)
-            # A word the vocabulary lacks falls back to sub-word or byte pieces (or the unknown token).
-            if unk in pieces or len(pieces) >= 3:
-                warnings.append(
-                    f"the model's tokenizer does not know the word {word!r} (split into {len(pieces)} pieces)"
-                )
-        return warnings
+        """Warnings for one prompt the model may not understand (`inference.prompt_checks`)."""
+        from digseg_cli.inference.prompt_checks import prompt_warnings
+
+        return prompt_warnings(self, text)
 
     # -- the numbered steps --------------------------------------------------------------------------
     @torch.no_grad()

@@ -22,9 +22,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from digseg_cli.core.model import DigsegModel, TextPathway, expand_conv_in, unet_level_channels, vae_scale_factor
+from digseg_cli.core.model import (
+    DigsegModel,
+    TextPathway,
+    expand_conv_in,
+    pooled_dim,
+    unet_level_channels,
+    vae_scale_factor,
+)
+from digseg_cli.core.sentence_encoder import SentenceEncoder
 from digseg_cli.errors import CheckpointError, DigsegError, UsageError
 from digseg_cli.files import read_settings_file
+from digseg_cli.models import text_encoders
 from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
 from digseg_cli.typecheck import check_type
@@ -70,7 +79,7 @@ def _require_safetensors(component: Path) -> None:
 def assemble(unet, vae, text_encoder, tokenizer, scheduler_config: dict, config: DigsegConfig) -> LoadedModel:
     """Widen `conv_in` (4 → 8 channels), add a zero-initialised text pathway, freeze nothing yet."""
     expand_conv_in(unet, 2 * vae.config.latent_channels)
-    pathway = TextPathway(text_encoder.config.hidden_size, unet_level_channels(unet), hidden=config.film_hidden)
+    pathway = TextPathway(pooled_dim(text_encoder), unet_level_channels(unet), hidden=config.film_hidden)
     return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway), tokenizer, dict(scheduler_config), config)
 
 
@@ -145,8 +154,11 @@ def save_checkpoint(
     _quiet_savers()
     m.unet.save_pretrained(tmp / "unet", safe_serialization=True)
     m.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-    m.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    loaded.tokenizer.save_pretrained(tmp / "tokenizer")
+    if isinstance(m.text_encoder, SentenceEncoder):  # a record of which pretrained encoder, and the adapter
+        text_encoders.save(tmp / "text_encoder", m.text_encoder)
+    else:
+        m.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp / "tokenizer")
     (tmp / "scheduler").mkdir()
     _write_json(
         tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **loaded.scheduler_config}
@@ -197,13 +209,13 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     whose config does not build (wrong types, a missing key, an empty tokenizer folder) is a `CheckpointError`
     naming it (`_component`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoConfig, AutoTokenizer, CLIPTextModel
 
     from digseg_cli.core.diffusion import make_scheduler
 
     folder = Path(folder)
     config = DigsegConfig.load(folder)
-    missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
+    pretrained_text = text_encoders.is_saved_here(folder / "text_encoder")  # its tokenizer comes with it
+    missing = [c for c in COMPONENTS if not (folder / c).is_dir() and not (pretrained_text and c == "tokenizer")]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}/")
     with _component(folder / "unet" / "config.json"):
@@ -212,13 +224,7 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     with _component(folder / "vae" / "config.json"):
         vae = AutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"))
     _load_strict(vae, folder / "vae" / "diffusion_pytorch_model.safetensors")
-    with _component(folder / "text_encoder" / "config.json"):
-        # A readable JSON object first: transformers' own errors for a broken config run over many lines.
-        _read_json(folder / "text_encoder" / "config.json")
-        text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
-    _load_strict(text_encoder, folder / "text_encoder" / "model.safetensors")
-    with _component(folder / "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    text_encoder, tokenizer = _load_text_encoder(folder, pretrained_text)
     pcfg = _read_json(folder / "text_pathway" / "config.json")
     for key, kind in (("text_dim", int), ("level_channels", list[int]), ("hidden", int)):
         check_type(pcfg.get(key), kind, f"{folder / 'text_pathway' / 'config.json'}: {key}", error=CheckpointError)
@@ -232,6 +238,25 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     for module in (unet, vae, text_encoder, pathway):
         module.eval()
     return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway, fast), tokenizer, sched, config)
+
+
+def _load_text_encoder(folder: Path, pretrained: bool):
+    """The checkpoint's text encoder and tokenizer: a recorded pretrained encoder with its trained adapter, or
+    a CLIP text model and tokenizer of its own."""
+    from transformers import AutoConfig, AutoTokenizer, CLIPTextModel
+
+    if pretrained:
+        text_encoder, tokenizer = text_encoders.load(folder / "text_encoder")
+        _load_strict(text_encoder.adapter, folder / "text_encoder" / text_encoders.ADAPTER_FILE)
+        return text_encoder, tokenizer
+    with _component(folder / "text_encoder" / "config.json"):
+        # A readable JSON object first: transformers' own errors for a broken config run over many lines.
+        _read_json(folder / "text_encoder" / "config.json")
+        text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
+    _load_strict(text_encoder, folder / "text_encoder" / "model.safetensors")
+    with _component(folder / "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    return text_encoder, tokenizer
 
 
 @contextlib.contextmanager

@@ -49,6 +49,9 @@ class CompactConfig:
     vae: dict = field(default_factory=dict)
     text: dict = field(default_factory=dict)
     film_hidden: int = 64
+    # A pretrained, frozen sentence encoder (a `package` registry name) instead of a text encoder trained from
+    # scratch; `text` then sizes its trainable adapter (`context_tokens`, `hidden`).
+    text_encoder: str | None = None
 
 
 COMPACT_CONFIGS: dict[str, CompactConfig] = {
@@ -87,6 +90,20 @@ COMPACT_CONFIGS: dict[str, CompactConfig] = {
         film_hidden=64,
     ),
 }
+# The same U-Nets and VAEs reading a pretrained sentence encoder (open vocabulary): words never trained on
+# still reach the class whose meaning they share.
+for _name in ("tiny", "small"):
+    _cfg = COMPACT_CONFIGS[_name]
+    COMPACT_CONFIGS[f"{_name}-minilm"] = CompactConfig(
+        name=f"{_name}-minilm",
+        description=_cfg.description.replace("; ", " with the pretrained text encoder all-MiniLM-L6-v2; ", 1),
+        resolution=_cfg.resolution,
+        unet=_cfg.unet,
+        vae=_cfg.vae,
+        text=dict(context_tokens=4, hidden=4 * _cfg.unet["cross_attention_dim"]),
+        film_hidden=_cfg.film_hidden,
+        text_encoder="minilm-l6-v2",
+    )
 
 MAX_TOKENS = 32  # compact text encoders take 32 tokens: class names are short
 
@@ -166,7 +183,6 @@ def build_components(name: str, seed: int = 0):
     from digseg_cli.core.model import vae_scale_factor
 
     cfg = get_compact_config(name)
-    tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=cfg.resolution // vae_scale_factor(cfg.vae["block_out_channels"]),
@@ -184,6 +200,14 @@ def build_components(name: str, seed: int = 0):
         up_block_types=("UpDecoderBlock2D",) * n_vae,
         **cfg.vae,
     )
+    if cfg.text_encoder is not None:
+        from digseg_cli.models import text_encoders
+
+        text_encoder, tokenizer = text_encoders.build(
+            cfg.text_encoder, context_dim=cfg.unet["cross_attention_dim"], **cfg.text
+        )
+        return unet, vae, text_encoder, tokenizer, dict(SCHEDULER_CONFIG)
+    tokenizer = build_tokenizer()
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         max_position_embeddings=MAX_TOKENS,

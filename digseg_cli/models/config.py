@@ -56,6 +56,10 @@ class DigsegConfig:
     default_threshold: float = 0.5
     film_hidden: int = 256
     classes: list[dict] | None = None  # closed-set models: [{"id", "name", "synonyms"}]
+    unrelated_words: list[str] | None = None  # prompts trained as "nothing here" (with `classes`: its vocabulary)
+    # A prompt whose pooled embedding has a cosine similarity under this with every trained word is flagged
+    # as far from what the model knows (all-MiniLM-L6-v2: held-out synonyms 0.48-0.89, nonsense 0.16-0.44).
+    known_prompt_similarity: float = 0.45
     description: str = ""
     training: dict = field(default_factory=dict)  # how it was trained (command, data, steps, ...)
     evaluation: dict = field(default_factory=dict)  # scores, e.g. {"synth-val": {"miou": 0.83}}
@@ -116,6 +120,11 @@ class DigsegConfig:
         if not path.exists():
             raise CheckpointError(f"{folder} is not a digseg checkpoint: {CONFIG_NAME} is missing")
         return cls.from_dict(read_settings_file(path, "checkpoint config", error=CheckpointError), str(path))
+
+    def trained_words(self) -> list[str]:
+        """Every prompt the model trained on: class names, their synonyms and the unrelated words."""
+        words = [w for c in self.classes or [] for w in (c["name"], *c.get("synonyms", []))]
+        return list(dict.fromkeys(words + list(self.unrelated_words or [])))
 
     def class_names(self) -> list[str] | None:
         return [c["name"] for c in self.classes] if self.classes else None

@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from digseg_cli.data.vocabulary import load_vocabulary
 from digseg_cli.errors import InterruptedRunError
 from digseg_cli.inference.device import leave_process_group
 from digseg_cli.inference.stopping import StopSignals
@@ -30,7 +31,7 @@ from digseg_cli.train.loss import step_generator
 from digseg_cli.train.optim import time_progress
 from digseg_cli.train.samples import SegmentationTrainDataset, to_batch, tokenizer_fn
 from digseg_cli.train.settings import TrainResult, TrainSettings, check_inputs
-from digseg_cli.train.sources import open_sources, union_classes
+from digseg_cli.train.sources import open_sources, union_classes, with_synonyms
 from digseg_cli.train.validate import Validations
 
 __all__ = ["TrainResult", "TrainSettings", "train"]
@@ -46,19 +47,24 @@ def train(settings: TrainSettings, progress: Callable[[dict], None] | None = Non
     # 1. The data: each --data folder (checked, split) and --dataset benchmark (its train split, read as
     #    `digseg eval` reads it), with its classes and validation split.
     sources = open_sources(s)
+    vocabulary = load_vocabulary(s.vocabulary) if s.vocabulary else None
+    if vocabulary is not None:  # more words per class, and words that mean "nothing here"
+        sources = with_synonyms(sources, vocabulary)
+    unrelated = vocabulary.unrelated if vocabulary is not None else ()
     # 2. Processes, precision, accumulation (Accelerate) and seeds; the run folder with its settings.
     classes = union_classes(sources)  # the checkpoint's class list, each class with its datasets
     accelerator, accum, emit = setup.start(s, sources, classes, progress)
     # SIGINT/SIGTERM from here on end the run at the next step with a checkpoint and exit 130, in every stage.
     with StopSignals() as signals:
         # 3. Model: a checkpoint to resume or start from, else a fresh DiGSeg from the base; the samples.
-        loaded, scheduler, state = setup.load_run_model(s, classes)
+        loaded, scheduler, state = setup.load_run_model(s, classes, unrelated)
         dataset = SegmentationTrainDataset(
             sources,
             loaded.config.default_resolution,
             seed=s.seed,
             absent_prob=s.absent_prob,
             prompt_template=s.prompt_template,
+            unrelated=unrelated,
         )
         # 4. Stage 1 for compact bases trained from scratch: the VAE as an autoencoder of images and masks.
         if loaded.config.base_model.startswith(COMPACT_PREFIX) and s.vae_steps and state is None and s.init is None:

@@ -5,7 +5,9 @@ DESIGN §1 step 5: each sample asks about one class. With probability ``absent_p
 that is absent from the (augmented) crop, so the target is empty and the model learns to answer
 "nothing here"; otherwise it is a class present in the crop. Either way the class comes from the
 sample's own dataset (a class another dataset of a mixture never labels is not "absent" here). The prompt
-is the class name or one of its synonyms, put into ``prompt_template``.
+is the class name or one of its synonyms, put into ``prompt_template``. Words ``unrelated`` to every class
+(a vocabulary's, ``data.vocabulary``) form one more absent class of every dataset: asked about, they mark
+nothing.
 
 Mixtures: with several sources, sample ``index`` of epoch ``epoch`` picks its dataset with probability
 proportional to the dataset's weight and then one of its images uniformly, both from
@@ -33,6 +35,7 @@ from torch.utils.data import Dataset
 
 from digseg_cli.errors import UsageError
 from digseg_cli.models.config import check_prompt_template
+from digseg_cli.train.sources import TrainClass
 
 __all__ = ["MIXTURE_STREAM", "SegmentationTrainDataset", "collate", "to_batch", "tokenizer_fn"]
 
@@ -75,7 +78,8 @@ def to_batch(collated: dict, tokenize, device) -> dict:
 class SegmentationTrainDataset(Dataset):
     """A run's sources (``digseg_cli.train.sources.TrainSource``) → dicts of ``pixel_values`` ``[3,R,R]`` in
     [-1, 1], ``target`` and ``valid`` ``[1,R,R]`` in {0, 1} (``valid`` 0 where the label is the source's ignore
-    value), ``prompt`` (str), ``class_id`` (the class's label value) and ``dataset`` (the source's name).
+    value), ``prompt`` (str), ``class_id`` (the class's label value; None for an unrelated word) and ``dataset``
+    (the source's name).
 
     Items are ``(epoch, index)`` (or an index of the epoch set by ``set_epoch``). Augmentation
     (``augment=True``): horizontal and vertical flips (p = 0.5 each) and a random square crop whose side is
@@ -93,6 +97,7 @@ class SegmentationTrainDataset(Dataset):
         absent_prob: float = 0.3,
         prompt_template: str = "{name}",
         scale_range: tuple[float, float] = (0.5, 1.0),
+        unrelated: Sequence[str] = (),
     ) -> None:
         if resolution < 8:
             raise UsageError(f"`resolution` must be at least 8, got {resolution}")
@@ -110,6 +115,8 @@ class SegmentationTrainDataset(Dataset):
         self.absent_prob = float(absent_prob)
         self.prompt_template = prompt_template
         self.scale_range = scale_range
+        # Words unrelated to every class: one more absent class of every dataset, never present.
+        self.unrelated = TrainClass("unrelated", tuple(unrelated), ()) if unrelated else None
         self.epoch = 0
         weights = np.array([src.weight for src in self.sources], dtype=np.float64)
         self.probabilities = weights / weights.sum()
@@ -158,6 +165,7 @@ class SegmentationTrainDataset(Dataset):
         present_values = set(np.unique(mask).tolist())
         present = [c for c in classes if any(v in present_values for v in c.values)]
         absent = [c for c in classes if not any(v in present_values for v in c.values)]
+        absent += [self.unrelated] if self.unrelated is not None else []
         want_absent = rng.random() < self.absent_prob
         pool = absent if (want_absent and absent) or not present else present
         return pool[int(rng.integers(len(pool)))]
@@ -188,7 +196,7 @@ class SegmentationTrainDataset(Dataset):
             "target": target,
             "valid": valid,
             "prompt": prompt,
-            "class_id": chosen.values[0],
+            "class_id": chosen.values[0] if chosen.values else None,  # None: an unrelated word
             "dataset": source.name,
         }
 

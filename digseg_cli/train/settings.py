@@ -56,6 +56,7 @@ class TrainSettings:
     gradient_checkpointing: bool = False
     absent_prob: float = 0.3
     prompt_template: str = "{name}"
+    vocabulary: str | None = None  # a vocabulary file or shipped name (`data.vocabulary`): synonyms, unrelated words
     noise_strength: float = 0.0  # multi-resolution noise for the `diffusion` objective
     decoded_loss: float = 0.0  # `one-step`: weight of the loss on the VAE-decoded mask (E2E-FT)
     foreground_weight: float = 1.0  # weight of latent pixels that cover the target (1 = plain latent MSE)

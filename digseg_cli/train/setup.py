@@ -124,7 +124,7 @@ def _quiet(event: dict) -> None:
     """The progress callback of the processes that do not report."""
 
 
-def load_run_model(s: TrainSettings, classes) -> tuple[LoadedModel, Any, dict | None]:
+def load_run_model(s: TrainSettings, classes, unrelated=()) -> tuple[LoadedModel, Any, dict | None]:
     """(model, noise schedule, trainer state or None): `last/` of the run to resume, else `--init`'s
     weights, else a fresh DiGSeg from `--base`, with this run's classes, objective, prompt template and
     resolution.
@@ -137,12 +137,14 @@ def load_run_model(s: TrainSettings, classes) -> tuple[LoadedModel, Any, dict | 
         "objective": s.objective,
         "prompt_template": s.prompt_template,
         "classes": classes,
+        "unrelated_words": list(unrelated) or None,
     }
     source = str(s.resume) if s.resume else (s.init or s.base)
     loaded = load_model(source, config_overrides=overrides)
     cfg = loaded.config
     if s.resume is None and s.init:
         cfg.objective, cfg.prompt_template, cfg.classes = s.objective, s.prompt_template, overrides["classes"]
+        cfg.unrelated_words = overrides["unrelated_words"]
     if s.resume is None:
         cfg.evaluation = {}
     cfg.default_resolution = check_resolution(s.resolution or cfg.default_resolution, loaded.model.size_multiple)

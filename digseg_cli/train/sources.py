@@ -11,6 +11,7 @@ from. Sampling, augmentation and prompts are `train.samples`'; scoring is `train
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,19 @@ def benchmark_classes(spec) -> tuple[TrainClass, ...]:
     else:  # pragma: no cover - the catalog's specs use these three
         raise DatasetError(f"{spec.name}: label mode {spec.label_mode!r} cannot be trained on")
     return tuple(TrainClass(p[0], tuple(p), v) for p, v in zip(prompts, values, strict=True))
+
+
+def with_synonyms(sources: list[TrainSource], vocabulary) -> list[TrainSource]:
+    """The sources with each class's prompts extended by the words `vocabulary` (`data.vocabulary.Vocabulary`)
+    lists for its name; classes it does not list keep theirs."""
+    out = []
+    for src in sources:
+        classes = tuple(
+            dataclasses.replace(c, prompts=tuple(dict.fromkeys((*c.prompts, *vocabulary.synonyms_of(c.name)))))
+            for c in src.classes
+        )
+        out.append(dataclasses.replace(src, classes=classes, _cache=src._cache))
+    return out
 
 
 def union_classes(sources: list[TrainSource]) -> list[dict]:

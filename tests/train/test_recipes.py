@@ -96,7 +96,7 @@ def test_each_shipped_recipe_resolves_to_settings_a_run_can_use(name):
         assert settings.datasets == {"paper-open-vocab": ["coco-stuff"], "paper-ade20k": ["ade20k"]}[name]
         assert "A RECONSTRUCTION, NOT THE PAPER'S RECIPE" in text and "published neither code nor" in text
     else:
-        assert (settings.base, settings.datasets) == ("small", ["synth-train"])
+        assert (settings.base, settings.datasets, settings.vocabulary) == ("small-minilm", ["synth-train"], "synth")
         assert "three chained runs" in text
 
 
