@@ -32,7 +32,9 @@ EPILOG = (
     "digseg segment '*.jpg' @more.txt --prompts classes.yaml --save-probs --json > results.jsonl.  "
     "Outputs per image, mirroring the input tree under --out: <name>.mask.png (palette PNG, 0 = background, "
     "k = k-th class), <name>.overlay.jpg, <name>.<class>.png (--save-binary), <name>.<class>.prob.png "
-    "(--save-probs; probability = value / 65535), and run.json for the run.  " + EXIT_CODES_HELP
+    "(--save-probs; probability = value / 65535), and run.json for the run. GeoTIFF inputs (geo extra) give "
+    "GeoTIFFs (.mask.tif, .<class>.tif, .<class>.prob.tif) with their CRS, transform and no-data mask.  "
+    + EXIT_CODES_HELP
 )
 
 
@@ -44,6 +46,11 @@ class Mode(str, Enum):
 class ProbsFormat(str, Enum):
     png16 = "png16"
     npy = "npy"
+
+
+class VectorFormat(str, Enum):
+    geojson = "geojson"
+    gpkg = "gpkg"
 
 
 def segment(
@@ -145,6 +152,36 @@ def segment(
         typer.Option("--probs-format", help="png16: 16-bit PNG, probability = value / 65535; npy: float32."),
     ] = ProbsFormat.png16,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Do not write <name>.overlay.jpg.")] = False,
+    bands: Annotated[
+        str | None,
+        typer.Option(
+            "--bands",
+            help="GeoTIFF bands shown as R,G,B, e.g. 3,2,1 (or one band as grey); default the first three.",
+            show_default=False,
+        ),
+    ] = None,
+    vector: Annotated[
+        VectorFormat | None,
+        typer.Option(
+            "--vector",
+            help="Also write <name>.regions.geojson|gpkg: a polygon per connected region per class (geo extra).",
+            show_default=False,
+        ),
+    ] = None,
+    min_area: Annotated[
+        float | None,
+        typer.Option(
+            "--min-area", help="Leave out smaller regions (CRS units² for GeoTIFFs, else pixels).", show_default=False
+        ),
+    ] = None,
+    simplify: Annotated[
+        float | None,
+        typer.Option(
+            "--simplify",
+            help="Simplify polygons, shared borders kept (tolerance in CRS units for GeoTIFFs, else pixels).",
+            show_default=False,
+        ),
+    ] = None,
     overlay_alpha: Annotated[float, typer.Option("--overlay-alpha", help="Opacity of class colours.")] = 0.5,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     skip_existing: Annotated[
@@ -227,7 +264,10 @@ def segment(
         arguments.update(out="-" if to_stdout else str(out))
         summary = _run(files, out, loaded, settings, weights=weights, arguments=arguments, as_json=as_json)
         if to_stdout and summary.processed == 1:
-            sys.stdout.buffer.write((out / f"{files[0].key}.mask.png").read_bytes())
+            from digseg_cli.inference.prompts import MASK_SUFFIX, MASK_TIF_SUFFIX
+
+            masks = [out / f"{files[0].key}{suffix}" for suffix in (MASK_SUFFIX, MASK_TIF_SUFFIX)]
+            sys.stdout.buffer.write(next(m for m in masks if m.exists()).read_bytes())  # a GeoTIFF's is a GeoTIFF
             sys.stdout.flush()
     raise typer.Exit(summary.exit_code)
 
@@ -250,6 +290,7 @@ def _pipes(inputs: list[str], out: Path, scratch: Path, machine_output: bool) ->
 def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
     """The command's flags (its arguments by name) → settings, and the warnings parsing the prompts gave."""
     from digseg_cli.inference.prompts import load_classes, parse_thresholds
+    from digseg_cli.segment.rasters import parse_bands
     from digseg_cli.segment.settings import SegmentSettings, parse_batch_size, parse_tile
 
     classes, warnings = load_classes(flags["prompt"] or [], flags["prompts_file"])
@@ -270,6 +311,8 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         "skip_existing",
         "fail_fast",
         "workers",
+        "min_area",
+        "simplify",
     )
     return SegmentSettings(
         classes=tuple(classes),
@@ -281,6 +324,8 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         decoder=flags["decoder"].value,
         overlay=not flags["no_overlay"],
         probs_format=flags["probs_format"].value,
+        bands=parse_bands(flags["bands"]),
+        vector=flags["vector"].value if flags["vector"] is not None else None,
         **{name: flags[name] for name in same},
     ), warnings
 

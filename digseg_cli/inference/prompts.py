@@ -32,7 +32,17 @@ _INSTRUCTION = re.compile(
 MASK_SUFFIX = ".mask.png"
 OVERLAY_SUFFIX = ".overlay.jpg"
 PROB_SUFFIXES = {"png16": ".prob.png", "npy": ".prob.npy"}
-OUTPUT_SUFFIXES = (MASK_SUFFIX, OVERLAY_SUFFIX, *PROB_SUFFIXES.values())
+# A GeoTIFF input's outputs are GeoTIFFs: the label map, binary masks (<stem>.<class>.tif) and probabilities.
+MASK_TIF_SUFFIX, PROB_TIF_SUFFIX = ".mask.tif", ".prob.tif"
+VECTOR_SUFFIXES = {"geojson": ".regions.geojson", "gpkg": ".regions.gpkg"}  # --vector: one file per input
+OUTPUT_SUFFIXES = (
+    MASK_SUFFIX,
+    OVERLAY_SUFFIX,
+    *PROB_SUFFIXES.values(),
+    MASK_TIF_SUFFIX,
+    PROB_TIF_SUFFIX,
+    *VECTOR_SUFFIXES.values(),
+)
 _RESERVED_NAMES = {"mask", "overlay", "prob"}  # would collide with <rel>.mask.png / .overlay.jpg / .prob.*
 MAX_FILE_NAME_BYTES = 255  # one path component (ext4, APFS, most others)
 MAX_CLASS_NAME_BYTES = 96  # a class's part of `<stem>.<class>.prob.png`, leaving the stem most of the 255

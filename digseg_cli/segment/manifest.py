@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
 from digseg_cli.files import atomic_write_json, not_regular_reason
-from digseg_cli.inference.prompts import MASK_SUFFIX, OVERLAY_SUFFIX, PROB_SUFFIXES, file_names
+from digseg_cli.inference.prompts import (
+    MASK_SUFFIX,
+    MASK_TIF_SUFFIX,
+    OVERLAY_SUFFIX,
+    PROB_SUFFIXES,
+    PROB_TIF_SUFFIX,
+    VECTOR_SUFFIXES,
+    file_names,
+)
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 
 if TYPE_CHECKING:
@@ -31,7 +39,10 @@ if TYPE_CHECKING:
 
 MANIFEST_SCHEMA = "digseg.run/1"
 MANIFEST_NAME = "run.json"
-PROBABILITY_SCALE = "linear 0-65535: probability = value / 65535 (16-bit PNG); float32 in [0, 1] (npy)"
+PROBABILITY_SCALE = (
+    "linear 0-65535: probability = value / 65535 (16-bit PNG; uint16 GeoTIFF for GeoTIFF inputs); "
+    "float32 in [0, 1] (npy; float32 GeoTIFF for GeoTIFF inputs)"
+)
 # The settings that change what an output file holds; the others (--workers, --skip-existing, ...) do not.
 CONTENT_SETTINGS = (
     "mode",
@@ -44,6 +55,10 @@ CONTENT_SETTINGS = (
     "save_probs",
     "probs_format",
     "jpeg_quality",
+    "bands",
+    "vector",
+    "min_area",
+    "simplify",
 )
 _NOT_MEANING = ("batch_size", "seed_rule")  # resolved values that do not change what a label means
 
@@ -141,6 +156,10 @@ def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipel
             "overlay": f"<rel>{OVERLAY_SUFFIX}: label colours over the image, with a legend",
             "binary": "<rel>.<class>.png: 0/255 per class (--save-binary; always in multilabel mode)",
             "probs": f"<rel>.<class>{'|'.join(PROB_SUFFIXES.values())}: per-class probability (--save-probs)",
+            "geotiff": f"GeoTIFF inputs: <rel>{MASK_TIF_SUFFIX}, <rel>.<class>.tif, <rel>.<class>{PROB_TIF_SUFFIX}: "
+            "the same as GeoTIFFs with the input's CRS and transform; no-data pixels 0 and masked",
+            "vector": f"<rel>{'|'.join(VECTOR_SUFFIXES.values())}: one polygon per connected region per class "
+            "(--vector)",
         },
     }
 

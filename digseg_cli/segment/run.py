@@ -29,7 +29,8 @@ from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
 from digseg_cli.segment.backoff import infer
-from digseg_cli.segment.inputs import InputFile, expand_inputs, header_size, image_seed
+from digseg_cli.segment.georun import segment_raster
+from digseg_cli.segment.inputs import InputFile, expand_inputs, geotiff_note, image_seed, read_input
 from digseg_cli.segment.manifest import (
     MANIFEST_NAME,
     RunOrigin,
@@ -50,10 +51,11 @@ from digseg_cli.segment.outputs import (
     remove_stale_below,
     write_outputs,
 )
+from digseg_cli.segment.rasters import RasterInfo
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
 
 if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline, SegmentationOutput
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
 log = logging.getLogger("digseg")
 
@@ -63,46 +65,12 @@ _OUTPUT_GONE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
-    """Decode one image (worker thread), refusing it before decoding when it is over `max_pixels`."""
-    t0 = time.perf_counter()
-
-    def check(w: int, h: int) -> None:
-        if max_pixels and w * h > max_pixels:
-            raise images.ImageReadError(
-                path,
-                f"{w}x{h} is {w * h / 1e6:.1f} MP, over --max-pixels {max_pixels / 1e6:g}"
-                " MP: downscale it or raise --max-pixels (0 = no limit)",
-            )
-
-    try:
-        size = header_size(path)  # refuse before decoding
-    except Exception:  # noqa: BLE001 - read_image below names the problem precisely
-        size = None
-    if size is not None:
-        check(*size)
-    array = images.read_image(path)  # [H,W,3] uint8, EXIF orientation applied
-    check(array.shape[1], array.shape[0])
-    return array, time.perf_counter() - t0
-
-
 def _input_files(inputs: Sequence[InputFile | str | Path], out_dir: Path, settings: SegmentSettings) -> list[InputFile]:
     """`InputFile`s as given, or raw paths/globs/`@lists` expanded (the output folder left out)."""
     files = list(inputs)
     if not files or not all(isinstance(f, InputFile) for f in files):
         files = expand_inputs([str(f) for f in files], recursive=settings.recursive, exclude=out_dir)
     return files
-
-
-def _segmented(image: np.ndarray, out: SegmentationOutput, mode: str) -> Segmented:
-    """The pipeline's tensors as the arrays the outputs and records are made of."""
-    probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
-    labels = out.labels.numpy().astype(np.uint8)  # [H,W], 0 = background, k = class k
-    if mode == "multilabel":
-        regions = out.masks.numpy()  # [K,H,W] bool, each class thresholded alone
-    else:
-        regions = labels[None] == np.arange(1, len(probs) + 1, dtype=np.uint8)[:, None, None]  # [K,H,W]
-    return Segmented(image, probs, labels, regions)
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -133,6 +101,8 @@ def run_segment(
     resolved = resolve_run(pipe, settings)
     files = check_outputs(_input_files(inputs, out_dir, settings), out_dir, resolved.classes, settings)
     prepare_out_dir(out_dir)
+    if (note := geotiff_note(files)) is not None:
+        log.warning("%s", note)
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
     previous = read_previous(out_dir)
     earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
@@ -249,7 +219,7 @@ class _FolderRun:
         if i < len(self.files) and i not in self.jobs:
             paths = output_paths(self.out_dir, self.files[i], self.resolved.classes, self.settings)
             verdict = existing_verdict(paths, self.settings)
-            job = None if verdict else self.pool.submit(_read, self.files[i].path, self.settings.max_pixels)
+            job = None if verdict else self.pool.submit(read_input, self.files[i].path, self.settings)
             self.jobs[i] = paths, job, verdict
 
     def segment_or_skip(self, i: int, item: InputFile) -> tuple[ImageResult, Future | None]:
@@ -265,10 +235,15 @@ class _FolderRun:
         if (read := self._image(job, result)) is None:
             return None
         image, read_s = read
-        result.height, result.width = image.shape[:2]
         result.seed = image_seed(self.settings.seed, item.rel)
+        result.outputs = {
+            key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
+        }
         t0 = time.perf_counter()
         try:
+            if isinstance(image, RasterInfo):  # segmented and written block by block, here
+                return self.segment_raster(image, paths, result, read_s)
+            result.height, result.width = image.shape[:2]
             out = infer(
                 self.pipe,
                 image,
@@ -278,25 +253,49 @@ class _FolderRun:
                 rel=str(item.rel),
                 notes=result.warnings,
             )
+        except images.ImageReadError as exc:  # a raster's window that cannot be read
+            result.fail(exc.reason)
+            return None
         except DigsegError:
             raise  # a usage error holds for every image; out-of-memory after back-off ends the run
         except Exception as exc:  # noqa: BLE001 - one image must not end a 10k-image run
             log.debug("segmentation of %s failed", item.rel, exc_info=True)
             result.fail(f"segmentation failed: {type(exc).__name__}: {exc}")
             return None
-        self.summary.backoffs.extend(result.warnings)
+        finally:
+            self.summary.backoffs.extend(result.warnings)
         model_s = time.perf_counter() - t0
         self.summary.timings["model_s"] += model_s
-        seg = _segmented(image, out, self.settings.mode)
+        seg = Segmented.of(image, out, self.settings.mode)
         result.classes = seg.class_records(self.resolved, out.thresholds)
-        result.outputs = {
-            key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
-        }
         result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
-        return self.pool.submit(write_outputs, paths, seg, self.resolved, self.settings)
+        return self.pool.submit(write_outputs, paths, seg, self.resolved, self.settings, str(item.path))
 
-    def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray, float] | None:
-        """The decoded image `[H,W,3]` uint8 and its read time, or None with `result` failed."""
+    def segment_raster(self, info: RasterInfo, paths: dict, result: ImageResult, open_s: float) -> Future:
+        """A GeoTIFF, segmented and written block by block (`georun.py`); its outcome as a finished write job, so
+        that `flush` treats a write the disk refused as for any image."""
+        result.height, result.width = info.height, info.width
+        done: Future = Future()
+        try:
+            spent = segment_raster(
+                self.pipe,
+                info,
+                paths,
+                result,
+                run=(self.resolved, self.settings),
+                stop=lambda: bool(self.signals.requested),
+            )
+        except OSError as exc:
+            done.set_exception(exc)
+            return done
+        result.timings = {"read": open_s + spent["read"], "model": spent["model"]}
+        self.summary.timings["read_s"] += spent["read"]
+        self.summary.timings["model_s"] += spent["model"]
+        done.set_result(spent["write"])
+        return done
+
+    def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray | RasterInfo, float] | None:
+        """The decoded image `[H,W,3]` uint8 (or an opened GeoTIFF) and its read time, or None with `result` failed."""
         try:
             image, read_s = job.result()
         except images.ImageReadError as exc:
