@@ -76,6 +76,7 @@ def segment_raster(
                 regions.add(block.box, seg.regions, seg.probs)
             spent["read"], spent["model"] = spent["read"] + t1 - t0, spent["model"] + t2 - t1
             spent["write"] += time.perf_counter() - t2
+            del pixels, valid, image, out, seg  # before the next block is read: one block in memory, not two
     t0 = time.perf_counter()
     if preview is not None:
         preview.write(paths["overlay"], resolved.palette, resolved.names, settings.overlay_alpha, settings.jpeg_quality)

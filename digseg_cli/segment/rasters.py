@@ -98,7 +98,7 @@ def _rasterio_says_georeferenced(path: str) -> bool:
     import rasterio
 
     try:
-        with rasterio.Env(), rasterio.open(path) as src:
+        with rasterio.open(path) as src:
             return src.driver == "GTiff" and (src.crs is not None or not src.transform.is_identity)
     except _rasterio_errors():
         return False
@@ -117,7 +117,9 @@ def _rasterio_errors() -> tuple[type[Exception], ...]:
 
 
 def raster_env():
-    """The GDAL settings a raster is read and written under: a bounded block cache, masks inside the GeoTIFF."""
+    """The GDAL settings a raster is segmented under: a bounded block cache (process-wide while it lasts), masks
+    inside the GeoTIFFs written. Entered by the run's thread only: the reads ahead (`open_raster`, headers) on worker
+    threads change no setting, so none of them can restore the cache's size under a raster in progress."""
     import rasterio
 
     return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES, GDAL_TIFF_INTERNAL_MASK=True)
@@ -137,7 +139,7 @@ def raster_size(path: str | os.PathLike[str]) -> tuple[int, int]:
 
     require_image_file(path)
     try:
-        with raster_env(), rasterio.open(path) as src:
+        with rasterio.open(path) as src:
             return src.width, src.height
     except _rasterio_errors() as exc:
         raise ImageReadError(path, f"not a readable GeoTIFF ({_first_line(exc)})") from None
@@ -190,7 +192,7 @@ def open_raster(path: str | os.PathLike[str], bands: tuple[int, ...] | None = No
 
     require_image_file(path)
     try:
-        with raster_env(), rasterio.open(path) as src:
+        with rasterio.open(path) as src:
             chosen = _choose_bands(src.count, bands, path)
             flags = [src.mask_flag_enums[b - 1] for b in chosen]
             floats = any(np.issubdtype(np.dtype(src.dtypes[b - 1]), np.floating) for b in chosen)
