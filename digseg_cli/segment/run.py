@@ -7,8 +7,8 @@ SIGINT/SIGTERM or a full disk, and record a `run.json` manifest (`manifest.py`) 
 It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
 callbacks and `logging.getLogger("digseg")`. What the settings resolve to is `settings.py`'s job, loading the
 model `loading.py`'s, a run without the model (`--dry-run`) `plan.py`'s, finding the input files `inputs.py`'s,
-decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs, the per-image records and
-the manifest `outputs.py`'s.
+decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs and the per-image records
+`outputs.py`'s, the manifest `manifest.py`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
 from digseg_cli.segment.backoff import infer
-from digseg_cli.segment.inputs import InputFile, expand_inputs, header_size, image_seed
+from digseg_cli.segment.inputs import InputFile, expand_inputs, image_seed, read_input
 from digseg_cli.segment.manifest import (
     MANIFEST_NAME,
     RunOrigin,
@@ -53,7 +53,7 @@ from digseg_cli.segment.outputs import (
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
 
 if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline, SegmentationOutput
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
 log = logging.getLogger("digseg")
 
@@ -63,46 +63,12 @@ _OUTPUT_GONE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
-    """Decode one image (worker thread), refusing it before decoding when it is over `max_pixels`."""
-    t0 = time.perf_counter()
-
-    def check(w: int, h: int) -> None:
-        if max_pixels and w * h > max_pixels:
-            raise images.ImageReadError(
-                path,
-                f"{w}x{h} is {w * h / 1e6:.1f} MP, over --max-pixels {max_pixels / 1e6:g}"
-                " MP: downscale it or raise --max-pixels (0 = no limit)",
-            )
-
-    try:
-        size = header_size(path)  # refuse before decoding
-    except Exception:  # noqa: BLE001 - read_image below names the problem precisely
-        size = None
-    if size is not None:
-        check(*size)
-    array = images.read_image(path)  # [H,W,3] uint8, EXIF orientation applied
-    check(array.shape[1], array.shape[0])
-    return array, time.perf_counter() - t0
-
-
 def _input_files(inputs: Sequence[InputFile | str | Path], out_dir: Path, settings: SegmentSettings) -> list[InputFile]:
     """`InputFile`s as given, or raw paths/globs/`@lists` expanded (the output folder left out)."""
     files = list(inputs)
     if not files or not all(isinstance(f, InputFile) for f in files):
         files = expand_inputs([str(f) for f in files], recursive=settings.recursive, exclude=out_dir)
     return files
-
-
-def _segmented(image: np.ndarray, out: SegmentationOutput, mode: str) -> Segmented:
-    """The pipeline's tensors as the arrays the outputs and records are made of."""
-    probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
-    labels = out.labels.numpy().astype(np.uint8)  # [H,W], 0 = background, k = class k
-    if mode == "multilabel":
-        regions = out.masks.numpy()  # [K,H,W] bool, each class thresholded alone
-    else:
-        regions = labels[None] == np.arange(1, len(probs) + 1, dtype=np.uint8)[:, None, None]  # [K,H,W]
-    return Segmented(image, probs, labels, regions)
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -131,12 +97,13 @@ def run_segment(
     out_dir = Path(out_dir)
     started, t_start = datetime.now(timezone.utc), time.perf_counter()
     resolved = resolve_run(pipe, settings)
-    files = check_outputs(_input_files(inputs, out_dir, settings), out_dir, resolved.classes, settings)
+    files = _input_files(inputs, out_dir, settings)
+    files = check_outputs(files, out_dir, resolved.classes, settings, members=resolved.members)
     prepare_out_dir(out_dir)
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
     previous = read_previous(out_dir)
     earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
-    remove_stale_below(out_dir, [output_paths(out_dir, f, resolved.classes, settings) for f in files])
+    remove_stale_below(out_dir, [_paths(out_dir, f, resolved, settings) for f in files])
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
     run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result)
@@ -155,6 +122,10 @@ def run_segment(
             head = describe(settings, resolved, pipe, origin)
             error = _record(run.summary, head, earlier, previous is not None, error)
     return _outcome(run.summary, error)
+
+
+def _paths(out_dir: Path, item: InputFile, resolved: ResolvedRun, settings: SegmentSettings) -> dict[str, Any]:
+    return output_paths(out_dir, item, resolved.classes, settings, members=resolved.members)
 
 
 def _record(summary: RunSummary, head: dict, earlier: list[dict], replaces: bool, error: DigsegError | None):
@@ -247,9 +218,9 @@ class _FolderRun:
     def schedule(self, i: int) -> None:
         """Decide input `i`'s fate from its existing outputs, else start reading it."""
         if i < len(self.files) and i not in self.jobs:
-            paths = output_paths(self.out_dir, self.files[i], self.resolved.classes, self.settings)
+            paths = _paths(self.out_dir, self.files[i], self.resolved, self.settings)
             verdict = existing_verdict(paths, self.settings)
-            job = None if verdict else self.pool.submit(_read, self.files[i].path, self.settings.max_pixels)
+            job = None if verdict else self.pool.submit(read_input, self.files[i].path, self.settings.max_pixels)
             self.jobs[i] = paths, job, verdict
 
     def segment_or_skip(self, i: int, item: InputFile) -> tuple[ImageResult, Future | None]:
@@ -287,7 +258,7 @@ class _FolderRun:
         self.summary.backoffs.extend(result.warnings)
         model_s = time.perf_counter() - t0
         self.summary.timings["model_s"] += model_s
-        seg = _segmented(image, out, self.settings.mode)
+        seg = Segmented.from_output(image, out, self.settings.mode)
         result.classes = seg.class_records(self.resolved, out.thresholds)
         result.outputs = {
             key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()

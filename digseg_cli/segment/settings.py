@@ -68,6 +68,7 @@ class SegmentSettings:
     save_binary: bool = False
     save_probs: bool = False
     probs_format: str = "png16"
+    save_confidence: bool = False  # <rel>.confidence.png, .margin.png (+ .spread.png with an ensemble)
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
@@ -111,6 +112,7 @@ class ResolvedRun:
     thresholds: list[float]  # one per class, by `prompts.resolve_thresholds`
     palette: list[RGB]  # label 0 (background) first, then each class's colour
     call: dict[str, Any]  # the pipeline's keyword arguments shared by every image (all but seed and tile)
+    members: int = 1  # ensemble members per image (the settings', else the checkpoint's default)
 
     @property
     def names(self) -> list[str]:
@@ -148,8 +150,10 @@ def resolve_run(pipe: DigsegPipeline, settings: SegmentSettings) -> ResolvedRun:
         overlap=settings.overlap,
         prompt_template=settings.prompt_template,
         decoder=pipe.resolve_decoder(settings.decoder),
+        spread=settings.save_confidence,
     )
-    return ResolvedRun(classes, thresholds, palette, call)
+    members = pipe.config.default_ensemble if settings.ensemble is None else settings.ensemble
+    return ResolvedRun(classes, thresholds, palette, call, members)
 
 
 def prompt_warnings(pipe: DigsegPipeline, settings: SegmentSettings) -> list[str]:
