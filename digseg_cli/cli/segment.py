@@ -33,7 +33,7 @@ EPILOG = (
     "Outputs per image, mirroring the input tree under --out: <name>.mask.png (palette PNG, 0 = background, "
     "k = k-th class), <name>.overlay.jpg, <name>.<class>.png (--save-binary), <name>.<class>.prob.png "
     "(--save-probs; probability = value / 65535), <name>.confidence.png, .margin.png, .spread.png "
-    "(--save-confidence), and run.json for the run.  " + EXIT_CODES_HELP
+    "(--save-confidence), and run.json (and sem_seg_predictions.json with --rle) for the run.  " + EXIT_CODES_HELP
 )
 
 
@@ -152,6 +152,14 @@ def segment(
             help="Also write <name>.confidence.png (the winning class's probability) and <name>.margin.png (its "
             "lead over the runner-up); with --ensemble N > 1 also <name>.spread.png (its standard deviation "
             "across the members). 16-bit PNG: value / 65535.",
+        ),
+    ] = False,
+    rle: Annotated[
+        bool,
+        typer.Option(
+            "--rle",
+            help="Also write sem_seg_predictions.json: every label map as COCO RLE records, detectron2's format "
+            '(category_id = label value, 0 = background). Needs pip install "digseg[coco]".',
         ),
     ] = False,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Do not write <name>.overlay.jpg.")] = False,
@@ -277,6 +285,7 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         "save_binary",
         "save_probs",
         "save_confidence",
+        "rle",
         "overwrite",
         "skip_existing",
         "fail_fast",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from digseg_cli.errors import UsageError
 from digseg_cli.files import atomic_write_json, not_regular_reason
 from digseg_cli.inference.prompts import MASK_SUFFIX, OVERLAY_SUFFIX, PROB_SUFFIXES, file_names
+from digseg_cli.segment.rle import PREDICTIONS_NAME
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ CONTENT_SETTINGS = (
     "save_probs",
     "probs_format",
     "save_confidence",
+    "rle",
     "jpeg_quality",
 )
 _NOT_MEANING = ("batch_size", "seed_rule")  # resolved values that do not change what a label means
@@ -148,6 +150,8 @@ def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipel
             "confidence": "<rel>.confidence.png: the winning (largest) class probability, 16-bit (--save-confidence)",
             "margin": "<rel>.margin.png: the winner's probability less the runner-up's (0 with one class), 16-bit",
             "spread": "<rel>.spread.png: the winner's standard deviation across the ensemble members (ensemble > 1)",
+            "rle": f"{PREDICTIONS_NAME}: detectron2 SemSegEvaluator records of every label map, COCO RLE; "
+            "category_id = label value (0 background, k class k), file_name = <rel> (--rle)",
         },
     }
 
@@ -159,7 +163,7 @@ def identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     resolved = {k: v for k, v in (manifest.get("resolved") or {}).items() if k not in _NOT_MEANING}
     settings = manifest.get("settings") or {}
     found = {"weights": weights, "resolved": resolved, "precision": manifest.get("precision")}
-    # A setting a manifest of an older digseg lacks had its default there (no --save-confidence).
+    # A setting a manifest of an older digseg lacks had its default there (no --save-confidence, no --rle).
     defaults = {f.name: f.default for f in dataclasses.fields(SegmentSettings)}
     found["settings"] = {k: settings.get(k, defaults[k]) for k in CONTENT_SETTINGS}
     return json.loads(json.dumps(found, default=str))  # tuples → lists, as a manifest read back has them

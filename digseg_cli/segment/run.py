@@ -8,7 +8,7 @@ It knows nothing of Typer, Rich or how results are shown: it reports through the
 callbacks and `logging.getLogger("digseg")`. What the settings resolve to is `settings.py`'s job, loading the
 model `loading.py`'s, a run without the model (`--dry-run`) `plan.py`'s, finding the input files `inputs.py`'s,
 decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs and the per-image records
-`outputs.py`'s, the manifest `manifest.py`'s.
+`outputs.py`'s, the manifest `manifest.py`'s, the run's `sem_seg_predictions.json` (`--rle`) `rle.py`'s.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from digseg_cli.segment.outputs import (
     remove_stale_below,
     write_outputs,
 )
+from digseg_cli.segment.rle import RleFile
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
 
 if TYPE_CHECKING:
@@ -103,10 +104,11 @@ def run_segment(
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
     previous = read_previous(out_dir)
     earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
+    rle = RleFile(out_dir, overwrite=settings.overwrite) if settings.rle else None  # the earlier run's records
     remove_stale_below(out_dir, [_paths(out_dir, f, resolved, settings) for f in files])
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
-    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result)
+    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result, rle=rle)
     sha_job = run.start_sha256(weights_folder)
     error: DigsegError | None = None
     with StopSignals() as run.signals:
@@ -119,6 +121,8 @@ def run_segment(
         finally:
             origin = RunOrigin(started, weights, weights_folder, run.finish(sha_job, t_start), arguments)
             error = error or run.output_error()
+            if rle is not None:  # this run's records, once (a run that changed none leaves the file as it was)
+                error = _written(lambda: rle.write([str(f.rel) for f in files]), str(rle.path), error)
             head = describe(settings, resolved, pipe, origin)
             error = _record(run.summary, head, earlier, previous is not None, error)
     return _outcome(run.summary, error)
@@ -128,16 +132,24 @@ def _paths(out_dir: Path, item: InputFile, resolved: ResolvedRun, settings: Segm
     return output_paths(out_dir, item, resolved.classes, settings, members=resolved.members)
 
 
+def _written(write: Callable[[], Any], what: str, error: DigsegError | None) -> DigsegError | None:
+    """Call `write`; when it fails, the run's error (or a new one) says in its one line that `what` was not written."""
+    try:
+        write()
+    except OSError as exc:
+        if error is None:
+            return OutputUnwritableError(f"cannot write {what}: {exc.strerror or exc}")
+        error.args = (f"{error}; {what} could not be written either ({exc.strerror or exc})",)
+    return error
+
+
 def _record(summary: RunSummary, head: dict, earlier: list[dict], replaces: bool, error: DigsegError | None):
     """Write the manifest; when even that fails, the run's error (or a new one) says so in its one line."""
-    try:
+
+    def write() -> None:
         summary.manifest_written = write_manifest(summary, head, earlier, replaces)
-    except OSError as exc:
-        lost = f"; the manifest {summary.manifest} could not be written either ({exc.strerror or exc})"
-        if error is None:
-            return OutputUnwritableError(f"cannot write the manifest {summary.manifest}: {exc.strerror or exc}")
-        error.args = (f"{error}{lost}",)
-    return error
+
+    return _written(write, f"the manifest {summary.manifest}", error)
 
 
 def _manifest_note(summary: RunSummary) -> str:
@@ -174,6 +186,7 @@ class _FolderRun:
         *,
         progress: ProgressFn | None,
         on_result: Callable[[ImageResult], None] | None,
+        rle: RleFile | None = None,
     ) -> None:
         self.pipe, self.settings, self.resolved, self.files, self.out_dir = pipe, settings, resolved, files, out_dir
         self.progress, self.on_result = progress, on_result
@@ -186,6 +199,7 @@ class _FolderRun:
         self.pending: deque[tuple[ImageResult, Future | None]] = deque()  # results and their write jobs
         self.stop = False  # --fail-fast after a failure
         self.unwritable: tuple[str, OSError] | None = None  # (input, error) of the first write the disk refused
+        self.rle = rle  # --rle: the run's sem_seg_predictions.json, records taken as images are written
 
     def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
         """Digest the weights for the manifest on a worker thread while the run goes on."""
@@ -228,6 +242,11 @@ class _FolderRun:
         result = ImageResult(str(item.path), str(item.rel))
         if verdict is not None:
             result.status, result.reason = verdict
+            if self.rle is not None and result.status == "skipped":
+                try:
+                    self.rle.keep_skipped(str(item.rel), paths["mask"])
+                except images.ImageReadError as exc:
+                    log.warning("no RLE records for %s: %s", item.rel, exc)
             return result, None
         return result, self.segment_one(item, job, paths, result)
 
@@ -263,8 +282,18 @@ class _FolderRun:
         result.outputs = {
             key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
         }
+        if self.rle is not None:
+            result.outputs["rle"] = str(self.rle.path)
         result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
-        return self.pool.submit(write_outputs, paths, seg, self.resolved, self.settings)
+        return self.pool.submit(self._write, paths, seg, str(item.rel))
+
+    def _write(self, paths: dict, seg: Segmented, file_name: str) -> float:
+        """Write one image's files, then take its RLE records (worker thread); the seconds it took."""
+        t0 = time.perf_counter()
+        write_outputs(paths, seg, self.resolved, self.settings)
+        if self.rle is not None:
+            self.rle.put(file_name, seg.labels)
+        return time.perf_counter() - t0
 
     def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray, float] | None:
         """The decoded image `[H,W,3]` uint8 and its read time, or None with `result` failed."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
 from digseg_cli.inference import images
+from digseg_cli.inference.coco_rle import require_pycocotools
 from digseg_cli.inference.prompts import RGB, PromptClass, classes_from_config, resolve_thresholds
 from digseg_cli.models.config import DECODERS, DigsegConfig, check_prompt_template
 
@@ -69,6 +70,7 @@ class SegmentSettings:
     save_probs: bool = False
     probs_format: str = "png16"
     save_confidence: bool = False  # <rel>.confidence.png, .margin.png (+ .spread.png with an ensemble)
+    rle: bool = False  # sem_seg_predictions.json: every label map as COCO RLE records (detectron2's format)
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
@@ -97,6 +99,8 @@ class SegmentSettings:
             raise UsageError(f"`threshold` must be in [0, 1], got {self.threshold}")
         if self.prompt_template is not None:
             check_prompt_template(self.prompt_template, "`--prompt-template`")
+        if self.rle:
+            require_pycocotools("`--rle`")
         parse_tile(self.tile)
 
     def classes_for(self, config: DigsegConfig) -> list[PromptClass]:
