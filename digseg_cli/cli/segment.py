@@ -32,7 +32,8 @@ EPILOG = (
     "digseg segment '*.jpg' @more.txt --prompts classes.yaml --save-probs --json > results.jsonl.  "
     "Outputs per image, mirroring the input tree under --out: <name>.mask.png (palette PNG, 0 = background, "
     "k = k-th class), <name>.overlay.jpg, <name>.<class>.png (--save-binary), <name>.<class>.prob.png "
-    "(--save-probs; probability = value / 65535), and run.json for the run.  " + EXIT_CODES_HELP
+    "(--save-probs; probability = value / 65535), <name>.confidence.png, .margin.png, .spread.png "
+    "(--save-confidence), and run.json (and sem_seg_predictions.json with --rle) for the run.  " + EXIT_CODES_HELP
 )
 
 
@@ -144,6 +145,23 @@ def segment(
         ProbsFormat,
         typer.Option("--probs-format", help="png16: 16-bit PNG, probability = value / 65535; npy: float32."),
     ] = ProbsFormat.png16,
+    save_confidence: Annotated[
+        bool,
+        typer.Option(
+            "--save-confidence",
+            help="Also write <name>.confidence.png (the winning class's probability) and <name>.margin.png (its "
+            "lead over the runner-up); with --ensemble N > 1 also <name>.spread.png (its standard deviation "
+            "across the members). 16-bit PNG: value / 65535.",
+        ),
+    ] = False,
+    rle: Annotated[
+        bool,
+        typer.Option(
+            "--rle",
+            help="Also write sem_seg_predictions.json: every label map as COCO RLE records, detectron2's format "
+            '(category_id = label value, 0 = background). Needs pip install "digseg[coco]".',
+        ),
+    ] = False,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Do not write <name>.overlay.jpg.")] = False,
     overlay_alpha: Annotated[float, typer.Option("--overlay-alpha", help="Opacity of class colours.")] = 0.5,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
@@ -266,6 +284,8 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         "overlay_alpha",
         "save_binary",
         "save_probs",
+        "save_confidence",
+        "rle",
         "overwrite",
         "skip_existing",
         "fail_fast",

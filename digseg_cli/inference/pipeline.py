@@ -43,6 +43,7 @@ class _CallSettings:
     seed: int
     decoder: str
     overlap: float
+    groups: tuple[int, ...] | None = None  # texts per class, when the members' spread is asked for
 
 
 @dataclass
@@ -53,6 +54,9 @@ class SegmentationOutput:
     labels: int64 `[H,W]`; 0 = background, k = prompt k (1-based) where its probability is the largest
             and reaches its threshold (semantic mode).
     masks:  bool `[K,H,W]`, each prompt thresholded alone (multilabel mode).
+    spread: float32 `[K,H,W]` (only when asked for with an ensemble of two or more members, else None): the
+            standard deviation of each class's probability across the members (seeds, or flips for one-step
+            models); where tiles overlap, the tiles' variances are blended like their probabilities.
     """
 
     probs: torch.Tensor
@@ -61,6 +65,7 @@ class SegmentationOutput:
     thresholds: list[float]
     prompts: list[str]
     timings: dict[str, float] = field(default_factory=dict)
+    spread: torch.Tensor | None = None
 
 
 class DigsegPipeline:
@@ -132,11 +137,13 @@ class DigsegPipeline:
         overlap: float = 0.25,
         prompt_template: str | None = None,
         decoder: str = "auto",
+        spread: bool = False,
     ) -> SegmentationOutput:
         """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`.
 
         `decoder`: "vae" (the VAE decoder), "fast" (the checkpoint's distilled decoder) or "auto" (fast when
-        the checkpoint has one that passed its accuracy check, else vae)."""
+        the checkpoint has one that passed its accuracy check, else vae). `spread`: also the members' spread
+        (`SegmentationOutput.spread`) when the ensemble has two members or more."""
         t_start = time.perf_counter()
         # 0. Resolve defaults from the checkpoint config.
         cfg = self.config
@@ -158,10 +165,11 @@ class DigsegPipeline:
         height, width = pixels.shape[-2:]
         tile_size = self._tile_size(tile, resolution, height, width)
         timings: dict[str, float] = {}
+        sizes = [len(s) for s in classes]
+        groups = tuple(sizes) if spread and ensemble > 1 else None
+        run = _CallSettings(resolution, steps, ensemble, seed, decoder, overlap, groups)
 
-        run = _CallSettings(resolution, steps, ensemble, seed, decoder, overlap)
-
-        def predict(emb, pooled) -> torch.Tensor:  # [T,H,W]
+        def predict(emb, pooled) -> torch.Tensor:  # [T,H,W], then [K,H,W] variances with `groups`
             if tile_size:
                 return self._predict_tiled(pixels, (emb, pooled), tile_size, run, timings)
             return self._predict(pixels, (emb, pooled), run, timings)[0]
@@ -171,13 +179,15 @@ class DigsegPipeline:
         while not bool(torch.isfinite(probs).all()):
             self._upcast_after_overflow()
             probs = predict(*self.encode_prompts(texts))
-        # 9. Average synonyms' scores into one map per class.
-        sizes = [len(s) for s in classes]
+        # 9. Average synonyms' scores into one map per class (the members' variances come per class already).
+        probs, variance = (probs[: len(texts)], probs[len(texts) :]) if groups else (probs, None)
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
         # 10. Threshold: semantic label map and per-prompt masks.
         labels, masks = probs_to_labels(probs, thresholds)
         timings["total"] = time.perf_counter() - t_start
-        return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), thresholds, [c[0] for c in classes], timings)
+        deviation = None if variance is None else variance.clamp_min(0).sqrt().cpu()  # [K,H,W]
+        names = [c[0] for c in classes]
+        return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), thresholds, names, timings, deviation)
 
     def _upcast_after_overflow(self) -> None:
         """After non-finite probabilities: the VAE to fp32 first (the usual culprit), then the whole model.
@@ -249,12 +259,14 @@ class DigsegPipeline:
 
     def _predict(self, pixels, text, run: _CallSettings, timings) -> torch.Tensor:
         """Images `[n,3,H,W]` (one image, or n equal-size tiles) and `text` = (emb `[T,L,D]`, pooled `[T,D]`)
-        → probabilities `[n,T,H,W]` at the input size, averaged over the ensemble."""
+        → probabilities `[n,T,H,W]` at the input size, averaged over the ensemble; with `run.groups` (texts
+        per class) followed by each class's variance across the members, `[n,T+K,H,W]` in all."""
         n, _, height, width = pixels.shape
         # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
         x = transforms.resize(pixels, transforms.processing_size(height, width, run.resolution))  # [n,3,h',w']
         generator = torch.Generator("cpu").manual_seed(run.seed)
         total = torch.zeros((n, text[0].shape[0], height, width), device=self.device)
+        mean = m2 = None  # Welford's running mean and squared deviations of each class's probability
         for member in range(run.ensemble):
             # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
             k = member if self.config.objective == "one-step" else 0
@@ -262,8 +274,18 @@ class DigsegPipeline:
             probs = self._predict_padded(xk, text, run, generator, timings)  # [n,T,hp,wp]
             # 7. Undo the padding and the flip, resize to the input size (bilinear) before any threshold.
             probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [n,T,h',w']
-            total += transforms.resize(probs, (height, width))  # [n,T,H,W]
-        return total / run.ensemble
+            probs = transforms.resize(probs, (height, width))  # [n,T,H,W]
+            total += probs
+            if run.groups:
+                per_class = torch.stack([c.mean(1) for c in probs.split(run.groups, dim=1)], 1)  # [n,K,H,W]
+                if mean is None:
+                    mean, m2 = per_class.clone(), torch.zeros_like(per_class)
+                else:
+                    delta = per_class - mean
+                    mean += delta / (member + 1)
+                    m2 += delta * (per_class - mean)
+        total /= run.ensemble
+        return total if m2 is None else torch.cat([total, m2 / run.ensemble], 1)
 
     def _predict_padded(self, x, text, run: _CallSettings, generator, timings) -> torch.Tensor:
         """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
@@ -314,7 +336,7 @@ class DigsegPipeline:
         """Slide `tile`-sized windows at native scale, several per call; blend with a feathered window."""
         height, width = pixels.shape[-2:]
         texts = text[0].shape[0]
-        acc = torch.zeros((texts, height, width), device=self.device)
+        acc = torch.zeros((texts + len(run.groups or ()), height, width), device=self.device)  # maps, variances
         weight = torch.zeros((height, width), device=self.device)
         windows = transforms.tile_windows(height, width, tile, run.overlap)  # all the same size
         _, _, h, w = windows[0]

@@ -3,8 +3,8 @@
 One job: find the images a run reads (regular files only: a named pipe met in a folder is skipped with a
 warning, one named explicitly is refused; digseg's own outputs in the output folder are never inputs), give
 each a relative path that mirrors the input tree and an output stem no other input shares, the
-order-independent noise seed of each file, and an image's size from its header alone (for `--dry-run` and
-`--max-pixels`).
+order-independent noise seed of each file, an image's size from its header alone (for `--dry-run` and
+`--max-pixels`), and one input decoded under `--max-pixels` (`read_input`).
 
 It knows nothing of prompts, models or what outputs are written (`outputs.py`; the suffixes it leaves out are
 `inference.prompts.OUTPUT_SUFFIXES`), nor of Typer or Rich; decoding pixels is `images.py`'s job.
@@ -16,10 +16,13 @@ import dataclasses
 import glob
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+import numpy as np
 
 from digseg_cli.errors import NoInputsError, UsageError
 from digseg_cli.files import not_regular_reason, require_regular_file
@@ -182,3 +185,27 @@ def header_size(path: Path) -> tuple[int, int]:
     except Exception as exc:  # noqa: BLE001 - PIL raises many types; read_image gives the precise reason
         raise images.ImageReadError(path, f"cannot read the header ({type(exc).__name__})") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def read_input(path: Path, max_pixels: int) -> tuple[np.ndarray, float]:
+    """Decode one input (`[H,W,3]` uint8, EXIF orientation applied) and the seconds it took, refusing it before
+    decoding when its header says it is over `max_pixels` (0 = no limit)."""
+    t0 = time.perf_counter()
+
+    def check(w: int, h: int) -> None:
+        if max_pixels and w * h > max_pixels:
+            raise images.ImageReadError(
+                path,
+                f"{w}x{h} is {w * h / 1e6:.1f} MP, over --max-pixels {max_pixels / 1e6:g}"
+                " MP: downscale it or raise --max-pixels (0 = no limit)",
+            )
+
+    try:
+        size = header_size(path)  # refuse before decoding
+    except Exception:  # noqa: BLE001 - read_image below names the problem precisely
+        size = None
+    if size is not None:
+        check(*size)
+    array = images.read_image(path)  # [H,W,3] uint8, EXIF orientation applied
+    check(array.shape[1], array.shape[0])
+    return array, time.perf_counter() - t0

@@ -7,8 +7,8 @@ SIGINT/SIGTERM or a full disk, and record a `run.json` manifest (`manifest.py`) 
 It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
 callbacks and `logging.getLogger("digseg")`. What the settings resolve to is `settings.py`'s job, loading the
 model `loading.py`'s, a run without the model (`--dry-run`) `plan.py`'s, finding the input files `inputs.py`'s,
-decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs, the per-image records and
-the manifest `outputs.py`'s.
+decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs and the per-image records
+`outputs.py`'s, the manifest `manifest.py`'s, the run's `sem_seg_predictions.json` (`--rle`) `rle.py`'s.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
 from digseg_cli.segment.backoff import infer
-from digseg_cli.segment.inputs import InputFile, expand_inputs, header_size, image_seed
+from digseg_cli.segment.inputs import InputFile, expand_inputs, image_seed, read_input
 from digseg_cli.segment.manifest import (
     MANIFEST_NAME,
     RunOrigin,
@@ -50,10 +50,11 @@ from digseg_cli.segment.outputs import (
     remove_stale_below,
     write_outputs,
 )
+from digseg_cli.segment.rle import RleFile
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
 
 if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline, SegmentationOutput
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
 log = logging.getLogger("digseg")
 
@@ -63,46 +64,12 @@ _OUTPUT_GONE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 # ------------------------------------------------------------------------------------------------- inputs
-def _read(path: Path, max_pixels: int) -> tuple[Any, float]:
-    """Decode one image (worker thread), refusing it before decoding when it is over `max_pixels`."""
-    t0 = time.perf_counter()
-
-    def check(w: int, h: int) -> None:
-        if max_pixels and w * h > max_pixels:
-            raise images.ImageReadError(
-                path,
-                f"{w}x{h} is {w * h / 1e6:.1f} MP, over --max-pixels {max_pixels / 1e6:g}"
-                " MP: downscale it or raise --max-pixels (0 = no limit)",
-            )
-
-    try:
-        size = header_size(path)  # refuse before decoding
-    except Exception:  # noqa: BLE001 - read_image below names the problem precisely
-        size = None
-    if size is not None:
-        check(*size)
-    array = images.read_image(path)  # [H,W,3] uint8, EXIF orientation applied
-    check(array.shape[1], array.shape[0])
-    return array, time.perf_counter() - t0
-
-
 def _input_files(inputs: Sequence[InputFile | str | Path], out_dir: Path, settings: SegmentSettings) -> list[InputFile]:
     """`InputFile`s as given, or raw paths/globs/`@lists` expanded (the output folder left out)."""
     files = list(inputs)
     if not files or not all(isinstance(f, InputFile) for f in files):
         files = expand_inputs([str(f) for f in files], recursive=settings.recursive, exclude=out_dir)
     return files
-
-
-def _segmented(image: np.ndarray, out: SegmentationOutput, mode: str) -> Segmented:
-    """The pipeline's tensors as the arrays the outputs and records are made of."""
-    probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
-    labels = out.labels.numpy().astype(np.uint8)  # [H,W], 0 = background, k = class k
-    if mode == "multilabel":
-        regions = out.masks.numpy()  # [K,H,W] bool, each class thresholded alone
-    else:
-        regions = labels[None] == np.arange(1, len(probs) + 1, dtype=np.uint8)[:, None, None]  # [K,H,W]
-    return Segmented(image, probs, labels, regions)
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -131,15 +98,17 @@ def run_segment(
     out_dir = Path(out_dir)
     started, t_start = datetime.now(timezone.utc), time.perf_counter()
     resolved = resolve_run(pipe, settings)
-    files = check_outputs(_input_files(inputs, out_dir, settings), out_dir, resolved.classes, settings)
+    files = _input_files(inputs, out_dir, settings)
+    files = check_outputs(files, out_dir, resolved.classes, settings, members=resolved.members)
     prepare_out_dir(out_dir)
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
     previous = read_previous(out_dir)
     earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
-    remove_stale_below(out_dir, [output_paths(out_dir, f, resolved.classes, settings) for f in files])
+    rle = RleFile(out_dir, overwrite=settings.overwrite) if settings.rle else None  # the earlier run's records
+    remove_stale_below(out_dir, [_paths(out_dir, f, resolved, settings) for f in files])
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
-    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result)
+    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result, rle=rle)
     sha_job = run.start_sha256(weights_folder)
     error: DigsegError | None = None
     with StopSignals() as run.signals:
@@ -152,21 +121,35 @@ def run_segment(
         finally:
             origin = RunOrigin(started, weights, weights_folder, run.finish(sha_job, t_start), arguments)
             error = error or run.output_error()
+            if rle is not None:  # this run's records, once (a run that changed none leaves the file as it was)
+                error = _written(lambda: rle.write([str(f.rel) for f in files]), str(rle.path), error)
             head = describe(settings, resolved, pipe, origin)
             error = _record(run.summary, head, earlier, previous is not None, error)
     return _outcome(run.summary, error)
 
 
+def _paths(out_dir: Path, item: InputFile, resolved: ResolvedRun, settings: SegmentSettings) -> dict[str, Any]:
+    return output_paths(out_dir, item, resolved.classes, settings, members=resolved.members)
+
+
+def _written(write: Callable[[], Any], what: str, error: DigsegError | None) -> DigsegError | None:
+    """Call `write`; when it fails, the run's error (or a new one) says in its one line that `what` was not written."""
+    try:
+        write()
+    except OSError as exc:
+        if error is None:
+            return OutputUnwritableError(f"cannot write {what}: {exc.strerror or exc}")
+        error.args = (f"{error}; {what} could not be written either ({exc.strerror or exc})",)
+    return error
+
+
 def _record(summary: RunSummary, head: dict, earlier: list[dict], replaces: bool, error: DigsegError | None):
     """Write the manifest; when even that fails, the run's error (or a new one) says so in its one line."""
-    try:
+
+    def write() -> None:
         summary.manifest_written = write_manifest(summary, head, earlier, replaces)
-    except OSError as exc:
-        lost = f"; the manifest {summary.manifest} could not be written either ({exc.strerror or exc})"
-        if error is None:
-            return OutputUnwritableError(f"cannot write the manifest {summary.manifest}: {exc.strerror or exc}")
-        error.args = (f"{error}{lost}",)
-    return error
+
+    return _written(write, f"the manifest {summary.manifest}", error)
 
 
 def _manifest_note(summary: RunSummary) -> str:
@@ -203,6 +186,7 @@ class _FolderRun:
         *,
         progress: ProgressFn | None,
         on_result: Callable[[ImageResult], None] | None,
+        rle: RleFile | None = None,
     ) -> None:
         self.pipe, self.settings, self.resolved, self.files, self.out_dir = pipe, settings, resolved, files, out_dir
         self.progress, self.on_result = progress, on_result
@@ -215,6 +199,7 @@ class _FolderRun:
         self.pending: deque[tuple[ImageResult, Future | None]] = deque()  # results and their write jobs
         self.stop = False  # --fail-fast after a failure
         self.unwritable: tuple[str, OSError] | None = None  # (input, error) of the first write the disk refused
+        self.rle = rle  # --rle: the run's sem_seg_predictions.json, records taken as images are written
 
     def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
         """Digest the weights for the manifest on a worker thread while the run goes on."""
@@ -247,9 +232,9 @@ class _FolderRun:
     def schedule(self, i: int) -> None:
         """Decide input `i`'s fate from its existing outputs, else start reading it."""
         if i < len(self.files) and i not in self.jobs:
-            paths = output_paths(self.out_dir, self.files[i], self.resolved.classes, self.settings)
+            paths = _paths(self.out_dir, self.files[i], self.resolved, self.settings)
             verdict = existing_verdict(paths, self.settings)
-            job = None if verdict else self.pool.submit(_read, self.files[i].path, self.settings.max_pixels)
+            job = None if verdict else self.pool.submit(read_input, self.files[i].path, self.settings.max_pixels)
             self.jobs[i] = paths, job, verdict
 
     def segment_or_skip(self, i: int, item: InputFile) -> tuple[ImageResult, Future | None]:
@@ -257,6 +242,11 @@ class _FolderRun:
         result = ImageResult(str(item.path), str(item.rel))
         if verdict is not None:
             result.status, result.reason = verdict
+            if self.rle is not None and result.status == "skipped":
+                try:
+                    self.rle.keep_skipped(str(item.rel), paths["mask"])
+                except images.ImageReadError as exc:
+                    log.warning("no RLE records for %s: %s", item.rel, exc)
             return result, None
         return result, self.segment_one(item, job, paths, result)
 
@@ -287,13 +277,23 @@ class _FolderRun:
         self.summary.backoffs.extend(result.warnings)
         model_s = time.perf_counter() - t0
         self.summary.timings["model_s"] += model_s
-        seg = _segmented(image, out, self.settings.mode)
+        seg = Segmented.from_output(image, out, self.settings.mode)
         result.classes = seg.class_records(self.resolved, out.thresholds)
         result.outputs = {
             key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
         }
+        if self.rle is not None:
+            result.outputs["rle"] = str(self.rle.path)
         result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
-        return self.pool.submit(write_outputs, paths, seg, self.resolved, self.settings)
+        return self.pool.submit(self._write, paths, seg, str(item.rel))
+
+    def _write(self, paths: dict, seg: Segmented, file_name: str) -> float:
+        """Write one image's files, then take its RLE records (worker thread); the seconds it took."""
+        t0 = time.perf_counter()
+        write_outputs(paths, seg, self.resolved, self.settings)
+        if self.rle is not None:
+            self.rle.put(file_name, seg.labels)
+        return time.perf_counter() - t0
 
     def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray, float] | None:
         """The decoded image `[H,W,3]` uint8 and its read time, or None with `result` failed."""
