@@ -180,7 +180,9 @@ def eval_command(
     predictions: Annotated[
         Path | None,
         typer.Option(
-            "--predictions", help="Score saved label maps (<stem>.png, values = label ids) instead of running a model."
+            "--predictions",
+            help="Score saved label maps instead of running a model: a folder of <stem>.png (values = label ids), "
+            'or a detectron2 sem_seg_predictions.json (COCO RLE records; needs pip install "digseg[coco]").',
         ),
     ] = None,
     resize_predictions: Annotated[

@@ -32,9 +32,10 @@ EPILOG = (
     "digseg segment '*.jpg' @more.txt --prompts classes.yaml --save-probs --json > results.jsonl.  "
     "Outputs per image, mirroring the input tree under --out: <name>.mask.png (palette PNG, 0 = background, "
     "k = k-th class), <name>.overlay.jpg, <name>.<class>.png (--save-binary), <name>.<class>.prob.png "
-    "(--save-probs; probability = value / 65535), and run.json for the run. GeoTIFF inputs (geo extra) give "
-    "GeoTIFFs (.mask.tif, .<class>.tif, .<class>.prob.tif) with their CRS, transform and no-data mask.  "
-    + EXIT_CODES_HELP
+    "(--save-probs; probability = value / 65535), <name>.confidence.png, .margin.png, .spread.png "
+    "(--save-confidence), and run.json (and sem_seg_predictions.json with --rle) for the run. GeoTIFF inputs (geo "
+    "extra) give GeoTIFFs (.mask.tif, .<class>.tif, .<class>.prob.tif, ...) with their CRS, transform and no-data "
+    "mask.  " + EXIT_CODES_HELP
 )
 
 
@@ -151,36 +152,36 @@ def segment(
         ProbsFormat,
         typer.Option("--probs-format", help="png16: 16-bit PNG, probability = value / 65535; npy: float32."),
     ] = ProbsFormat.png16,
+    save_confidence: Annotated[
+        bool,
+        typer.Option(
+            "--save-confidence",
+            help="Also write <name>.confidence.png (the winning class's probability) and <name>.margin.png (its "
+            "lead over the runner-up); with --ensemble N > 1 also <name>.spread.png (its standard deviation "
+            "across the members). 16-bit PNG: value / 65535.",
+        ),
+    ] = False,
+    rle: Annotated[
+        bool,
+        typer.Option(
+            "--rle",
+            help="Also write sem_seg_predictions.json: every label map as COCO RLE records, detectron2's format "
+            '(category_id = label value, 0 = background). Needs pip install "digseg[coco]".',
+        ),
+    ] = False,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Do not write <name>.overlay.jpg.")] = False,
     bands: Annotated[
-        str | None,
-        typer.Option(
-            "--bands",
-            help="GeoTIFF bands shown as R,G,B, e.g. 3,2,1 (or one band as grey); default the first three.",
-            show_default=False,
-        ),
+        str | None, typer.Option("--bands", help="GeoTIFF bands shown as R,G,B: 3,2,1 (one band: grey); default 1,2,3.")
     ] = None,
     vector: Annotated[
         VectorFormat | None,
-        typer.Option(
-            "--vector",
-            help="Also write <name>.regions.geojson|gpkg: a polygon per connected region per class (geo extra).",
-            show_default=False,
-        ),
+        typer.Option("--vector", help="Also write <name>.regions.geojson|gpkg: a polygon per region per class."),
     ] = None,
     min_area: Annotated[
-        float | None,
-        typer.Option(
-            "--min-area", help="Leave out smaller regions (CRS units² for GeoTIFFs, else pixels).", show_default=False
-        ),
+        float | None, typer.Option("--min-area", help="Leave out smaller regions (CRS units² for GeoTIFFs, else px).")
     ] = None,
     simplify: Annotated[
-        float | None,
-        typer.Option(
-            "--simplify",
-            help="Simplify polygons, shared borders kept (tolerance in CRS units for GeoTIFFs, else pixels).",
-            show_default=False,
-        ),
+        float | None, typer.Option("--simplify", help="Simplify polygons, shared borders kept (CRS units, else px).")
     ] = None,
     overlay_alpha: Annotated[float, typer.Option("--overlay-alpha", help="Opacity of class colours.")] = 0.5,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
@@ -307,6 +308,8 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         "overlay_alpha",
         "save_binary",
         "save_probs",
+        "save_confidence",
+        "rle",
         "overwrite",
         "skip_existing",
         "fail_fast",

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
-from digseg_cli.evaluate.predictions import pipeline_predictor, score_predictions
+from digseg_cli.evaluate.predictions import is_records_file, pipeline_predictor, score_predictions
 from digseg_cli.evaluate.scoring import EvalResult, Progress, evaluate, protocol_kwargs
 from digseg_cli.files import require_writable_folder
+from digseg_cli.inference.coco_rle import require_pycocotools
 from digseg_cli.models.config import check_prompt_template
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class EvalSettings:
     data_root: Path | None = None
     download: bool = False
     check: bool = False  # only check the layout: no model, no scores
-    predictions: Path | None = None  # score saved label maps instead of a model
+    predictions: Path | None = None  # score saved label maps (a folder, or COCO RLE records: FILE.json), no model
     resize_predictions: bool = False  # resize saved label maps of another size (nearest) instead of refusing
     weights: str = "demo"
     limit: int | None = None
@@ -89,6 +90,8 @@ class EvalSettings:
             raise UsageError("`--check` and `--predictions` cannot be combined")
         if self.resize_predictions and self.predictions is None:
             raise UsageError("`--resize-predictions` applies to `--predictions` only")
+        if self.predictions is not None and is_records_file(self.predictions):
+            require_pycocotools(f"`--predictions {Path(self.predictions).name}` (COCO RLE records)")
 
 
 @dataclass
@@ -167,6 +170,7 @@ def score_dataset(
         s.predictions,
         decode_prediction=spec.decode_prediction,
         resize_predictions=s.resize_predictions,
+        category_ids=spec.category_ids,
         **common,
     )
 

@@ -26,7 +26,8 @@ from digseg_cli.core import transforms
 from digseg_cli.inference.tiling import Box, blend_windows
 
 if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline, Prompt, SegmentationOutput
+    from digseg_cli.inference.calls import SegmentationOutput
+    from digseg_cli.inference.pipeline import DigsegPipeline, Prompt
 
 MIN_BLOCK = 1024  # pixels per side of a block, at the least
 BLOCK_TILES = 8  # a block is this many tiles per side: windows straddling its edges run twice (~27 % more calls)
@@ -128,5 +129,6 @@ class BlockSegmentation:
         if windows:
             probs = self.pipe.predict_finite(predict, self.call)
         else:  # no data anywhere in the block: nothing to run
-            probs = torch.zeros((len(self.call.texts), block.box[2], block.box[3]), device=self.pipe.device)
+            maps = len(self.call.texts) + len(self.call.run.groups or ())  # probabilities (and variances)
+            probs = torch.zeros((maps, block.box[2], block.box[3]), device=self.pipe.device)
         return self.pipe.finish(probs, self.call, timings, t_start)

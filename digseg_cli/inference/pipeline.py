@@ -2,7 +2,8 @@
 
 `load_pipeline` resolves a name (compact config, checkpoint folder, SD base folder, registry name or Hub
 id) to a `DigsegPipeline`; calling the pipeline runs the numbered steps of DESIGN §1.6–1.8. Arrays and PIL
-images go in, tensors come out. File writing, overlays and the command line live elsewhere.
+images go in, tensors come out (`SegmentationOutput`, re-exported from `calls.py` with what a call resolves).
+File writing, overlays and the command line live elsewhere; tiling is `tiling.py`'s, large images `blocks.py`'s.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.core.labels import labels_from_probs, prompt_thresholds
 from digseg_cli.errors import UsageError
+from digseg_cli.inference.calls import CallSettings, PreparedCall, SegmentationOutput
 from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
 from digseg_cli.inference.tiling import blend_windows
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
@@ -31,47 +32,6 @@ Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores
 # pays only while calls are launch-bound: the demo's 192 px tiles with one prompt ran 20 % faster two per
 # call than one, and 20 % slower sixteen per call than two; a GPU keeps gaining up to a batch of 512² tiles.
 PAIR_PIXELS_PER_CALL = {"cpu": 2**17, "cuda": 16 * 512 * 512}
-
-
-@dataclass(frozen=True)
-class _CallSettings:
-    """What one `__call__` resolved, passed down its prediction steps as one value."""
-
-    resolution: int
-    steps: int
-    ensemble: int
-    seed: int
-    decoder: str
-    overlap: float
-
-
-@dataclass(frozen=True)
-class PreparedCall:
-    """What `DigsegPipeline.prepare` resolved for a call: its settings, each class's texts (main prompt first,
-    then synonyms), every text as the model reads it (synonyms flattened, template applied) and the thresholds."""
-
-    run: _CallSettings
-    classes: list[list[str]]
-    texts: list[str]
-    thresholds: list[float]
-
-
-@dataclass
-class SegmentationOutput:
-    """Result for one image of size H×W and K prompts.
-
-    probs:  float32 `[K,H,W]` in [0,1], probability that each pixel belongs to prompt k.
-    labels: int64 `[H,W]`; 0 = background, k = prompt k (1-based) where its probability is the largest
-            and reaches its threshold (semantic mode).
-    masks:  bool `[K,H,W]`, each prompt thresholded alone (multilabel mode).
-    """
-
-    probs: torch.Tensor
-    labels: torch.Tensor
-    masks: torch.Tensor
-    thresholds: list[float]
-    prompts: list[str]
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class DigsegPipeline:
@@ -143,15 +103,18 @@ class DigsegPipeline:
         overlap: float = 0.25,
         prompt_template: str | None = None,
         decoder: str = "auto",
+        spread: bool = False,
     ) -> SegmentationOutput:
         """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`.
 
         `decoder`: "vae" (the VAE decoder), "fast" (the checkpoint's distilled decoder) or "auto" (fast when
-        the checkpoint has one that passed its accuracy check, else vae)."""
+        the checkpoint has one that passed its accuracy check, else vae). `spread`: also the members' spread
+        (`SegmentationOutput.spread`) when the ensemble has two members or more."""
         t_start = time.perf_counter()
         # 0–1. Resolve defaults from the checkpoint config, check the settings and prompts, then the image.
         settings = dict(steps=steps, ensemble=ensemble, seed=seed, resolution=resolution, threshold=threshold)
-        call = self.prepare(prompts, **settings, overlap=overlap, prompt_template=prompt_template, decoder=decoder)
+        more = dict(overlap=overlap, prompt_template=prompt_template, decoder=decoder, spread=spread)
+        call = self.prepare(prompts, **settings, **more)
         pixels = self._check_image(image)  # [1,3,H,W] in [-1,1]
         # 2–8. Encode prompts, then preprocess, encode image, denoise, decode: whole image or tile by tile.
         height, width = pixels.shape[-2:]
@@ -182,6 +145,7 @@ class DigsegPipeline:
         overlap: float = 0.25,
         prompt_template: str | None = None,
         decoder: str = "auto",
+        spread: bool = False,
     ) -> PreparedCall:
         """Steps 0–1 of a call: the checkpoint's defaults for what is None, the settings checked, the prompt texts
         (synonyms flattened) and the thresholds, once for an image or for every block of a large one."""
@@ -198,26 +162,33 @@ class DigsegPipeline:
             [PromptClass(c[0], tuple(c)) for c in classes], cfg.default_threshold, threshold=threshold
         )
         texts = [self.format_prompt(s, prompt_template) for syns in classes for s in syns]
-        run = _CallSettings(resolution, steps, ensemble, seed, self.resolve_decoder(decoder), overlap)
+        sizes = [len(s) for s in classes]
+        groups = tuple(sizes) if spread and ensemble > 1 else None  # then the members' variance per class too
+        run = CallSettings(resolution, steps, ensemble, seed, self.resolve_decoder(decoder), overlap, groups)
         return PreparedCall(run, classes, texts, thresholds)
 
     def predict_finite(self, predict, prepared: PreparedCall) -> torch.Tensor:
         """`predict(text)` with the prompts' embeddings (step 2: text encoder, cached per text); fp16 can overflow
         (SD VAEs are known to: NaN or black masks): then again with the part in fp32 (step 8)."""
-        probs = predict(self.encode_prompts(prepared.texts))  # [T,H,W]
+        probs = predict(self.encode_prompts(prepared.texts))  # [T,H,W] (+ [K,H,W] variances with groups)
         while not bool(torch.isfinite(probs).all()):
             self._upcast_after_overflow()
             probs = predict(self.encode_prompts(prepared.texts))
         return probs
 
     def finish(self, probs: torch.Tensor, prepared: PreparedCall, timings: dict, t_start: float) -> SegmentationOutput:
-        """Steps 9–10: `[T,H,W]` per text → synonyms' scores averaged into one map per class, thresholded."""
+        """Steps 9–10: `[T,H,W]` per text → synonyms' scores averaged into one map per class (the members'
+        variances, when asked for, come per class already), thresholded."""
         sizes = [len(s) for s in prepared.classes]
+        texts = len(prepared.texts)
+        probs, variance = (probs[:texts], probs[texts:]) if prepared.run.groups else (probs, None)
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
         labels, masks = probs_to_labels(probs, prepared.thresholds)
         timings["total"] = time.perf_counter() - t_start
+        deviation = None if variance is None else variance.clamp_min(0).sqrt().cpu()  # [K,H,W]
         names = [c[0] for c in prepared.classes]
-        return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), prepared.thresholds, names, timings)
+        maps = (probs.cpu(), labels.cpu(), masks.cpu())
+        return SegmentationOutput(*maps, prepared.thresholds, names, timings, spread=deviation)
 
     def _upcast_after_overflow(self) -> None:
         """After non-finite probabilities: the VAE to fp32 first (the usual culprit), then the whole model.
@@ -289,14 +260,16 @@ class DigsegPipeline:
         # Tile at native scale when the image is much larger than the processing resolution.
         return transforms.tile_size_for(tile, resolution, height, width)
 
-    def _predict(self, pixels, text, run: _CallSettings, timings) -> torch.Tensor:
+    def _predict(self, pixels, text, run: CallSettings, timings) -> torch.Tensor:
         """Images `[n,3,H,W]` (one image, or n equal-size tiles) and `text` = (emb `[T,L,D]`, pooled `[T,D]`)
-        → probabilities `[n,T,H,W]` at the input size, averaged over the ensemble."""
+        → probabilities `[n,T,H,W]` at the input size, averaged over the ensemble; with `run.groups` (texts
+        per class) followed by each class's variance across the members, `[n,T+K,H,W]` in all."""
         n, _, height, width = pixels.shape
         # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
         x = transforms.resize(pixels, transforms.processing_size(height, width, run.resolution))  # [n,3,h',w']
         generator = torch.Generator("cpu").manual_seed(run.seed)
         total = torch.zeros((n, text[0].shape[0], height, width), device=self.device)
+        mean = m2 = None  # Welford's running mean and squared deviations of each class's probability
         for member in range(run.ensemble):
             # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
             k = member if self.config.objective == "one-step" else 0
@@ -304,10 +277,20 @@ class DigsegPipeline:
             probs = self._predict_padded(xk, text, run, generator, timings)  # [n,T,hp,wp]
             # 7. Undo the padding and the flip, resize to the input size (bilinear) before any threshold.
             probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [n,T,h',w']
-            total += transforms.resize(probs, (height, width))  # [n,T,H,W]
-        return total / run.ensemble
+            probs = transforms.resize(probs, (height, width))  # [n,T,H,W]
+            total += probs
+            if run.groups:
+                per_class = torch.stack([c.mean(1) for c in probs.split(run.groups, dim=1)], 1)  # [n,K,H,W]
+                if mean is None:
+                    mean, m2 = per_class.clone(), torch.zeros_like(per_class)
+                else:
+                    delta = per_class - mean
+                    mean += delta / (member + 1)
+                    m2 += delta * (per_class - mean)
+        total /= run.ensemble
+        return total if m2 is None else torch.cat([total, m2 / run.ensemble], 1)
 
-    def _predict_padded(self, x, text, run: _CallSettings, generator, timings) -> torch.Tensor:
+    def _predict_padded(self, x, text, run: CallSettings, generator, timings) -> torch.Tensor:
         """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
         `batch_size` (image, prompt) pairs per call."""
         f = self.model.vae_scale_factor

@@ -32,18 +32,25 @@ _INSTRUCTION = re.compile(
 MASK_SUFFIX = ".mask.png"
 OVERLAY_SUFFIX = ".overlay.jpg"
 PROB_SUFFIXES = {"png16": ".prob.png", "npy": ".prob.npy"}
-# A GeoTIFF input's outputs are GeoTIFFs: the label map, binary masks (<stem>.<class>.tif) and probabilities.
+# `--save-confidence`: the winning class's probability, its margin over the runner-up, the ensemble's spread.
+CONFIDENCE_SUFFIXES = {"confidence": ".confidence.png", "margin": ".margin.png", "spread": ".spread.png"}
+# A GeoTIFF input's outputs are GeoTIFFs: the label map, binary masks (<stem>.<class>.tif), probabilities and
+# confidence maps.
 MASK_TIF_SUFFIX, PROB_TIF_SUFFIX = ".mask.tif", ".prob.tif"
+CONFIDENCE_TIF_SUFFIXES = {name: suffix.replace(".png", ".tif") for name, suffix in CONFIDENCE_SUFFIXES.items()}
 VECTOR_SUFFIXES = {"geojson": ".regions.geojson", "gpkg": ".regions.gpkg"}  # --vector: one file per input
 OUTPUT_SUFFIXES = (
     MASK_SUFFIX,
     OVERLAY_SUFFIX,
     *PROB_SUFFIXES.values(),
+    *CONFIDENCE_SUFFIXES.values(),
     MASK_TIF_SUFFIX,
     PROB_TIF_SUFFIX,
+    *CONFIDENCE_TIF_SUFFIXES.values(),
     *VECTOR_SUFFIXES.values(),
 )
-_RESERVED_NAMES = {"mask", "overlay", "prob"}  # would collide with <rel>.mask.png / .overlay.jpg / .prob.*
+# Class names that would collide with <rel>.mask.png / .overlay.jpg / .prob.* / .confidence.png / ...
+_RESERVED_NAMES = {"mask", "overlay", "prob", *CONFIDENCE_SUFFIXES}
 MAX_FILE_NAME_BYTES = 255  # one path component (ext4, APFS, most others)
 MAX_CLASS_NAME_BYTES = 96  # a class's part of `<stem>.<class>.prob.png`, leaving the stem most of the 255
 RGB = tuple[int, int, int]
@@ -258,8 +265,9 @@ def fit_name(name: str, max_bytes: int) -> str:
 
 
 def file_names(classes: Sequence[PromptClass]) -> list[str]:
-    """File-safe, unique name per class for `<rel>.<name>.png` (no dots, not `mask`/`overlay`/`prob`, at most
-    `MAX_CLASS_NAME_BYTES`: a longer name is shortened by `fit_name`)."""
+    """File-safe, unique name per class for `<rel>.<name>.png`: no dots, none of `_RESERVED_NAMES` (`mask`,
+    `overlay`, `prob`, `confidence`, `margin`, `spread`: a trailing `_` is added), at most `MAX_CLASS_NAME_BYTES`
+    (a longer name is shortened by `fit_name`)."""
     names: list[str] = []
     for c in classes:
         base = re.sub(r"[^\w-]+", "_", c.name).strip("_") or "class"

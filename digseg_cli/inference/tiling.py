@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from digseg_cli.core import transforms
+from digseg_cli.inference.calls import CallSettings
 
 Box = tuple[int, int, int, int]  # (top, left, height, width) in the image's pixels
 
@@ -30,21 +31,23 @@ def blend_windows(
     *,
     text: tuple[torch.Tensor, torch.Tensor],
     tile: int,
-    run: Any,
+    run: CallSettings,
     timings: dict[str, float],
 ) -> torch.Tensor:
-    """Probabilities `[T,h,w]` over `box` of an image, `pipe` a `DigsegPipeline` and `run` its call's settings.
+    """Probabilities `[T,h,w]` over `box` of an image, `pipe` a `DigsegPipeline` (not imported: it imports this)
+    and `run` its call's settings.
 
     Tiled (`tile` > 0): `windows` are the image's tile windows (`transforms.tile_windows`, all one size) that
     overlap `box`, run at native scale several per call and blended with a feathered window; windows left out
     (no data under them) leave 0 where no other window reaches. Untiled: the whole image at the processing
     resolution (`box` is all of it). `crop(top, left, h, w)` gives the image's pixels there, `[1,3,h,w]` in [-1, 1]
-    on the pipeline's device; `text` = (emb `[T,L,D]`, pooled `[T,D]`)."""
+    on the pipeline's device; `text` = (emb `[T,L,D]`, pooled `[T,D]`). With `run.groups` (the members' spread
+    asked for) each class's variance across the ensemble follows the T maps, blended alike: `[T+K,h,w]`."""
     if not tile:
         return pipe._predict(crop(*box), text, run, timings)[0]
     top0, left0, height, width = box
     texts = text[0].shape[0]
-    acc = torch.zeros((texts, height, width), device=pipe.device)
+    acc = torch.zeros((texts + len(run.groups or ()), height, width), device=pipe.device)  # maps, variances
     weight = torch.zeros((height, width), device=pipe.device)
     if not windows:
         return acc

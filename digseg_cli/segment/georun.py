@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from digseg_cli.inference.blocks import Block, BlockSegmentation
 from digseg_cli.segment.backoff import infer_block
 from digseg_cli.segment.geotiff import GeoTiffOutputs, OverlayPreview
 from digseg_cli.segment.outputs import ClassTally, ImageResult, Segmented, write_regions
-from digseg_cli.segment.rasters import RasterInfo, raster_env
+from digseg_cli.segment.rasters import RasterInfo, raster_env, read_labels
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 from digseg_cli.segment.vectors import Georeference, RegionCollector
 
@@ -67,8 +68,8 @@ def segment_raster(
             out = infer_block(pipe, predict, rel=result.relative_path, notes=result.warnings)
             t2 = time.perf_counter()
             image, valid = _inside(block, pixels, valid)
-            seg = Segmented.of(image, out, settings.mode).masked(valid)
-            outputs.write(block.box, seg.labels, seg.regions, seg.probs, valid)
+            seg = Segmented.from_output(image, out, settings.mode).masked(valid)
+            outputs.write(block.box, seg, valid)
             tally.add(seg.regions, seg.probs, valid)
             if preview is not None:
                 preview.add(block.box, image, seg.labels)
@@ -103,3 +104,25 @@ def _inside(block: Block, pixels: np.ndarray, valid: np.ndarray | None) -> tuple
         slice(left - block.read[1], left - block.read[1] + w),
     )
     return pixels[rows, cols], None if valid is None else valid[rows, cols]
+
+
+def raster_job(
+    pipe: DigsegPipeline, info: RasterInfo, paths: Mapping[str, Any], result: ImageResult, *, rle=None, **run
+) -> Future:
+    """`segment_raster` (`run`: its `run` and `stop`), then the raster's records into `rle` (`--rle`'s `RleFile`),
+    from the label map it wrote, read whole (1 byte a pixel), as a finished write job: its result the seconds spent
+    writing, or the `OSError` a write met, so that the run treats a write the disk refused as for any image.
+    `result.timings` gets the reading (the opening's seconds, already there, included) and the model's."""
+    result.height, result.width = info.height, info.width
+    opened = result.timings.get("read", 0.0)
+    done: Future = Future()
+    try:
+        spent = segment_raster(pipe, info, paths, result, **run)
+        if rle is not None:
+            rle.put(result.relative_path, read_labels(paths["mask"]))
+    except OSError as exc:
+        done.set_exception(exc)
+        return done
+    result.timings = {"read": opened + spent["read"], "model": spent["model"]}
+    done.set_result(spent["write"])
+    return done

@@ -13,7 +13,9 @@ are 0 in every output, and GIS tools show them as no data.
   `LABEL_k=<class>` in its band's metadata;
 - binary masks `<stem>.<class>.tif`: uint8 0/255;
 - probabilities `<stem>.<class>.prob.tif`: uint16, probability = value / 65535 (the 16-bit PNG's rule; the
-  default `--probs-format png16`) or float32 in [0, 1] (`--probs-format npy`).
+  default `--probs-format png16`) or float32 in [0, 1] (`--probs-format npy`);
+- `--save-confidence`'s maps `<stem>.confidence.tif`, `.margin.tif` (and `.spread.tif` with an ensemble): uint16,
+  value / 65535, as their PNGs.
 
 It knows nothing of models or how a raster is cut into blocks (`georun.py`); reading rasters is `rasters.py`'s.
 """
@@ -26,14 +28,18 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from digseg_cli.files import atomic_path
 from digseg_cli.inference import images
 from digseg_cli.inference.overlay import make_overlay
+from digseg_cli.inference.prompts import CONFIDENCE_SUFFIXES
 from digseg_cli.segment.rasters import RasterInfo, _rasterio_errors
+
+if TYPE_CHECKING:
+    from digseg_cli.segment.outputs import Segmented
 
 TILE = 256
 OVERLAY_MAX_SIDE = 2048  # the overlay JPEG of a raster is at most this long: a preview, not a map
@@ -58,6 +64,7 @@ class GeoTiffOutputs:
         self.probs_format: str = kw["probs_format"]
         self.stack = contextlib.ExitStack()
         self.labels = self.binary = self.probs = None
+        self.confidence: dict[str, Any] = {}
 
     def __enter__(self) -> GeoTiffOutputs:
         try:
@@ -68,6 +75,7 @@ class GeoTiffOutputs:
             self.binary = [self._open(p, "uint8") for p in self.paths.get("binary", {}).values()]
             dtype = "uint16" if self.probs_format == "png16" else "float32"
             self.probs = [self._open(p, dtype) for p in self.paths.get("probs", {}).values()]
+            self.confidence = {m: self._open(self.paths[m], "uint16") for m in CONFIDENCE_SUFFIXES if m in self.paths}
         except _rasterio_errors() as exc:
             self.stack.__exit__(type(exc), exc, exc.__traceback__)
             raise _as_os_error(exc, Path(self.paths["mask"])) from None
@@ -89,17 +97,20 @@ class GeoTiffOutputs:
         self.stack.callback(dst.close)  # runs before the rename: the file is complete when it gets its name
         return dst
 
-    def write(self, box, labels: np.ndarray, regions: np.ndarray, probs: np.ndarray, valid: np.ndarray | None) -> None:
-        """One block's results at `box` = (top, left, h, w): labels `[h,w]` uint8, regions `[K,h,w]` bool, probs
-        `[K,h,w]` in [0, 1], valid `[h,w]` bool (None: all valid), no-data pixels already 0."""
+    def write(self, box, seg: Segmented, valid: np.ndarray | None) -> None:
+        """One block's results at `box` = (top, left, h, w): `seg` over the block, its no-data pixels already 0,
+        and `valid` `[h,w]` bool (None: all valid)."""
         from rasterio.windows import Window
 
         top, left, h, w = box
         window = Window(left, top, w, h)
-        layers = [(self.labels, labels)]
-        layers += [(ds, np.where(regions[k], 255, 0).astype(np.uint8)) for k, ds in enumerate(self.binary or [])]
+        layers = [(self.labels, seg.labels)]
+        layers += [(ds, np.where(seg.regions[k], 255, 0).astype(np.uint8)) for k, ds in enumerate(self.binary or [])]
         for k, ds in enumerate(self.probs or []):
-            layers.append((ds, images.quantize_probs(probs[k]) if ds.dtypes[0] == "uint16" else probs[k]))
+            layers.append((ds, images.quantize_probs(seg.probs[k]) if ds.dtypes[0] == "uint16" else seg.probs[k]))
+        if self.confidence:
+            maps = seg.confidence()
+            layers += [(ds, images.quantize_probs(maps[m])) for m, ds in self.confidence.items()]
         try:
             for ds, array in layers:
                 ds.write(array[None], window=window)

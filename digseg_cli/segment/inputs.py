@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from digseg_cli.errors import NoInputsError, UsageError
 from digseg_cli.files import not_regular_reason, require_regular_file
 from digseg_cli.inference import images
@@ -32,8 +34,6 @@ from digseg_cli.inference.seeds import image_seed  # noqa: F401 - re-exported: t
 from digseg_cli.segment import rasters
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from digseg_cli.segment.settings import SegmentSettings
 
 log = logging.getLogger("digseg")
@@ -226,14 +226,13 @@ def read_input(path: Path, settings: SegmentSettings) -> tuple[np.ndarray | rast
     return array, time.perf_counter() - t0
 
 
-def geotiff_note(files: Sequence[InputFile]) -> str | None:
-    """The one line a run says when GeoTIFF inputs are read as pictures (no `geo` extra): georeferencing dropped."""
-    if rasters.geo_available():
-        return None
-    found = sum(1 for f in files if rasters.is_geotiff(f.path))
-    if not found:
-        return None
-    return (
-        f"{found} GeoTIFF input(s) segmented as pictures: their georeferencing (CRS, transform, nodata) is dropped "
-        f"and their outputs are PNGs; to keep it, {rasters.GEO_EXTRA}"
+def note_geotiffs_as_pictures(files: Sequence[InputFile]) -> None:
+    """The one line a run logs when GeoTIFF inputs are read as pictures (no `geo` extra): georeferencing dropped."""
+    if rasters.geo_available() or not (found := sum(1 for f in files if rasters.is_geotiff(f.path))):
+        return
+    log.warning(
+        "%d GeoTIFF input(s) segmented as pictures: their georeferencing (CRS, transform, nodata) is dropped and "
+        "their outputs are PNGs; to keep it, %s",
+        found,
+        rasters.GEO_EXTRA,
     )

@@ -31,6 +31,7 @@ from digseg_cli.inference.prompts import (
     VECTOR_SUFFIXES,
     file_names,
 )
+from digseg_cli.segment.rle import PREDICTIONS_NAME
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 
 if TYPE_CHECKING:
@@ -40,8 +41,8 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA = "digseg.run/1"
 MANIFEST_NAME = "run.json"
 PROBABILITY_SCALE = (
-    "linear 0-65535: probability = value / 65535 (16-bit PNG; uint16 GeoTIFF for GeoTIFF inputs); "
-    "float32 in [0, 1] (npy; float32 GeoTIFF for GeoTIFF inputs)"
+    "linear 0-65535: probability = value / 65535 (16-bit PNG: probabilities, confidence, margin, spread; uint16 "
+    "GeoTIFF for GeoTIFF inputs); float32 in [0, 1] (npy; float32 GeoTIFF for GeoTIFF inputs)"
 )
 # The settings that change what an output file holds; the others (--workers, --skip-existing, ...) do not.
 CONTENT_SETTINGS = (
@@ -54,6 +55,8 @@ CONTENT_SETTINGS = (
     "save_binary",
     "save_probs",
     "probs_format",
+    "save_confidence",
+    "rle",
     "jpeg_quality",
     "bands",
     "vector",
@@ -156,8 +159,14 @@ def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipel
             "overlay": f"<rel>{OVERLAY_SUFFIX}: label colours over the image, with a legend",
             "binary": "<rel>.<class>.png: 0/255 per class (--save-binary; always in multilabel mode)",
             "probs": f"<rel>.<class>{'|'.join(PROB_SUFFIXES.values())}: per-class probability (--save-probs)",
-            "geotiff": f"GeoTIFF inputs: <rel>{MASK_TIF_SUFFIX}, <rel>.<class>.tif, <rel>.<class>{PROB_TIF_SUFFIX}: "
-            "the same as GeoTIFFs with the input's CRS and transform; no-data pixels 0 and masked",
+            "confidence": "<rel>.confidence.png: the winning (largest) class probability, 16-bit (--save-confidence)",
+            "margin": "<rel>.margin.png: the winner's probability less the runner-up's (0 with one class), 16-bit",
+            "spread": "<rel>.spread.png: the winner's standard deviation across the ensemble members (ensemble > 1)",
+            "rle": f"{PREDICTIONS_NAME}: detectron2 SemSegEvaluator records of every label map, COCO RLE; "
+            "category_id = label value (0 background, k class k), file_name = <rel> (--rle)",
+            "geotiff": f"GeoTIFF inputs: <rel>{MASK_TIF_SUFFIX}, <rel>.<class>.tif, <rel>.<class>{PROB_TIF_SUFFIX}, "
+            "<rel>.confidence|margin|spread.tif: the same as GeoTIFFs with the input's CRS and transform; no-data "
+            "pixels 0 and masked",
             "vector": f"<rel>{'|'.join(VECTOR_SUFFIXES.values())}: one polygon per connected region per class "
             "(--vector)",
         },
@@ -171,7 +180,9 @@ def identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     resolved = {k: v for k, v in (manifest.get("resolved") or {}).items() if k not in _NOT_MEANING}
     settings = manifest.get("settings") or {}
     found = {"weights": weights, "resolved": resolved, "precision": manifest.get("precision")}
-    found["settings"] = {k: settings.get(k) for k in CONTENT_SETTINGS}
+    # A setting a manifest of an older digseg lacks had its default there (no --save-confidence, no --rle).
+    defaults = {f.name: f.default for f in dataclasses.fields(SegmentSettings)}
+    found["settings"] = {k: settings.get(k, defaults[k]) for k in CONTENT_SETTINGS}
     return json.loads(json.dumps(found, default=str))  # tuples → lists, as a manifest read back has them
 
 

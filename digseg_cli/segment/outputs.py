@@ -3,12 +3,13 @@
 One job: name each input's output files (mirroring the input tree) and prove, before anything is written,
 that no two inputs write one file (`check_outputs`) and that the output folder takes files
 (`prepare_out_dir`); decide from the outputs already there whether an input is skipped or refused; write an
-image's label map, overlay, binary masks and probabilities, each through `digseg_cli.files` (atomic,
-fsynced, the umask's permissions); and describe each input (`ImageResult`) and the run (`RunSummary`), both
-schema `digseg.segment/1`.
+image's label map, overlay, binary masks, probabilities and confidence maps (`Segmented.confidence`), each
+through `digseg_cli.files` (atomic, fsynced, the umask's permissions); and describe each input
+(`ImageResult`) and the run (`RunSummary`), both schema `digseg.segment/1`.
 
 It knows nothing of Typer, Rich, the model or how a run is scheduled (`run.py`); the `run.json` manifest is
-`manifest.py`'s, what the settings resolve to `settings.py`'s, encoding pixels `inference/images.py`'s.
+`manifest.py`'s, the run-wide `sem_seg_predictions.json` `rle.py`'s, what the settings resolve to
+`settings.py`'s, encoding pixels `inference/images.py`'s.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from digseg_cli.files import is_regular_file, remove_stale_temporaries, require_
 from digseg_cli.inference import images
 from digseg_cli.inference.overlay import make_overlay
 from digseg_cli.inference.prompts import (
+    CONFIDENCE_SUFFIXES,
+    CONFIDENCE_TIF_SUFFIXES,
     MASK_SUFFIX,
     MASK_TIF_SUFFIX,
     MAX_FILE_NAME_BYTES,
@@ -46,7 +49,7 @@ from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 from digseg_cli.segment.vectors import Georeference, RegionCollector, write_vectors
 
 if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import SegmentationOutput
+    from digseg_cli.inference.calls import SegmentationOutput
 
 SCHEMA = "digseg.segment/1"
 log = logging.getLogger("digseg")
@@ -140,11 +143,12 @@ class RunSummary:
 
 
 def output_paths(
-    out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings
+    out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings, *, members: int = 1
 ) -> dict[str, Any]:
-    """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}, "vector": path}` for one
-    input; a GeoTIFF read as a raster (`rasters.reads_as_raster`) writes GeoTIFFs (`.mask.tif`, `.<class>.tif`,
-    `.<class>.prob.tif`) where a picture writes PNGs.
+    """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}, "confidence": path,
+    "margin": path, "spread": path, "vector": path}` for one input, as the settings ask (`spread` only with
+    `members` > 1, the ensemble's size); a GeoTIFF read as a raster (`rasters.reads_as_raster`) writes GeoTIFFs
+    (`.mask.tif`, `.<class>.tif`, `.<class>.prob.tif`, `.confidence.tif`, ...) where a picture writes PNGs.
 
     A stem too long for a file name with its suffix is shortened by `prompts.fit_name` (class names already are).
     """
@@ -164,6 +168,10 @@ def output_paths(
     if settings.save_probs:
         ext = PROB_TIF_SUFFIX if raster else PROB_SUFFIXES[settings.probs_format]
         paths["probs"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names, strict=True)}
+    if settings.save_confidence:
+        maps = [m for m in CONFIDENCE_SUFFIXES if m != "spread" or members > 1]
+        suffixes = CONFIDENCE_TIF_SUFFIXES if raster else CONFIDENCE_SUFFIXES
+        paths.update({m: at(suffixes[m]) for m in maps})
     if settings.vector:
         paths["vector"] = at(VECTOR_SUFFIXES[settings.vector])
     return paths
@@ -174,7 +182,12 @@ def _flat(paths: Mapping[str, Any]) -> list[Path]:
 
 
 def check_outputs(
-    files: Sequence[InputFile], out_dir: Path, classes: Sequence[PromptClass], settings: SegmentSettings
+    files: Sequence[InputFile],
+    out_dir: Path,
+    classes: Sequence[PromptClass],
+    settings: SegmentSettings,
+    *,
+    members: int = 1,
 ) -> list[InputFile]:
     """The inputs of a run once every output file name is known, before anything is written: an input that is
     itself one of the run's outputs (a mask of an earlier run in the output folder) is left out with a
@@ -183,7 +196,7 @@ def check_outputs(
     out_dir = Path(os.path.abspath(out_dir))
     owner: dict[Path, InputFile] = {}
     for item in files:
-        for path in _flat(output_paths(out_dir, item, classes, settings)):
+        for path in _flat(output_paths(out_dir, item, classes, settings, members=members)):
             if (other := owner.setdefault(path, item)) is not item:
                 raise UsageError(f"{other.path} and {item.path} would both write {path}: rename one of them")
     folders = {parent: owner[p] for p in owner for parent in p.relative_to(out_dir).parents}
@@ -278,9 +291,10 @@ class Segmented:
     probs: np.ndarray  # [K,H,W] float32 in [0, 1]
     labels: np.ndarray  # [H,W] uint8, 0 = background, k = class k
     regions: np.ndarray  # [K,H,W] bool: each class's pixels (its label, or its own mask in multilabel mode)
+    spread: np.ndarray | None = None  # [K,H,W] float32: each class's std across the ensemble members
 
     @classmethod
-    def of(cls, image: np.ndarray, out: SegmentationOutput, mode: str) -> Segmented:
+    def from_output(cls, image: np.ndarray, out: SegmentationOutput, mode: str) -> Segmented:
         """The pipeline's tensors as the arrays the outputs and records are made of."""
         probs = out.probs.float().numpy()  # [K,H,W] in [0,1]
         labels = out.labels.numpy().astype(np.uint8)  # [H,W], 0 = background, k = class k
@@ -288,12 +302,28 @@ class Segmented:
             regions = out.masks.numpy()  # [K,H,W] bool, each class thresholded alone
         else:
             regions = labels[None] == np.arange(1, len(probs) + 1, dtype=np.uint8)[:, None, None]  # [K,H,W]
-        return cls(image, probs, labels, regions)
+        spread = None if out.spread is None else out.spread.float().numpy()
+        return cls(image, probs, labels, regions, spread)
+
+    def confidence(self) -> dict[str, np.ndarray]:
+        """`--save-confidence`'s maps, each `[H,W]` in [0, 1]: `confidence`, the probability of the winning class
+        (the largest of the K, whether or not it reaches its threshold); `margin`, that minus the runner-up's
+        (with one class, the runner-up counts as 0); `spread`, the winning class's standard deviation across the
+        ensemble members (when there are two or more)."""
+        ranked = np.sort(self.probs, axis=0)  # [K,H,W], ascending per pixel
+        runner_up = ranked[-2] if len(ranked) > 1 else np.zeros_like(ranked[-1])
+        maps = {"confidence": ranked[-1], "margin": ranked[-1] - runner_up}
+        if self.spread is not None:
+            winner = self.probs.argmax(0)[None]  # [1,H,W]
+            maps["spread"] = np.take_along_axis(self.spread, winner, 0)[0]
+        return maps
 
     def masked(self, valid: np.ndarray | None) -> Segmented:
-        """No-data pixels (`valid` False) as label 0, in no class's region and with probability 0."""
+        """No-data pixels (`valid` False) as label 0, in no class's region, with probability (and spread) 0."""
         if valid is not None:
             self.labels[~valid], self.regions[:, ~valid], self.probs[:, ~valid] = 0, False, 0.0
+            if self.spread is not None:
+                self.spread[:, ~valid] = 0.0
         return self
 
     def class_records(self, resolved: ResolvedRun, thresholds: Sequence[float]) -> list[dict[str, Any]]:
@@ -320,6 +350,12 @@ def write_outputs(
             images.write_png16(path, seg.probs[k])
         else:
             images.write_npy(path, seg.probs[k])
+    if "confidence" in paths:
+        maps = seg.confidence()
+        for name in (m for m in CONFIDENCE_SUFFIXES if m in paths):
+            if name not in maps:
+                raise ValueError("the pipeline gave no ensemble spread (`spread=True`) for the spread map")
+            images.write_png16(paths[name], maps[name])
     if "vector" in paths:
         collector = RegionCollector(*seg.labels.shape, min_pixels=settings.min_area or 0.0)
         collector.add((0, 0, *seg.labels.shape), seg.regions, seg.probs)

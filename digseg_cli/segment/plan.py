@@ -39,11 +39,12 @@ def plan_segment(
     classes: Sequence[PromptClass],
     *,
     resolution: int,
+    members: int = 1,
 ) -> list[dict[str, Any]]:
     """What a run would do per input, from file headers only: size, tiles, outputs, action."""
     rows = []
     for item in files:
-        paths = output_paths(Path(out_dir), item, classes, settings)
+        paths = output_paths(Path(out_dir), item, classes, settings, members=members)
         row: dict[str, Any] = {"input": str(item.path), "relative_path": str(item.rel), "mask": str(paths["mask"])}
         try:
             w, h = header_size(item.path)
@@ -76,9 +77,10 @@ def dry_run(
     cache_dir: Path | None = None,
 ) -> DryRun:
     """Plan a run of `weights` on `files`; the checkpoint config is read only when the settings leave the
-    resolution or the classes to it."""
+    resolution, the classes or (for `--save-confidence`'s spread map) the ensemble to it."""
     resolution, classes, note = settings.resolution, list(settings.classes), None
-    if resolution is None or not classes:
+    members = settings.ensemble or 1
+    if resolution is None or not classes or (settings.save_confidence and settings.ensemble is None):
         config = peek_config(weights, cache_dir)
         if config is None:
             note = (
@@ -88,7 +90,8 @@ def dry_run(
         else:
             resolution = config.default_resolution if resolution is None else resolution
             classes = settings.classes_for(config)
+            members = config.default_ensemble if settings.ensemble is None else settings.ensemble
     classes = classes or [PromptClass("class", ("class",))]
-    files = check_outputs(files, Path(out_dir), classes, settings)  # the run's own refusal, before its model
-    rows = plan_segment(files, out_dir, settings, classes, resolution=resolution or 0)
+    files = check_outputs(files, Path(out_dir), classes, settings, members=members)  # the run's own refusal
+    rows = plan_segment(files, out_dir, settings, classes, resolution=resolution or 0, members=members)
     return DryRun(rows, resolution, note)

@@ -145,6 +145,17 @@ def raster_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         raise ImageReadError(path, f"not a readable GeoTIFF ({_first_line(exc)})") from None
 
 
+def read_labels(path: str | os.PathLike[str]) -> np.ndarray:
+    """A label GeoTIFF digseg wrote, whole: `[H,W]` uint8 (for `--rle`'s records)."""
+    import rasterio
+
+    try:
+        with rasterio.open(path) as src:
+            return src.read(1)
+    except _rasterio_errors() as exc:
+        raise ImageReadError(path, f"not a readable GeoTIFF ({_first_line(exc)})") from None
+
+
 def raster_complete(path: str | os.PathLike[str]) -> bool:
     """An output GeoTIFF that opens (for `--skip-existing`: a broken one is made again)."""
     try:

@@ -7,8 +7,8 @@ SIGINT/SIGTERM or a full disk, and record a `run.json` manifest (`manifest.py`) 
 It knows nothing of Typer, Rich or how results are shown: it reports through the `progress` and `on_result`
 callbacks and `logging.getLogger("digseg")`. What the settings resolve to is `settings.py`'s job, loading the
 model `loading.py`'s, a run without the model (`--dry-run`) `plan.py`'s, finding the input files `inputs.py`'s,
-decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs, the per-image records and
-the manifest `outputs.py`'s.
+decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs and the per-image records
+`outputs.py`'s, the manifest `manifest.py`'s, the run's `sem_seg_predictions.json` (`--rle`) `rle.py`'s.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
 from digseg_cli.segment.backoff import infer
-from digseg_cli.segment.georun import segment_raster
-from digseg_cli.segment.inputs import InputFile, expand_inputs, geotiff_note, image_seed, read_input
+from digseg_cli.segment.georun import raster_job
+from digseg_cli.segment.inputs import InputFile, expand_inputs, image_seed, note_geotiffs_as_pictures, read_input
 from digseg_cli.segment.manifest import (
     MANIFEST_NAME,
     RunOrigin,
@@ -52,6 +52,7 @@ from digseg_cli.segment.outputs import (
     write_outputs,
 )
 from digseg_cli.segment.rasters import RasterInfo
+from digseg_cli.segment.rle import RleFile
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
 
 if TYPE_CHECKING:
@@ -99,17 +100,18 @@ def run_segment(
     out_dir = Path(out_dir)
     started, t_start = datetime.now(timezone.utc), time.perf_counter()
     resolved = resolve_run(pipe, settings)
-    files = check_outputs(_input_files(inputs, out_dir, settings), out_dir, resolved.classes, settings)
+    files = _input_files(inputs, out_dir, settings)
+    files = check_outputs(files, out_dir, resolved.classes, settings, members=resolved.members)
     prepare_out_dir(out_dir)
-    if (note := geotiff_note(files)) is not None:
-        log.warning("%s", note)
+    note_geotiffs_as_pictures(files)  # without the geo extra: one line saying how to keep their georeferencing
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
     previous = read_previous(out_dir)
     earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
-    remove_stale_below(out_dir, [output_paths(out_dir, f, resolved.classes, settings) for f in files])
+    rle = RleFile(out_dir, overwrite=settings.overwrite) if settings.rle else None  # the earlier run's records
+    remove_stale_below(out_dir, [_paths(out_dir, f, resolved, settings) for f in files])
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
-    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result)
+    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result, rle=rle)
     sha_job = run.start_sha256(weights_folder)
     error: DigsegError | None = None
     with StopSignals() as run.signals:
@@ -122,21 +124,35 @@ def run_segment(
         finally:
             origin = RunOrigin(started, weights, weights_folder, run.finish(sha_job, t_start), arguments)
             error = error or run.output_error()
+            if rle is not None:  # this run's records, once (a run that changed none leaves the file as it was)
+                error = _written(lambda: rle.write([str(f.rel) for f in files]), str(rle.path), error)
             head = describe(settings, resolved, pipe, origin)
             error = _record(run.summary, head, earlier, previous is not None, error)
     return _outcome(run.summary, error)
 
 
+def _paths(out_dir: Path, item: InputFile, resolved: ResolvedRun, settings: SegmentSettings) -> dict[str, Any]:
+    return output_paths(out_dir, item, resolved.classes, settings, members=resolved.members)
+
+
+def _written(write: Callable[[], Any], what: str, error: DigsegError | None) -> DigsegError | None:
+    """Call `write`; when it fails, the run's error (or a new one) says in its one line that `what` was not written."""
+    try:
+        write()
+    except OSError as exc:
+        if error is None:
+            return OutputUnwritableError(f"cannot write {what}: {exc.strerror or exc}")
+        error.args = (f"{error}; {what} could not be written either ({exc.strerror or exc})",)
+    return error
+
+
 def _record(summary: RunSummary, head: dict, earlier: list[dict], replaces: bool, error: DigsegError | None):
     """Write the manifest; when even that fails, the run's error (or a new one) says so in its one line."""
-    try:
+
+    def write() -> None:
         summary.manifest_written = write_manifest(summary, head, earlier, replaces)
-    except OSError as exc:
-        lost = f"; the manifest {summary.manifest} could not be written either ({exc.strerror or exc})"
-        if error is None:
-            return OutputUnwritableError(f"cannot write the manifest {summary.manifest}: {exc.strerror or exc}")
-        error.args = (f"{error}{lost}",)
-    return error
+
+    return _written(write, f"the manifest {summary.manifest}", error)
 
 
 def _manifest_note(summary: RunSummary) -> str:
@@ -173,6 +189,7 @@ class _FolderRun:
         *,
         progress: ProgressFn | None,
         on_result: Callable[[ImageResult], None] | None,
+        rle: RleFile | None = None,
     ) -> None:
         self.pipe, self.settings, self.resolved, self.files, self.out_dir = pipe, settings, resolved, files, out_dir
         self.progress, self.on_result = progress, on_result
@@ -185,6 +202,7 @@ class _FolderRun:
         self.pending: deque[tuple[ImageResult, Future | None]] = deque()  # results and their write jobs
         self.stop = False  # --fail-fast after a failure
         self.unwritable: tuple[str, OSError] | None = None  # (input, error) of the first write the disk refused
+        self.rle = rle  # --rle: the run's sem_seg_predictions.json, records taken as images are written
 
     def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
         """Digest the weights for the manifest on a worker thread while the run goes on."""
@@ -217,7 +235,7 @@ class _FolderRun:
     def schedule(self, i: int) -> None:
         """Decide input `i`'s fate from its existing outputs, else start reading it."""
         if i < len(self.files) and i not in self.jobs:
-            paths = output_paths(self.out_dir, self.files[i], self.resolved.classes, self.settings)
+            paths = _paths(self.out_dir, self.files[i], self.resolved, self.settings)
             verdict = existing_verdict(paths, self.settings)
             job = None if verdict else self.pool.submit(read_input, self.files[i].path, self.settings)
             self.jobs[i] = paths, job, verdict
@@ -227,6 +245,11 @@ class _FolderRun:
         result = ImageResult(str(item.path), str(item.rel))
         if verdict is not None:
             result.status, result.reason = verdict
+            if self.rle is not None and result.status == "skipped":
+                try:
+                    self.rle.keep_skipped(str(item.rel), paths["mask"])
+                except images.ImageReadError as exc:
+                    log.warning("no RLE records for %s: %s", item.rel, exc)
             return result, None
         return result, self.segment_one(item, job, paths, result)
 
@@ -239,10 +262,16 @@ class _FolderRun:
         result.outputs = {
             key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
         }
+        if self.rle is not None:
+            result.outputs["rle"] = str(self.rle.path)
         t0 = time.perf_counter()
         try:
             if isinstance(image, RasterInfo):  # segmented and written block by block, here
-                return self.segment_raster(image, paths, result, read_s)
+                result.timings["read"], run = read_s, (self.resolved, self.settings)
+                job = raster_job(self.pipe, image, paths, result, run=run, stop=self.stop_asked, rle=self.rle)
+                self.summary.timings["read_s"] += result.timings["read"] - read_s
+                self.summary.timings["model_s"] += result.timings.get("model", 0.0)
+                return job
             result.height, result.width = image.shape[:2]
             out = infer(
                 self.pipe,
@@ -266,33 +295,21 @@ class _FolderRun:
             self.summary.backoffs.extend(result.warnings)
         model_s = time.perf_counter() - t0
         self.summary.timings["model_s"] += model_s
-        seg = Segmented.of(image, out, self.settings.mode)
+        seg = Segmented.from_output(image, out, self.settings.mode)
         result.classes = seg.class_records(self.resolved, out.thresholds)
         result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
-        return self.pool.submit(write_outputs, paths, seg, self.resolved, self.settings, str(item.path))
+        return self.pool.submit(self._write, paths, seg, item)
 
-    def segment_raster(self, info: RasterInfo, paths: dict, result: ImageResult, open_s: float) -> Future:
-        """A GeoTIFF, segmented and written block by block (`georun.py`); its outcome as a finished write job, so
-        that `flush` treats a write the disk refused as for any image."""
-        result.height, result.width = info.height, info.width
-        done: Future = Future()
-        try:
-            spent = segment_raster(
-                self.pipe,
-                info,
-                paths,
-                result,
-                run=(self.resolved, self.settings),
-                stop=lambda: bool(self.signals.requested),
-            )
-        except OSError as exc:
-            done.set_exception(exc)
-            return done
-        result.timings = {"read": open_s + spent["read"], "model": spent["model"]}
-        self.summary.timings["read_s"] += spent["read"]
-        self.summary.timings["model_s"] += spent["model"]
-        done.set_result(spent["write"])
-        return done
+    def _write(self, paths: dict, seg: Segmented, item: InputFile) -> float:
+        """Write one image's files, then take its RLE records (worker thread); the seconds it took."""
+        t0 = time.perf_counter()
+        write_outputs(paths, seg, self.resolved, self.settings, str(item.path))
+        if self.rle is not None:
+            self.rle.put(str(item.rel), seg.labels)
+        return time.perf_counter() - t0
+
+    def stop_asked(self) -> bool:
+        return bool(self.signals.requested)
 
     def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray | RasterInfo, float] | None:
         """The decoded image `[H,W,3]` uint8 (or an opened GeoTIFF) and its read time, or None with `result` failed."""

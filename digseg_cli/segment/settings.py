@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
 from digseg_cli.inference import images
+from digseg_cli.inference.coco_rle import require_pycocotools
 from digseg_cli.inference.prompts import RGB, PromptClass, classes_from_config, resolve_thresholds
 from digseg_cli.models.config import DECODERS, DigsegConfig, check_prompt_template
 
@@ -68,6 +69,8 @@ class SegmentSettings:
     save_binary: bool = False
     save_probs: bool = False
     probs_format: str = "png16"
+    save_confidence: bool = False  # <rel>.confidence.png, .margin.png (+ .spread.png with an ensemble)
+    rle: bool = False  # sem_seg_predictions.json: every label map as COCO RLE records (detectron2's format)
     overwrite: bool = False
     skip_existing: bool = False
     fail_fast: bool = False
@@ -101,6 +104,8 @@ class SegmentSettings:
             raise UsageError(f"`threshold` must be in [0, 1], got {self.threshold}")
         if self.prompt_template is not None:
             check_prompt_template(self.prompt_template, "`--prompt-template`")
+        if self.rle:
+            require_pycocotools("`--rle`")
         parse_tile(self.tile)
         self._check_geo()
 
@@ -136,6 +141,7 @@ class ResolvedRun:
     thresholds: list[float]  # one per class, by `prompts.resolve_thresholds`
     palette: list[RGB]  # label 0 (background) first, then each class's colour
     call: dict[str, Any]  # the pipeline's keyword arguments shared by every image (all but seed and tile)
+    members: int = 1  # ensemble members per image (the settings', else the checkpoint's default)
 
     @property
     def names(self) -> list[str]:
@@ -173,8 +179,10 @@ def resolve_run(pipe: DigsegPipeline, settings: SegmentSettings) -> ResolvedRun:
         overlap=settings.overlap,
         prompt_template=settings.prompt_template,
         decoder=pipe.resolve_decoder(settings.decoder),
+        spread=settings.save_confidence,
     )
-    return ResolvedRun(classes, thresholds, palette, call)
+    members = pipe.config.default_ensemble if settings.ensemble is None else settings.ensemble
+    return ResolvedRun(classes, thresholds, palette, call, members)
 
 
 def prompt_warnings(pipe: DigsegPipeline, settings: SegmentSettings) -> list[str]:

@@ -205,6 +205,30 @@ def _missing(what: str, modules=("rasterio",)) -> None:
     raise UsageError(f"{what} needs the geo extra (rasterio not installed): {rasters.GEO_EXTRA}")
 
 
+def test_confidence_maps_and_rle_records_of_a_raster(tmp_path, pipe):
+    """--save-confidence gives GeoTIFFs on the probabilities' scale, blocks or not; --rle encodes the label map."""
+    pytest.importorskip("pycocotools")
+    from digseg_cli.inference import coco_rle
+
+    src = _geotiff(tmp_path / "scene.tif", seed=5)
+    for name, block in (("one", None), ("many", 40)):
+        settings = _settings(save_confidence=True, ensemble=2, rle=True, tile=32, raster_block=block, overlay=False)
+        assert seg.run_segment([str(src)], tmp_path / name, pipe, settings).processed == 1
+    maps = {}
+    for name in ("one", "many"):
+        for kind in ("confidence", "margin", "spread"):
+            values, mask, about = _read(tmp_path / name / f"scene.{kind}.tif")
+            assert about["crs"] == CRS and about["dtypes"] == ("uint16",) and not values[mask == 0].any()
+            maps[name, kind] = values.astype(np.int64)
+    for kind in ("confidence", "margin", "spread"):
+        assert np.abs(maps["one", kind] - maps["many", kind]).max() <= 2  # a few 1/65535 steps of float noise
+    assert (maps["one", "margin"] <= maps["one", "confidence"]).all() and maps["one", "spread"].any()
+    records = coco_rle.read_records(tmp_path / "one/sem_seg_predictions.json")
+    assert {r["file_name"] for r in records} == {"scene.tif"}
+    labels = _read(tmp_path / "one/scene.mask.tif")[0]
+    np.testing.assert_array_equal(coco_rle.decode_records(records, "scene.tif"), labels)
+
+
 # ---------------------------------------------------------------------------------------------- polygons
 def test_regions_join_across_blocks_keep_holes_and_follow_4_connectivity():
     """A ring (with its hole) cut by every block edge is one polygon; pixels touching at a corner are two."""

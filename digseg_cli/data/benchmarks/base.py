@@ -102,6 +102,9 @@ class DatasetSpec:
     prepare: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
     # reads a saved prediction file into label ids when the benchmark has its own submission format
     decode_prediction: Callable[[Path], np.ndarray] | None = field(default=None, compare=False, repr=False)
+    # the dataset's category id of each label id, where it has its own (detectron2's stuff_dataset_id_to_contiguous_id):
+    # the `category_id` of COCO RLE predictions (`eval --predictions FILE.json`); None: category id = label id
+    category_ids: tuple[int, ...] | None = None
 
     @property
     def label_names(self) -> tuple[str, ...]:

@@ -3,8 +3,9 @@
 One job: find the files of a split and map label values to the 171 contiguous train ids. The official
 ``annotations/<split>/*.png`` hold COCO-Stuff id − 1 (0…181, 255 unlabelled); the 11 thing ids without
 masks are skipped by a lookup table (the same as CAT-Seg ``prepare_coco_stuff.py`` and mmseg
-``coco_stuff164k.py``). An already converted ``annotations_detectron2/<split>`` is read as is. Masks are
-read as stored indices, never converted to RGB. Nothing here knows models or metrics.
+``coco_stuff164k.py``); COCO RLE predictions name each train id by its COCO-Stuff id (``category_ids``), as
+detectron2's ``stuff_dataset_id_to_contiguous_id`` does. An already converted ``annotations_detectron2/<split>``
+is read as is. Masks are read as stored indices, never converted to RGB. Nothing here knows models or metrics.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ COCO_STUFF = DatasetSpec(
     splits=("val", "train"),
     short_side=640,
     max_side=2560,
+    category_ids=tuple(v + 1 for v in STUFF_TO_TRAIN),  # COCO-Stuff ids, 1-based: detectron2's records
     folder="coco-stuff",
     layout="images/val2017/*.jpg and annotations/val2017/*.png (stuffthingmaps_trainval2017)",
     download=(
