@@ -16,8 +16,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TITLE = (
-    "# digseg performance results\n\nWritten by `benchmarks/run.py` (inference) and `benchmarks/train.py` "
-    "(training); see their docstrings for what each row measures.\n\n"
+    "# digseg performance results\n\nWritten by `benchmarks/run.py` (inference), `benchmarks/train.py` "
+    "(training) and `benchmarks/geotiff_memory.py` (large GeoTIFFs); see their docstrings for what each row "
+    "measures.\n\n"
 )
 
 

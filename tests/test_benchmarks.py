@@ -111,3 +111,19 @@ def test_quick_sd2_path_runs_rows_in_their_own_processes_with_and_without_checkp
     assert [(r[2], r[3]) for r in rows] == [("1", "on"), ("1", "off")]
     assert all(r[7].endswith("iB") for r in rows), rows  # peak memory of each row's process
     assert "gradient checkpointing on / off:" in out.read_text()
+
+
+def test_geotiff_memory_benchmark_runs_small(tmp_path):
+    """`benchmarks/geotiff_memory.py` (issue 20) at a tiny size: the raster written block by block, segmented in
+    blocks, its peak memory reported against the raster's size."""
+    pytest.importorskip("rasterio")
+    out = tmp_path / "RESULTS.md"
+    done = _bench(
+        "geotiff_memory.py", "--size", "256", "--model", "tiny", "--block", "128", "--vector", "geojson",
+        "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# digseg performance results") and "## GeoTIFF memory: `--size 256`" in text
+    for needle in ("**peak RSS of the run**", "| blocks, tile | 4, 32 px |", "its pixels as 8-bit RGB", "**Machine:**"):
+        assert needle in text, needle

@@ -78,7 +78,8 @@ def setup_logging(verbosity: int) -> None:
     logging.getLogger("digseg").setLevel(level)
     if verbosity < 2:
         # Third-party libraries are chatty at INFO (and print progress bars): keep them quiet.
-        for name in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
+        # rasterio logs GDAL's warnings on a damaged GeoTIFF; the input's one failure line says what matters.
+        for name in ("diffusers", "transformers", "huggingface_hub", "accelerate", "rasterio"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 

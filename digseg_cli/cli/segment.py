@@ -33,7 +33,9 @@ EPILOG = (
     "Outputs per image, mirroring the input tree under --out: <name>.mask.png (palette PNG, 0 = background, "
     "k = k-th class), <name>.overlay.jpg, <name>.<class>.png (--save-binary), <name>.<class>.prob.png "
     "(--save-probs; probability = value / 65535), <name>.confidence.png, .margin.png, .spread.png "
-    "(--save-confidence), and run.json (and sem_seg_predictions.json with --rle) for the run.  " + EXIT_CODES_HELP
+    "(--save-confidence), and run.json (and sem_seg_predictions.json with --rle) for the run. GeoTIFF inputs (geo "
+    "extra) give GeoTIFFs (.mask.tif, .<class>.tif, .<class>.prob.tif, ...) with their CRS, transform and no-data "
+    "mask.  " + EXIT_CODES_HELP
 )
 
 
@@ -45,6 +47,11 @@ class Mode(str, Enum):
 class ProbsFormat(str, Enum):
     png16 = "png16"
     npy = "npy"
+
+
+class VectorFormat(str, Enum):
+    geojson = "geojson"
+    gpkg = "gpkg"
 
 
 def segment(
@@ -163,6 +170,19 @@ def segment(
         ),
     ] = False,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Do not write <name>.overlay.jpg.")] = False,
+    bands: Annotated[
+        str | None, typer.Option("--bands", help="GeoTIFF bands shown as R,G,B: 3,2,1 (one band: grey); default 1,2,3.")
+    ] = None,
+    vector: Annotated[
+        VectorFormat | None,
+        typer.Option("--vector", help="Also write <name>.regions.geojson|gpkg: a polygon per region per class."),
+    ] = None,
+    min_area: Annotated[
+        float | None, typer.Option("--min-area", help="Leave out smaller regions (CRS units² for GeoTIFFs, else px).")
+    ] = None,
+    simplify: Annotated[
+        float | None, typer.Option("--simplify", help="Simplify polygons, shared borders kept (CRS units, else px).")
+    ] = None,
     overlay_alpha: Annotated[float, typer.Option("--overlay-alpha", help="Opacity of class colours.")] = 0.5,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing outputs.")] = False,
     skip_existing: Annotated[
@@ -245,7 +265,10 @@ def segment(
         arguments.update(out="-" if to_stdout else str(out))
         summary = _run(files, out, loaded, settings, weights=weights, arguments=arguments, as_json=as_json)
         if to_stdout and summary.processed == 1:
-            sys.stdout.buffer.write((out / f"{files[0].key}.mask.png").read_bytes())
+            from digseg_cli.inference.prompts import MASK_SUFFIX, MASK_TIF_SUFFIX
+
+            masks = [out / f"{files[0].key}{suffix}" for suffix in (MASK_SUFFIX, MASK_TIF_SUFFIX)]
+            sys.stdout.buffer.write(next(m for m in masks if m.exists()).read_bytes())  # a GeoTIFF's is a GeoTIFF
             sys.stdout.flush()
     raise typer.Exit(summary.exit_code)
 
@@ -268,6 +291,7 @@ def _pipes(inputs: list[str], out: Path, scratch: Path, machine_output: bool) ->
 def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
     """The command's flags (its arguments by name) → settings, and the warnings parsing the prompts gave."""
     from digseg_cli.inference.prompts import load_classes, parse_thresholds
+    from digseg_cli.segment.rasters import parse_bands
     from digseg_cli.segment.settings import SegmentSettings, parse_batch_size, parse_tile
 
     classes, warnings = load_classes(flags["prompt"] or [], flags["prompts_file"])
@@ -290,6 +314,8 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         "skip_existing",
         "fail_fast",
         "workers",
+        "min_area",
+        "simplify",
     )
     return SegmentSettings(
         classes=tuple(classes),
@@ -301,6 +327,8 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         decoder=flags["decoder"].value,
         overlay=not flags["no_overlay"],
         probs_format=flags["probs_format"].value,
+        bands=parse_bands(flags["bands"]),
+        vector=flags["vector"].value if flags["vector"] is not None else None,
         **{name: flags[name] for name in same},
     ), warnings
 

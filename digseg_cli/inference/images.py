@@ -293,8 +293,12 @@ def write_png16(path: PathLike, probs: np.ndarray, *, overwrite: bool = True) ->
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2:
         raise ValueError(f"`probs` must be HxW, got shape {probs.shape}")
-    q = np.round(np.clip(np.nan_to_num(probs), 0.0, 1.0) * 65535.0).astype(np.uint16)
-    return _save_pil(path, Image.fromarray(q), overwrite=overwrite)
+    return _save_pil(path, Image.fromarray(quantize_probs(probs)), overwrite=overwrite)
+
+
+def quantize_probs(probs: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] → uint16, probability = value / 65535 (16-bit PNGs and GeoTIFFs alike)."""
+    return np.round(np.clip(np.nan_to_num(np.asarray(probs, dtype=np.float64)), 0.0, 1.0) * 65535.0).astype(np.uint16)
 
 
 def read_png16(path: PathLike) -> np.ndarray:

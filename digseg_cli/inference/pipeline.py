@@ -2,16 +2,15 @@
 
 `load_pipeline` resolves a name (compact config, checkpoint folder, SD base folder, registry name or Hub
 id) to a `DigsegPipeline`; calling the pipeline runs the numbered steps of DESIGN §1.6–1.8. Arrays and PIL
-images go in, tensors come out. File writing, overlays and the command line live elsewhere.
+images go in, tensors come out (`SegmentationOutput`, re-exported from `calls.py` with what a call resolves).
+File writing, overlays and the command line live elsewhere; tiling is `tiling.py`'s, large images `blocks.py`'s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,9 @@ import torch
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.core.labels import labels_from_probs, prompt_thresholds
 from digseg_cli.errors import UsageError
+from digseg_cli.inference.calls import CallSettings, PreparedCall, SegmentationOutput
 from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
+from digseg_cli.inference.tiling import blend_windows
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
 from digseg_cli.models.config import DECODERS
 from digseg_cli.models.loader import load_model
@@ -31,41 +32,6 @@ Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores
 # pays only while calls are launch-bound: the demo's 192 px tiles with one prompt ran 20 % faster two per
 # call than one, and 20 % slower sixteen per call than two; a GPU keeps gaining up to a batch of 512² tiles.
 PAIR_PIXELS_PER_CALL = {"cpu": 2**17, "cuda": 16 * 512 * 512}
-
-
-@dataclass(frozen=True)
-class _CallSettings:
-    """What one `__call__` resolved, passed down its prediction steps as one value."""
-
-    resolution: int
-    steps: int
-    ensemble: int
-    seed: int
-    decoder: str
-    overlap: float
-    groups: tuple[int, ...] | None = None  # texts per class, when the members' spread is asked for
-
-
-@dataclass
-class SegmentationOutput:
-    """Result for one image of size H×W and K prompts.
-
-    probs:  float32 `[K,H,W]` in [0,1], probability that each pixel belongs to prompt k.
-    labels: int64 `[H,W]`; 0 = background, k = prompt k (1-based) where its probability is the largest
-            and reaches its threshold (semantic mode).
-    masks:  bool `[K,H,W]`, each prompt thresholded alone (multilabel mode).
-    spread: float32 `[K,H,W]` (only when asked for with an ensemble of two or more members, else None): the
-            standard deviation of each class's probability across the members (seeds, or flips for one-step
-            models); where tiles overlap, the tiles' variances are blended like their probabilities.
-    """
-
-    probs: torch.Tensor
-    labels: torch.Tensor
-    masks: torch.Tensor
-    thresholds: list[float]
-    prompts: list[str]
-    timings: dict[str, float] = field(default_factory=dict)
-    spread: torch.Tensor | None = None
 
 
 class DigsegPipeline:
@@ -145,49 +111,84 @@ class DigsegPipeline:
         the checkpoint has one that passed its accuracy check, else vae). `spread`: also the members' spread
         (`SegmentationOutput.spread`) when the ensemble has two members or more."""
         t_start = time.perf_counter()
+        # 0–1. Resolve defaults from the checkpoint config, check the settings and prompts, then the image.
+        settings = dict(steps=steps, ensemble=ensemble, seed=seed, resolution=resolution, threshold=threshold)
+        more = dict(overlap=overlap, prompt_template=prompt_template, decoder=decoder, spread=spread)
+        call = self.prepare(prompts, **settings, **more)
+        pixels = self._check_image(image)  # [1,3,H,W] in [-1,1]
+        # 2–8. Encode prompts, then preprocess, encode image, denoise, decode: whole image or tile by tile.
+        height, width = pixels.shape[-2:]
+        tile_size = self._tile_size(tile, call.run.resolution, height, width)
+        windows = transforms.tile_windows(height, width, tile_size, overlap) if tile_size else []
+        timings: dict[str, float] = {}
+
+        def crop(top: int, left: int, h: int, w: int) -> torch.Tensor:
+            return pixels[..., top : top + h, left : left + w]
+
+        def predict(text) -> torch.Tensor:  # [T,H,W]
+            box = (0, 0, height, width)
+            return blend_windows(self, crop, windows, box, text=text, tile=tile_size, run=call.run, timings=timings)
+
+        probs = self.predict_finite(predict, call)
+        # 9–10. Average synonyms' scores into one map per class, threshold.
+        return self.finish(probs, call, timings, t_start)
+
+    def prepare(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        steps: int | None = None,
+        ensemble: int | None = None,
+        seed: int | None = None,
+        resolution: int | None = None,
+        threshold: float | Sequence[float] | None = None,
+        overlap: float = 0.25,
+        prompt_template: str | None = None,
+        decoder: str = "auto",
+        spread: bool = False,
+    ) -> PreparedCall:
+        """Steps 0–1 of a call: the checkpoint's defaults for what is None, the settings checked, the prompt texts
+        (synonyms flattened) and the thresholds, once for an image or for every block of a large one."""
         # 0. Resolve defaults from the checkpoint config.
         cfg = self.config
         steps = cfg.default_steps if steps is None else steps
         ensemble = cfg.default_ensemble if ensemble is None else ensemble
         resolution = cfg.default_resolution if resolution is None else resolution
         seed = 0 if seed is None else seed
-        # 1. Check inputs.
-        pixels = self._check_inputs(image, prompts, steps, ensemble, resolution)
+        # 1. Check the settings and prompts.
+        self._check_settings(prompts, steps, ensemble, resolution)
         classes = [[p] if isinstance(p, str) else list(p) for p in prompts]
         _, thresholds = resolve_thresholds(
             [PromptClass(c[0], tuple(c)) for c in classes], cfg.default_threshold, threshold=threshold
         )
         texts = [self.format_prompt(s, prompt_template) for syns in classes for s in syns]
-        decoder = self.resolve_decoder(decoder)
-        # 2. Encode prompts (text encoder; cached per text).
-        emb, pooled = self.encode_prompts(texts)  # [T,L,D], [T,D]
-        # 3–7. Preprocess, encode image, denoise, decode — whole image or tile by tile.
-        height, width = pixels.shape[-2:]
-        tile_size = self._tile_size(tile, resolution, height, width)
-        timings: dict[str, float] = {}
         sizes = [len(s) for s in classes]
-        groups = tuple(sizes) if spread and ensemble > 1 else None
-        run = _CallSettings(resolution, steps, ensemble, seed, decoder, overlap, groups)
+        groups = tuple(sizes) if spread and ensemble > 1 else None  # then the members' variance per class too
+        run = CallSettings(resolution, steps, ensemble, seed, self.resolve_decoder(decoder), overlap, groups)
+        return PreparedCall(run, classes, texts, thresholds)
 
-        def predict(emb, pooled) -> torch.Tensor:  # [T,H,W], then [K,H,W] variances with `groups`
-            if tile_size:
-                return self._predict_tiled(pixels, (emb, pooled), tile_size, run, timings)
-            return self._predict(pixels, (emb, pooled), run, timings)[0]
-
-        probs = predict(emb, pooled)
-        # 8. fp16 can overflow (SD VAEs are known to: NaN or black masks): run again with the part in fp32.
+    def predict_finite(self, predict, prepared: PreparedCall) -> torch.Tensor:
+        """`predict(text)` with the prompts' embeddings (step 2: text encoder, cached per text); fp16 can overflow
+        (SD VAEs are known to: NaN or black masks): then again with the part in fp32 (step 8)."""
+        probs = predict(self.encode_prompts(prepared.texts))  # [T,H,W] (+ [K,H,W] variances with groups)
         while not bool(torch.isfinite(probs).all()):
             self._upcast_after_overflow()
-            probs = predict(*self.encode_prompts(texts))
-        # 9. Average synonyms' scores into one map per class (the members' variances come per class already).
-        probs, variance = (probs[: len(texts)], probs[len(texts) :]) if groups else (probs, None)
+            probs = predict(self.encode_prompts(prepared.texts))
+        return probs
+
+    def finish(self, probs: torch.Tensor, prepared: PreparedCall, timings: dict, t_start: float) -> SegmentationOutput:
+        """Steps 9–10: `[T,H,W]` per text → synonyms' scores averaged into one map per class (the members'
+        variances, when asked for, come per class already), thresholded."""
+        sizes = [len(s) for s in prepared.classes]
+        texts = len(prepared.texts)
+        probs, variance = (probs[:texts], probs[texts:]) if prepared.run.groups else (probs, None)
         probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
-        # 10. Threshold: semantic label map and per-prompt masks.
-        labels, masks = probs_to_labels(probs, thresholds)
+        labels, masks = probs_to_labels(probs, prepared.thresholds)
         timings["total"] = time.perf_counter() - t_start
         deviation = None if variance is None else variance.clamp_min(0).sqrt().cpu()  # [K,H,W]
-        names = [c[0] for c in classes]
-        return SegmentationOutput(probs.cpu(), labels.cpu(), masks.cpu(), thresholds, names, timings, deviation)
+        names = [c[0] for c in prepared.classes]
+        maps = (probs.cpu(), labels.cpu(), masks.cpu())
+        return SegmentationOutput(*maps, prepared.thresholds, names, timings, spread=deviation)
 
     def _upcast_after_overflow(self) -> None:
         """After non-finite probabilities: the VAE to fp32 first (the usual culprit), then the whole model.
@@ -229,7 +230,7 @@ class DigsegPipeline:
             )
         return decoder
 
-    def _check_inputs(self, image, prompts, steps, ensemble, resolution) -> torch.Tensor:
+    def _check_settings(self, prompts, steps, ensemble, resolution) -> None:
         if not prompts or any(not (p if isinstance(p, str) else all(p)) for p in prompts):
             raise UsageError("`prompts` must be a non-empty list of non-empty class names")
         if self.config.objective == "one-step" and steps != 1:
@@ -247,6 +248,8 @@ class DigsegPipeline:
             raise UsageError(
                 f"`resolution` must be 0 (native) or at least {self.model.size_multiple}, got {resolution}"
             )
+
+    def _check_image(self, image) -> torch.Tensor:
         array = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)
         if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
             raise UsageError(f"`image` must be a PIL image or an HxWx3 uint8 array, got {array.dtype} {array.shape}")
@@ -257,7 +260,7 @@ class DigsegPipeline:
         # Tile at native scale when the image is much larger than the processing resolution.
         return transforms.tile_size_for(tile, resolution, height, width)
 
-    def _predict(self, pixels, text, run: _CallSettings, timings) -> torch.Tensor:
+    def _predict(self, pixels, text, run: CallSettings, timings) -> torch.Tensor:
         """Images `[n,3,H,W]` (one image, or n equal-size tiles) and `text` = (emb `[T,L,D]`, pooled `[T,D]`)
         → probabilities `[n,T,H,W]` at the input size, averaged over the ensemble; with `run.groups` (texts
         per class) followed by each class's variance across the members, `[n,T+K,H,W]` in all."""
@@ -287,7 +290,7 @@ class DigsegPipeline:
         total /= run.ensemble
         return total if m2 is None else torch.cat([total, m2 / run.ensemble], 1)
 
-    def _predict_padded(self, x, text, run: _CallSettings, generator, timings) -> torch.Tensor:
+    def _predict_padded(self, x, text, run: CallSettings, generator, timings) -> torch.Tensor:
         """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
         `batch_size` (image, prompt) pairs per call."""
         f = self.model.vae_scale_factor
@@ -331,26 +334,6 @@ class DigsegPipeline:
         pairs and in the device's `PAIR_PIXELS_PER_CALL`."""
         budget = PAIR_PIXELS_PER_CALL.get(self.device.type, PAIR_PIXELS_PER_CALL["cpu"])
         return max(1, min(self.batch_size // texts, budget // (texts * tile_h * tile_w)))
-
-    def _predict_tiled(self, pixels, text, tile: int, run: _CallSettings, timings) -> torch.Tensor:
-        """Slide `tile`-sized windows at native scale, several per call; blend with a feathered window."""
-        height, width = pixels.shape[-2:]
-        texts = text[0].shape[0]
-        acc = torch.zeros((texts + len(run.groups or ()), height, width), device=self.device)  # maps, variances
-        weight = torch.zeros((height, width), device=self.device)
-        windows = transforms.tile_windows(height, width, tile, run.overlap)  # all the same size
-        _, _, h, w = windows[0]
-        win = transforms.feather_weights(h, w, int(tile * run.overlap / 2), self.device)  # [h,w]
-        group = self._tiles_per_call(h, w, texts)
-        native = dataclasses.replace(run, resolution=0)  # tiles run at native scale
-        for lo in range(0, len(windows), group):
-            chunk = windows[lo : lo + group]
-            crops = torch.cat([pixels[..., top : top + h, left : left + w] for top, left, _, _ in chunk])  # [g,3,h,w]
-            probs = self._predict(crops, text, native, timings)  # [g,T,h,w]
-            for (top, left, _, _), tile_probs in zip(chunk, probs, strict=True):
-                acc[:, top : top + h, left : left + w] += tile_probs * win
-                weight[top : top + h, left : left + w] += win
-        return acc / weight
 
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:

@@ -34,7 +34,21 @@ OVERLAY_SUFFIX = ".overlay.jpg"
 PROB_SUFFIXES = {"png16": ".prob.png", "npy": ".prob.npy"}
 # `--save-confidence`: the winning class's probability, its margin over the runner-up, the ensemble's spread.
 CONFIDENCE_SUFFIXES = {"confidence": ".confidence.png", "margin": ".margin.png", "spread": ".spread.png"}
-OUTPUT_SUFFIXES = (MASK_SUFFIX, OVERLAY_SUFFIX, *PROB_SUFFIXES.values(), *CONFIDENCE_SUFFIXES.values())
+# A GeoTIFF input's outputs are GeoTIFFs: the label map, binary masks (<stem>.<class>.tif), probabilities and
+# confidence maps.
+MASK_TIF_SUFFIX, PROB_TIF_SUFFIX = ".mask.tif", ".prob.tif"
+CONFIDENCE_TIF_SUFFIXES = {name: suffix.replace(".png", ".tif") for name, suffix in CONFIDENCE_SUFFIXES.items()}
+VECTOR_SUFFIXES = {"geojson": ".regions.geojson", "gpkg": ".regions.gpkg"}  # --vector: one file per input
+OUTPUT_SUFFIXES = (
+    MASK_SUFFIX,
+    OVERLAY_SUFFIX,
+    *PROB_SUFFIXES.values(),
+    *CONFIDENCE_SUFFIXES.values(),
+    MASK_TIF_SUFFIX,
+    PROB_TIF_SUFFIX,
+    *CONFIDENCE_TIF_SUFFIXES.values(),
+    *VECTOR_SUFFIXES.values(),
+)
 # Class names that would collide with <rel>.mask.png / .overlay.jpg / .prob.* / .confidence.png / ...
 _RESERVED_NAMES = {"mask", "overlay", "prob", *CONFIDENCE_SUFFIXES}
 MAX_FILE_NAME_BYTES = 255  # one path component (ext4, APFS, most others)

@@ -4,10 +4,11 @@ One job: find the images a run reads (regular files only: a named pipe met in a 
 warning, one named explicitly is refused; digseg's own outputs in the output folder are never inputs), give
 each a relative path that mirrors the input tree and an output stem no other input shares, the
 order-independent noise seed of each file, an image's size from its header alone (for `--dry-run` and
-`--max-pixels`), and one input decoded under `--max-pixels` (`read_input`).
+`--max-pixels`), and each input read on a worker thread (`read_input`: a picture decoded, a GeoTIFF opened).
 
 It knows nothing of prompts, models or what outputs are written (`outputs.py`; the suffixes it leaves out are
-`inference.prompts.OUTPUT_SUFFIXES`), nor of Typer or Rich; decoding pixels is `images.py`'s job.
+`inference.prompts.OUTPUT_SUFFIXES`), nor of Typer or Rich; decoding pixels is `images.py`'s job, reading
+GeoTIFFs `rasters.py`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +31,10 @@ from digseg_cli.files import not_regular_reason, require_regular_file
 from digseg_cli.inference import images
 from digseg_cli.inference.prompts import OUTPUT_SUFFIXES
 from digseg_cli.inference.seeds import image_seed  # noqa: F401 - re-exported: the seed policy lives in inference
+from digseg_cli.segment import rasters
+
+if TYPE_CHECKING:
+    from digseg_cli.segment.settings import SegmentSettings
 
 log = logging.getLogger("digseg")
 
@@ -175,6 +181,8 @@ def header_size(path: Path) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
     images.require_image_file(path)  # a named pipe would block Image.open forever
+    if rasters.reads_as_raster(path):
+        return rasters.raster_size(path)
     try:
         with Image.open(path) as im:
             (w, h), orientation = im.size, im.getexif().get(0x0112, 1)
@@ -187,10 +195,12 @@ def header_size(path: Path) -> tuple[int, int]:
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
-def read_input(path: Path, max_pixels: int) -> tuple[np.ndarray, float]:
-    """Decode one input (`[H,W,3]` uint8, EXIF orientation applied) and the seconds it took, refusing it before
-    decoding when its header says it is over `max_pixels` (0 = no limit)."""
+def read_input(path: Path, settings: SegmentSettings) -> tuple[np.ndarray | rasters.RasterInfo, float]:
+    """One input (worker thread) and the seconds it took: a picture decoded to `[H,W,3]` uint8 (refused before
+    decoding when it is over `--max-pixels`), or a GeoTIFF opened (`rasters.open_raster`; its pixels are read block
+    by block, so only one read whole, with `--tile off`, is held to `--max-pixels`)."""
     t0 = time.perf_counter()
+    max_pixels = settings.max_pixels
 
     def check(w: int, h: int) -> None:
         if max_pixels and w * h > max_pixels:
@@ -200,6 +210,11 @@ def read_input(path: Path, max_pixels: int) -> tuple[np.ndarray, float]:
                 " MP: downscale it or raise --max-pixels (0 = no limit)",
             )
 
+    if rasters.reads_as_raster(path):
+        info = rasters.open_raster(path, settings.bands)
+        if settings.tile == "off":
+            check(info.width, info.height)
+        return info, time.perf_counter() - t0
     try:
         size = header_size(path)  # refuse before decoding
     except Exception:  # noqa: BLE001 - read_image below names the problem precisely
@@ -209,3 +224,15 @@ def read_input(path: Path, max_pixels: int) -> tuple[np.ndarray, float]:
     array = images.read_image(path)  # [H,W,3] uint8, EXIF orientation applied
     check(array.shape[1], array.shape[0])
     return array, time.perf_counter() - t0
+
+
+def note_geotiffs_as_pictures(files: Sequence[InputFile]) -> None:
+    """The one line a run logs when GeoTIFF inputs are read as pictures (no `geo` extra): georeferencing dropped."""
+    if rasters.geo_available() or not (found := sum(1 for f in files if rasters.is_geotiff(f.path))):
+        return
+    log.warning(
+        "%d GeoTIFF input(s) segmented as pictures: their georeferencing (CRS, transform, nodata) is dropped and "
+        "their outputs are PNGs; to keep it, %s",
+        found,
+        rasters.GEO_EXTRA,
+    )

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import UsageError
 from digseg_cli.files import atomic_write_json, not_regular_reason
-from digseg_cli.inference.prompts import MASK_SUFFIX, OVERLAY_SUFFIX, PROB_SUFFIXES, file_names
+from digseg_cli.inference.prompts import (
+    MASK_SUFFIX,
+    MASK_TIF_SUFFIX,
+    OVERLAY_SUFFIX,
+    PROB_SUFFIXES,
+    PROB_TIF_SUFFIX,
+    VECTOR_SUFFIXES,
+    file_names,
+)
 from digseg_cli.segment.rle import PREDICTIONS_NAME
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
 
@@ -33,8 +41,8 @@ if TYPE_CHECKING:
 MANIFEST_SCHEMA = "digseg.run/1"
 MANIFEST_NAME = "run.json"
 PROBABILITY_SCALE = (
-    "linear 0-65535: probability = value / 65535 (16-bit PNG: probabilities, confidence, margin, spread); "
-    "float32 in [0, 1] (npy)"
+    "linear 0-65535: probability = value / 65535 (16-bit PNG: probabilities, confidence, margin, spread; uint16 "
+    "GeoTIFF for GeoTIFF inputs); float32 in [0, 1] (npy; float32 GeoTIFF for GeoTIFF inputs)"
 )
 # The settings that change what an output file holds; the others (--workers, --skip-existing, ...) do not.
 CONTENT_SETTINGS = (
@@ -50,6 +58,10 @@ CONTENT_SETTINGS = (
     "save_confidence",
     "rle",
     "jpeg_quality",
+    "bands",
+    "vector",
+    "min_area",
+    "simplify",
 )
 _NOT_MEANING = ("batch_size", "seed_rule")  # resolved values that do not change what a label means
 
@@ -152,6 +164,11 @@ def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipel
             "spread": "<rel>.spread.png: the winner's standard deviation across the ensemble members (ensemble > 1)",
             "rle": f"{PREDICTIONS_NAME}: detectron2 SemSegEvaluator records of every label map, COCO RLE; "
             "category_id = label value (0 background, k class k), file_name = <rel> (--rle)",
+            "geotiff": f"GeoTIFF inputs: <rel>{MASK_TIF_SUFFIX}, <rel>.<class>.tif, <rel>.<class>{PROB_TIF_SUFFIX}, "
+            "<rel>.confidence|margin|spread.tif: the same as GeoTIFFs with the input's CRS and transform; no-data "
+            "pixels 0 and masked",
+            "vector": f"<rel>{'|'.join(VECTOR_SUFFIXES.values())}: one polygon per connected region per class "
+            "(--vector)",
         },
     }
 

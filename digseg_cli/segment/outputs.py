@@ -31,19 +31,25 @@ from digseg_cli.inference import images
 from digseg_cli.inference.overlay import make_overlay
 from digseg_cli.inference.prompts import (
     CONFIDENCE_SUFFIXES,
+    CONFIDENCE_TIF_SUFFIXES,
     MASK_SUFFIX,
+    MASK_TIF_SUFFIX,
     MAX_FILE_NAME_BYTES,
     OVERLAY_SUFFIX,
     PROB_SUFFIXES,
+    PROB_TIF_SUFFIX,
+    VECTOR_SUFFIXES,
     PromptClass,
     file_names,
     fit_name,
 )
+from digseg_cli.segment import rasters
 from digseg_cli.segment.inputs import InputFile
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
+from digseg_cli.segment.vectors import Georeference, RegionCollector, write_vectors
 
 if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import SegmentationOutput
+    from digseg_cli.inference.calls import SegmentationOutput
 
 SCHEMA = "digseg.segment/1"
 log = logging.getLogger("digseg")
@@ -54,8 +60,10 @@ log = logging.getLogger("digseg")
 class ImageResult:
     """The record of one input: JSON schema `digseg.segment/1`, `"type": "image"`.
 
-    `classes[k]`: `fraction` of the image's pixels given to class k (its label in semantic mode, its own
+    `classes[k]`: `fraction` of the image's valid pixels given to class k (its label in semantic mode, its own
     mask in multilabel mode) and `mean_confidence`, the mean probability over those pixels (None if none).
+    `raster`: for a GeoTIFF input, its CRS, transform, bands and their stretch, nodata, `valid_fraction`, and
+    how it was cut (`blocks`, tile `windows`, `windows_run`); None for pictures.
     """
 
     input: str
@@ -69,9 +77,10 @@ class ImageResult:
     classes: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    raster: dict[str, Any] | None = None
 
     def fail(self, reason: str) -> ImageResult:
-        self.status, self.reason, self.outputs, self.classes = "failed", reason, {}, []
+        self.status, self.reason, self.outputs, self.classes, self.raster = "failed", reason, {}, [], None
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -137,9 +146,11 @@ def output_paths(
     out_dir: Path, item: InputFile, classes: Sequence[PromptClass], settings: SegmentSettings, *, members: int = 1
 ) -> dict[str, Any]:
     """`{"mask": path, "overlay": path, "binary": {class: path}, "probs": {class: path}, "confidence": path,
-    "margin": path, "spread": path}` for one input, as the settings ask (`spread` only with `members` > 1, the
-    ensemble's size). A stem too long for a file name with its suffix is shortened by `prompts.fit_name`
-    (class names already are).
+    "margin": path, "spread": path, "vector": path}` for one input, as the settings ask (`spread` only with
+    `members` > 1, the ensemble's size); a GeoTIFF read as a raster (`rasters.reads_as_raster`) writes GeoTIFFs
+    (`.mask.tif`, `.<class>.tif`, `.<class>.prob.tif`, `.confidence.tif`, ...) where a picture writes PNGs.
+
+    A stem too long for a file name with its suffix is shortened by `prompts.fit_name` (class names already are).
     """
     base = Path(out_dir) / item.key
 
@@ -147,17 +158,22 @@ def output_paths(
         return base.parent / (fit_name(base.name, MAX_FILE_NAME_BYTES - len(suffix.encode("utf-8"))) + suffix)
 
     names = file_names(classes)
-    paths: dict[str, Any] = {"mask": at(MASK_SUFFIX)}
+    raster = rasters.reads_as_raster(item.path)
+    paths: dict[str, Any] = {"mask": at(MASK_TIF_SUFFIX if raster else MASK_SUFFIX)}
     if settings.overlay:
         paths["overlay"] = at(OVERLAY_SUFFIX)
     if settings.save_binary or settings.mode == "multilabel":
-        paths["binary"] = {c.name: at(f".{n}.png") for c, n in zip(classes, names, strict=True)}
+        ext = ".tif" if raster else ".png"
+        paths["binary"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names, strict=True)}
     if settings.save_probs:
-        ext = PROB_SUFFIXES[settings.probs_format]
+        ext = PROB_TIF_SUFFIX if raster else PROB_SUFFIXES[settings.probs_format]
         paths["probs"] = {c.name: at(f".{n}{ext}") for c, n in zip(classes, names, strict=True)}
     if settings.save_confidence:
         maps = [m for m in CONFIDENCE_SUFFIXES if m != "spread" or members > 1]
-        paths.update({m: at(CONFIDENCE_SUFFIXES[m]) for m in maps})
+        suffixes = CONFIDENCE_TIF_SUFFIXES if raster else CONFIDENCE_SUFFIXES
+        paths.update({m: at(suffixes[m]) for m in maps})
+    if settings.vector:
+        paths["vector"] = at(VECTOR_SUFFIXES[settings.vector])
     return paths
 
 
@@ -224,7 +240,7 @@ def _complete(path: Path) -> bool:
             images.read_mask(path)
         except images.ImageReadError:
             return False
-    return True
+    return rasters.raster_complete(path) if path.name.endswith(MASK_TIF_SUFFIX) else True
 
 
 def existing_verdict(paths: Mapping[str, Any], settings: SegmentSettings) -> tuple[str, str] | None:
@@ -238,6 +254,33 @@ def existing_verdict(paths: Mapping[str, Any], settings: SegmentSettings) -> tup
         return ("skipped", "outputs exist (--skip-existing)") if done else None
     more = f" +{len(existing) - 1}" if len(existing) > 1 else ""
     return "failed", f"outputs exist ({existing[0]}{more}): pass --overwrite or --skip-existing"
+
+
+class ClassTally:
+    """Per class, its pixels and the sum of its probability over them, and the valid pixels, block by block."""
+
+    def __init__(self, classes: int) -> None:
+        self.area, self.prob_sum, self.valid = np.zeros(classes, np.int64), np.zeros(classes), 0
+
+    def add(self, regions: np.ndarray, probs: np.ndarray, valid: np.ndarray | None = None) -> None:
+        """Regions `[K,h,w]` bool and probabilities `[K,h,w]` of an image or a block; `valid` `[h,w]` (None: all)."""
+        self.valid += regions[0].size if valid is None else int(valid.sum())
+        for k in range(len(regions)):
+            self.area[k] += int(regions[k].sum())
+            self.prob_sum[k] += float(probs[k][regions[k]].sum(dtype=np.float64))
+
+    def records(self, resolved: ResolvedRun, thresholds: Sequence[float]) -> list[dict[str, Any]]:
+        """`ImageResult.classes`: per class, its label, threshold, share of the valid pixels and mean confidence."""
+        return [
+            {
+                "name": c.name,
+                "label": k + 1,
+                "threshold": thresholds[k],
+                "fraction": int(self.area[k]) / self.valid if self.valid else 0.0,
+                "mean_confidence": float(self.prob_sum[k] / self.area[k]) if self.area[k] else None,
+            }
+            for k, c in enumerate(resolved.classes)
+        ]
 
 
 @dataclass(frozen=True)
@@ -275,25 +318,26 @@ class Segmented:
             maps["spread"] = np.take_along_axis(self.spread, winner, 0)[0]
         return maps
 
+    def masked(self, valid: np.ndarray | None) -> Segmented:
+        """No-data pixels (`valid` False) as label 0, in no class's region, with probability (and spread) 0."""
+        if valid is not None:
+            self.labels[~valid], self.regions[:, ~valid], self.probs[:, ~valid] = 0, False, 0.0
+            if self.spread is not None:
+                self.spread[:, ~valid] = 0.0
+        return self
+
     def class_records(self, resolved: ResolvedRun, thresholds: Sequence[float]) -> list[dict[str, Any]]:
-        """`ImageResult.classes`: per class, its label, threshold, share of the pixels and mean confidence there."""
-        records = []
-        for k, c in enumerate(resolved.classes):
-            area = int(self.regions[k].sum())
-            records.append(
-                {
-                    "name": c.name,
-                    "label": k + 1,
-                    "threshold": thresholds[k],
-                    "fraction": area / self.regions[k].size,
-                    "mean_confidence": float(self.probs[k][self.regions[k]].mean()) if area else None,
-                }
-            )
-        return records
+        """`ImageResult.classes` (`ClassTally.records`) of the whole image."""
+        tally = ClassTally(len(resolved.classes))
+        tally.add(self.regions, self.probs)
+        return tally.records(resolved, thresholds)
 
 
-def write_outputs(paths: Mapping[str, Any], seg: Segmented, resolved: ResolvedRun, settings: SegmentSettings) -> float:
-    """Write one image's outputs (worker thread); each file appears atomically under its final name."""
+def write_outputs(
+    paths: Mapping[str, Any], seg: Segmented, resolved: ResolvedRun, settings: SegmentSettings, source: str = ""
+) -> float:
+    """Write one image's outputs (worker thread); each file appears atomically under its final name. `source`: the
+    input, as the `--vector` file names it."""
     t0 = time.perf_counter()
     images.write_label_png(paths["mask"], seg.labels, resolved.palette)
     if "overlay" in paths:
@@ -312,4 +356,26 @@ def write_outputs(paths: Mapping[str, Any], seg: Segmented, resolved: ResolvedRu
             if name not in maps:
                 raise ValueError("the pipeline gave no ensemble spread (`spread=True`) for the spread map")
             images.write_png16(paths[name], maps[name])
+    if "vector" in paths:
+        collector = RegionCollector(*seg.labels.shape, min_pixels=settings.min_area or 0.0)
+        collector.add((0, 0, *seg.labels.shape), seg.regions, seg.probs)
+        write_regions(paths["vector"], collector, resolved, settings, source=source)
     return time.perf_counter() - t0
+
+
+def write_regions(
+    path: Path, collector: RegionCollector, resolved: ResolvedRun, settings: SegmentSettings, **kw
+) -> None:
+    """The `--vector` file of one input from its collected regions: `source` (the input) and `geo` (a
+    `vectors.Georeference`; pixel coordinates when absent) as `kw`."""
+    write_vectors(
+        path,
+        collector.regions(),
+        resolved.classes,
+        geo=kw.get("geo") or Georeference(),
+        fmt=settings.vector,
+        simplify=settings.simplify,
+        min_area=settings.min_area,
+        shared_borders=settings.mode == "semantic",
+        source=kw["source"],
+    )

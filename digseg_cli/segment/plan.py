@@ -17,6 +17,7 @@ from typing import Any
 
 from digseg_cli.inference import images
 from digseg_cli.inference.prompts import PromptClass
+from digseg_cli.segment import rasters
 from digseg_cli.segment.inputs import InputFile, header_size
 from digseg_cli.segment.loading import peek_config
 from digseg_cli.segment.outputs import check_outputs, existing_verdict, output_paths
@@ -48,7 +49,8 @@ def plan_segment(
         try:
             w, h = header_size(item.path)
             row.update(width=w, height=h, tiles=count_tiles(h, w, settings.tile, resolution, settings.overlap))
-            too_big = settings.max_pixels and w * h > settings.max_pixels
+            whole = settings.tile == "off" or not rasters.reads_as_raster(item.path)  # rasters: block by block
+            too_big = whole and settings.max_pixels and w * h > settings.max_pixels
             verdict = ("failed", "over --max-pixels") if too_big else existing_verdict(paths, settings)
         except images.ImageReadError as exc:
             verdict = ("failed", exc.reason)

@@ -25,6 +25,8 @@ import numpy as np
 from digseg_cli.errors import UsageError
 from digseg_cli.files import not_regular_reason
 from digseg_cli.inference import coco_rle, images
+from digseg_cli.inference.prompts import MASK_TIF_SUFFIX
+from digseg_cli.segment.rasters import read_labels
 
 PREDICTIONS_NAME = "sem_seg_predictions.json"
 
@@ -47,9 +49,11 @@ class RleFile:
             self.changed = True
 
     def keep_skipped(self, file_name: str, mask: Path) -> None:
-        """A skipped image keeps its earlier records; without any, they are encoded from its label PNG."""
+        """A skipped image keeps its earlier records; without any, they are encoded from its label PNG (or the
+        label GeoTIFF of a raster)."""
         if file_name not in self.by_name:
-            self.put(file_name, images.read_mask(mask))
+            labels = read_labels(mask) if mask.name.endswith(MASK_TIF_SUFFIX) else images.read_mask(mask)
+            self.put(file_name, labels)
 
     def write(self, order: Sequence[str]) -> bool:
         """Write the file when this run changed it: the earlier file's images first, in its order, then this

@@ -29,7 +29,8 @@ from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
 from digseg_cli.segment.backoff import infer
-from digseg_cli.segment.inputs import InputFile, expand_inputs, image_seed, read_input
+from digseg_cli.segment.georun import raster_job
+from digseg_cli.segment.inputs import InputFile, expand_inputs, image_seed, note_geotiffs_as_pictures, read_input
 from digseg_cli.segment.manifest import (
     MANIFEST_NAME,
     RunOrigin,
@@ -50,6 +51,7 @@ from digseg_cli.segment.outputs import (
     remove_stale_below,
     write_outputs,
 )
+from digseg_cli.segment.rasters import RasterInfo
 from digseg_cli.segment.rle import RleFile
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
 
@@ -101,6 +103,7 @@ def run_segment(
     files = _input_files(inputs, out_dir, settings)
     files = check_outputs(files, out_dir, resolved.classes, settings, members=resolved.members)
     prepare_out_dir(out_dir)
+    note_geotiffs_as_pictures(files)  # without the geo extra: one line saying how to keep their georeferencing
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
     previous = read_previous(out_dir)
     earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
@@ -234,7 +237,7 @@ class _FolderRun:
         if i < len(self.files) and i not in self.jobs:
             paths = _paths(self.out_dir, self.files[i], self.resolved, self.settings)
             verdict = existing_verdict(paths, self.settings)
-            job = None if verdict else self.pool.submit(read_input, self.files[i].path, self.settings.max_pixels)
+            job = None if verdict else self.pool.submit(read_input, self.files[i].path, self.settings)
             self.jobs[i] = paths, job, verdict
 
     def segment_or_skip(self, i: int, item: InputFile) -> tuple[ImageResult, Future | None]:
@@ -255,10 +258,21 @@ class _FolderRun:
         if (read := self._image(job, result)) is None:
             return None
         image, read_s = read
-        result.height, result.width = image.shape[:2]
         result.seed = image_seed(self.settings.seed, item.rel)
+        result.outputs = {
+            key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
+        }
+        if self.rle is not None:
+            result.outputs["rle"] = str(self.rle.path)
         t0 = time.perf_counter()
         try:
+            if isinstance(image, RasterInfo):  # segmented and written block by block, here
+                result.timings["read"], run = read_s, (self.resolved, self.settings)
+                job = raster_job(self.pipe, image, paths, result, run=run, stop=self.stop_asked, rle=self.rle)
+                self.summary.timings["read_s"] += result.timings["read"] - read_s
+                self.summary.timings["model_s"] += result.timings.get("model", 0.0)
+                return job
+            result.height, result.width = image.shape[:2]
             out = infer(
                 self.pipe,
                 image,
@@ -268,35 +282,37 @@ class _FolderRun:
                 rel=str(item.rel),
                 notes=result.warnings,
             )
+        except images.ImageReadError as exc:  # a raster's window that cannot be read
+            result.fail(exc.reason)
+            return None
         except DigsegError:
             raise  # a usage error holds for every image; out-of-memory after back-off ends the run
         except Exception as exc:  # noqa: BLE001 - one image must not end a 10k-image run
             log.debug("segmentation of %s failed", item.rel, exc_info=True)
             result.fail(f"segmentation failed: {type(exc).__name__}: {exc}")
             return None
-        self.summary.backoffs.extend(result.warnings)
+        finally:
+            self.summary.backoffs.extend(result.warnings)
         model_s = time.perf_counter() - t0
         self.summary.timings["model_s"] += model_s
         seg = Segmented.from_output(image, out, self.settings.mode)
         result.classes = seg.class_records(self.resolved, out.thresholds)
-        result.outputs = {
-            key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
-        }
-        if self.rle is not None:
-            result.outputs["rle"] = str(self.rle.path)
         result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
-        return self.pool.submit(self._write, paths, seg, str(item.rel))
+        return self.pool.submit(self._write, paths, seg, item)
 
-    def _write(self, paths: dict, seg: Segmented, file_name: str) -> float:
+    def _write(self, paths: dict, seg: Segmented, item: InputFile) -> float:
         """Write one image's files, then take its RLE records (worker thread); the seconds it took."""
         t0 = time.perf_counter()
-        write_outputs(paths, seg, self.resolved, self.settings)
+        write_outputs(paths, seg, self.resolved, self.settings, str(item.path))
         if self.rle is not None:
-            self.rle.put(file_name, seg.labels)
+            self.rle.put(str(item.rel), seg.labels)
         return time.perf_counter() - t0
 
-    def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray, float] | None:
-        """The decoded image `[H,W,3]` uint8 and its read time, or None with `result` failed."""
+    def stop_asked(self) -> bool:
+        return bool(self.signals.requested)
+
+    def _image(self, job: Future, result: ImageResult) -> tuple[np.ndarray | RasterInfo, float] | None:
+        """The decoded image `[H,W,3]` uint8 (or an opened GeoTIFF) and its read time, or None with `result` failed."""
         try:
             image, read_s = job.result()
         except images.ImageReadError as exc:

@@ -77,6 +77,11 @@ class SegmentSettings:
     batch_size: int | None = None  # (tile, prompt) pairs per U-Net call; None = the pipeline's
     workers: int = 2  # I/O threads: reading ahead and writing behind
     jpeg_quality: int = 90
+    bands: tuple[int, ...] | None = None  # a GeoTIFF's bands shown as R,G,B (or one as grey), 1-based; None: 1,2,3
+    vector: str | None = None  # geojson | gpkg: one polygon per connected region per class (`segment.vectors`)
+    min_area: float | None = None  # smaller regions are left out (CRS units² for GeoTIFFs, else pixels)
+    simplify: float | None = None  # coverage simplification tolerance (CRS units for GeoTIFFs, else pixels)
+    raster_block: int | None = None  # side of a GeoTIFF's blocks in pixels; None: 8 tiles (results do not change)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -102,6 +107,26 @@ class SegmentSettings:
         if self.rle:
             require_pycocotools("`--rle`")
         parse_tile(self.tile)
+        self._check_geo()
+
+    def _check_geo(self) -> None:
+        from digseg_cli.segment.rasters import require_geo
+        from digseg_cli.segment.vectors import VECTOR_FORMATS
+
+        if self.vector is not None and self.vector not in VECTOR_FORMATS:
+            raise UsageError(f"`vector` must be one of {', '.join(VECTOR_FORMATS)}, got {self.vector!r}")
+        for name in ("min_area", "simplify"):
+            if (value := getattr(self, name)) is not None and (value < 0 or self.vector is None):
+                flag = f"--{name.replace('_', '-')}"
+                raise UsageError(f"`{flag}` must be ≥ 0, got {value}" if value < 0 else f"`{flag}` needs --vector")
+        if self.bands is not None and (len(self.bands) not in (1, 3) or min(self.bands) < 1):
+            raise UsageError(f"`bands` must be three band numbers (from 1) or one, got {self.bands}")
+        if self.raster_block is not None and self.raster_block < 16:
+            raise UsageError(f"`raster_block` must be at least 16 pixels, got {self.raster_block}")
+        if self.vector is not None:
+            require_geo("--vector", ("rasterio", "shapely", "pyogrio"))
+        if self.bands is not None:
+            require_geo("--bands (GeoTIFF inputs)")
 
     def classes_for(self, config: DigsegConfig) -> list[PromptClass]:
         """The classes asked for, else the checkpoint's own (possibly none), thresholds not yet resolved."""
