@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from digseg_cli.segment.loading import LoadedPipeline
     from digseg_cli.segment.outputs import ImageResult, RunSummary
     from digseg_cli.segment.settings import SegmentSettings
+    from digseg_cli.segment.shard import Shard
 
 
 EPILOG = (
@@ -248,22 +249,25 @@ def segment(
         from digseg_cli.segment.loading import open_pipeline
         from digseg_cli.segment.outputs import prepare_out_dir
         from digseg_cli.segment.settings import prompt_warnings
+        from digseg_cli.segment.shard import join_shard
 
         prepare_out_dir(out)
-
+        shard = join_shard(device)  # under `accelerate launch`/`torchrun`: this process's share of the inputs
         loaded = open_pipeline(
             weights,
-            device=device,
+            device=device if shard is None else shard.device_for(device),
             precision=precision,
             cache_dir=cache_dir,
             offline=offline,
             deterministic=deterministic,
         )
-        view.show_banner(loaded, len(files), out, weights)
-        view.warn(prompt_warnings(loaded.pipe, settings))
+        if shard is None or shard.main:
+            view.show_banner(loaded, len(files), out, weights)
+            view.warn(prompt_warnings(loaded.pipe, settings))
         # 3. Run, streaming records; the mask to stdout for `-o -`.
         arguments.update(out="-" if to_stdout else str(out))
-        summary = _run(files, out, loaded, settings, weights=weights, arguments=arguments, as_json=as_json)
+        run = {"weights": weights, "arguments": arguments, "as_json": as_json, "shard": shard}
+        summary = _run(files, out, loaded, settings, **run)
         if to_stdout and summary.processed == 1:
             from digseg_cli.inference.prompts import MASK_SUFFIX, MASK_TIF_SUFFIX
 
@@ -342,6 +346,7 @@ def _run(
     weights: str,
     arguments: dict[str, Any],
     as_json: bool,
+    shard: Shard | None = None,
 ) -> RunSummary:
     """`run_segment` with a progress bar, a line per failure or warning, the records on stdout (`--json`) and
     the summary; also when the run ends early (interrupted, out of memory), before its error is raised."""
@@ -358,7 +363,7 @@ def _run(
 
     summary = None
     try:
-        with view.Reporter(len(files), enabled=True) as reporter:
+        with view.Reporter(len(files), enabled=shard is None or shard.main) as reporter:
             summary = run_segment(
                 files,
                 out,
@@ -369,15 +374,18 @@ def _run(
                 weights=weights,
                 weights_folder=loaded.weights_folder,
                 arguments=arguments,
+                shard=shard,
             )
     except DigsegError as exc:  # interrupted / out of memory: show what was done, then exit
         summary = getattr(exc, "summary", None)
         raise
     finally:
-        if summary is not None:
+        if summary is not None and summary.reports:  # many processes: the first shows the merged run
             if as_json:
                 view.echo_json(summary.to_json())
             view.print_summary(summary)
+        if summary is not None and shard is not None:  # every rank got this far: they leave together
+            shard.leave()
     return summary
 
 

@@ -103,6 +103,10 @@ def print_summary(summary: RunSummary) -> None:
         ("manifest", str(summary.manifest) + ("" if summary.manifest_written else " (unchanged: no image written)")),
     ):
         table.add_row(key, value)
+    if summary.ranks is not None:
+        table.add_row("processes", str(len(summary.ranks)))
+    for line in summary.rank_errors:  # many processes: a rank that failed, by name
+        table.add_row("failed rank", line)
     err_console.print(table)
 
 

@@ -15,7 +15,6 @@ It renders nothing and maps no exit codes (``digseg_cli.cli.eval`` does both); e
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,7 +110,7 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
     ``progress(done, total, stem)`` is called after each image this process scores; ``note(text)`` gets the
     main process's notes for the user (e.g. that bf16 moves probabilities)."""
     from digseg_cli.data.benchmarks import catalog as D
-    from digseg_cli.inference.device import leave_process_group
+    from digseg_cli.inference.device import join_processes, leave_process_group
 
     s = settings
     # 1. Options, dataset, and what was asked besides scoring.
@@ -267,14 +266,3 @@ def default_out_dir(dataset: str, split: str) -> Path:
     """``digseg-out/eval/<dataset>-<split>``, the dataset's name (a folder's last part) made file-name safe."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset).name or dataset).strip("_")
     return Path("digseg-out") / "eval" / f"{slug}-{split}"
-
-
-def join_processes(device: str) -> PartialState | None:
-    """Under ``accelerate launch``/``torchrun`` (WORLD_SIZE > 1): this process's place in the group, which
-    Accelerate joins (NCCL and one GPU per process when CUDA is used, gloo otherwise); None for one process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not (torch.cuda.is_available() and device not in ("cpu", "mps")))

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import DatasetError, UsageError, as_user_error
 from digseg_cli.evaluate.report import json_safe
-from digseg_cli.evaluate.run import EvalSettings, Note, join_processes, score_dataset
+from digseg_cli.evaluate.run import EvalSettings, Note, score_dataset
 from digseg_cli.evaluate.scoring import EvalResult, Progress
 from digseg_cli.files import atomic_write_json, atomic_write_text, require_writable_folder
 
@@ -188,7 +188,7 @@ def run_suite(
     docstring. ``settings`` are one evaluation's, with ``dataset`` empty (each benchmark sets its own), ``out``
     the suite's folder and ``predictions`` the folder of per-benchmark folders. ``note(text)`` gets a line per
     benchmark as it starts ("benchmark k of N: ...") and the run's other notes."""
-    from digseg_cli.inference.device import leave_process_group
+    from digseg_cli.inference.device import join_processes, leave_process_group
 
     benchmarks = get_suite(suite)
     _check_settings(settings, benchmarks)

@@ -3,20 +3,25 @@
 `auto` picks CUDA, then MPS, then CPU; an explicit device that is not there is an error with its own exit
 code, never a silent fallback. Precision `auto` means bf16 on CUDA where supported (else fp16) and fp32
 on CPU and MPS; bf16 asked for on a CPU without bf16 instructions gets a note (it is emulated there, and
-slow). `leave_process_group` ends a multi-process run's group cleanly. This module never mutates
-environment variables and knows nothing of models.
+slow). `join_processes` joins the processes of a multi-process launch and `leave_process_group` ends
+their group cleanly. This module never mutates environment variables and knows nothing of models.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from digseg_cli.errors import DeviceUnavailableError, UsageError
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION_NAMES = {dtype: name for name, dtype in PRECISIONS.items()}  # torch.bfloat16 → "bf16"
@@ -134,6 +139,16 @@ def precision_note(dtype: torch.dtype, device: torch.device) -> str | None:
         "note: bf16 keeps fewer digits than fp16: on class boundaries probabilities can differ from fp32 by up to "
         f"about 0.1 (about 0.1 % of pixels change label); {closer}"
     )
+
+
+def join_processes(device: str) -> PartialState | None:
+    """Under ``accelerate launch``/``torchrun`` (WORLD_SIZE > 1): this process's place in the group, which
+    Accelerate joins (NCCL and one GPU per process when CUDA is used, gloo otherwise); None for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    return PartialState(cpu=not (torch.cuda.is_available() and device not in ("cpu", "mps")))
 
 
 def leave_process_group() -> None:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from digseg_cli.errors import UsageError
+from digseg_cli.errors import DigsegError, InterruptedRunError, OutputUnwritableError, UsageError
 from digseg_cli.files import atomic_write_json, not_regular_reason
 from digseg_cli.inference.prompts import (
     MASK_SUFFIX,
@@ -261,5 +261,48 @@ def write_manifest(summary: RunSummary, head: Mapping[str, Any], earlier: list[d
         "peak_memory": {"bytes": summary.peak_memory_bytes, "kind": summary.peak_memory_kind},
         "earlier_runs": earlier,
     }
+    if summary.ranks is not None:  # many processes (`shard.py`): each rank's share and how it ended
+        manifest["processes"] = {"world_size": len(summary.ranks), "ranks": summary.ranks}
+        manifest["rank_errors"] = summary.rank_errors
     atomic_write_json(summary.manifest, manifest)
     return True
+
+
+def written(write: Callable[[], Any], what: str, error: DigsegError | None) -> DigsegError | None:
+    """Call `write`; when it fails, the run's error (or a new one) says in its one line that `what` was not written."""
+    try:
+        write()
+    except OSError as exc:
+        if error is None:
+            return OutputUnwritableError(f"cannot write {what}: {exc.strerror or exc}")
+        error.args = (f"{error}; {what} could not be written either ({exc.strerror or exc})",)
+    return error
+
+
+def record_run(summary: RunSummary, head: dict, earlier: list[dict], replaces: bool, error: DigsegError | None):
+    """Write the manifest; when even that fails, the run's error (or a new one) says so in its one line."""
+
+    def write() -> None:
+        summary.manifest_written = write_manifest(summary, head, earlier, replaces)
+
+    return written(write, f"the manifest {summary.manifest}", error)
+
+
+def _manifest_note(summary: RunSummary) -> str:
+    if summary.manifest_written:
+        return f"manifest written to {summary.manifest}"
+    return f"{summary.manifest} left as it was (this run wrote no image)"
+
+
+def outcome(summary: RunSummary, error: DigsegError | None) -> RunSummary:
+    """The summary of a run that ended by itself; an interrupted, out-of-memory or output-error run raises,
+    carrying it."""
+    if summary.status == "interrupted":
+        error = InterruptedRunError(
+            f"interrupted after {summary.processed} of {summary.total} images; "
+            f"{_manifest_note(summary)} (resume with --skip-existing)"
+        )
+    if error is not None:
+        error.summary = summary  # type: ignore[attr-defined]
+        raise error
+    return summary

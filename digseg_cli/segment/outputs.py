@@ -106,6 +106,11 @@ class RunSummary:
     backoffs: list[str] = field(default_factory=list)
     # Seconds spent reading, in the model and writing, summed over the images (run.json's `timings`).
     timings: dict[str, float] = field(default_factory=lambda: {"read_s": 0.0, "model_s": 0.0, "write_s": 0.0})
+    # Many processes (`shard.py`): a row per rank, the ranks that failed ("rank 1 (host): <line>"), and whether
+    # this process shows the run (the first does; the others hold the merged summary for their exit code).
+    ranks: list[dict[str, Any]] | None = None
+    rank_errors: list[str] = field(default_factory=list)
+    reports: bool = True
 
     @property
     def images_per_s(self) -> float:
@@ -119,10 +124,12 @@ class RunSummary:
     def exit_code(self) -> int:
         from digseg_cli.errors import EXIT_OK, EXIT_PARTIAL
 
-        return EXIT_PARTIAL if self.failed or self.not_processed else EXIT_OK
+        return EXIT_PARTIAL if self.failed or self.not_processed or self.rank_errors else EXIT_OK
 
     def to_json(self) -> dict[str, Any]:
+        many = {} if self.ranks is None else {"processes": self.ranks, "rank_errors": self.rank_errors}
         return {
+            **many,
             "schema": SCHEMA,
             "type": "summary",
             "status": self.status,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from digseg_cli.errors import DigsegError, InterruptedRunError, OutOfMemoryError, OutputUnwritableError
+from digseg_cli.errors import DigsegError, OutOfMemoryError, OutputUnwritableError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
 from digseg_cli.segment.backoff import infer
@@ -36,9 +36,11 @@ from digseg_cli.segment.manifest import (
     RunOrigin,
     continue_or_refuse,
     describe,
+    outcome,
     peak_memory,
     read_previous,
-    write_manifest,
+    record_run,
+    written,
 )
 from digseg_cli.segment.outputs import (
     ImageResult,
@@ -57,6 +59,7 @@ from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_ru
 
 if TYPE_CHECKING:
     from digseg_cli.inference.pipeline import DigsegPipeline
+    from digseg_cli.segment.shard import Shard
 
 log = logging.getLogger("digseg")
 
@@ -86,6 +89,7 @@ def run_segment(
     weights: str | None = None,
     weights_folder: str | Path | None = None,
     arguments: Mapping[str, Any] | None = None,
+    shard: Shard | None = None,
 ) -> RunSummary:
     """Segment every input with `pipe` and write outputs under `out_dir`, mirroring the input tree.
 
@@ -96,24 +100,28 @@ def run_segment(
     outputs exist (without `overwrite`) fails alone and the run goes on (`fail_fast` stops it). `run.json` is
     written at the end, also after SIGINT/SIGTERM (then `InterruptedRunError`), out-of-memory after back-off
     (`OutOfMemoryError`) and a full disk (`OutputUnwritableError`); each carries `.summary`.
+
+    `shard` (`shard.join_shard`, under `accelerate launch`/`torchrun`): this process segments its share of the
+    inputs; the first process gets every rank's records (`on_result`, in input order, once all have finished)
+    and writes `run.json` for the whole run; every process returns (or raises with) the merged summary.
     """
     out_dir = Path(out_dir)
     started, t_start = datetime.now(timezone.utc), time.perf_counter()
     resolved = resolve_run(pipe, settings)
-    files = _input_files(inputs, out_dir, settings)
-    files = check_outputs(files, out_dir, resolved.classes, settings, members=resolved.members)
-    prepare_out_dir(out_dir)
-    note_geotiffs_as_pictures(files)  # without the geo extra: one line saying how to keep their georeferencing
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
-    previous = read_previous(out_dir)
-    earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
-    rle = RleFile(out_dir, overwrite=settings.overwrite) if settings.rle else None  # the earlier run's records
-    remove_stale_below(out_dir, [_paths(out_dir, f, resolved, settings) for f in files])
+
+    def prepare() -> tuple[list[InputFile], dict | None, list[dict], RleFile | None]:
+        return _prepare(inputs, out_dir, pipe, settings, resolved, origin)
+
+    # Many processes: every rank checks, none starts before all have passed (`Shard.agree`); then its share.
+    files, previous, earlier, rle = prepare() if shard is None else shard.agree(prepare)
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
-    run = _FolderRun(pipe, settings, resolved, files, out_dir, progress=progress, on_result=on_result, rle=rle)
-    sha_job = run.start_sha256(weights_folder)
-    error: DigsegError | None = None
+    records: list[ImageResult] = []  # many processes: this rank's, for the first to hand on in input order
+    mine, report = (files, on_result) if shard is None else (shard.mine(files), records.append)
+    run = _FolderRun(pipe, settings, resolved, mine, out_dir, progress=progress, on_result=report, rle=rle)
+    sha_job = run.start_sha256(weights_folder if shard is None or shard.main else None)
+    error: BaseException | None = None
     with StopSignals() as run.signals:
         try:
             run.segment_all()
@@ -121,58 +129,48 @@ def run_segment(
             run.summary.status = "interrupted"
         except OutOfMemoryError as exc:
             run.summary.status, error = "out-of-memory", exc
+        except Exception as exc:
+            if shard is None:
+                raise
+            run.summary.status, error = "error", exc  # the other ranks hear of it before it is raised
         finally:
             origin = RunOrigin(started, weights, weights_folder, run.finish(sha_job, t_start), arguments)
-            error = error or run.output_error()
-            if rle is not None:  # this run's records, once (a run that changed none leaves the file as it was)
-                error = _written(lambda: rle.write([str(f.rel) for f in files]), str(rle.path), error)
-            head = describe(settings, resolved, pipe, origin)
-            error = _record(run.summary, head, earlier, previous is not None, error)
-    return _outcome(run.summary, error)
+            error, summary = error or run.output_error(), run.summary
+            if shard is not None:
+                error = shard.combine(summary, records, error, files, rle=rle, on_result=on_result)
+            if shard is None or shard.main:
+                if rle is not None:  # this run's records, once (a run that changed none leaves the file as it was)
+                    error = written(lambda: rle.write([str(f.rel) for f in files]), str(rle.path), error)
+                head = describe(settings, resolved, pipe, origin)
+                error = record_run(summary, head, earlier, previous is not None, error)
+            if shard is not None:
+                summary, error = shard.share(summary, error)
+    return outcome(summary, error)
+
+
+def _prepare(
+    inputs: Sequence[InputFile | str | Path],
+    out_dir: Path,
+    pipe: DigsegPipeline,
+    settings: SegmentSettings,
+    resolved: ResolvedRun,
+    origin: RunOrigin,
+) -> tuple[list[InputFile], dict | None, list[dict], RleFile | None]:
+    """Before the first image: the inputs once no two write one file, a folder that takes files, the earlier
+    run's manifest (`read_previous`) if it is of the same run, its RLE records, no killed run's temporaries."""
+    files = _input_files(inputs, out_dir, settings)
+    files = check_outputs(files, out_dir, resolved.classes, settings, members=resolved.members)
+    prepare_out_dir(out_dir)
+    note_geotiffs_as_pictures(files)  # without the geo extra: one line saying how to keep their georeferencing
+    previous = read_previous(out_dir)
+    earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
+    rle = RleFile(out_dir, overwrite=settings.overwrite) if settings.rle else None  # the earlier run's records
+    remove_stale_below(out_dir, [_paths(out_dir, f, resolved, settings) for f in files])
+    return files, previous, earlier, rle
 
 
 def _paths(out_dir: Path, item: InputFile, resolved: ResolvedRun, settings: SegmentSettings) -> dict[str, Any]:
     return output_paths(out_dir, item, resolved.classes, settings, members=resolved.members)
-
-
-def _written(write: Callable[[], Any], what: str, error: DigsegError | None) -> DigsegError | None:
-    """Call `write`; when it fails, the run's error (or a new one) says in its one line that `what` was not written."""
-    try:
-        write()
-    except OSError as exc:
-        if error is None:
-            return OutputUnwritableError(f"cannot write {what}: {exc.strerror or exc}")
-        error.args = (f"{error}; {what} could not be written either ({exc.strerror or exc})",)
-    return error
-
-
-def _record(summary: RunSummary, head: dict, earlier: list[dict], replaces: bool, error: DigsegError | None):
-    """Write the manifest; when even that fails, the run's error (or a new one) says so in its one line."""
-
-    def write() -> None:
-        summary.manifest_written = write_manifest(summary, head, earlier, replaces)
-
-    return _written(write, f"the manifest {summary.manifest}", error)
-
-
-def _manifest_note(summary: RunSummary) -> str:
-    if summary.manifest_written:
-        return f"manifest written to {summary.manifest}"
-    return f"{summary.manifest} left as it was (this run wrote no image)"
-
-
-def _outcome(summary: RunSummary, error: DigsegError | None) -> RunSummary:
-    """The summary of a run that ended by itself; an interrupted, out-of-memory or output-error run raises,
-    carrying it."""
-    if summary.status == "interrupted":
-        error = InterruptedRunError(
-            f"interrupted after {summary.processed} of {summary.total} images; "
-            f"{_manifest_note(summary)} (resume with --skip-existing)"
-        )
-    if error is not None:
-        error.summary = summary  # type: ignore[attr-defined]
-        raise error
-    return summary
 
 
 class _FolderRun:

@@ -259,8 +259,7 @@ def test_score_predictions_reads_label_maps(samples, tmp_path):
 def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
     import os
 
-    from digseg_cli.evaluate.run import join_processes
-    from digseg_cli.inference.device import leave_process_group
+    from digseg_cli.inference.device import join_processes, leave_process_group
 
     # What torchrun / accelerate launch set for each process; Accelerate joins the group from them.
     os.environ.update(
