@@ -31,14 +31,17 @@ class Vocabulary:
     held_out_unrelated: tuple[str, ...]
 
     def training_words(self) -> set[str]:
-        return {_key(w) for w in (*self.unrelated, *self.synonyms, *(w for ws in self.synonyms.values() for w in ws))}
+        return {
+            word_key(w) for w in (*self.unrelated, *self.synonyms, *(w for ws in self.synonyms.values() for w in ws))
+        }
 
     def synonyms_of(self, name: str) -> tuple[str, ...]:
         """The training words of class `name` (case and spaces ignored), none for a class it does not list."""
-        return next((ws for n, ws in self.synonyms.items() if _key(n) == _key(name)), ())
+        return next((ws for n, ws in self.synonyms.items() if word_key(n) == word_key(name)), ())
 
 
-def _key(word: str) -> str:
+def word_key(word: str) -> str:
+    """The form in which two words are the same word: case and spacing ignored (`Crop  field` is `crop field`)."""
     return " ".join(word.lower().split())
 
 
@@ -68,7 +71,7 @@ def load_vocabulary(name_or_file: str) -> Vocabulary:
     )
     trained = vocabulary.training_words()
     tested = [*(w for ws in vocabulary.held_out.values() for w in ws), *vocabulary.held_out_unrelated]
-    if leaked := sorted({w for w in tested if _key(w) in trained}):
+    if leaked := sorted({w for w in tested if word_key(w) in trained}):
         raise UsageError(f"{where}: held-out words are also training words: {', '.join(leaked)}")
     return vocabulary
 

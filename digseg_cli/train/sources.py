@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from digseg_cli.data.vocabulary import word_key
 from digseg_cli.errors import DatasetError, UsageError
 
 # The split a benchmark trains on, and the splits its validation prefers, in order.
@@ -269,7 +270,7 @@ def union_classes(sources: list[TrainSource]) -> list[dict]:
     merged: dict[str, dict] = {}
     for src in sources:
         for c in src.classes:
-            key = " ".join(c.name.lower().split())
+            key = word_key(c.name)
             entry = merged.setdefault(key, {"name": c.name, "synonyms": [], "sources": []})
             entry["synonyms"] += [p for p in c.prompts if p != entry["name"] and p not in entry["synonyms"]]
             if src.name not in entry["sources"]:

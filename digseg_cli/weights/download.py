@@ -65,6 +65,11 @@ def file_digests(path: Path, algorithms: tuple[str, ...]) -> dict[str, str]:
     return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
+def has_size(path: Path, size: int) -> bool:
+    """Whether ``path`` is a file of ``size`` bytes: how a cached file is trusted on every run (sha256 on verify)."""
+    return path.is_file() and path.stat().st_size == size
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (constant memory)."""
     return file_digests(path, ("sha256",))["sha256"]

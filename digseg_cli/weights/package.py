@@ -15,7 +15,7 @@ import importlib.metadata
 import logging
 from pathlib import Path
 
-from digseg_cli.weights.download import sha256_file
+from digseg_cli.weights.download import has_size, sha256_file
 from digseg_cli.weights.registry import WeightsSpec
 
 log = logging.getLogger("digseg")
@@ -38,9 +38,7 @@ def _sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def has_files(spec: WeightsSpec, folder: Path) -> bool:
     """Whether ``folder`` holds every file of ``spec`` with its recorded size (a whole Hub snapshot)."""
-    return all(
-        (Path(folder) / f.path).is_file() and (Path(folder) / f.path).stat().st_size == f.size for f in spec.files
-    )
+    return all(has_size(Path(folder) / f.path, f.size) for f in spec.files)
 
 
 def cached_snapshot(spec: WeightsSpec) -> Path | None:

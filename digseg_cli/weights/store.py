@@ -35,7 +35,7 @@ from urllib.parse import quote
 
 from digseg_cli.errors import UsageError, WeightsUnavailableError
 from digseg_cli.weights import hub, package
-from digseg_cli.weights.download import download_file, sha256_file
+from digseg_cli.weights.download import download_file, has_size, sha256_file
 from digseg_cli.weights.entries import claim_entry, release_if_empty, version_name
 from digseg_cli.weights.hub import HUB_ALLOW_ANY, parse_hub_id
 from digseg_cli.weights.registry import REGISTRY, WeightsSpec, unknown_weights_error
@@ -196,13 +196,9 @@ def _ensure(spec: WeightsSpec, *, cache_dir, offline: bool, progress, local_firs
     return _ensure_url(spec, cache_dir=cache_dir, offline=offline, progress=progress)
 
 
-def _present(path: Path, size: int) -> bool:
-    return path.is_file() and path.stat().st_size == size
-
-
 def _ensure_url(spec: WeightsSpec, *, cache_dir, offline: bool, progress) -> Path:
     folder = entry_dir(spec, cache_dir)
-    missing = [f for f in spec.files if not _present(folder / f.path, f.size)]
+    missing = [f for f in spec.files if not has_size(folder / f.path, f.size)]
     if not missing:
         return folder
     if offline:
@@ -279,7 +275,7 @@ def cached_path(
         if spec.source == "hub":
             return hub.cached_snapshot(spec.repo_id, spec.revision, allow=spec.allow_patterns)
         folder = entry_dir(spec, cache_dir)
-        return folder if all(_present(folder / f.path, f.size) for f in spec.files) else None
+        return folder if all(has_size(folder / f.path, f.size) for f in spec.files) else None
     hub_id = parse_hub_id(name)
     if hub_id is not None:
         return hub.cached_snapshot(*hub_id, allow=HUB_ALLOW_ANY)
