@@ -15,6 +15,8 @@ input: a FIFO, a socket or a device would block a reader forever or stream witho
 an unreadable, non-UTF-8 or malformed file is one line naming it. The values that come out of one are
 checked by `digseg_cli.typecheck`.
 
+`DEFAULT_OUT` is the output folder of commands given no --out.
+
 It knows nothing of images, models or run folders: callers decide which file to write; this decides how.
 """
 
@@ -35,6 +37,8 @@ from digseg_cli.errors import UsageError
 
 PathLike = str | os.PathLike[str]
 TEMP_PREFIX = ".digseg-tmp-"
+# Where outputs go when no --out is given: `segment`'s, `eval`'s runs below it, and the folder `doctor` probes.
+DEFAULT_OUT = Path("digseg-out")
 _TEMP_NAME = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
 _umask_lock = threading.Lock()
 _umask: int | None = None

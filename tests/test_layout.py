@@ -25,6 +25,7 @@ LAYERS = {
     "data": 5,
     "evaluate": 6,
     "segment": 6,
+    "doctor": 6,  # looks at the machine through weights, inference and data; beside segment and evaluate
     "train": 7,
     "cli": 8,
     "__main__": 9,

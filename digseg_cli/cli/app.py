@@ -17,7 +17,7 @@ from digseg_cli.errors import EXIT_CODES_HELP
 
 app = typer.Typer(
     name="digseg",
-    help="Text-prompted segmentation with a diffusion model (DiGSeg): segment, eval, train, weights, data.",
+    help="Text-prompted segmentation with a diffusion model (DiGSeg): segment, eval, train, weights, data, doctor.",
     epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=True,
@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "digseg_cli.cli.data",
     "digseg_cli.cli.weights",
     "digseg_cli.cli.decoder",
+    "digseg_cli.cli.doctor",
 ]
 
 

@@ -19,6 +19,7 @@ import typer
 from digseg_cli.cli import segment_view as view
 from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors
 from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
+from digseg_cli.files import DEFAULT_OUT
 
 if TYPE_CHECKING:
     from digseg_cli.segment.inputs import InputFile
@@ -85,9 +86,9 @@ def segment(
         str,
         typer.Option("--weights", "-w", envvar="DIGSEG_WEIGHTS", help="Registry name, checkpoint folder or Hub id."),
     ] = "demo",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder; the input tree is mirrored in it.")] = Path(
-        "digseg-out"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder; the input tree is mirrored in it.")
+    ] = DEFAULT_OUT,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Search folders recursively.")] = False,
     device: Annotated[
         str,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from digseg_cli.errors import UsageError
 from digseg_cli.evaluate.predictions import is_records_file, pipeline_predictor, score_predictions
 from digseg_cli.evaluate.scoring import EvalResult, Progress, evaluate, protocol_kwargs
-from digseg_cli.files import require_writable_folder
+from digseg_cli.files import DEFAULT_OUT, require_writable_folder
 from digseg_cli.inference.coco_rle import require_pycocotools
 from digseg_cli.models.config import check_prompt_template
 
@@ -262,7 +262,10 @@ def _word_test(s: EvalSettings, vocabulary, spec, data, predictor, *, out_dir: P
     return test
 
 
+EVAL_OUT = DEFAULT_OUT / "eval"  # where `eval` and `eval --suite` write when given no --out
+
+
 def default_out_dir(dataset: str, split: str) -> Path:
     """``digseg-out/eval/<dataset>-<split>``, the dataset's name (a folder's last part) made file-name safe."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(dataset).name or dataset).strip("_")
-    return Path("digseg-out") / "eval" / f"{slug}-{split}"
+    return EVAL_OUT / f"{slug}-{split}"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import DatasetError, UsageError, as_user_error
 from digseg_cli.evaluate.report import json_safe
-from digseg_cli.evaluate.run import EvalSettings, Note, score_dataset
+from digseg_cli.evaluate.run import EVAL_OUT, EvalSettings, Note, score_dataset
 from digseg_cli.evaluate.scoring import EvalResult, Progress
 from digseg_cli.files import atomic_write_json, atomic_write_text, require_writable_folder
 
@@ -137,7 +137,7 @@ class SuiteResult:
 
 
 def default_suite_out(name: str) -> Path:
-    return Path("digseg-out") / "eval" / f"suite-{name}"
+    return EVAL_OUT / f"suite-{name}"
 
 
 def get_suite(name: str) -> tuple[Benchmark, ...]:

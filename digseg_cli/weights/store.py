@@ -50,9 +50,14 @@ _TRUE = {"1", "true", "yes", "on"}
 
 
 # ------------------------------------------------------------------------------------------- locations
+def offline_variables() -> list[str]:
+    """Which of ``DIGSEG_OFFLINE`` and ``HF_HUB_OFFLINE`` are set to 1/true/yes/on."""
+    return [k for k in ("DIGSEG_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(k, "").strip().lower() in _TRUE]
+
+
 def is_offline_env() -> bool:
     """True when ``DIGSEG_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes/on."""
-    return any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("DIGSEG_OFFLINE", "HF_HUB_OFFLINE"))
+    return bool(offline_variables())
 
 
 def cache_dir(override: Path | str | None = None) -> Path:
