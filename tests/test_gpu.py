@@ -102,6 +102,38 @@ def test_segment_runs_on_cuda_in_its_default_precision(tmp_path, monkeypatch):
     assert any(p.name.endswith(".mask.png") for p in out.iterdir())
 
 
+def test_a_folder_on_cuda_shares_calls_sized_from_free_memory(tmp_path):
+    """Equal-size pictures share calls on a GPU (`--batch-size auto` sized from free memory) and each gets what
+    it gets alone, up to float rounding (fp32, TF32 off)."""
+    from PIL import Image
+
+    from digseg_cli.data.synth import generate_scene
+    from digseg_cli.inference.pipeline import load_pipeline
+    from digseg_cli.inference.prompts import parse_prompts
+    from digseg_cli.segment.run import run_segment
+    from digseg_cli.segment.settings import SegmentSettings
+
+    for i in range(6):
+        Image.fromarray(generate_scene(np.random.default_rng(900 + i), 128)[0]).save(tmp_path / f"{i}.png")
+    classes, _ = parse_prompts("road, tree, building, water, field")
+    settings = dict(classes=tuple(classes), save_probs=True, probs_format="npy", overlay=False)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        pipe = load_pipeline("demo", device="cuda", dtype=torch.float32)
+        run_segment(
+            [str(tmp_path / f"{i}.png") for i in range(6)], tmp_path / "folder", pipe, SegmentSettings(**settings)
+        )
+        assert pipe.batch_size > 16  # sized from an H200's free memory
+        alone = SegmentSettings(**settings, batch_size=5)  # one image's five pairs per call
+        run_segment([str(tmp_path / "3.png")], tmp_path / "alone", pipe, alone)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    for name in ("road", "water"):
+        grouped, single = (np.load(tmp_path / run / f"3.{name}.prob.npy") for run in ("folder", "alone"))
+        np.testing.assert_allclose(grouped, single, atol=1e-4)
+
+
 def test_eval_on_cuda_matches_the_cpu(tmp_path, monkeypatch):
     """The same 8 synthetic images scored on the CPU (fp32) and on the GPU (its default, bf16)."""
     monkeypatch.setenv("DIGSEG_OFFLINE", "1")

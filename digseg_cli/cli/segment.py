@@ -191,7 +191,11 @@ def segment(
         bool, typer.Option("--skip-existing", help="Skip images whose outputs all exist (resume an interrupted run).")
     ] = False,
     batch_size: Annotated[
-        str, typer.Option("--batch-size", help="(tile, prompt) pairs per U-Net call: auto or N.")
+        str,
+        typer.Option(
+            "--batch-size",
+            help="(image or tile, prompt) pairs per U-Net call: N, or auto (on CUDA sized from free memory).",
+        ),
     ] = "auto",
     workers: Annotated[int, typer.Option("--workers", min=1, help="I/O threads reading ahead and writing behind.")] = 2,
     prompt_template: Annotated[

@@ -28,10 +28,10 @@ from digseg_cli.models.loader import load_model
 
 log = logging.getLogger("digseg")
 Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores are averaged
-# When tiles share a call, (tile, prompt) pairs × pixels per tile stay under this budget. On a CPU batching
-# pays only while calls are launch-bound: the demo's 192 px tiles with one prompt ran 20 % faster two per
-# call than one, and 20 % slower sixteen per call than two; a GPU keeps gaining up to a batch of 512² tiles.
-PAIR_PIXELS_PER_CALL = {"cpu": 2**17, "cuda": 16 * 512 * 512}
+# When tiles share a call on a CPU (or MPS), (tile, prompt) pairs × pixels per tile stay under this budget:
+# there batching pays only while calls are launch-bound: the demo's 192 px tiles with one prompt ran 20 % faster
+# two per call than one, and 20 % slower sixteen per call than two. A GPU keeps gaining up to its memory.
+PAIR_PIXELS_PER_CALL = {"cpu": 2**17}
 
 
 class DigsegPipeline:
@@ -260,21 +260,22 @@ class DigsegPipeline:
         # Tile at native scale when the image is much larger than the processing resolution.
         return transforms.tile_size_for(tile, resolution, height, width)
 
-    def _predict(self, pixels, text, run: CallSettings, timings) -> torch.Tensor:
-        """Images `[n,3,H,W]` (one image, or n equal-size tiles) and `text` = (emb `[T,L,D]`, pooled `[T,D]`)
-        → probabilities `[n,T,H,W]` at the input size, averaged over the ensemble; with `run.groups` (texts
-        per class) followed by each class's variance across the members, `[n,T+K,H,W]` in all."""
+    def _predict(self, pixels, text, run: CallSettings, timings, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Images `[n,3,H,W]` (one image, n equal-size tiles of one, or n equal-size images with their `seeds`)
+        and `text` = (emb `[T,L,D]`, pooled `[T,D]`) → probabilities `[n,T,H,W]` at the input size, averaged over
+        the ensemble; with `run.groups` (texts per class) followed by each class's variance across the members,
+        `[n,T+K,H,W]` in all. Without `seeds` every row draws its noise from `run.seed`."""
         n, _, height, width = pixels.shape
         # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
         x = transforms.resize(pixels, transforms.processing_size(height, width, run.resolution))  # [n,3,h',w']
-        generator = torch.Generator("cpu").manual_seed(run.seed)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in (seeds or [run.seed])]
         total = torch.zeros((n, text[0].shape[0], height, width), device=self.device)
         mean = m2 = None  # Welford's running mean and squared deviations of each class's probability
         for member in range(run.ensemble):
             # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
             k = member if self.config.objective == "one-step" else 0
             xk, pad = transforms.pad_to_multiple(transforms.dihedral(x, k), self.model.size_multiple)
-            probs = self._predict_padded(xk, text, run, generator, timings)  # [n,T,hp,wp]
+            probs = self._predict_padded(xk, text, run, generators, timings)  # [n,T,hp,wp]
             # 7. Undo the padding and the flip, resize to the input size (bilinear) before any threshold.
             probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [n,T,h',w']
             probs = transforms.resize(probs, (height, width))  # [n,T,H,W]
@@ -290,9 +291,10 @@ class DigsegPipeline:
         total /= run.ensemble
         return total if m2 is None else torch.cat([total, m2 / run.ensemble], 1)
 
-    def _predict_padded(self, x, text, run: CallSettings, generator, timings) -> torch.Tensor:
+    def _predict_padded(self, x, text, run: CallSettings, generators, timings) -> torch.Tensor:
         """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
-        `batch_size` (image, prompt) pairs per call."""
+        `batch_size` (image, prompt) pairs per call; a diffusion model's noise from one generator for every row,
+        or one per row (images with their own seeds)."""
         f = self.model.vae_scale_factor
         emb, pooled = text
         n, texts = x.shape[0], emb.shape[0]
@@ -301,8 +303,9 @@ class DigsegPipeline:
         z_img = self.model.encode_image(x.to(self.model.vae.dtype)).to(self.dtype)  # [n,4,h/f,w/f]
         latent_shape = (1, z_img.shape[1], x.shape[-2] // f, x.shape[-1] // f)
         noise = None
-        if self.config.objective == "diffusion":  # the same noise for every pair: batched == one at a time
-            noise = torch.randn(latent_shape, generator=generator).to(self.device, self.dtype)
+        if self.config.objective == "diffusion":  # the same noise for every pair of an image: batched == one by one
+            noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])  # [1 or n,4,h/f,w/f]
+            noise = noise.to(self.device, self.dtype)
         timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
         out = []
         for lo in range(0, n * texts, self.batch_size):
@@ -321,7 +324,8 @@ class DigsegPipeline:
                     denoise, (b, *latent_shape[1:]), self.scheduler, self.device, self.dtype
                 )
             else:
-                clean = diffusion.sample_ddim(denoise, noise.expand(b, -1, -1, -1), self.scheduler, run.steps)
+                start = noise[image_of] if noise.shape[0] > 1 else noise.expand(b, -1, -1, -1)  # [b,4,h,w]
+                clean = diffusion.sample_ddim(denoise, start, self.scheduler, run.steps)
             t1 = time.perf_counter()
             # 6. Decode (VAE decoder, or the distilled fast decoder) → probabilities [b,h,w].
             out.append(self.model.decode_probs_fast(clean) if run.decoder == "fast" else self.model.decode_probs(clean))
@@ -330,10 +334,12 @@ class DigsegPipeline:
         return torch.cat(out).float().unflatten(0, (n, texts))  # [n,T,h,w]
 
     def _tiles_per_call(self, tile_h: int, tile_w: int, texts: int) -> int:
-        """How many tiles share one encode/U-Net/decode call: as many as fit in `batch_size` (tile, prompt)
-        pairs and in the device's `PAIR_PIXELS_PER_CALL`."""
-        budget = PAIR_PIXELS_PER_CALL.get(self.device.type, PAIR_PIXELS_PER_CALL["cpu"])
-        return max(1, min(self.batch_size // texts, budget // (texts * tile_h * tile_w)))
+        """How many equal-size tiles (or images, `batches.py`) share one encode/U-Net/decode call: as many as fit
+        in `batch_size` (tile, prompt) pairs and, on a CPU, in `PAIR_PIXELS_PER_CALL`; on a GPU memory is the only
+        bound, and `batch_size` (`--batch-size auto`: sized from free memory) stands for it."""
+        if self.device.type == "cuda":
+            return max(1, self.batch_size // texts)
+        return max(1, min(self.batch_size // texts, PAIR_PIXELS_PER_CALL["cpu"] // (texts * tile_h * tile_w)))
 
     # -- persistence ---------------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, *, overwrite: bool = False) -> Path:

@@ -2,7 +2,8 @@
 
 One job: run the pipeline on an image and, on out-of-memory (CUDA, MPS or CPU), halve the U-Net batch (sticky for the
 rest of the run), then tile smaller and smaller, noting each step; `OutOfMemoryError` when even a batch of one
-and small tiles do not fit. The tiling rule is the pipeline's own (`plan.count_tiles`). A block of a GeoTIFF
+and small tiles do not fit. Several images in one call (`infer_batch`) that do not fit halve the batch and go
+one by one. The tiling rule is the pipeline's own (`plan.count_tiles`). A block of a GeoTIFF
 (`infer_block`) backs off its batch only: its tiles are the whole raster's.
 """
 
@@ -70,6 +71,36 @@ def infer(
         return note
 
     return _retry(pipe, lambda: pipe(image, prompts, tile=now["tile"], **call), back_off, rel=rel, notes=notes)
+
+
+def infer_batch(
+    pipe: DigsegPipeline,
+    images: Sequence[np.ndarray],
+    prompts: Sequence[Prompt],
+    call: Mapping[str, Any],
+    *,
+    seeds: Sequence[int],
+    rels: Sequence[str],
+    notes: list[str],
+) -> list[SegmentationOutput] | None:
+    """Equal-size images in shared calls (`inference.batches.segment_batch`); on out-of-memory the U-Net batch is
+    halved (sticky) and None says: segment these one by one (`infer`, which backs off further)."""
+    from digseg_cli.errors import is_out_of_memory
+    from digseg_cli.inference.batches import segment_batch
+
+    try:
+        outs = segment_batch(pipe, images, prompts, seeds=seeds, **call)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        note = f"out of memory on a batch of {len(images)} images ({rels[0]} …): segmenting them one by one"
+        lowered = _lower_batch(pipe, pipe.batch_size, rels[0])
+        for line in (note, lowered) if lowered else (note,):
+            log.warning("%s", line)
+            notes.append(line)
+        return None
+    _pipeline_notes(pipe, ", ".join(rels), notes)
+    return outs
 
 
 def infer_block(pipe: DigsegPipeline, predict: Callable[[], SegmentationOutput], *, rel: str, notes: list[str]):

@@ -8,7 +8,8 @@ It knows nothing of Typer, Rich or how results are shown: it reports through the
 callbacks and `logging.getLogger("digseg")`. What the settings resolve to is `settings.py`'s job, loading the
 model `loading.py`'s, a run without the model (`--dry-run`) `plan.py`'s, finding the input files `inputs.py`'s,
 decoding and encoding pixels `inference/images.py`'s, naming and writing the outputs and the per-image records
-`outputs.py`'s, the manifest `manifest.py`'s, the run's `sem_seg_predictions.json` (`--rle`) `rle.py`'s.
+`outputs.py`'s, the checks before the first image `preflight.py`'s, the manifest `manifest.py`'s, the run's
+`sem_seg_predictions.json` (`--rle`) `rle.py`'s, which pictures share a model call (on a GPU) `groups.py`'s.
 """
 
 from __future__ import annotations
@@ -28,17 +29,16 @@ import numpy as np
 from digseg_cli.errors import DigsegError, OutOfMemoryError, OutputUnwritableError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
+from digseg_cli.segment import groups
 from digseg_cli.segment.backoff import infer
 from digseg_cli.segment.georun import raster_job
-from digseg_cli.segment.inputs import InputFile, expand_inputs, image_seed, note_geotiffs_as_pictures, read_input
+from digseg_cli.segment.inputs import InputFile, image_seed, read_input
 from digseg_cli.segment.manifest import (
     MANIFEST_NAME,
     RunOrigin,
-    continue_or_refuse,
     describe,
     outcome,
     peak_memory,
-    read_previous,
     record_run,
     written,
 )
@@ -46,13 +46,10 @@ from digseg_cli.segment.outputs import (
     ImageResult,
     RunSummary,
     Segmented,
-    check_outputs,
     existing_verdict,
-    output_paths,
-    prepare_out_dir,
-    remove_stale_below,
     write_outputs,
 )
+from digseg_cli.segment.preflight import output_paths_of, prepare_run
 from digseg_cli.segment.rasters import RasterInfo
 from digseg_cli.segment.rle import RleFile
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings, resolve_run
@@ -66,15 +63,6 @@ log = logging.getLogger("digseg")
 ProgressFn = Callable[[int, int, "str | None"], None]  # (done, total, current relative path or None)
 # A write failing so says every later write will: the run stops at the first one.
 _OUTPUT_GONE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-# ------------------------------------------------------------------------------------------------- inputs
-def _input_files(inputs: Sequence[InputFile | str | Path], out_dir: Path, settings: SegmentSettings) -> list[InputFile]:
-    """`InputFile`s as given, or raw paths/globs/`@lists` expanded (the output folder left out)."""
-    files = list(inputs)
-    if not files or not all(isinstance(f, InputFile) for f in files):
-        files = expand_inputs([str(f) for f in files], recursive=settings.recursive, exclude=out_dir)
-    return files
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -111,7 +99,7 @@ def run_segment(
     origin = RunOrigin(started, weights, weights_folder, None, arguments)
 
     def prepare() -> tuple[list[InputFile], dict | None, list[dict], RleFile | None]:
-        return _prepare(inputs, out_dir, pipe, settings, resolved, origin)
+        return prepare_run(inputs, out_dir, pipe, settings, resolved, origin)
 
     # Many processes: every rank checks, none starts before all have passed (`Shard.agree`); then its share.
     files, previous, earlier, rle = prepare() if shard is None else shard.agree(prepare)
@@ -148,31 +136,6 @@ def run_segment(
     return outcome(summary, error)
 
 
-def _prepare(
-    inputs: Sequence[InputFile | str | Path],
-    out_dir: Path,
-    pipe: DigsegPipeline,
-    settings: SegmentSettings,
-    resolved: ResolvedRun,
-    origin: RunOrigin,
-) -> tuple[list[InputFile], dict | None, list[dict], RleFile | None]:
-    """Before the first image: the inputs once no two write one file, a folder that takes files, the earlier
-    run's manifest (`read_previous`) if it is of the same run, its RLE records, no killed run's temporaries."""
-    files = _input_files(inputs, out_dir, settings)
-    files = check_outputs(files, out_dir, resolved.classes, settings, members=resolved.members)
-    prepare_out_dir(out_dir)
-    note_geotiffs_as_pictures(files)  # without the geo extra: one line saying how to keep their georeferencing
-    previous = read_previous(out_dir)
-    earlier = continue_or_refuse(previous, describe(settings, resolved, pipe, origin), out_dir, settings.overwrite)
-    rle = RleFile(out_dir, overwrite=settings.overwrite) if settings.rle else None  # the earlier run's records
-    remove_stale_below(out_dir, [_paths(out_dir, f, resolved, settings) for f in files])
-    return files, previous, earlier, rle
-
-
-def _paths(out_dir: Path, item: InputFile, resolved: ResolvedRun, settings: SegmentSettings) -> dict[str, Any]:
-    return output_paths(out_dir, item, resolved.classes, settings, members=resolved.members)
-
-
 class _FolderRun:
     """One run's moving parts: inputs read ahead on worker threads, results waiting in input order for their
     writes, and the summary they are counted in."""
@@ -201,6 +164,7 @@ class _FolderRun:
         self.stop = False  # --fail-fast after a failure
         self.unwritable: tuple[str, OSError] | None = None  # (input, error) of the first write the disk refused
         self.rle = rle  # --rle: the run's sem_seg_predictions.json, records taken as images are written
+        self.batch_sized = False  # whether `--batch-size auto` has been sized (`groups.py`, on a GPU)
 
     def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
         """Digest the weights for the manifest on a worker thread while the run goes on."""
@@ -211,9 +175,11 @@ class _FolderRun:
         return self.digest.submit(weights_sha256, weights_folder)
 
     def segment_all(self) -> None:
-        """Each input in order: read ahead, segment or skip it, hand on what has been written."""
-        for i, item in enumerate(self.files):
-            if self.signals.requested:  # SIGINT or SIGTERM: the image in hand is done, stop here
+        """The inputs in order: read ahead, segment (equal-size pictures several per call, `groups.py`) or skip
+        them, hand on what has been written."""
+        i = 0
+        while i < len(self.files):
+            if self.signals.requested:  # SIGINT or SIGTERM: the images in hand are done, stop here
                 self.summary.status = "interrupted"
                 break
             if self.unwritable is not None:
@@ -224,16 +190,22 @@ class _FolderRun:
                 break
             for j in range(i, i + self.settings.workers + 1):
                 self.schedule(j)
-            self.report(str(item.rel))
-            self.pending.append(self.segment_or_skip(i, item))
+            group = groups.group_from(self, i)
+            for j in group:
+                self.report(str(self.files[j].rel))
+            if len(group) == 1:
+                self.pending.append(self.segment_or_skip(i, self.files[i]))
+            else:
+                self.pending.extend(groups.segment_group(self, group))
             self.flush(block=False)
+            i += len(group)
         else:
             self.summary.status = "completed"
 
     def schedule(self, i: int) -> None:
         """Decide input `i`'s fate from its existing outputs, else start reading it."""
         if i < len(self.files) and i not in self.jobs:
-            paths = _paths(self.out_dir, self.files[i], self.resolved, self.settings)
+            paths = output_paths_of(self.out_dir, self.files[i], self.resolved, self.settings)
             verdict = existing_verdict(paths, self.settings)
             job = None if verdict else self.pool.submit(read_input, self.files[i].path, self.settings)
             self.jobs[i] = paths, job, verdict
@@ -251,17 +223,21 @@ class _FolderRun:
             return result, None
         return result, self.segment_one(item, job, paths, result)
 
-    def segment_one(self, item: InputFile, job: Future, paths: dict, result: ImageResult) -> Future | None:
-        """Read, segment and queue the writes of one image; fills `result`; returns the write job."""
-        if (read := self._image(job, result)) is None:
-            return None
-        image, read_s = read
+    def describe(self, item: InputFile, paths: dict, result: ImageResult) -> None:
+        """What `result` records before its image is segmented: its seed and the files it will write."""
         result.seed = image_seed(self.settings.seed, item.rel)
         result.outputs = {
             key: ({n: str(p) for n, p in v.items()} if isinstance(v, Mapping) else str(v)) for key, v in paths.items()
         }
         if self.rle is not None:
             result.outputs["rle"] = str(self.rle.path)
+
+    def segment_one(self, item: InputFile, job: Future, paths: dict, result: ImageResult) -> Future | None:
+        """Read, segment and queue the writes of one image; fills `result`; returns the write job."""
+        if (read := self._image(job, result)) is None:
+            return None
+        image, read_s = read
+        self.describe(item, paths, result)
         t0 = time.perf_counter()
         try:
             if isinstance(image, RasterInfo):  # segmented and written block by block, here
@@ -293,6 +269,11 @@ class _FolderRun:
             self.summary.backoffs.extend(result.warnings)
         model_s = time.perf_counter() - t0
         self.summary.timings["model_s"] += model_s
+        return self.hand_on(item, image, out, paths, result, timings=(read_s, model_s))
+
+    def hand_on(self, item: InputFile, image, out, paths: dict, result: ImageResult, *, timings) -> Future:
+        """A segmented image's classes and timings into `result`, its files queued for writing: the write job."""
+        read_s, model_s = timings
         seg = Segmented.from_output(image, out, self.settings.mode)
         result.classes = seg.class_records(self.resolved, out.thresholds)
         result.timings = {"read": read_s, "model": model_s, **{k: v for k, v in out.timings.items() if k != "total"}}
