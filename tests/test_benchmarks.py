@@ -60,7 +60,8 @@ def test_quick_tiny_run_writes_the_table(tmp_path):
         assert needle in text, needle
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| #")]
     items = {r.split("|")[1].strip() for r in rows}
-    assert {"a", "b", "c", "d", "e", "f", "2", "3", "4", "5"} <= items  # 5: bf16 on CPUs with it, else "not measured"
+    # 5: bf16 on CPUs with it, else "not measured"; g: the layout
+    assert {"a", "b", "c", "d", "e", "f", "g", "2", "3", "4", "5"} <= items
     # fewer naive steps than 50: one measured row and one extrapolated row, clearly labelled
     assert any("measured with 3 steps" in r for r in rows)
     extrapolated = [r for r in rows if "extrapolated" in r]
@@ -68,7 +69,7 @@ def test_quick_tiny_run_writes_the_table(tmp_path):
     for r in rows:  # every row ends with a verdict column
         assert re.search(r"\| (yes|\*\*no\*\*|—|not measured)[^|]*\|$", r), r
     # --append adds a second section to the same file
-    skip = "naive,marigold,floor,startup,folder,tiling,precision"
+    skip = "naive,marigold,floor,startup,folder,tiling,precision,layout"
     again = _bench(
         "run.py", "--quick", "--size", "tiny", "--skip", skip, "--demo", "tiny", "--out", str(out), "--append"
     )

@@ -10,6 +10,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# The layouts a model's convolutions can run in. channels_last (NHWC) lets oneDNN and cuDNN skip their own
+# reorders around every conv and GroupNorm: measured on a 2-core CPU at 512 px, the SD-2-size U-Net at batch 2
+# took 6.6 s against 10.9 s contiguous, the SD VAE encoder 3.3 s against 9.3 s. It only reorders sums.
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def memory_format_of(module: nn.Module) -> torch.memory_format:
+    """The layout `module`'s convolutions run in, read from its first 4-D weight (contiguous without one), so
+    it stays true whoever moved the module (a trainer's model, a decoder attached later)."""
+    weight = next((p for p in module.parameters() if p.dim() == 4), None)
+    nhwc = weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
+def in_layout_of(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`x` `[B,C,H,W]` in `module`'s layout (a no-op when it is already): each conv would reorder it anyway."""
+    return x.contiguous(memory_format=memory_format_of(module))
+
 
 def vae_scale_factor(block_out_channels) -> int:
     """Pixels per latent pixel of an `AutoencoderKL` with these `block_out_channels`: every block but the last
@@ -120,6 +138,15 @@ class DigsegModel(nn.Module):
         """Pixel sizes must be multiples of this: the VAE's factor times the U-Net's down-sampling."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
+    def to_memory_format(self, name: str) -> None:
+        """Put the U-Net, the VAE and the fast decoder in layout `name` (a key of `MEMORY_FORMATS`), in place;
+        the text encoder and the text pathway have no 4-D weights."""
+        if name not in MEMORY_FORMATS:
+            raise ValueError(f"`memory_format` must be one of {', '.join(MEMORY_FORMATS)}, got {name!r}")
+        for part in (self.unet, self.vae, self.fast_decoder):
+            if part is not None:
+                part.to(memory_format=MEMORY_FORMATS[name])
+
     # -- FiLM hooks ----------------------------------------------------------------------------------
     def _make_film_hook(self, level: int):
         def hook(module, args, output):
@@ -137,8 +164,8 @@ class DigsegModel(nn.Module):
     # -- the operations of DESIGN §1 -----------------------------------------------------------------
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """`[B,3,H,W]` in [-1,1] → latent `[B,4,H/f,W/f]` = scaling_factor · mean(E(x))."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return dist.mean * self.vae.config.scaling_factor  # [B,4,h,w]
+        dist = self.vae.encode(in_layout_of(self.vae, pixels.to(self.vae.dtype))).latent_dist
+        return (dist.mean * self.vae.config.scaling_factor).contiguous()  # [B,4,h,w]
 
     def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Binary mask `[B,1,H,W]` in {0,1} → drawn as 3-channel `2m−1` and encoded like an image."""
@@ -147,14 +174,15 @@ class DigsegModel(nn.Module):
 
     def decode_probs(self, latent: torch.Tensor) -> torch.Tensor:
         """Mask latent `[B,4,h,w]` → probability `[B,H,W]` in [0,1]: decode, mean of channels, (s+1)/2."""
-        decoded = self.vae.decode(latent.to(self.vae.dtype) / self.vae.config.scaling_factor).sample  # [B,3,H,W]
-        return ((decoded.float().mean(dim=1) + 1) / 2).clamp(0, 1)  # [B,H,W]
+        latent = in_layout_of(self.vae, latent.to(self.vae.dtype) / self.vae.config.scaling_factor)
+        decoded = self.vae.decode(latent).sample  # [B,3,H,W]
+        return ((decoded.float().mean(dim=1) + 1) / 2).clamp(0, 1).contiguous()  # [B,H,W]
 
     def decode_probs_fast(self, latent: torch.Tensor) -> torch.Tensor:
         """Mask latent `[B,4,h,w]` → probability `[B,H,W]` through the distilled decoder (imitates `decode_probs`)."""
         if self.fast_decoder is None:
             raise ValueError("this model has no fast decoder")
-        return self.fast_decoder(latent)  # [B,H,W] in [0,1]
+        return self.fast_decoder(in_layout_of(self.fast_decoder, latent)).contiguous()  # [B,H,W] in [0,1]
 
     def encode_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Token ids `[B,L]` → (sequence embedding `[B,L,D]` for cross-attention, pooled `[B,D]` for FiLM)."""
@@ -164,9 +192,10 @@ class DigsegModel(nn.Module):
     def forward(self, z_img, z_t, timestep, text_emb, pooled) -> torch.Tensor:
         """One U-Net pass: `cat([z_img, z_t])` `[B,8,h,w]` at `timestep` `[B]`, steered by the prompt."""
         # Order matters: the image latent comes first, as in training and in the widened conv_in.
-        sample = torch.cat([z_img, z_t], dim=1).to(self.unet.dtype)  # [B,8,h,w]
+        sample = in_layout_of(self.unet, torch.cat([z_img, z_t], dim=1).to(self.unet.dtype))  # [B,8,h,w]
         self._film = self.text_pathway(pooled.to(self.unet.dtype))
         try:
-            return self.unet(sample, timestep, encoder_hidden_states=text_emb.to(self.unet.dtype)).sample  # [B,4,h,w]
+            out = self.unet(sample, timestep, encoder_hidden_states=text_emb.to(self.unet.dtype)).sample  # [B,4,h,w]
+            return out.contiguous()  # callers' arithmetic (the samplers, a training loss) sees an ordinary tensor
         finally:
             self._film = None

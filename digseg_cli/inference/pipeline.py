@@ -18,6 +18,7 @@ import torch
 
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.core.labels import labels_from_probs, prompt_thresholds
+from digseg_cli.core.model import memory_format_of
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.calls import CallSettings, PreparedCall, SegmentationOutput
 from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
@@ -44,18 +45,33 @@ class DigsegPipeline:
         dtype: torch.dtype = torch.float32,
         *,
         prepare: bool = True,
+        memory_format: str = "channels_last",
     ):
         self.loaded = loaded
         self.model, self.tokenizer, self.config = loaded.model, loaded.tokenizer, loaded.config
         self.device, self.dtype = torch.device(device), dtype
         if prepare:  # a trainer validating its own model (prepare=False) keeps it where and as it is
             self.model.requires_grad_(False).eval().to(self.device, dtype)
+            self.memory_format = memory_format
         if prepare and self.device.type == "mps":  # fp16 VAEs give NaN/black output on MPS (performance.md §3.1)
             self.model.vae.to(torch.float32)
         self.scheduler = diffusion.make_scheduler(loaded.scheduler_config)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.batch_size = 1 if self.device.type == "mps" else 16
         self.notes: list[str] = []  # what the pipeline changed on its own (fp32 after an overflow), for run logs
+
+    @property
+    def memory_format(self) -> str:
+        """The U-Net's layout, "channels_last" (the default: faster on every device measured) or "contiguous";
+        setting it moves the U-Net, the VAE and the fast decoder in place (`DigsegModel.to_memory_format`)."""
+        return "channels_last" if memory_format_of(self.model.unet) == torch.channels_last else "contiguous"
+
+    @memory_format.setter
+    def memory_format(self, name: str) -> None:
+        try:
+            self.model.to_memory_format(name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
     # -- prompts -------------------------------------------------------------------------------------
     def format_prompt(self, name: str, template: str | None = None) -> str:
