@@ -3,7 +3,10 @@
 `tests/fixtures/behaviour_before_house.npz` was recorded before any module moved: the label maps and
 probabilities that the README's example images get from the built-in demo, and the probabilities of a fresh
 DiGSeg built from the tiny SD base stored in `tests/fixtures/tiny-sd/` (stored, not rebuilt, so a newer
-diffusers' initialisation cannot move it). Both must come out identical: the same torch build, one thread.
+diffusers' initialisation cannot move it). In the layout they were recorded in (contiguous) they must come out
+identical: the same torch build, one thread. In the default layout since, channels_last (issue 21), which only
+reorders the convolutions' sums, the label maps are identical and the probabilities within 1e-4 (measured: 1.6e-5
+at most).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def test_readme_examples_give_the_recorded_label_maps(tmp_path, recorded):
         labels = np.array(Image.open(tmp_path / f"aerial-{i}.mask.png"))
         probs = np.stack([np.load(tmp_path / f"aerial-{i}.{name}.prob.npy") for name in CLASSES])
         np.testing.assert_array_equal(labels, recorded[f"labels_{i}"])
-        np.testing.assert_array_equal(probs, recorded[f"probs_{i}"])
+        np.testing.assert_allclose(probs, recorded[f"probs_{i}"], rtol=0, atol=1e-4)
 
 
 def test_fresh_model_from_a_tiny_sd_base_gives_the_recorded_probabilities(recorded):
@@ -59,6 +62,10 @@ def test_fresh_model_from_a_tiny_sd_base_gives_the_recorded_probabilities(record
 
     pipe = load_pipeline(DATA / "tiny-sd")
     image = np.array(Image.open(REPO / "examples" / "aerial-2.png").resize((64, 64)))
+    out = pipe(image, ["road", ["tree", "forest"]], resolution=64)  # channels_last
+    np.testing.assert_allclose(out.probs.numpy(), recorded["fresh_sd_probs"], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(out.labels.numpy(), recorded["fresh_sd_labels"])
+    pipe.memory_format = "contiguous"  # the layout it was recorded in: bit for bit
     out = pipe(image, ["road", ["tree", "forest"]], resolution=64)
     np.testing.assert_array_equal(out.probs.numpy(), recorded["fresh_sd_probs"])
     np.testing.assert_array_equal(out.labels.numpy(), recorded["fresh_sd_labels"])
