@@ -25,7 +25,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from common import HERE, machine, machine_line, markdown_table, peak_rss, publish, reset_peak_rss, s
+from common import HERE, generated_line, machine, machine_line, markdown_table, peak_rss, publish, reset_peak_rss, s
 
 from digseg_cli.weights.store import human_size
 
@@ -133,9 +133,12 @@ def report(a: argparse.Namespace, rec: dict, summary, sizes: dict) -> str:
     if summary.peak_memory_kind.startswith("cuda"):
         rows.append(("peak GPU memory", human_size(summary.peak_memory_bytes), summary.peak_memory_kind))
     head = f"## GeoTIFF memory: `--size {a.size}` (`benchmarks/geotiff_memory.py`)\n\n"
+    info = machine()
     return (
         head
-        + machine_line(machine(), sizes["device"])
+        + generated_line(info)
+        + "\n\n"
+        + machine_line(info, sizes["device"])
         + "\n\n"
         + markdown_table(("Measurement", "Value", "Note"), rows)
         + "\n"
