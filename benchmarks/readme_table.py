@@ -2,7 +2,8 @@
 """Writes the README's speed table from benchmarks/RESULTS.md: `python benchmarks/readme_table.py`.
 
 For each machine (a run on CUDA, a run on the CPU, told apart by the section title "on cuda…" / "on cpu") it
-takes the latest inference section at SD-2 size (`## Run: `--size sd2` on …`, latest by its "Generated … on
+takes the latest complete inference section at SD-2 size (one with every row below: a partial run such as
+`--skip naive` is left out) (`## Run: `--size sd2` on …`, latest by its "Generated … on
 DATE" line, later in the file on a tie) and from it: the (c) rows' "Ours" times (both decoders, new prompts
 and prompts cached), the (a) K=2 rows' 50-step naive loop (measured or extrapolated) and their naive ÷ ours
 ratios. It rewrites what lies between `<!-- speed-table:begin -->` and `<!-- speed-table:end -->` in README.md:
@@ -62,10 +63,19 @@ def sections(text: str) -> list[dict]:
     return found
 
 
+def complete(sec: dict) -> bool:
+    """Whether `sec` has every row the table shows (a run with `--skip naive`, say, has not)."""
+    try:
+        column(sec)
+    except SystemExit:
+        return False
+    return True
+
+
 def latest(found: list[dict]) -> dict[str, dict]:
-    """{kind: its latest section} for the kinds present, in `KINDS` order."""
+    """{kind: its latest complete section} for the kinds present, in `KINDS` order."""
     best: dict[str, dict] = {}
-    for sec in found:
+    for sec in filter(complete, found):
         if sec["kind"] not in best or sec["when"] >= best[sec["kind"]]["when"]:
             best[sec["kind"]] = sec
     return {kind: best[kind] for kind in KINDS if kind in best}

@@ -37,9 +37,7 @@ from pathlib import Path
 from common import (
     HERE,
     build_sd2,
-    generated_line,
     machine,
-    machine_line,
     markdown_table,
     peak_memory,
     peak_rss,
@@ -47,6 +45,7 @@ from common import (
     reset_peak_memory,
     reset_peak_rss,
     s,
+    section_head,
     yes,
 )
 
@@ -770,6 +769,10 @@ def fast_accuracy(demo: str) -> tuple[str, ...]:
     )
 
 
+def precision_ran(a) -> str:
+    return f"{a.device}, {precision_name(a.dtype)}"
+
+
 def report(a, info, label, m, wb, table, notes) -> str:
     params = {
         n: sum(p.numel() for p in getattr(m, n).parameters()) / 1e6
@@ -777,11 +780,7 @@ def report(a, info, label, m, wb, table, notes) -> str:
     }
     return "\n".join(
         [
-            f"## Run: `--size {a.size}` on {a.device}, {precision_name(a.dtype)}",
-            "",
-            generated_line(info),
-            "",
-            machine_line(info, f"{a.device}, {precision_name(a.dtype)}"),
+            *section_head(f"`--size {a.size}` on {precision_ran(a)}", info, precision_ran(a)),
             f"- **Model timed:** {label}: U-Net {params['unet']:.1f} M, VAE {params['vae']:.1f} M, text encoder "
             f"{params['text_encoder']:.1f} M, text pathway {params['text_pathway']:.2f} M, fast decoder "
             f"{params['fast_decoder']:.3f} M parameters ({human_size(wb)} {precision_name(a.dtype)}).",

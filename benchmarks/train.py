@@ -379,11 +379,11 @@ def report(a, info: dict, rows: list[dict], labels: list[str], t_total: float) -
     memory = "torch's max_memory_allocated" if a.device.type == "cuda" else "peak RSS of the training process"
     return "\n".join(
         [
-            f"## Run: training, `--size {','.join(a.size)}` on {a.device}, {a.precision}",
-            "",
-            common.generated_line(info),
-            "",
-            common.machine_line(info, f"{a.device}, {a.precision}"),
+            *common.section_head(
+                f"training, `--size {','.join(a.size)}` on {a.device}, {a.precision}",
+                info,
+                f"{a.device}, {a.precision}",
+            ),
             f"- **Models:** {'; '.join(labels)}.",
             "- **Rows:** `train()` on synthetic scenes, one-step objective; per row "
             + ", ".join(f"{p}: {a.schedule[p][0]} warm-up + {a.schedule[p][1]} counted step(s)" for p in a.size)

@@ -90,6 +90,9 @@ def _render_result(result: EvalResult) -> None:
     summary = "  ".join(f"{k} {fmt(v)}" for k, v in m["metrics"].items())
     err_console.print(summary, highlight=False, soft_wrap=True)
     err_console.print(f"[bold]{m['headline']['name']}: {fmt(m['headline']['value'])}[/]", highlight=False)
+    if m.get("seconds_per_image") is not None:
+        per = f"{m['seconds_per_image']:.3g} s per image with {m['prompts_per_image']} prompts"
+        err_console.print(f"{per} (model and label rule; reading and scoring not counted)", highlight=False)
     if result.out_dir is not None:
         err_console.print(f"reports written to {result.out_dir}", highlight=False)
 

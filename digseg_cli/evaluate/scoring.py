@@ -18,6 +18,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,9 +243,11 @@ def score_samples(
         raise UsageError(f"`--limit` must be at least 1; got {limit}")
     rank, world_size, distributed = _shard_of(processes, rank, world_size)
     scorer = _Scorer(label_names, ignore_index, absent_rule, headline, worst_k)
-    total, done = _total(samples, limit), 0
+    total, done, predict_s = _total(samples, limit), 0, 0.0
     for _, sample in _shard(samples, limit, rank, world_size):
+        t0 = time.perf_counter()
         pred, where = predict_one(sample)
+        predict_s += time.perf_counter() - t0
         scorer.add(sample.stem, sample.image, sample.label, pred, where)
         done += 1
         if progress is not None:
@@ -265,6 +268,10 @@ def score_samples(
         "metrics": summary,
         "per_class": per_class,
     }
+    if meta.get("source") == "model":
+        # Predicting and labelling an image (not reading or scoring it), this process's mean: the model's cost with
+        # this many prompts, which open-vocabulary benchmarks make large (A-847: 847 per image).
+        metrics["seconds_per_image"] = round(predict_s / done, 4)
     worst = sorted(((-s, stem, *t) for s, stem, t in scorer.worst), key=lambda e: e[0])
     result = EvalResult(metrics, scorer.cm, scorer.rows, list(label_names), worst, Path(out_dir) if out_dir else None)
     if out_dir is not None and (not distributed or rank == 0):  # the summed numbers are the same on every process
@@ -338,6 +345,7 @@ def evaluate(
         "split": split,
         "protocol": protocol,
         "source": "model",
+        "prompts_per_image": len(prompts),
         "label_mode": label_mode,
         "threshold": threshold if label_mode != "argmax" else None,
         "settings": dict(settings or {}),

@@ -327,7 +327,9 @@ class DigsegPipeline:
         for lo in range(0, n * texts, self.batch_size):
             pairs = torch.arange(lo, min(lo + self.batch_size, n * texts), device=self.device)  # pair i·T+t
             image_of, text_of = pairs // texts, pairs % texts
-            z_b, e, p = z_img[image_of], emb[text_of], pooled[text_of]  # [b,4,h,w], [b,L,D], [b,D]
+            # One image's latent is a view for all its prompts (K of them: no K copies), else one row per pair.
+            z_b = z_img.expand(len(pairs), -1, -1, -1) if n == 1 else z_img[image_of]  # [b,4,h,w]
+            e, p = emb[text_of], pooled[text_of]  # [b,L,D], [b,D]
             b = z_b.shape[0]
 
             def denoise(z_t, t, z_b=z_b, e=e, p=p):  # this batch's inputs, bound now

@@ -170,6 +170,7 @@ def test_reports_are_written(samples, tmp_path):
     } <= names
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["num_images"] == 4 and m["absent_rule"] == "detectron2" and m["settings"] == {"steps": 1}
+    assert m["prompts_per_image"] == 3 and m["seconds_per_image"] > 0  # the model's cost per image
     assert m["metrics"]["miou"] == pytest.approx(res.metrics["metrics"]["miou"])
     rows = list(csv.DictReader((tmp_path / "per_class.csv").open()))
     assert [r["name"] for r in rows] == ["a", "b", "c"]
@@ -248,6 +249,7 @@ def test_score_predictions_reads_label_maps(samples, tmp_path):
     res = score_predictions(samples, preds, label_names=["a", "b", "c"], ignore_index=255, out_dir=tmp_path / "r")
     assert res.metrics["metrics"]["miou"] == pytest.approx(1.0)
     assert (tmp_path / "r/metrics.json").is_file() and res.metrics["source"].startswith("predictions")
+    assert "seconds_per_image" not in res.metrics  # no model ran
     (preds / "im3.png").unlink()
     with pytest.raises(DatasetError, match="im3"):
         score_predictions(samples, preds, label_names=["a", "b", "c"], ignore_index=255)
