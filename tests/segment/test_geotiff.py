@@ -17,6 +17,7 @@ from digseg_cli.inference import prompts
 from digseg_cli.inference.images import default_palette
 from digseg_cli.segment import rasters, vectors
 from digseg_cli.segment import run as seg
+from digseg_cli.segment.inputs import expand_inputs
 from digseg_cli.segment.settings import SegmentSettings
 
 rasterio = pytest.importorskip("rasterio")
@@ -176,7 +177,7 @@ def test_skip_existing_and_a_stop_between_blocks(tmp_path, pipe):
     assert again.processed == 1 and rasters.raster_complete(tmp_path / "out/scene.mask.tif")
     # A stop asked for between blocks abandons the raster: none of its outputs appear, no temporary file stays.
     stopped = tmp_path / "stopped"
-    item = seg.expand_inputs([str(src)])[0]
+    item = expand_inputs([str(src)])[0]
     resolved = resolve_run(pipe, settings)
     paths = output_paths(stopped, item, resolved.classes, settings)
     asked = iter([False, True])
