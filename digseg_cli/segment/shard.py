@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from digseg_cli.errors import EXIT_PARTIAL, DigsegError, UsageError
+from digseg_cli.errors import EXIT_INTERRUPTED, EXIT_PARTIAL, DigsegError, UsageError
 
 if TYPE_CHECKING:
     from digseg_cli.segment.inputs import InputFile
@@ -116,8 +116,15 @@ class Shard:
         return summary, error
 
     def leave(self) -> None:
+        """Meet the other ranks at the end of the run (its outputs, `run.json` and summary are out) and close the
+        group. SIGTERM is ignored from here on: torchrun's agent sends it to the ranks still running as soon as
+        one exits with a code other than 0, which would turn their exit code (the run's) into -15; and no rank
+        exits before all have come here."""
+        import signal
+
         from digseg_cli.inference.device import leave_process_group
 
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         leave_process_group()
 
     def _all_gather(self, value: Any) -> list[Any]:
@@ -178,9 +185,19 @@ def payload(shard: Shard, summary: RunSummary, records: list[ImageResult], error
         "device": str(shard.device),
         "summary": summary,
         "records": records,
-        "error": None if error is None else (getattr(error, "exit_code", EXIT_PARTIAL), error_line(error)),
+        "error": ended_early(summary, error),
         "rle": _rle_records(rle, records),
     }
+
+
+def ended_early(summary: RunSummary, error: BaseException | None) -> tuple[int, str] | None:
+    """How a rank ended before its share's end, as (exit code, line): its error, or SIGINT/SIGTERM sent to it
+    alone; None when it went through its share."""
+    if error is not None:
+        return getattr(error, "exit_code", EXIT_PARTIAL), error_line(error)
+    if summary.status == "interrupted":
+        return EXIT_INTERRUPTED, f"interrupted after {summary.processed} of its {summary.total} images"
+    return None
 
 
 def merge(shard: Shard, sent: list[dict], files: Sequence[InputFile], summary: RunSummary) -> tuple[list, tuple | None]:
