@@ -143,6 +143,7 @@ def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipel
             "batch_size": pipe.batch_size,
             "seed_rule": "sha256(seed, file name)",
             "decoder": resolved.call["decoder"],
+            "encoder": resolved.call["encoder"],
         },
         "weights": {
             "name": origin.weights,
