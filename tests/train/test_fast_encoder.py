@@ -143,6 +143,14 @@ def test_segment_and_eval_take_and_record_the_encoder(tiny_with_fast, tmp_path):
     assert (tmp_path / "fast" / "a.mask.png").is_file()
     assert segment(folder, "auto").exit_code == 0  # no passed check recorded: auto keeps the VAE encoder
     assert json.loads((tmp_path / "auto" / "run.json").read_text())["resolved"]["encoder"] == "vae"
+    # A run.json of a digseg before --encoder (no "encoder": it ran the VAE's) is continued, not refused...
+    manifest = json.loads((tmp_path / "auto" / "run.json").read_text())
+    del manifest["resolved"]["encoder"]
+    (tmp_path / "auto" / "run.json").write_text(json.dumps(manifest))
+    assert segment(folder, "auto", "--skip-existing").exit_code == 0
+    # ...but outputs of the VAE encoder are not mixed with the fast encoder's.
+    mixed = segment(folder, "auto", "--skip-existing", "--encoder", "fast")
+    assert mixed.exit_code == 2 and "resolved.encoder" in mixed.output
     # --encoder fast on a checkpoint without one: one line naming the command that makes one, exit 2 (usage)
     plain = DigsegPipeline(load_model("tiny")).save_pretrained(tmp_path / "plain")
     refused = segment(plain, "refused", "--encoder", "fast")
