@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, machine, markdown_table, publish, s, section_head, yes
+from common import HERE, machine, markdown_table, print_or_publish, s, section_end, section_head, yes
 from run import load, timed
 
 PROMPTS = ["road", "tree"]
@@ -128,23 +128,14 @@ def run(a: argparse.Namespace) -> str:
             f"- **Model timed:** {label}; {'its trained' if trained else 'a randomly initialised'} fast encoder; "
             f"one {side}×{side} synthetic scene; the pipeline's layout ({pipe.memory_format}); median of "
             f"{a.repeats} timed calls after an untimed one.",
-            "",
-            markdown_table(head, rows),
-            "",
-            f"- Total benchmark time {time.perf_counter() - t_start:.0f} s.",
-            "",
+            *section_end(markdown_table(head, rows), time.perf_counter() - t_start),
         ]
     )
 
 
 def main(argv=None) -> int:
     a = parse(argv)
-    text = run(a)
-    if a.no_write:
-        print(text)
-    else:
-        publish(a.out, text, append=True)
-    return 0
+    return print_or_publish(a, run(a))
 
 
 if __name__ == "__main__":
