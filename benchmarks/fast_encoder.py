@@ -11,9 +11,10 @@ In one run on this machine, in the pipeline's layout (channels_last) and precisi
 - **mIoU**: the change `digseg encoder train` recorded in the checkpoint (synth validation split, the VAE
   encoder against the fast one, everything else the same), where it has a trained fast encoder.
 
-`--size demo` (the built-in demo; its own fast encoder when it has one, else a randomly initialised one:
-timing only) or `sd2` (SD 2 sizes, random weights, and a random fast encoder: slow on a CPU). The section goes
-to stdout and, unless `--no-write`, is appended to `--out` (default benchmarks/RESULTS.md).
+`--size demo` (the built-in demo, or the checkpoint `--weights` names; its own fast encoder when it has one,
+else a randomly initialised one: timing only) or `sd2` (SD 2 sizes, random weights, and a random fast encoder:
+slow on a CPU). The section goes to stdout and, unless `--no-write`, is appended to `--out` (default
+benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ PROMPTS = ["road", "tree"]
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=("demo", "sd2", "tiny"), default="demo")
+    p.add_argument("--weights", default=None, help="with --size demo: this checkpoint instead (e.g. a distilled copy)")
     p.add_argument("--image", type=int, default=None, help="image side in px (default: the processing resolution)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto")
@@ -86,7 +88,7 @@ def run(a: argparse.Namespace) -> str:
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.precision, device)
     info = machine()
-    pipe, label, _ = load(a.size, device, dtype)
+    pipe, label, _ = load(a.weights if a.weights and a.size == "demo" else a.size, device, dtype)
     trained = with_fast_encoder(pipe)
     side = a.image or pipe.config.default_resolution or 512
     m, t_start = pipe.model, time.perf_counter()
