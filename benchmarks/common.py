@@ -209,6 +209,21 @@ def markdown_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def section_end(table: str, seconds: float) -> list[str]:
+    """A run section's last lines: its table and how long the whole benchmark took."""
+    return ["", table, "", f"- Total benchmark time {seconds:.0f} s.", ""]
+
+
+def print_or_publish(a, text: str) -> int:
+    """A script's section with `--no-write`: printed only; else printed and appended to `--out` (`publish`).
+    Returns the exit status, 0."""
+    if a.no_write:
+        print(text)
+    else:
+        publish(a.out, text, append=True)
+    return 0
+
+
 def publish(out: Path, text: str, append: bool) -> None:
     """Print a run's section and write it to `out`: after what is there with `append` (the by-hand summary on
     top and the earlier runs stay), else as a new file under the title."""

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import HERE, machine, markdown_table, publish, s, section_head
+from common import HERE, machine, markdown_table, print_or_publish, s, section_end, section_head
 from run import load, sync, timed
 
 TARGET = 1.10  # ours ÷ floor
@@ -164,23 +164,14 @@ def run(a: argparse.Namespace) -> str:
             f"as prompts, their embeddings cached; fast decoder; untiled, the image resized to the model's "
             f"{processing} px; median of {a.repeats} timed call(s) (K > 150: 1) after an untimed one. "
             f"Peak memory: {peak_kind}.",
-            "",
-            markdown_table(head, rows),
-            "",
-            f"- Total benchmark time {time.perf_counter() - t_start:.0f} s.",
-            "",
+            *section_end(markdown_table(head, rows), time.perf_counter() - t_start),
         ]
     )
 
 
 def main(argv=None) -> int:
     a = parse(argv)
-    text = run(a)
-    if a.no_write:
-        print(text)
-    else:
-        publish(a.out, text, append=True)
-    return 0
+    return print_or_publish(a, run(a))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,19 @@ def test_geotiff_memory_benchmark_runs_small(tmp_path):
         assert needle in text, needle
 
 
+def test_fast_encoder_benchmark_runs_small(tmp_path):
+    """`benchmarks/fast_encoder.py` (issue 21 item 3) at tiny size: both encoders timed, alone and in a call, and
+    the accuracy row says when the weights have no trained fast encoder."""
+    out = tmp_path / "RESULTS.md"
+    done = _bench("fast_encoder.py", "--size", "tiny", "--repeats", "1", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "## Run: fast encoder, `--size tiny` on cpu" in text and "**Machine:**" in text
+    for needle in ("| encode one 32×32 image |", "× faster | random fast encoder: timing only |", "| ours, K=2"):
+        assert needle in text, needle
+    assert "not measured (compact `tiny`, random weights: no trained one)" in text
+
+
 def test_readme_speed_table_is_the_one_readme_table_makes_from_results():
     """README.md's speed table is what `benchmarks/readme_table.py` writes from benchmarks/RESULTS.md."""
     done = subprocess.run(

@@ -32,7 +32,7 @@ COMMAND_MODULES = [
     "digseg_cli.cli.train",
     "digseg_cli.cli.data",
     "digseg_cli.cli.weights",
-    "digseg_cli.cli.decoder",
+    "digseg_cli.cli.distill",
     "digseg_cli.cli.doctor",
 ]
 

@@ -20,8 +20,9 @@ import typer
 from digseg_cli import errors
 from digseg_cli.models.config import DECODERS
 
-# `--decoder` of segment and eval (`DigsegPipeline.resolve_decoder` says what auto picks).
+# `--decoder` and `--encoder` of segment and eval (`inference.fast_parts` says what auto picks).
 Decoder = Enum("Decoder", [(name, name) for name in DECODERS], type=str)
+Encoder = Decoder  # the same three choices
 
 
 # `--data-root` of eval and train; when it is not given, the library reads $DIGSEG_DATA_ROOT (so a recipe or
@@ -33,9 +34,9 @@ DataRoot = Annotated[
     ),
 ]
 
-DECODER_HELP = (
-    "Mask decoder: vae, fast (the checkpoint's distilled decoder) or auto (fast when it passed its "
-    "accuracy check, else vae)."
+DECODER_HELP, ENCODER_HELP = (
+    f"{what}: vae, fast (the checkpoint's distilled {part}) or auto (fast when it passed its accuracy check, else vae)."
+    for what, part in (("Mask decoder", "decoder"), ("Image encoder", "encoder"))
 )
 
 

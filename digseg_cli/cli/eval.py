@@ -18,7 +18,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from digseg_cli.cli.common import DECODER_HELP, DataRoot, Decoder, err_console, handle_errors, stderr_is_terminal
+from digseg_cli.cli.common import (
+    DECODER_HELP,
+    ENCODER_HELP,
+    DataRoot,
+    Decoder,
+    Encoder,
+    err_console,
+    handle_errors,
+    stderr_is_terminal,
+)
 from digseg_cli.errors import EXIT_DATASET, EXIT_PARTIAL
 
 if TYPE_CHECKING:
@@ -239,6 +248,7 @@ def eval_command(
     ] = None,
     tile: Annotated[str, typer.Option("--tile", help="Sliding-window tiling: auto or off.")] = "auto",
     decoder: Annotated[Decoder, typer.Option("--decoder", help=DECODER_HELP)] = Decoder.auto,
+    encoder: Annotated[Encoder, typer.Option("--encoder", help=ENCODER_HELP)] = Encoder.auto,
     prompt_template: Annotated[
         str | None,
         typer.Option("--prompt-template", help="Prompt text around each class name, e.g. 'a photo of a {name}'."),
@@ -283,6 +293,7 @@ def eval_command(
             short_side=short_side,
             tile=tile,
             decoder=decoder.value,
+            encoder=encoder.value,
             prompt_template=prompt_template,
             seed=seed,
             word_test=word_test,

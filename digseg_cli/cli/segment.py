@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from digseg_cli.cli import segment_view as view
-from digseg_cli.cli.common import DECODER_HELP, Decoder, err_console, handle_errors
+from digseg_cli.cli.common import DECODER_HELP, ENCODER_HELP, Decoder, Encoder, err_console, handle_errors
 from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
 from digseg_cli.files import DEFAULT_OUT
 
@@ -147,6 +147,7 @@ def segment(
     ] = "auto",
     overlap: Annotated[float, typer.Option("--overlap", help="Tile overlap as a fraction of the tile.")] = 0.25,
     decoder: Annotated[Decoder, typer.Option("--decoder", help=DECODER_HELP)] = Decoder.auto,
+    encoder: Annotated[Encoder, typer.Option("--encoder", help=ENCODER_HELP)] = Encoder.auto,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse larger images (0 = no limit).")] = 100_000_000,
     save_binary: Annotated[bool, typer.Option("--save-binary", help="Also write <name>.<class>.png (0/255).")] = False,
     save_probs: Annotated[bool, typer.Option("--save-probs", help="Also write per-class probability maps.")] = False,
@@ -333,7 +334,7 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
         batch_size=parse_batch_size(flags["batch_size"]),
         mode=flags["mode"].value,
         tile=parse_tile(flags["tile"]),
-        decoder=flags["decoder"].value,
+        **{part: flags[part].value for part in ("decoder", "encoder")},
         overlay=not flags["no_overlay"],
         probs_format=flags["probs_format"].value,
         bands=parse_bands(flags["bands"]),

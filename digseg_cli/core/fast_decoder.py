@@ -18,7 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _ResBlock(nn.Module):
+def fast_config(latent_channels: int, scale_factor: int, width: int, blocks: int, min_width: int) -> dict:
+    """A fast network's constructor arguments (its saved `config`), checked: it changes size by one ×2 stage per
+    factor of two, so `scale_factor` must be a power of 2 (this decoder's and the fast encoder's rule)."""
+    if scale_factor < 1 or scale_factor & (scale_factor - 1):
+        raise ValueError(f"`scale_factor` must be a power of 2, got {scale_factor}")
+    return dict(
+        latent_channels=latent_channels, scale_factor=scale_factor, width=width, blocks=blocks, min_width=min_width
+    )
+
+
+class ResBlock(nn.Module):
+    """`x + conv(silu(conv(silu(x))))`, 3×3 convs at a constant width (the fast encoder's too)."""
+
     def __init__(self, channels: int):
         super().__init__()
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
@@ -35,17 +47,9 @@ class FastMaskDecoder(nn.Module):
         self, latent_channels: int = 4, scale_factor: int = 8, width: int = 32, blocks: int = 2, min_width: int = 16
     ):
         super().__init__()
-        if scale_factor < 1 or scale_factor & (scale_factor - 1):
-            raise ValueError(f"`scale_factor` must be a power of 2, got {scale_factor}")
-        self.config = {
-            "latent_channels": latent_channels,
-            "scale_factor": scale_factor,
-            "width": width,
-            "blocks": blocks,
-            "min_width": min_width,
-        }
+        self.config = fast_config(latent_channels, scale_factor, width, blocks, min_width)
         self.stem = nn.Conv2d(latent_channels, width, 3, padding=1)
-        self.body = nn.Sequential(*[_ResBlock(width) for _ in range(blocks)])
+        self.body = nn.Sequential(*[ResBlock(width) for _ in range(blocks)])
         ups, c = [], width
         for _ in range(int(math.log2(scale_factor))):
             nxt = max(min_width, c // 2)

@@ -111,10 +111,13 @@ class DigsegModel(nn.Module):
         text_encoder: nn.Module,
         text_pathway: TextPathway,
         fast_decoder: nn.Module | None = None,
+        *,
+        fast_encoder: nn.Module | None = None,
     ):
         super().__init__()
         self.unet, self.vae, self.text_encoder, self.text_pathway = unet, vae, text_encoder, text_pathway
         self.fast_decoder = fast_decoder  # optional distilled mask decoder (core/fast_decoder.py)
+        self.fast_encoder = fast_encoder  # optional distilled image encoder (core/fast_encoder.py)
         self._film: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         blocks = (
             list(unet.down_blocks) + ([unet.mid_block] if unet.mid_block is not None else []) + list(unet.up_blocks)
@@ -139,11 +142,11 @@ class DigsegModel(nn.Module):
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     def to_memory_format(self, name: str) -> None:
-        """Put the U-Net, the VAE and the fast decoder in layout `name` (a key of `MEMORY_FORMATS`), in place;
-        the text encoder and the text pathway have no 4-D weights."""
+        """Put the U-Net, the VAE and the fast decoder and encoder in layout `name` (a key of `MEMORY_FORMATS`),
+        in place; the text encoder and the text pathway have no 4-D weights."""
         if name not in MEMORY_FORMATS:
             raise ValueError(f"`memory_format` must be one of {', '.join(MEMORY_FORMATS)}, got {name!r}")
-        for part in (self.unet, self.vae, self.fast_decoder):
+        for part in (self.unet, self.vae, self.fast_decoder, self.fast_encoder):
             if part is not None:
                 part.to(memory_format=MEMORY_FORMATS[name])
 
@@ -167,6 +170,10 @@ class DigsegModel(nn.Module):
         dist = self.vae.encode(in_layout_of(self.vae, pixels.to(self.vae.dtype))).latent_dist
         return (dist.mean * self.vae.config.scaling_factor).contiguous()  # [B,4,h,w]
 
+    def encode_image_fast(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`[B,3,H,W]` in [-1,1] → latent `[B,4,H/f,W/f]` through the distilled encoder (imitates `encode_image`)."""
+        return self._fast("encoder")(in_layout_of(self.fast_encoder, pixels)).contiguous()  # [B,4,h,w]
+
     def encode_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Binary mask `[B,1,H,W]` in {0,1} → drawn as 3-channel `2m−1` and encoded like an image."""
         pixels = (2 * mask - 1).expand(-1, 3, -1, -1)  # [B,3,H,W] in [-1,1]
@@ -180,9 +187,14 @@ class DigsegModel(nn.Module):
 
     def decode_probs_fast(self, latent: torch.Tensor) -> torch.Tensor:
         """Mask latent `[B,4,h,w]` → probability `[B,H,W]` through the distilled decoder (imitates `decode_probs`)."""
-        if self.fast_decoder is None:
-            raise ValueError("this model has no fast decoder")
-        return self.fast_decoder(in_layout_of(self.fast_decoder, latent)).contiguous()  # [B,H,W] in [0,1]
+        return self._fast("decoder")(in_layout_of(self.fast_decoder, latent)).contiguous()  # [B,H,W] in [0,1]
+
+    def _fast(self, part: str) -> nn.Module:
+        """The distilled `part` ("encoder" or "decoder"); a `ValueError` when the model has none."""
+        module = getattr(self, f"fast_{part}")
+        if module is None:
+            raise ValueError(f"this model has no fast {part}")
+        return module
 
     def encode_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """Token ids `[B,L]` → (sequence embedding `[B,L,D]` for cross-attention, pooled `[B,D]` for FiLM)."""

@@ -42,6 +42,7 @@ def pipeline_predictor(
     short_side: int | None = None,
     max_side: int | None = None,
     decoder: str = "auto",
+    encoder: str = "auto",
 ) -> Predictor:
     """Wrap a ``DigsegPipeline`` as a predictor: optional test-time resize (short side, capped long side),
     one noise seed per image from ``seed`` and the sample's name (``image_seed``, as ``segment`` does: the
@@ -60,6 +61,7 @@ def pipeline_predictor(
             tile=tile,
             prompt_template=prompt_template,
             decoder=decoder,
+            encoder=encoder,
         )
         return out.probs  # [K,h,w]
 

@@ -63,6 +63,7 @@ class EvalSettings:
     short_side: int | None = None  # 0 = off
     tile: str = "auto"
     decoder: str = "auto"
+    encoder: str = "auto"
     prompt_template: str | None = None
     seed: int = 0
     word_test: str | None = None  # also run the word test of this vocabulary (`evaluate.words`)
@@ -195,7 +196,7 @@ def _score_model(
     main = processes is None or processes.is_main_process
     if note is not None and main and (text := precision_note(pipe.dtype, pipe.device)) is not None:
         note(text)
-    decoder = pipe.resolve_decoder(s.decoder)
+    decoder, encoder = pipe.resolve_decoder(s.decoder), pipe.resolve_encoder(s.encoder)
     side = spec.short_side if s.short_side is None else s.short_side
     record.update(
         weights=s.weights,
@@ -208,6 +209,7 @@ def _score_model(
         max_side=spec.max_side if side else None,
         tile=s.tile,
         decoder=decoder,
+        encoder=encoder,
         prompt_template=s.prompt_template or pipe.config.prompt_template,
         seed=s.seed,
         prompts=[p if len(p) > 1 else p[0] for p in spec.prompts][:50],
@@ -224,6 +226,7 @@ def _score_model(
         short_side=side or None,
         max_side=spec.max_side,
         decoder=decoder,
+        encoder=encoder,
     )
     result = evaluate(data, spec.class_names or (), predictor, **common)
     if s.word_test is not None and main:

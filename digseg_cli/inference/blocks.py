@@ -74,7 +74,7 @@ class BlockSegmentation:
     """One image of `height`×`width` pixels and its prompts, segmented block by block.
 
     `call` takes the pipeline's keyword arguments (steps, ensemble, seed, resolution, threshold, overlap,
-    prompt_template, decoder); `tile` is auto|off|N as for a call on the whole image; `block` is the side of a
+    prompt_template, decoder, encoder); `tile` is auto|off|N as for a call on the whole image; `block` is the side of a
     block in pixels (default `block_side`). The settings are checked and the prompts resolved once, here."""
 
     def __init__(

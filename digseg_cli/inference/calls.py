@@ -23,6 +23,7 @@ class CallSettings:
     decoder: str
     overlap: float
     groups: tuple[int, ...] | None = None  # texts per class, when the members' spread is asked for
+    encoder: str = "vae"  # the image encoder: "vae" or "fast" (resolved, like `decoder`)
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from digseg_cli.core.labels import labels_from_probs, prompt_thresholds
 from digseg_cli.core.model import memory_format_of
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.calls import CallSettings, PreparedCall, SegmentationOutput
+from digseg_cli.inference.fast_parts import resolve_part
 from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
 from digseg_cli.inference.tiling import blend_windows
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
-from digseg_cli.models.config import DECODERS
 from digseg_cli.models.loader import load_model
 
 log = logging.getLogger("digseg")
@@ -120,16 +120,17 @@ class DigsegPipeline:
         prompt_template: str | None = None,
         decoder: str = "auto",
         spread: bool = False,
+        encoder: str = "auto",
     ) -> SegmentationOutput:
         """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`.
 
-        `decoder`: "vae" (the VAE decoder), "fast" (the checkpoint's distilled decoder) or "auto" (fast when
-        the checkpoint has one that passed its accuracy check, else vae). `spread`: also the members' spread
+        `decoder`, `encoder`: "vae" (the VAE's), "fast" (the checkpoint's distilled one) or "auto" (fast when the
+        checkpoint has one that passed its accuracy check, else vae). `spread`: also the members' spread
         (`SegmentationOutput.spread`) when the ensemble has two members or more."""
         t_start = time.perf_counter()
         # 0–1. Resolve defaults from the checkpoint config, check the settings and prompts, then the image.
         settings = dict(steps=steps, ensemble=ensemble, seed=seed, resolution=resolution, threshold=threshold)
-        more = dict(overlap=overlap, prompt_template=prompt_template, decoder=decoder, spread=spread)
+        more = dict(overlap=overlap, prompt_template=prompt_template, decoder=decoder, spread=spread, encoder=encoder)
         call = self.prepare(prompts, **settings, **more)
         pixels = self._check_image(image)  # [1,3,H,W] in [-1,1]
         # 2–8. Encode prompts, then preprocess, encode image, denoise, decode: whole image or tile by tile.
@@ -162,6 +163,7 @@ class DigsegPipeline:
         prompt_template: str | None = None,
         decoder: str = "auto",
         spread: bool = False,
+        encoder: str = "auto",
     ) -> PreparedCall:
         """Steps 0–1 of a call: the checkpoint's defaults for what is None, the settings checked, the prompt texts
         (synonyms flattened) and the thresholds, once for an image or for every block of a large one."""
@@ -180,7 +182,8 @@ class DigsegPipeline:
         texts = [self.format_prompt(s, prompt_template) for syns in classes for s in syns]
         sizes = [len(s) for s in classes]
         groups = tuple(sizes) if spread and ensemble > 1 else None  # then the members' variance per class too
-        run = CallSettings(resolution, steps, ensemble, seed, self.resolve_decoder(decoder), overlap, groups)
+        parts = dict(decoder=self.resolve_decoder(decoder), encoder=self.resolve_encoder(encoder))
+        run = CallSettings(resolution, steps, ensemble, seed, overlap=overlap, groups=groups, **parts)
         return PreparedCall(run, classes, texts, thresholds)
 
     def predict_finite(self, predict, prepared: PreparedCall) -> torch.Tensor:
@@ -233,18 +236,12 @@ class DigsegPipeline:
         self.notes.append(note)
 
     def resolve_decoder(self, decoder: str) -> str:
-        """`vae|fast|auto` → `vae` or `fast`; "auto" needs a fast decoder that passed its accuracy check."""
-        fast = self.model.fast_decoder is not None
-        if decoder == "auto":
-            passed = bool((self.config.evaluation.get("fast_decoder") or {}).get("passed"))
-            return "fast" if fast and passed else "vae"
-        if decoder not in DECODERS:
-            raise UsageError(f"`decoder` must be vae, fast or auto, got {decoder!r}")
-        if decoder == "fast" and not fast:
-            raise UsageError(
-                "`decoder` fast needs a checkpoint with a fast decoder (make one with `digseg decoder train`)"
-            )
-        return decoder
+        """`vae|fast|auto` → `vae` or `fast`; "auto" needs a fast decoder that passed its check (`fast_parts`)."""
+        return resolve_part(self.model, self.config, "decoder", decoder)
+
+    def resolve_encoder(self, encoder: str) -> str:
+        """`vae|fast|auto` → `vae` or `fast`; "auto" needs a fast encoder that passed its check (`fast_parts`)."""
+        return resolve_part(self.model, self.config, "encoder", encoder)
 
     def _check_settings(self, prompts, steps, ensemble, resolution) -> None:
         if not prompts or any(not (p if isinstance(p, str) else all(p)) for p in prompts):
@@ -314,9 +311,10 @@ class DigsegPipeline:
         f = self.model.vae_scale_factor
         emb, pooled = text
         n, texts = x.shape[0], emb.shape[0]
-        # 4. Encode each image once (VAE encoder); its latent is shared by every prompt.
+        # 4. Encode each image once (VAE encoder, or the distilled fast encoder); its latent is shared by every prompt.
         t0 = time.perf_counter()
-        z_img = self.model.encode_image(x.to(self.model.vae.dtype)).to(self.dtype)  # [n,4,h/f,w/f]
+        encode = self.model.encode_image_fast if run.encoder == "fast" else self.model.encode_image
+        z_img = encode(x).to(self.dtype)  # [n,4,h/f,w/f]
         latent_shape = (1, z_img.shape[1], x.shape[-2] // f, x.shape[-1] // f)
         noise = None
         if self.config.objective == "diffusion":  # the same noise for every pair of an image: batched == one by one

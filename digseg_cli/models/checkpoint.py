@@ -2,7 +2,8 @@
 
 A checkpoint is `digseg_config.json` plus `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/` and
 `text_pathway/`, each in diffusers / transformers layout with safetensors weights, plus optionally
-`fast_decoder/` (a distilled mask decoder: `config.json` + `model.safetensors`). Loading rebuilds each
+`fast_decoder/` and `fast_encoder/` (a distilled mask decoder and image encoder: `config.json` +
+`model.safetensors` each). Loading rebuilds each
 module from its config and loads its tensors with strict key checks; nothing is ever unpickled. Saving
 writes a temporary sibling folder and renames it into place, so a kill while saving never leaves a
 checkpoint that loads wrong. This module does not know about devices beyond `.to()`, prompts or training.
@@ -40,7 +41,7 @@ from digseg_cli.typecheck import check_type
 from digseg_cli.weights.hub import SD_WEIGHTS
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_pathway")
-FAST_DECODER = "fast_decoder"  # optional component
+FAST_PARTS = ("fast_decoder", "fast_encoder")  # optional components: the `DigsegModel` attributes they fill
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -177,8 +178,9 @@ def save_checkpoint(
         {k: v.detach().contiguous().cpu() for k, v in pathway.state_dict().items()},
         str(tmp / "text_pathway" / "model.safetensors"),
     )
-    if m.fast_decoder is not None:
-        save_fast_decoder(tmp / FAST_DECODER, m.fast_decoder)
+    for name in FAST_PARTS:
+        if getattr(m, name) is not None:
+            save_fast_part(tmp / name, getattr(m, name))
     if extra is not None:
         extra(tmp)
     loaded.config.save(tmp)  # written last: a folder without it is never taken for a checkpoint
@@ -234,10 +236,10 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     sched = {k: v for k, v in _read_json(sched_path).items() if not k.startswith("_")}
     with _component(sched_path):
         make_scheduler(sched)  # built once here so that a schedule that cannot be built fails as the checkpoint's
-    fast = load_fast_decoder(folder / FAST_DECODER) if (folder / FAST_DECODER).is_dir() else None
+    fast = {name: load_fast_part(folder / name) if (folder / name).is_dir() else None for name in FAST_PARTS}
     for module in (unet, vae, text_encoder, pathway):
         module.eval()
-    return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway, fast), tokenizer, sched, config)
+    return LoadedModel(DigsegModel(unet, vae, text_encoder, pathway, **fast), tokenizer, sched, config)
 
 
 def _load_text_encoder(folder: Path, pretrained: bool):
@@ -275,28 +277,34 @@ def _component(source: Path) -> Iterator[None]:
         ) from None
 
 
-def save_fast_decoder(folder: Path, decoder: torch.nn.Module) -> None:
-    """Write a `FastMaskDecoder` as `config.json` (its constructor arguments) + `model.safetensors`."""
+def save_fast_part(folder: Path, module: torch.nn.Module) -> None:
+    """Write a `FastMaskDecoder` or `FastImageEncoder` as `config.json` (its constructor arguments) +
+    `model.safetensors`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(folder / "config.json", dict(decoder.config))
+    _write_json(folder / "config.json", dict(module.config))
     save_file(
-        {k: v.detach().float().contiguous().cpu() for k, v in decoder.state_dict().items()},
+        {k: v.detach().float().contiguous().cpu() for k, v in module.state_dict().items()},
         str(folder / "model.safetensors"),
     )
 
 
-def load_fast_decoder(folder: Path) -> torch.nn.Module:
-    """Rebuild a `FastMaskDecoder` from its folder (strict keys, safetensors), frozen and in eval mode."""
+def load_fast_part(folder: Path) -> torch.nn.Module:
+    """Rebuild the fast decoder (`fast_decoder/`) or encoder (`fast_encoder/`) from its folder (strict keys,
+    safetensors), frozen and in eval mode."""
     from digseg_cli.core.fast_decoder import FastMaskDecoder
+    from digseg_cli.core.fast_encoder import FastImageEncoder
 
-    cfg = _read_json(Path(folder) / "config.json")
+    folder = Path(folder)
+    kind = {"fast_decoder": FastMaskDecoder, "fast_encoder": FastImageEncoder}[folder.name]
+    cfg = _read_json(folder / "config.json")
     try:
-        decoder = FastMaskDecoder(**cfg)
+        module = kind(**cfg)
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder}/config.json is not a fast-decoder config: {exc}") from None
-    _load_strict(decoder, Path(folder) / "model.safetensors")
-    return decoder.requires_grad_(False).eval()
+        what = folder.name.replace("_", "-")
+        raise CheckpointError(f"{folder}/config.json is not a {what} config: {exc}") from None
+    _load_strict(module, folder / "model.safetensors")
+    return module.requires_grad_(False).eval()
 
 
 def _load_strict(module: torch.nn.Module, path: Path) -> None:

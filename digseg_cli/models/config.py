@@ -23,8 +23,9 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "digseg_config.json"
 MASK_ENCODINGS = ("mask",)  # "overlay" (the mask drawn over the image) is kept for later (DESIGN §1.2)
 PREDICTION_TYPES = ("epsilon", "v_prediction")
-# Mask decoders a pipeline can use; "auto" is the fast one when its recorded accuracy check passed.
-DECODERS = ("auto", "vae", "fast")
+# Mask decoders and image encoders a pipeline can use; "auto" is the fast one when its recorded accuracy check
+# passed (`inference.fast_parts`).
+DECODERS = ENCODERS = ("auto", "vae", "fast")
 
 
 def check_prompt_template(template: str, what: str = "`prompt_template`") -> str:

@@ -64,6 +64,7 @@ CONTENT_SETTINGS = (
     "simplify",
 )
 _NOT_MEANING = ("batch_size", "seed_rule")  # resolved values that do not change what a label means
+RESOLVED_BEFORE = {"encoder": "vae"}  # resolved values a manifest of an older digseg lacks: what it ran then
 
 
 def peak_memory(device=None) -> tuple[int | None, str]:
@@ -143,6 +144,7 @@ def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipel
             "batch_size": pipe.batch_size,
             "seed_rule": "sha256(seed, file name)",
             "decoder": resolved.call["decoder"],
+            "encoder": resolved.call["encoder"],
         },
         "weights": {
             "name": origin.weights,
@@ -177,7 +179,8 @@ def identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """What the outputs of a run mean, from its manifest (or `describe`): two runs with the same identity may
     share a folder. Read from the recorded fields, so manifests written before it existed compare too."""
     weights = {k: v for k, v in (manifest.get("weights") or {}).items() if k != "sha256"}  # digested later
-    resolved = {k: v for k, v in (manifest.get("resolved") or {}).items() if k not in _NOT_MEANING}
+    recorded = {**RESOLVED_BEFORE, **(manifest.get("resolved") or {})}
+    resolved = {k: v for k, v in recorded.items() if k not in _NOT_MEANING}
     settings = manifest.get("settings") or {}
     found = {"weights": weights, "resolved": resolved, "precision": manifest.get("precision")}
     # A setting a manifest of an older digseg lacks had its default there (no --save-confidence, no --rle).

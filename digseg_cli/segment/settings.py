@@ -60,6 +60,7 @@ class SegmentSettings:
     seed: int = 0
     tile: int | str = "auto"
     decoder: str = "auto"  # vae | fast | auto (fast when the checkpoint's distilled decoder passed its check)
+    encoder: str = "auto"  # vae | fast | auto, the same rule for the image encoder (`inference.fast_parts`)
     overlap: float = 0.25
     max_pixels: int = 100_000_000  # 0 = no limit
     prompt_template: str | None = None
@@ -86,8 +87,9 @@ class SegmentSettings:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise UsageError(f"`mode` must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.decoder not in DECODERS:
-            raise UsageError(f"`decoder` must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        for part in ("decoder", "encoder"):
+            if getattr(self, part) not in DECODERS:
+                raise UsageError(f"`{part}` must be one of {', '.join(DECODERS)}, got {getattr(self, part)!r}")
         if self.probs_format not in PROBS_FORMATS:
             raise UsageError(f"`probs_format` must be one of {', '.join(PROBS_FORMATS)}, got {self.probs_format!r}")
         if self.overwrite and self.skip_existing:
@@ -179,6 +181,7 @@ def resolve_run(pipe: DigsegPipeline, settings: SegmentSettings) -> ResolvedRun:
         overlap=settings.overlap,
         prompt_template=settings.prompt_template,
         decoder=pipe.resolve_decoder(settings.decoder),
+        encoder=pipe.resolve_encoder(settings.encoder),
         spread=settings.save_confidence,
     )
     members = pipe.config.default_ensemble if settings.ensemble is None else settings.ensemble

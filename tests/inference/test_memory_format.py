@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from digseg_cli.core.fast_decoder import FastMaskDecoder
+from digseg_cli.core.fast_encoder import FastImageEncoder
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.pipeline import DigsegPipeline
 from digseg_cli.models.loader import load_model
@@ -15,20 +16,23 @@ IMAGE = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)  #
 
 
 def _conv_weights(pipe: DigsegPipeline) -> list[torch.Tensor]:
-    """The first conv of the U-Net, of the VAE encoder and decoder, and of the fast decoder."""
+    """The first conv of the U-Net, of the VAE encoder and decoder, and of the fast decoder and encoder."""
     m = pipe.model
     return [
         m.unet.conv_in.weight,
         m.vae.encoder.conv_in.weight,
         m.vae.decoder.conv_in.weight,
         m.fast_decoder.stem.weight,
+        m.fast_encoder.downs[0].weight,
     ]
 
 
 def _pipeline(**options) -> DigsegPipeline:
     loaded = load_model("tiny")
     torch.manual_seed(1)
-    loaded.model.fast_decoder = FastMaskDecoder(loaded.model.latent_channels, loaded.model.vae_scale_factor, width=8)
+    m = loaded.model
+    m.fast_decoder = FastMaskDecoder(m.latent_channels, m.vae_scale_factor, width=8)
+    m.fast_encoder = FastImageEncoder(m.latent_channels, m.vae_scale_factor, width=8)
     return DigsegPipeline(loaded, **options)
 
 
@@ -48,12 +52,12 @@ def test_the_default_is_channels_last_and_contiguous_can_be_asked_for(pipe):
         other.memory_format = "nhwc"
 
 
-@pytest.mark.parametrize("decoder", ["vae", "fast"])
-def test_channels_last_gives_the_contiguous_probabilities_within_1e_4(pipe, decoder):
+@pytest.mark.parametrize("parts", [{"decoder": "vae"}, {"decoder": "fast"}, {"encoder": "fast"}])
+def test_channels_last_gives_the_contiguous_probabilities_within_1e_4(pipe, parts):
     try:
-        nhwc = pipe(IMAGE, ["road", "tree"], tile=None, decoder=decoder)
+        nhwc = pipe(IMAGE, ["road", "tree"], tile=None, **parts)
         pipe.memory_format = "contiguous"
-        plain = pipe(IMAGE, ["road", "tree"], tile=None, decoder=decoder)
+        plain = pipe(IMAGE, ["road", "tree"], tile=None, **parts)
     finally:
         pipe.memory_format = "channels_last"
     assert nhwc.probs.is_contiguous() and nhwc.probs.dtype == torch.float32
@@ -64,7 +68,7 @@ def test_the_model_hands_back_ordinary_tensors(pipe):
     m = pipe.model
     with torch.no_grad():
         latent = m.encode_image(torch.zeros(2, 3, 32, 32))  # [2,4,h,w]
-        assert latent.is_contiguous()
+        assert latent.is_contiguous() and m.encode_image_fast(torch.zeros(2, 3, 32, 32)).is_contiguous()
         assert m.decode_probs(latent).is_contiguous() and m.decode_probs_fast(latent).is_contiguous()  # [2,32,32]
 
 
