@@ -3,10 +3,11 @@
 `tests/fixtures/behaviour_before_house.npz` was recorded before any module moved: the label maps and
 probabilities that the README's example images get from the built-in demo, and the probabilities of a fresh
 DiGSeg built from the tiny SD base stored in `tests/fixtures/tiny-sd/` (stored, not rebuilt, so a newer
-diffusers' initialisation cannot move it). In the layout they were recorded in (contiguous) they must come out
-identical: the same torch build, one thread. In the default layout since, channels_last (issue 21), which only
-reorders the convolutions' sums, the label maps are identical and the probabilities within 1e-4 (measured: 1.6e-5
-at most).
+diffusers' initialisation cannot move it). In the layout they were recorded in (contiguous), with the same torch
+build on one thread, the label maps are identical and the probabilities too on the CPU that recorded them; another
+CPU's kernels move them by a few 1e-6 (`CPU_KERNELS`). In the default layout since, channels_last (issue 21), which
+only reorders the convolutions' sums, the label maps are identical and the probabilities within 1e-4 (measured:
+1.6e-5 at most).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from digseg_cli.cli.app import app
 DATA = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["road", "tree", "building", "water", "field"]
+# The same torch build picks other kernels on another CPU (AVX2 or AVX-512): probabilities 3.4e-6 apart at most
+# (measured on a 2-core AVX-512 host against the AVX2 host that recorded the tiny-SD maps; identical there).
+CPU_KERNELS = 1e-5
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,7 +69,7 @@ def test_fresh_model_from_a_tiny_sd_base_gives_the_recorded_probabilities(record
     out = pipe(image, ["road", ["tree", "forest"]], resolution=64)  # channels_last
     np.testing.assert_allclose(out.probs.numpy(), recorded["fresh_sd_probs"], rtol=0, atol=1e-4)
     np.testing.assert_array_equal(out.labels.numpy(), recorded["fresh_sd_labels"])
-    pipe.memory_format = "contiguous"  # the layout it was recorded in: bit for bit
+    pipe.memory_format = "contiguous"  # the layout it was recorded in: bit for bit on the CPU that recorded it
     out = pipe(image, ["road", ["tree", "forest"]], resolution=64)
-    np.testing.assert_array_equal(out.probs.numpy(), recorded["fresh_sd_probs"])
+    np.testing.assert_allclose(out.probs.numpy(), recorded["fresh_sd_probs"], rtol=0, atol=CPU_KERNELS)
     np.testing.assert_array_equal(out.labels.numpy(), recorded["fresh_sd_labels"])
