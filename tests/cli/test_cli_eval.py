@@ -146,6 +146,8 @@ class FakePipe:
     def resolve_decoder(self, decoder):
         return "vae" if decoder == "auto" else decoder
 
+    resolve_encoder = resolve_decoder  # no fast parts: auto is the VAE's
+
     def __call__(self, image, prompts, **kw):
         self.calls.append((image.shape, prompts, kw))
         if self.note and len(self.calls) == 1:
@@ -201,6 +203,7 @@ def test_model_path_records_settings(tmp_path, monkeypatch):
     assert m["num_images"] == 2
     assert m["settings"]["steps"] == 1 and m["settings"]["short_side"] == 16 and m["settings"]["weights"] == "my-ckpt"
     assert m["settings"]["decoder"] == "vae" and pipe.calls[0][2]["decoder"] == "vae"
+    assert m["settings"]["encoder"] == "vae" and pipe.calls[0][2]["encoder"] == "vae"
     assert m["settings"]["precision_fallbacks"] == [pipe.note]  # said during the run, recorded at its end
     assert m["settings"]["precision"] == "fp32"  # named as run.json and --precision name it
     assert [c[2]["seed"] for c in pipe.calls] == [image_seed(5, "0"), image_seed(5, "1")]  # seed + image name
