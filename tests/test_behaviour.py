@@ -1,13 +1,14 @@
-"""Behaviour unchanged by the house move (issue 16, item 9).
+"""Behaviour kept: the README examples with the demo, and a fresh model from a tiny SD base (issue 16, item 9).
 
-`tests/fixtures/behaviour_before_house.npz` was recorded before any module moved: the label maps and
-probabilities that the README's example images get from the built-in demo, and the probabilities of a fresh
-DiGSeg built from the tiny SD base stored in `tests/fixtures/tiny-sd/` (stored, not rebuilt, so a newer
-diffusers' initialisation cannot move it). In the layout they were recorded in (contiguous), with the same torch
-build on one thread, the label maps are identical and the probabilities too on the CPU that recorded them; another
-CPU's kernels move them by a few 1e-6 (`CPU_KERNELS`). In the default layout since, channels_last (issue 21), which
-only reorders the convolutions' sums, the label maps are identical and the probabilities within 1e-4 (measured:
-1.6e-5 at most).
+`tests/fixtures/behaviour_before_house.npz` holds (1) the label maps and probabilities that the README's example
+images get from the built-in demo, recorded through `digseg segment` on one thread in the default layout
+(channels_last) when the demo was retrained (issue 19; the file keeps the name of the house move it first
+guarded); (2) the probabilities of a fresh DiGSeg built from the tiny SD base stored in `tests/fixtures/tiny-sd/`
+(stored, not rebuilt, so a newer diffusers' initialisation cannot move it), recorded before any module moved, in
+the contiguous layout. With the same torch build on one thread the label maps come out identical; the
+probabilities are identical on the CPU that recorded them, and another CPU's kernels move them by a few 1e-6
+(`CPU_KERNELS`); across layouts, which only reorder the convolutions' sums, within 1e-4 (measured: 1.6e-5 at
+most).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ REGISTRY: dict[str, WeightsSpec] = {
     for spec in (
         WeightsSpec(
             name="demo",
-            description="Built-in compact demo model (CPU-sized; synthetic aerial scenes)",
+            description="Built-in compact demo model (CPU-sized; synthetic aerial scenes; all-MiniLM-L6-v2 text)",
             source="bundled",
             licence="Apache-2.0",
             classes=("road", "tree", "building", "water", "field"),
