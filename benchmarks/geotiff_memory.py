@@ -39,6 +39,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="demo", help="weights (default: the bundled demo; tiny for a smoke test)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--tile", default="auto", help="auto|N as digseg segment's --tile (default auto: the model's)")
+    p.add_argument("--batch-size", type=int, help="(tile, prompt) pairs per model call (default: the pipeline's)")
     p.add_argument("--block", type=int, help="block side in pixels (default: 8 tiles, at least 1024)")
     p.add_argument("--vector", choices=("geojson", "gpkg"), help="also write the polygons")
     p.add_argument("--keep", type=Path, help="folder to keep the raster and outputs in (default: a temporary one)")
@@ -95,7 +96,12 @@ def segment(path: Path, out: Path, a: argparse.Namespace) -> tuple[dict, object,
     loaded = open_pipeline(a.model, device=a.device)
     loaded_rss = current_rss()
     settings = SegmentSettings(
-        classes=tuple(classes), tile=parse_tile(a.tile), raster_block=a.block, save_probs=True, vector=a.vector
+        classes=tuple(classes),
+        tile=parse_tile(a.tile),
+        raster_block=a.block,
+        save_probs=True,
+        vector=a.vector,
+        batch_size=a.batch_size,
     )
     records = []
     tracemalloc.start()  # numpy's arrays (and Python's objects), not torch's: the run's own data
