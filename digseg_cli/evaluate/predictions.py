@@ -65,7 +65,8 @@ def pipeline_predictor(
         call = pipe.prepare(prompts, seed=image_seed(seed or 0, name), **settings)
         return class_probs(pipe, img, call, tile, {})  # (first class, [k,h,w]) chunk by chunk
 
-    predict.chunks = chunks  # `evaluate` labels from these, one chunk at a time
+    if hasattr(pipe, "image_predictor"):  # a pipeline (a test's stand-in may have `__call__` alone)
+        predict.chunks = chunks  # `evaluate` labels from these, one chunk at a time
     return predict
 
 

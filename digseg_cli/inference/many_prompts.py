@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -22,13 +22,13 @@ from digseg_cli.core.labels import LabelFold, class_means
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.calls import PreparedCall, SegmentationOutput
 
-if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline
+DigsegPipeline = Any  # `inference.pipeline`'s (not imported: it imports this)
 
-# Full-size float32 maps one chunk may hold (its texts × H × W × 4 bytes): 256 MiB is 256 maps of a 512 px
-# image, 16 of a 2048 px one. A chunk is also a whole number of U-Net batches where it can be (no part-filled
+# Full-size float32 maps one chunk may hold (its texts × H × W × 4 bytes): 64 MiB is 64 maps of a 512 px image,
+# 4 of a 2048 px one; a call's peak above the model is a few times this (the maps before and after the resize to
+# the image's size), whatever K. A chunk is also a whole number of U-Net batches where it can be (no part-filled
 # batch but the last), so chunking costs no U-Net time.
-CHUNK_MAP_BYTES = 2**28
+CHUNK_MAP_BYTES = 2**26
 
 
 def class_chunks(sizes: list[int], map_bytes: int, batch: int, budget: int = CHUNK_MAP_BYTES) -> list[range]:

@@ -8,12 +8,11 @@ One job: `upcast_after_overflow`, called by `DigsegPipeline.predict_finite` (and
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from digseg_cli.inference.pipeline import DigsegPipeline
+DigsegPipeline = Any  # `inference.pipeline`'s (not imported: it imports this)
 
 log = logging.getLogger("digseg")
 

@@ -60,7 +60,8 @@ def blend_windows(
     for lo in range(0, len(windows), group):
         chunk = windows[lo : lo + group]
         pixels = torch.cat([crop(*window) for window in chunk])  # [g,3,h,w]
-        cached = None if latents is None else latents.setdefault(lo, {})  # this group of windows' latents
+        # This group's latents; groups depend on the texts per call, so they are known by their windows.
+        cached = None if latents is None else latents.setdefault(tuple(chunk), {})
         probs = pipe._predict(pixels, text, native, timings, latents=cached)  # [g,T,h,w]
         for (top, left, _, _), tile_probs in zip(chunk, probs, strict=True):
             y0, y1 = max(top, top0), min(top + h, top0 + height)  # the window's part inside the box
