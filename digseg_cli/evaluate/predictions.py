@@ -47,24 +47,26 @@ def pipeline_predictor(
     """Wrap a ``DigsegPipeline`` as a predictor: optional test-time resize (short side, capped long side),
     one noise seed per image from ``seed`` and the sample's name (``image_seed``, as ``segment`` does: the
     same whatever the order or sharding), probabilities returned at the resized size (``evaluate`` resizes
-    them to the label)."""
+    them to the label). Its ``chunks`` gives the same maps a chunk of classes at a time, which ``evaluate``
+    folds into labels in bounded memory."""
+
+    settings = dict(steps=steps, ensemble=ensemble, resolution=resolution, prompt_template=prompt_template)
+    settings.update(decoder=decoder, encoder=encoder)
 
     def predict(image: np.ndarray, prompts: list, name: str) -> torch.Tensor:
         img = resize_short_side(image, short_side, max_side)
-        out = pipe(
-            img,
-            prompts,
-            steps=steps,
-            ensemble=ensemble,
-            seed=image_seed(seed or 0, name),
-            resolution=resolution,
-            tile=tile,
-            prompt_template=prompt_template,
-            decoder=decoder,
-            encoder=encoder,
-        )
-        return out.probs  # [K,h,w]
+        return pipe(img, prompts, seed=image_seed(seed or 0, name), tile=tile, **settings).probs  # [K,h,w]
 
+    def chunks(image: np.ndarray, prompts: list, name: str):
+        """`predict`'s maps a chunk of classes at a time (`inference.many_prompts`): memory bounded whatever K."""
+        from digseg_cli.inference.many_prompts import class_probs
+
+        img = resize_short_side(image, short_side, max_side)
+        call = pipe.prepare(prompts, seed=image_seed(seed or 0, name), **settings)
+        return class_probs(pipe, img, call, tile, {})  # (first class, [k,h,w]) chunk by chunk
+
+    if hasattr(pipe, "image_predictor"):  # a pipeline (a test's stand-in may have `__call__` alone)
+        predict.chunks = chunks  # `evaluate` labels from these, one chunk at a time
     return predict
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from digseg_cli.core import metrics as M
-from digseg_cli.core.labels import LABEL_MODES, labels_from_probs
+from digseg_cli.core.labels import LABEL_MODES, LabelFold
 from digseg_cli.errors import DatasetError, UsageError
 
 if TYPE_CHECKING:
@@ -332,13 +332,23 @@ def evaluate(
         raise UsageError("`prompts` must give one entry per class")
 
     def predict_one(sample) -> tuple[torch.Tensor, str]:
-        probs = torch.as_tensor(predictor(sample.image, prompts, sample.stem)).detach().float().cpu()  # [K,h,w]
-        if probs.ndim != 3 or probs.shape[0] != len(class_names):
-            raise ValueError(f"predictor returned shape {tuple(probs.shape)}; expected [{len(class_names)},H,W]")
-        size = tuple(np.asarray(sample.label).shape)
-        if tuple(probs.shape[1:]) != size:  # resize probabilities, never labels
-            probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]  # [K,H,W]
-        return labels_from_probs(probs, label_mode, threshold), sample.stem
+        # A predictor with `chunks` (a pipeline's) gives its maps a chunk of classes at a time: each is resized and
+        # folded into the labels, so memory holds one chunk whatever K is; else all K maps in one chunk.
+        chunks = getattr(predictor, "chunks", None)
+        parts = (
+            chunks(sample.image, prompts, sample.stem)
+            if chunks
+            else [(0, predictor(sample.image, prompts, sample.stem))]
+        )
+        fold, size = LabelFold(label_mode, threshold, len(class_names)), tuple(np.asarray(sample.label).shape)
+        for _, part in parts:
+            probs = torch.as_tensor(part).detach().float().cpu()  # [k,h,w]
+            if probs.ndim != 3 or (not chunks and probs.shape[0] != len(class_names)):
+                raise ValueError(f"predictor returned shape {tuple(probs.shape)}; expected [{len(class_names)},H,W]")
+            if tuple(probs.shape[1:]) != size:  # resize probabilities, never labels
+                probs = F.interpolate(probs[None], size=size, mode="bilinear", align_corners=False)[0]  # [k,H,W]
+            fold.add(probs)
+        return fold.labels(), sample.stem
 
     meta = {
         "dataset": dataset,

@@ -41,18 +41,19 @@ class PreparedCall:
 class SegmentationOutput:
     """Result for one image of size H×W and K prompts.
 
-    probs:  float32 `[K,H,W]` in [0,1], probability that each pixel belongs to prompt k.
+    probs:  float32 `[K,H,W]` in [0,1], probability that each pixel belongs to prompt k (None when the call
+            asked for the labels alone, `output="labels"`: then memory does not grow with K).
     labels: int64 `[H,W]`; 0 = background, k = prompt k (1-based) where its probability is the largest
             and reaches its threshold (semantic mode).
-    masks:  bool `[K,H,W]`, each prompt thresholded alone (multilabel mode).
+    masks:  bool `[K,H,W]`, each prompt thresholded alone (multilabel mode; None with `output="labels"`).
     spread: float32 `[K,H,W]` (only when asked for with an ensemble of two or more members, else None): the
             standard deviation of each class's probability across the members (seeds, or flips for one-step
             models); where tiles overlap, the tiles' variances are blended like their probabilities.
     """
 
-    probs: torch.Tensor
+    probs: torch.Tensor | None
     labels: torch.Tensor
-    masks: torch.Tensor
+    masks: torch.Tensor | None
     thresholds: list[float]
     prompts: list[str]
     timings: dict[str, float] = field(default_factory=dict)

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from digseg_cli.core import diffusion, transforms
-from digseg_cli.core.labels import labels_from_probs, prompt_thresholds
+from digseg_cli.core.labels import class_means, labels_from_probs, prompt_thresholds
 from digseg_cli.core.model import memory_format_of
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.calls import CallSettings, PreparedCall, SegmentationOutput
 from digseg_cli.inference.fast_parts import resolve_part
+from digseg_cli.inference.overflow import upcast_after_overflow
 from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
 from digseg_cli.inference.tiling import blend_windows
 from digseg_cli.models.checkpoint import LoadedModel, save_checkpoint
@@ -33,6 +34,9 @@ Prompt = str | Sequence[str]  # a class name, or a class's synonyms whose scores
 # there batching pays only while calls are launch-bound: the demo's 192 px tiles with one prompt ran 20 % faster
 # two per call than one, and 20 % slower sixteen per call than two. A GPU keeps gaining up to its memory.
 PAIR_PIXELS_PER_CALL = {"cpu": 2**17}
+# Decoder pairs per call on a CPU: the demo's fast decoder took 1.1 ms a pair 4 at a time, 2.1 ms 16 at a time
+# (16 is the U-Net's fastest batch), so each U-Net batch is decoded in slices of four.
+DECODE_BATCH = {"cpu": 4}
 
 
 class DigsegPipeline:
@@ -58,6 +62,7 @@ class DigsegPipeline:
         self.scheduler = diffusion.make_scheduler(loaded.scheduler_config)
         self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.batch_size = 1 if self.device.type == "mps" else 16
+        self.decode_batch_size = DECODE_BATCH.get(self.device.type)  # None: the U-Net's batch
         self.notes: list[str] = []  # what the pipeline changed on its own (fp32 after an overflow), for run logs
 
     @property
@@ -121,34 +126,45 @@ class DigsegPipeline:
         decoder: str = "auto",
         spread: bool = False,
         encoder: str = "auto",
+        output: str = "probs",
     ) -> SegmentationOutput:
         """Segment `image` (PIL image or `[H,W,3]` uint8 array) with one class per item of `prompts`.
 
         `decoder`, `encoder`: "vae" (the VAE's), "fast" (the checkpoint's distilled one) or "auto" (fast when the
         checkpoint has one that passed its accuracy check, else vae). `spread`: also the members' spread
-        (`SegmentationOutput.spread`) when the ensemble has two members or more."""
+        (`SegmentationOutput.spread`) when the ensemble has two members or more. `output`: "probs" (every map:
+        memory grows with the prompts) or "labels" (the label map alone, prompts run in chunks: bounded memory,
+        `inference.many_prompts`; `probs`, `masks` and `spread` are then None)."""
         t_start = time.perf_counter()
         # 0–1. Resolve defaults from the checkpoint config, check the settings and prompts, then the image.
         settings = dict(steps=steps, ensemble=ensemble, seed=seed, resolution=resolution, threshold=threshold)
         more = dict(overlap=overlap, prompt_template=prompt_template, decoder=decoder, spread=spread, encoder=encoder)
         call = self.prepare(prompts, **settings, **more)
+        if output != "probs":  # "labels" (else a UsageError there)
+            from digseg_cli.inference.many_prompts import segment_labels
+
+            return segment_labels(self, image, call, tile, t_start, output=output)
+        predict, _ = self.image_predictor(image, call, tile, timings := {})  # timings: seconds per step
+        probs = self.predict_finite(predict, call)  # [T,H,W]
+        # 9–10. Average synonyms' scores into one map per class, threshold.
+        return self.finish(probs, call, timings, t_start)
+
+    def image_predictor(self, image, call: PreparedCall, tile, timings: dict, latents: dict | None = None):
+        """Steps 3–8: (`predict(text)` → `[T,H,W]` for embeddings `text`, whole image or tiled; `(H, W)`); `latents`
+        (a dict) keeps the image's latents between calls: prompts run in chunks encode the image once."""
         pixels = self._check_image(image)  # [1,3,H,W] in [-1,1]
-        # 2–8. Encode prompts, then preprocess, encode image, denoise, decode: whole image or tile by tile.
         height, width = pixels.shape[-2:]
         tile_size = self._tile_size(tile, call.run.resolution, height, width)
-        windows = transforms.tile_windows(height, width, tile_size, overlap) if tile_size else []
-        timings: dict[str, float] = {}
+        windows = transforms.tile_windows(height, width, tile_size, overlap=call.run.overlap) if tile_size else []
 
         def crop(top: int, left: int, h: int, w: int) -> torch.Tensor:
             return pixels[..., top : top + h, left : left + w]
 
         def predict(text) -> torch.Tensor:  # [T,H,W]
-            box = (0, 0, height, width)
-            return blend_windows(self, crop, windows, box, text=text, tile=tile_size, run=call.run, timings=timings)
+            more = dict(tile=tile_size, run=call.run, timings=timings, latents=latents)
+            return blend_windows(self, crop, windows, (0, 0, height, width), text=text, **more)
 
-        probs = self.predict_finite(predict, call)
-        # 9–10. Average synonyms' scores into one map per class, threshold.
-        return self.finish(probs, call, timings, t_start)
+        return predict, (height, width)
 
     def prepare(
         self,
@@ -191,7 +207,7 @@ class DigsegPipeline:
         (SD VAEs are known to: NaN or black masks): then again with the part in fp32 (step 8)."""
         probs = predict(self.encode_prompts(prepared.texts))  # [T,H,W] (+ [K,H,W] variances with groups)
         while not bool(torch.isfinite(probs).all()):
-            self._upcast_after_overflow()
+            upcast_after_overflow(self)
             probs = predict(self.encode_prompts(prepared.texts))
         return probs
 
@@ -201,39 +217,13 @@ class DigsegPipeline:
         sizes = [len(s) for s in prepared.classes]
         texts = len(prepared.texts)
         probs, variance = (probs[:texts], probs[texts:]) if prepared.run.groups else (probs, None)
-        probs = torch.stack([chunk.mean(0) for chunk in probs.split(sizes)])  # [K,H,W]
+        probs = class_means(probs, sizes)  # [K,H,W]
         labels, masks = probs_to_labels(probs, prepared.thresholds)
         timings["total"] = time.perf_counter() - t_start
         deviation = None if variance is None else variance.clamp_min(0).sqrt().cpu()  # [K,H,W]
         names = [c[0] for c in prepared.classes]
         maps = (probs.cpu(), labels.cpu(), masks.cpu())
         return SegmentationOutput(*maps, prepared.thresholds, names, timings, spread=deviation)
-
-    def _upcast_after_overflow(self) -> None:
-        """After non-finite probabilities: the VAE to fp32 first (the usual culprit), then the whole model.
-        Sticky for the pipeline's life; each step adds a line to `notes`. The weights keep their reduced-precision
-        rounding (no second copy is held). In fp32 it is the weights' fault."""
-        from digseg_cli.errors import CheckpointError
-
-        # The VAE's dtype is not always the pipeline's: a trainer validating keeps its frozen VAE in its own.
-        if self.model.vae.dtype != torch.float32:
-            part, dtype = "VAE", self.model.vae.dtype
-            self.model.vae.to(torch.float32)
-        elif self.dtype != torch.float32:
-            part, dtype = "model", self.dtype
-            self.model.to(torch.float32)
-            self.dtype = torch.float32
-            self._prompt_cache.clear()  # embeddings made in the reduced precision may be what overflowed
-        else:
-            raise CheckpointError(
-                "the model gives non-finite probabilities in float32: its weights look damaged "
-                "(download them again, or check a checkpoint you trained)"
-            )
-        note = (
-            f"the {part} gave non-finite values in {str(dtype).removeprefix('torch.')}; it runs in float32 from now on"
-        )
-        log.warning("%s", note)
-        self.notes.append(note)
 
     def resolve_decoder(self, decoder: str) -> str:
         """`vae|fast|auto` → `vae` or `fast`; "auto" needs a fast decoder that passed its check (`fast_parts`)."""
@@ -273,11 +263,12 @@ class DigsegPipeline:
         # Tile at native scale when the image is much larger than the processing resolution.
         return transforms.tile_size_for(tile, resolution, height, width)
 
-    def _predict(self, pixels, text, run: CallSettings, timings, seeds: Sequence[int] | None = None) -> torch.Tensor:
+    def _predict(self, pixels, text, run: CallSettings, timings, seeds=None, latents=None) -> torch.Tensor:
         """Images `[n,3,H,W]` (one image, n equal-size tiles of one, or n equal-size images with their `seeds`)
         and `text` = (emb `[T,L,D]`, pooled `[T,D]`) → probabilities `[n,T,H,W]` at the input size, averaged over
         the ensemble; with `run.groups` (texts per class) followed by each class's variance across the members,
-        `[n,T+K,H,W]` in all. Without `seeds` every row draws its noise from `run.seed`."""
+        `[n,T+K,H,W]` in all. Without `seeds` every row draws its noise from `run.seed`. `latents` (a dict, or
+        None) keeps each member's image latents and noise for the next call on the same `pixels` (other texts)."""
         n, _, height, width = pixels.shape
         # 3. Preprocess: resize to the processing resolution, pad to the model's multiple.
         x = transforms.resize(pixels, transforms.processing_size(height, width, run.resolution))  # [n,3,h',w']
@@ -288,7 +279,8 @@ class DigsegPipeline:
             # A one-step model is deterministic: its ensemble averages flipped/rotated copies instead of seeds.
             k = member if self.config.objective == "one-step" else 0
             xk, pad = transforms.pad_to_multiple(transforms.dihedral(x, k), self.model.size_multiple)
-            probs = self._predict_padded(xk, text, run, generators, timings)  # [n,T,hp,wp]
+            cached = None if latents is None else latents.setdefault(member, {})
+            probs = self._predict_padded(xk, text, run, generators, timings, cached)  # [n,T,hp,wp]
             # 7. Undo the padding and the flip, resize to the input size (bilinear) before any threshold.
             probs = transforms.dihedral_inverse(transforms.unpad(probs, pad), k)  # [n,T,h',w']
             probs = transforms.resize(probs, (height, width))  # [n,T,H,W]
@@ -304,23 +296,19 @@ class DigsegPipeline:
         total /= run.ensemble
         return total if m2 is None else torch.cat([total, m2 / run.ensemble], 1)
 
-    def _predict_padded(self, x, text, run: CallSettings, generators, timings) -> torch.Tensor:
+    def _predict_padded(self, x, text, run: CallSettings, generators, timings, cached=None) -> torch.Tensor:
         """Padded `[n,3,h,w]` → `[n,T,h,w]`: one encode per image, n·T U-Net passes per step and n·T decodes,
         `batch_size` (image, prompt) pairs per call; a diffusion model's noise from one generator for every row,
-        or one per row (images with their own seeds)."""
-        f = self.model.vae_scale_factor
+        or one per row (images with their own seeds); `cached` (a dict) keeps the latent and noise across calls."""
         emb, pooled = text
         n, texts = x.shape[0], emb.shape[0]
         # 4. Encode each image once (VAE encoder, or the distilled fast encoder); its latent is shared by every prompt.
-        t0 = time.perf_counter()
-        encode = self.model.encode_image_fast if run.encoder == "fast" else self.model.encode_image
-        z_img = encode(x).to(self.dtype)  # [n,4,h/f,w/f]
-        latent_shape = (1, z_img.shape[1], x.shape[-2] // f, x.shape[-1] // f)
-        noise = None
-        if self.config.objective == "diffusion":  # the same noise for every pair of an image: batched == one by one
-            noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])  # [1 or n,4,h/f,w/f]
-            noise = noise.to(self.device, self.dtype)
-        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+        if cached:  # an earlier chunk of this call's prompts encoded it, and drew its noise
+            z_img, noise, latent_shape = cached["z"], cached["noise"], cached["shape"]
+        else:
+            z_img, noise, latent_shape = self._encode(x, run, generators, timings)
+            if cached is not None:
+                cached.update(z=z_img, noise=noise, shape=latent_shape)
         out = []
         for lo in range(0, n * texts, self.batch_size):
             pairs = torch.arange(lo, min(lo + self.batch_size, n * texts), device=self.device)  # pair i·T+t
@@ -344,10 +332,26 @@ class DigsegPipeline:
                 clean = diffusion.sample_ddim(denoise, start, self.scheduler, run.steps)
             t1 = time.perf_counter()
             # 6. Decode (VAE decoder, or the distilled fast decoder) → probabilities [b,h,w].
-            out.append(self.model.decode_probs_fast(clean) if run.decoder == "fast" else self.model.decode_probs(clean))
+            decode = self.model.decode_probs_fast if run.decoder == "fast" else self.model.decode_probs
+            out += [decode(part) for part in clean.split(self.decode_batch_size or b)]  # [≤b,h,w] each
             timings["denoise"] = timings.get("denoise", 0.0) + t1 - t0
             timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - t1
         return torch.cat(out).float().unflatten(0, (n, texts))  # [n,T,h,w]
+
+    def _encode(self, x, run: CallSettings, generators, timings) -> tuple:
+        """Padded `[n,3,h,w]` → (latent `[n,4,h/f,w/f]`, a diffusion model's noise `[1 or n,4,h/f,w/f]` or None,
+        one latent's shape `(1,4,h/f,w/f)`)."""
+        t0 = time.perf_counter()
+        f = self.model.vae_scale_factor
+        encode = self.model.encode_image_fast if run.encoder == "fast" else self.model.encode_image
+        z_img = encode(x).to(self.dtype)  # [n,4,h/f,w/f]
+        latent_shape = (1, z_img.shape[1], x.shape[-2] // f, x.shape[-1] // f)
+        noise = None
+        if self.config.objective == "diffusion":  # the same noise for every pair of an image: batched == one by one
+            noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])  # [1 or n,4,h/f,w/f]
+            noise = noise.to(self.device, self.dtype)
+        timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+        return z_img, noise, latent_shape
 
     def _tiles_per_call(self, tile_h: int, tile_w: int, texts: int) -> int:
         """How many equal-size tiles (or images, `batches.py`) share one encode/U-Net/decode call: as many as fit

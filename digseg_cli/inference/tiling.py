@@ -33,6 +33,7 @@ def blend_windows(
     tile: int,
     run: CallSettings,
     timings: dict[str, float],
+    latents: dict | None = None,
 ) -> torch.Tensor:
     """Probabilities `[T,h,w]` over `box` of an image, `pipe` a `DigsegPipeline` (not imported: it imports this)
     and `run` its call's settings.
@@ -42,9 +43,10 @@ def blend_windows(
     (no data under them) leave 0 where no other window reaches. Untiled: the whole image at the processing
     resolution (`box` is all of it). `crop(top, left, h, w)` gives the image's pixels there, `[1,3,h,w]` in [-1, 1]
     on the pipeline's device; `text` = (emb `[T,L,D]`, pooled `[T,D]`). With `run.groups` (the members' spread
-    asked for) each class's variance across the ensemble follows the T maps, blended alike: `[T+K,h,w]`."""
+    asked for) each class's variance across the ensemble follows the T maps, blended alike: `[T+K,h,w]`.
+    `latents` (a dict, empty at first, or None) keeps the windows' latents for the next texts of the same image."""
     if not tile:
-        return pipe._predict(crop(*box), text, run, timings)[0]
+        return pipe._predict(crop(*box), text, run, timings, latents=latents)[0]
     top0, left0, height, width = box
     texts = text[0].shape[0]
     acc = torch.zeros((texts + len(run.groups or ()), height, width), device=pipe.device)  # maps, variances
@@ -57,7 +59,10 @@ def blend_windows(
     native = dataclasses.replace(run, resolution=0)  # tiles run at native scale
     for lo in range(0, len(windows), group):
         chunk = windows[lo : lo + group]
-        probs = pipe._predict(torch.cat([crop(*window) for window in chunk]), text, native, timings)  # [g,T,h,w]
+        pixels = torch.cat([crop(*window) for window in chunk])  # [g,3,h,w]
+        # This group's latents; groups depend on the texts per call, so they are known by their windows.
+        cached = None if latents is None else latents.setdefault(tuple(chunk), {})
+        probs = pipe._predict(pixels, text, native, timings, latents=cached)  # [g,T,h,w]
         for (top, left, _, _), tile_probs in zip(chunk, probs, strict=True):
             y0, y1 = max(top, top0), min(top + h, top0 + height)  # the window's part inside the box
             x0, x1 = max(left, left0), min(left + w, left0 + width)

@@ -44,7 +44,7 @@ class _Members(DigsegPipeline):
 
     VALUES = [[0.2, 0.4, 0.9], [0.6, 0.0, 0.3], [0.1, 0.2, 0.6]]  # 3 members × 3 texts (class 0 has 2 texts)
 
-    def _predict_padded(self, x, text, run, generator, timings):
+    def _predict_padded(self, x, text, run, generator, timings, cached=None):
         self.calls = getattr(self, "calls", 0) + 1
         values = torch.tensor(self.VALUES[(self.calls - 1) % run.ensemble])[: text[0].shape[0]]  # member by member
         return values[None, :, None, None].expand(x.shape[0], -1, *x.shape[-2:]).clone()
