@@ -119,6 +119,24 @@ def peak_rss() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def current_rss() -> float:
+    """Resident set size now, in bytes (VmRSS); NaN without /proc."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def memory_in_use(device) -> float:
+    """Bytes in use now, what a later `peak_memory` is read against: torch's allocation on a GPU, the RSS else."""
+    import torch
+
+    return float(torch.cuda.memory_allocated(device)) if device.type == "cuda" else current_rss()
+
+
 def reset_peak_memory(device) -> None:
     """Start measuring peak memory here: torch's CUDA peak on a GPU, the process's peak RSS elsewhere."""
     import torch

@@ -25,7 +25,18 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from common import HERE, generated_line, machine, machine_line, markdown_table, peak_rss, publish, reset_peak_rss, s
+from common import (
+    HERE,
+    current_rss,
+    generated_line,
+    machine,
+    machine_line,
+    markdown_table,
+    peak_rss,
+    publish,
+    reset_peak_rss,
+    s,
+)
 
 from digseg_cli.weights.store import human_size
 
@@ -45,14 +56,6 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=Path, help="folder to keep the raster and outputs in (default: a temporary one)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file the section is appended to")
     return p.parse_args(argv)
-
-
-def current_rss() -> float:
-    """Resident set size now, in bytes (VmRSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return float("nan")
 
 
 def write_raster(path: Path, size: int) -> None:

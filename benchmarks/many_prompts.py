@@ -23,12 +23,22 @@ appended to that file (default benchmarks/RESULTS.md).
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 from pathlib import Path
 
-from common import HERE, machine, markdown_table, print_or_publish, s, section_end, section_head
+from common import (
+    HERE,
+    machine,
+    markdown_table,
+    memory_in_use,
+    peak_memory,
+    print_or_publish,
+    reset_peak_memory,
+    s,
+    section_end,
+    section_head,
+)
 from run import load, sync, timed
 
 TARGET = 1.10  # ours ÷ floor
@@ -53,33 +63,6 @@ def prompt_names(k: int) -> list[str]:
 
     names = list(ADE150 if k <= 150 else ADE847)
     return (names * (k // len(names) + 1))[:k] if k > len(names) else names[:k]
-
-
-def reset_peak(device) -> float:
-    """Start a new peak; the memory in use now (the loaded model and cached embeddings), in bytes. On a CPU
-    Linux's peak RSS is reset by writing 5 to /proc/self/clear_refs, so each call's peak is its own."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return float(torch.cuda.memory_allocated(device))
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024.0
-
-
-def _status_kib(key: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return float(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # no /proc: the process's peak so far
-
-
-def peak_bytes(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    return _status_kib("VmHWM") * 1024.0
 
 
 def best_per_pair(fn, k: int, batches: list[int], repeats: int) -> tuple[float, int]:
@@ -150,16 +133,18 @@ def run(a: argparse.Namespace) -> str:
         # Untiled: the whole image at the model's processing resolution. Labels alone (what `eval` runs: bounded
         # memory) first, then every probability map (the API's default: memory grows with K); each its own peak.
         repeats = a.repeats if k <= 150 else 1  # K=847 takes minutes a call on a CPU
-        base = reset_peak(device)
+        reset_peak_memory(device)  # each call's own peak, above what is in use before it
+        base = memory_in_use(device)
         labels_s = timed(
             lambda texts=texts: pipe(image, texts, decoder="fast", tile=None, output="labels"), repeats, warmup=1
         )
         sync()
-        labels_peak = peak_bytes(device) - base
-        base = reset_peak(device)
+        labels_peak = peak_memory(device) - base
+        reset_peak_memory(device)  # each call's own peak, above what is in use before it
+        base = memory_in_use(device)
         ours_s = timed(lambda texts=texts: pipe(image, texts, decoder="fast", tile=None), repeats, warmup=1)
         sync()
-        peak = peak_bytes(device) - base
+        peak = peak_memory(device) - base
         f = floor(pipe, image, texts, batches, repeats)
         ratio, labels_ratio = ours_s / f["total"], labels_s / f["total"]
         parts = (
