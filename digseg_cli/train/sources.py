@@ -12,6 +12,7 @@ from. Sampling, augmentation and prompts are `train.samples`'; scoring is `train
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import numpy as np
 
 from digseg_cli.data.vocabulary import word_key
 from digseg_cli.errors import DatasetError, UsageError
+
+log = logging.getLogger("digseg")
 
 # The split a benchmark trains on, and the splits its validation prefers, in order.
 TRAIN_SPLIT = "train"
@@ -221,8 +224,8 @@ def benchmark_source(spec, weight: float, *, data_root: Path | None) -> TrainSou
     if val_split is not None:
         try:
             validation = spec, catalog.open_dataset(spec, split=val_split, data_root=data_root)
-        except DatasetError:
-            validation = None  # a train split without its validation split trains, unvalidated
+        except DatasetError as exc:  # a train split without its validation split trains, unvalidated
+            log.warning("%s: no %s split to validate on (%s); training unvalidated", spec.name, val_split, exc)
     return TrainSource(
         name=spec.name,
         kind="benchmark",

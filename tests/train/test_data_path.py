@@ -102,6 +102,20 @@ def test_a_missing_benchmark_is_exit_7_and_an_evaluation_only_one_says_so(tmp_pa
         train(TrainSettings(out=tmp_path / "b", datasets=["pascal-context-59"], data_root=tmp_path, max_steps=1))
 
 
+def test_a_benchmark_without_its_validation_split_trains_unvalidated_and_says_so(tmp_path, caplog):
+    from digseg_cli.data.benchmarks.catalog import get_spec
+    from digseg_cli.train.sources import benchmark_source
+
+    write_ade20k(tmp_path, n=1, size=32)
+    validation = tmp_path / "ade20k/ADEChallengeData2016/images/validation"
+    for f in validation.iterdir():
+        f.unlink()
+    with caplog.at_level("WARNING", logger="digseg"):
+        source = benchmark_source(get_spec("ade20k"), 1.0, data_root=tmp_path)
+    assert source.validation is None
+    assert "ade20k: no val split to validate on" in caplog.text and "training unvalidated" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("entry", "parsed"),
     [("ade20k", ("ade20k", 1.0)), ("coco-stuff:2", ("coco-stuff", 2.0)), ("deepglobe:0.5", ("deepglobe", 0.5))],
