@@ -16,6 +16,8 @@ import torch
 # background: 0 = background, k+1 where prompt k has the top probability and reaches its threshold;
 # nested: structures nested outer → inner (REFUGE disc ⊃ cup): k+1 for the innermost prompt k that reaches it.
 LABEL_MODES = ("argmax", "background", "nested")
+# A prompted call (`segment`, the pipeline's label maps, whole or folded chunk by chunk) labels in this mode.
+PROMPTED_MODE = "background"
 
 
 def prompt_thresholds(threshold: float | Sequence[float], probs: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# What a call returns: every probability map ("probs") or the label map alone ("labels", in bounded memory).
+OUTPUTS = ("probs", "labels")
+
 
 @dataclass(frozen=True)
 class CallSettings:

@@ -18,8 +18,7 @@ from typing import Any
 
 import torch
 
-from digseg_cli.core.labels import LabelFold, class_means
-from digseg_cli.errors import UsageError
+from digseg_cli.core.labels import PROMPTED_MODE, LabelFold, class_means
 from digseg_cli.inference.calls import PreparedCall, SegmentationOutput
 
 DigsegPipeline = Any  # `inference.pipeline`'s (not imported: it imports this)
@@ -77,15 +76,11 @@ def class_probs(
         yield chunk.start, class_means(probs, sizes[chunk.start : chunk.stop])  # [k,H,W]
 
 
-def segment_labels(
-    pipe: DigsegPipeline, image, call: PreparedCall, tile, t_start: float, *, output: str = "labels", budget=None
-) -> SegmentationOutput:
-    """`pipe(image, ..., output="labels")`: the label map by the pipeline's rule (`probs_to_labels`: background
-    mode, each class's threshold), folded over `class_probs`' chunks; `probs` and `masks` are None."""
-    if output != "labels":
-        raise UsageError(f"`output` must be 'probs' or 'labels', got {output!r}")
+def segment_labels(pipe: DigsegPipeline, image, call: PreparedCall, tile, t_start: float, *, budget=None):
+    """`pipe(image, ..., output="labels")` → `SegmentationOutput`: the label map by the pipeline's rule (the
+    prompted mode, each class's threshold), folded over `class_probs`' chunks; `probs` and `masks` are None."""
     timings: dict[str, float] = {}
-    fold = LabelFold("background", call.thresholds, len(call.classes))
+    fold = LabelFold(PROMPTED_MODE, call.thresholds, len(call.classes))
     for _, probs in class_probs(pipe, image, call, tile, timings, budget or CHUNK_MAP_BYTES):
         fold.add(probs)
     labels = fold.labels()  # [H,W]

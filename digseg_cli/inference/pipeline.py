@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from digseg_cli.core import diffusion, transforms
-from digseg_cli.core.labels import class_means, labels_from_probs, prompt_thresholds
+from digseg_cli.core.labels import PROMPTED_MODE, class_means, labels_from_probs, prompt_thresholds
 from digseg_cli.core.model import memory_format_of
 from digseg_cli.errors import UsageError
-from digseg_cli.inference.calls import CallSettings, PreparedCall, SegmentationOutput
+from digseg_cli.inference.calls import OUTPUTS, CallSettings, PreparedCall, SegmentationOutput
 from digseg_cli.inference.fast_parts import resolve_part
+from digseg_cli.inference.many_prompts import segment_labels
 from digseg_cli.inference.overflow import upcast_after_overflow
 from digseg_cli.inference.prompts import PromptClass, resolve_thresholds
 from digseg_cli.inference.tiling import blend_windows
@@ -139,11 +140,11 @@ class DigsegPipeline:
         # 0–1. Resolve defaults from the checkpoint config, check the settings and prompts, then the image.
         settings = dict(steps=steps, ensemble=ensemble, seed=seed, resolution=resolution, threshold=threshold)
         more = dict(overlap=overlap, prompt_template=prompt_template, decoder=decoder, spread=spread, encoder=encoder)
+        if output not in OUTPUTS:
+            raise UsageError(f"`output` must be one of {', '.join(OUTPUTS)}, got {output!r}")
         call = self.prepare(prompts, **settings, **more)
-        if output != "probs":  # "labels" (else a UsageError there)
-            from digseg_cli.inference.many_prompts import segment_labels
-
-            return segment_labels(self, image, call, tile, t_start, output=output)
+        if output == "labels":
+            return segment_labels(self, image, call, tile, t_start)
         predict, _ = self.image_predictor(image, call, tile, timings := {})  # timings: seconds per step
         probs = self.predict_finite(predict, call)  # [T,H,W]
         # 9–10. Average synonyms' scores into one map per class, threshold.
@@ -354,9 +355,8 @@ class DigsegPipeline:
         return z_img, noise, latent_shape
 
     def _tiles_per_call(self, tile_h: int, tile_w: int, texts: int) -> int:
-        """How many equal-size tiles (or images, `batches.py`) share one encode/U-Net/decode call: as many as fit
-        in `batch_size` (tile, prompt) pairs and, on a CPU, in `PAIR_PIXELS_PER_CALL`; on a GPU memory is the only
-        bound, and `batch_size` (`--batch-size auto`: sized from free memory) stands for it."""
+        """Equal-size tiles (or images, `batches.py`) per encode/U-Net/decode call: as many as `batch_size` (tile,
+        prompt) pairs hold and, on a CPU, `PAIR_PIXELS_PER_CALL`; on a GPU `batch_size` (`auto`: free memory)."""
         if self.device.type == "cuda":
             return max(1, self.batch_size // texts)
         return max(1, min(self.batch_size // texts, PAIR_PIXELS_PER_CALL["cpu"] // (texts * tile_h * tile_w)))
@@ -373,10 +373,10 @@ class DigsegPipeline:
 
 
 def probs_to_labels(probs: torch.Tensor, thresholds: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[K,H,W]` → (labels `[H,W]`: the core label rule's "background" mode, k+1 where prompt k is the argmax
-    and reaches its threshold, else 0; masks `[K,H,W]`: each prompt thresholded alone)."""
+    """`[K,H,W]` → (labels `[H,W]`: the core label rule's prompted mode, k+1 where prompt k is the argmax and
+    reaches its threshold, else 0; masks `[K,H,W]`: each prompt thresholded alone)."""
     masks = probs >= prompt_thresholds(thresholds, probs)  # [K,H,W]
-    return labels_from_probs(probs, "background", thresholds), masks
+    return labels_from_probs(probs, PROMPTED_MODE, thresholds), masks
 
 
 def load_pipeline(

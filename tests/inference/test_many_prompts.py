@@ -54,9 +54,17 @@ def test_streamed_labels_are_the_stacked_labels(pipe, settings, monkeypatch):
     budget = 4 * 40 * 48 * 5  # five full-size maps a chunk: several chunks
     call = pipe.prepare(prompts, threshold=thresholds, **{k: v for k, v in settings.items() if k != "tile"})
     streamed = many_prompts.segment_labels(pipe, image, call, settings["tile"], 0.0, budget=budget)
-    assert torch.equal(streamed.labels, stacked.labels)
+    # Chunks run the U-Net at other batch sizes, so a probability may move by float rounding (oneDNN's results
+    # even depend on buffer alignment, so which pixels move varies from process to process). The random tiny
+    # model gives some classes all but equal scores: where the winner is within 1e-4 of the runner-up or of its
+    # threshold the label may flip; everywhere else it must be the same.
+    top = stacked.probs.topk(2, dim=0).values  # [2,H,W]
+    winner_threshold = torch.tensor(thresholds)[stacked.probs.argmax(0)]  # [H,W]
+    near = (top[0] - top[1] < 1e-4) | ((top[0] - winner_threshold).abs() < 1e-4)
+    assert near.float().mean() < 0.2  # about 5 % here: most pixels are compared
+    assert torch.equal(streamed.labels[~near], stacked.labels[~near])
     assert streamed.probs is None and streamed.masks is None
-    labels = set(stacked.labels.unique().tolist())
+    labels = set(stacked.labels[~near].unique().tolist())
     assert len(labels) > 3 and max(labels) > 5  # classes of later chunks win somewhere
     if settings["tile"] == "off":  # the image encoded once for all chunks (tiles are grouped per chunk's texts)
         assert len(encodes) == 1
