@@ -115,6 +115,24 @@ def test_segment_compile_records_the_warm_up_apart_from_the_images(tmp_path, mon
     assert np.array_equal(compiled, eager)
 
 
+def test_eval_compile_records_the_warm_up_apart_from_seconds_per_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    rng = np.random.default_rng(1)
+    for folder in ("images", "masks"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / f"data/images/{i}.png")
+        Image.fromarray(rng.integers(0, 3, (16, 16)).astype(np.uint8)).save(tmp_path / f"data/masks/{i}.png")
+    (tmp_path / "data/classes.txt").write_text("road\ntree\n")
+    args = ["eval", "-d", str(tmp_path / "data"), "-w", "tiny", "--compile", "--out", str(tmp_path / "report")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "report/metrics.json").read_text())
+    record = metrics["settings"]["compile"]
+    assert record["enabled"] and record["backend"] == "eager" and record["eager_fallbacks"] == {}
+    assert metrics["seconds_per_image"] < record["warmup_s"]  # the images ran what the warm-up compiled
+
+
 def test_without_a_cpp_compiler_compile_is_one_line_and_exit_2(tmp_path, monkeypatch):
     from torch._inductor import config
 
