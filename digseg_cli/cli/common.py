@@ -39,8 +39,8 @@ Compile = Annotated[
     bool,
     typer.Option(
         "--compile/--no-compile",
-        help="Run the U-Net, VAE and fast parts through torch.compile (inductor). The first calls compile: minutes "
-        "on a CPU, timed apart as the warm-up (the compile record of the run's report); pays on long runs on a GPU.",
+        help="torch.compile the U-Net, VAE and fast parts (inductor). The first calls compile (minutes on a CPU), "
+        "timed apart as the warm-up (the report's compile record); pays on long runs on a GPU.",
     ),
 ]
 
