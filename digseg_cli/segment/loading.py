@@ -74,7 +74,7 @@ def weights_folder(weights: str, cache_dir: Path | None, offline: bool) -> Path 
         return None
     from digseg_cli.weights.store import resolve_weights
 
-    return resolve_weights(weights, cache_dir=cache_dir, offline=offline or None, compile=compile)
+    return resolve_weights(weights, cache_dir=cache_dir, offline=offline or None)
 
 
 def peek_config(weights: str, cache_dir: Path | None) -> DigsegConfig | None:
