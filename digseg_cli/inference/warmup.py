@@ -33,8 +33,8 @@ def warm_up(pipe: DigsegPipeline, prompts: Sequence[Prompt], settings: Mapping[s
     arguments (its thresholds, seed and tile are left out).
 
     The shapes a run meets, each compiled once for every image size and batch but one (torch compiles a size of
-    one apart): one image whose latent serves all its prompts (a view), a tiled image (its tiles share calls,
-    a latent per pair, one noise for all) and, on CUDA, a batch of one (`--batch-size auto` probes with it)
+    one apart): one image whose latent serves all its prompts (a view), a tiled image where tiles share calls (a
+    latent per pair, one noise for all) and, on CUDA, a batch of one (`--batch-size auto` probes with it)
     and images sharing a call (`batches.segment_batch`: a noise per image)."""
     compiled = getattr(pipe, "compiled", None)
     if compiled is None:
@@ -46,7 +46,8 @@ def warm_up(pipe: DigsegPipeline, prompts: Sequence[Prompt], settings: Mapping[s
     log.info("--compile: compiling the model by its first calls (%s; minutes on a CPU)", compiled.backend)
     t0 = time.perf_counter()
     pipe(image, two, tile="off", **call)
-    pipe(np.concatenate([image, image], axis=1), two, tile=side, **call)  # [side,2·side,3]: three tiles
+    if pipe._tiles_per_call(side, side, len(two)) > 1:  # tiles share calls (one by one they meet the shapes above)
+        pipe(np.concatenate([image, image], axis=1), two, tile=side, **call)  # [side,2·side,3]: three tiles
     if pipe.device.type == "cuda":
         if len(prompts) > 1:
             pipe(image, list(prompts[:1]), tile="off", **call)
