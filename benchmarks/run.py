@@ -11,6 +11,11 @@ measures in one run, on this machine, ratios against baselines timed in the same
   (e) `digseg --help` vs `python -c pass`;
   (f) a large image with tiled inference vs (number of tiles × one tile);
   (g) ours (channels_last, the default layout) vs the same pipeline switched to the contiguous layout;
+  (h) ours compiled (`--compile`: torch.compile, inductor) vs ours eager, K=2, fast decoder: the eager median,
+      then the compile's warm-up (the calls that compile, `inference.warmup.warm_up`, timed once and reported
+      apart in the row) and the compiled median. Run last, it compiles the pipeline in place. On by default on a
+      GPU without `--quick`; on a CPU or with `--quick` only with `--compile-row` (the compile takes minutes);
+      `--skip compile` leaves it out;
   (4) a folder run's wall time vs reading, running and writing its images one after another;
   plus torch's thread count in a CLI process and the fast decoder's decode speed-up and mIoU change;
   (5): the fp16 and bf16 probabilities of the demo model against fp32 (on a CPU: bf16 only, where the CPU
@@ -86,7 +91,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--skip",
         default="",
-        help="comma list of parts to skip: naive,marigold,floor,memory,startup,folder,tiling,precision,layout",
+        help="comma list of parts to skip: naive,marigold,floor,memory,startup,folder,tiling,precision,layout,compile",
+    )
+    p.add_argument(
+        "--compile-row",
+        action="store_true",
+        help="time (h), ours compiled, on a CPU or with --quick too (default: on a GPU only)",
     )
     p.add_argument("--quick", action="store_true", help="one repeat, K=2 only, short startup timing (smoke test)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md", help="markdown file to write")
@@ -112,6 +122,8 @@ def parse(argv=None) -> argparse.Namespace:
     a.tile_model = tile_model
     a.tile_image = a.tile_image or big
     a.skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    if (not gpu or a.quick) and not a.compile_row:
+        a.skip.add("compile")  # inductor compiles for minutes on a CPU (and is no smoke test anywhere)
     if not 1 <= a.naive_steps <= 50:
         p.error("--naive-steps must be between 1 and 50")
     return a
@@ -242,6 +254,30 @@ def layout_row(a, pipe, image, texts) -> tuple[str, ...]:
         "≤ 0.5× (medians; sd2, CPU, fp32)" if judged else "— (reported; the target is for sd2 on a CPU in fp32)",
         yes(r <= 0.5) if judged else "—",
     )
+
+
+def compile_row(a, pipe, image, texts) -> tuple[str, ...]:
+    """(h) Ours compiled (`--compile`) against ours eager, fast decoder, both timed after one untimed call; the
+    compile's warm-up (what a run does before its first image) timed once and named in the row. A machine where
+    torch.compile cannot run (no C++ compiler, no Triton) gets a row saying why."""
+    from digseg_cli.errors import UsageError
+    from digseg_cli.inference.compiling import compile_pipeline, compile_record
+    from digseg_cli.inference.warmup import warm_up
+
+    what = f"(h) ours compiled (torch.compile, inductor) / ours eager, K={len(texts)}, fast decoder, {a.image} px, "
+    what += f"{a.device.type} {precision_name(a.dtype)}"
+    eager = timed(lambda: ours(pipe, image, texts, "fast"), a.repeats, warmup=1)
+    try:
+        compile_pipeline(pipe)
+    except UsageError as exc:
+        return ("h", f"{what}: not run ({exc})", "—", s(eager) + " (eager)", "—", "— (reported)", "—")
+    warm = warm_up(pipe, texts, {"decoder": "fast", "resolution": a.image})
+    compiled = timed(lambda: ours(pipe, image, texts, "fast"), a.repeats, warmup=1)
+    back = compile_record(pipe)["eager_fallbacks"]
+    what += f"; warm-up (compiling) {warm:.1f} s, not in the median" + (
+        f"; eager again: {', '.join(back)}" if back else ""
+    )
+    return ("h", what, s(compiled), s(eager) + " (eager)", f"{compiled / eager:.2f}×", "— (reported)", "—")
 
 
 def naive(pipe, x, texts, steps) -> float:
@@ -541,6 +577,9 @@ def run(a: argparse.Namespace) -> str:
         t_k2 = t_ours.get((2, "vae")) or timed(lambda: ours(pipe, image, prompts[2], "vae"), a.repeats, warmup=1)
         if (row := precision_speed(a, image, prompts[2], t_k2)) is not None:
             table.add(*row)
+    # (h) compiled: last, as it compiles `pipe` in place
+    if "compile" not in a.skip:
+        table.add(*compile_row(a, pipe, image, prompts[2]))
 
     peak_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     notes.append(

@@ -34,6 +34,16 @@ DataRoot = Annotated[
     ),
 ]
 
+# `--compile` of segment and eval (`inference.compiling`).
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile/--no-compile",
+        help="torch.compile the U-Net, VAE and fast parts (inductor). The first calls compile (minutes on a CPU), "
+        "timed apart as the warm-up (the report's compile record); pays on long runs on a GPU.",
+    ),
+]
+
 DECODER_HELP, ENCODER_HELP = (
     f"{what}: vae, fast (the checkpoint's distilled {part}) or auto (fast when it passed its accuracy check, else vae)."
     for what, part in (("Mask decoder", "decoder"), ("Image encoder", "encoder"))

@@ -21,6 +21,7 @@ import typer
 from digseg_cli.cli.common import (
     DECODER_HELP,
     ENCODER_HELP,
+    Compile,
     DataRoot,
     Decoder,
     Encoder,
@@ -236,6 +237,7 @@ def eval_command(
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     precision: Annotated[str, typer.Option("--precision", help="auto, fp32, fp16 or bf16.")] = "auto",
+    compile: Compile = False,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default: the model's).")] = None,
     ensemble: Annotated[int | None, typer.Option("--ensemble", help="Predictions averaged per image.")] = None,
     resolution: Annotated[int | None, typer.Option("--resolution", help="Processing resolution of the model.")] = None,
@@ -287,6 +289,7 @@ def eval_command(
             threshold=threshold,
             device=device,
             precision=precision,
+            compile=compile,
             steps=steps,
             ensemble=ensemble,
             resolution=resolution,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from digseg_cli.cli import segment_view as view
-from digseg_cli.cli.common import DECODER_HELP, ENCODER_HELP, Decoder, Encoder, err_console, handle_errors
+from digseg_cli.cli.common import DECODER_HELP, ENCODER_HELP, Compile, Decoder, Encoder, err_console, handle_errors
 from digseg_cli.errors import EXIT_CODES_HELP, DigsegError, UsageError
 from digseg_cli.files import DEFAULT_OUT
 
@@ -99,6 +99,7 @@ def segment(
     precision: Annotated[
         str, typer.Option("--precision", help="auto|fp32|fp16|bf16 (auto: bf16/fp16 on CUDA, fp32 elsewhere).")
     ] = "auto",
+    compile: Compile = False,
     steps: Annotated[
         int | None, typer.Option("--steps", help="Denoising steps (default: the checkpoint's).", show_default=False)
     ] = None,
@@ -266,6 +267,7 @@ def segment(
             cache_dir=cache_dir,
             offline=offline,
             deterministic=deterministic,
+            compile=compile,
         )
         if shard is None or shard.main:
             view.show_banner(loaded, len(files), out, weights)
@@ -306,27 +308,10 @@ def _settings(flags: dict[str, Any]) -> tuple[SegmentSettings, list[str]]:
 
     classes, warnings = load_classes(flags["prompt"] or [], flags["prompts_file"])
     default_threshold, per_class = parse_thresholds(flags["threshold"])
-    same = (
-        "steps",
-        "ensemble",
-        "resolution",
-        "seed",
-        "overlap",
-        "max_pixels",
-        "prompt_template",
-        "recursive",
-        "overlay_alpha",
-        "save_binary",
-        "save_probs",
-        "save_confidence",
-        "rle",
-        "overwrite",
-        "skip_existing",
-        "fail_fast",
-        "workers",
-        "min_area",
-        "simplify",
-    )
+    same = (  # flags that are settings of the same name
+        "steps ensemble resolution seed overlap max_pixels prompt_template recursive overlay_alpha "
+        "save_binary save_probs save_confidence rle overwrite skip_existing fail_fast workers min_area simplify"
+    ).split()
     return SegmentSettings(
         classes=tuple(classes),
         thresholds=per_class,

@@ -67,6 +67,7 @@ def pipeline_predictor(
 
     if hasattr(pipe, "image_predictor"):  # a pipeline (a test's stand-in may have `__call__` alone)
         predict.chunks = chunks  # `evaluate` labels from these, one chunk at a time
+    predict.settings = settings  # the pipeline's call settings (`--compile`'s warm-up runs with them)
     return predict
 
 

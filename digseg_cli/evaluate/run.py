@@ -66,6 +66,7 @@ class EvalSettings:
     encoder: str = "auto"
     prompt_template: str | None = None
     seed: int = 0
+    compile: bool = False  # the model's parts through torch.compile (`inference.compiling`)
     word_test: str | None = None  # also run the word test of this vocabulary (`evaluate.words`)
 
     def validate(self) -> None:
@@ -187,12 +188,15 @@ def _score_model(
 ) -> EvalResult:
     """Load the model on this process's device, record the settings it runs with, score it."""
     from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
+    from digseg_cli.inference.compiling import compile_record
     from digseg_cli.inference.device import PRECISION_NAMES, precision_note
+    from digseg_cli.inference.warmup import warm_up
 
     vocabulary = _word_test_vocabulary(s, spec)  # checked before the model loads and the images are scored
     # Under CUDA each process has its own GPU (Accelerate picked cuda:LOCAL_RANK); elsewhere --device holds.
     device = str(processes.device) if processes is not None and processes.device.type == "cuda" else s.device
-    pipe = pipeline.load_pipeline(s.weights, device=device, dtype=None if s.precision == "auto" else s.precision)
+    dtype = None if s.precision == "auto" else s.precision
+    pipe = pipeline.load_pipeline(s.weights, device=device, dtype=dtype, compile=s.compile)
     main = processes is None or processes.is_main_process
     if note is not None and main and (text := precision_note(pipe.dtype, pipe.device)) is not None:
         note(text)
@@ -228,6 +232,9 @@ def _score_model(
         decoder=decoder,
         encoder=encoder,
     )
+    # --compile: the calls that compile, timed apart (`compile.warmup_s`): seconds_per_image leaves them out.
+    warm_up(pipe, spec.prompts, predictor.settings)
+    record["compile"] = compile_record(pipe)
     result = evaluate(data, spec.class_names or (), predictor, **common)
     if s.word_test is not None and main:
         result.word_test = _word_test(

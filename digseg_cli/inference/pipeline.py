@@ -21,6 +21,7 @@ from digseg_cli.core.labels import PROMPTED_MODE, class_means, labels_from_probs
 from digseg_cli.core.model import memory_format_of
 from digseg_cli.errors import UsageError
 from digseg_cli.inference.calls import OUTPUTS, CallSettings, PreparedCall, SegmentationOutput
+from digseg_cli.inference.compiling import compile_pipeline
 from digseg_cli.inference.fast_parts import resolve_part
 from digseg_cli.inference.many_prompts import segment_labels
 from digseg_cli.inference.overflow import upcast_after_overflow
@@ -65,6 +66,7 @@ class DigsegPipeline:
         self.batch_size = 1 if self.device.type == "mps" else 16
         self.decode_batch_size = DECODE_BATCH.get(self.device.type)  # None: the U-Net's batch
         self.notes: list[str] = []  # what the pipeline changed on its own (fp32 after an overflow), for run logs
+        self.compiled = None  # `inference.compiling.compile_pipeline`'s record of what it compiled
 
     @property
     def memory_format(self) -> str:
@@ -88,13 +90,8 @@ class DigsegPipeline:
         """Texts → (`[K,L,D]`, `[K,D]`) through the text encoder, cached per text for the pipeline's life."""
         new = [t for t in dict.fromkeys(texts) if t not in self._prompt_cache]
         if new:
-            tok = self.tokenizer(
-                new,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
+            padded = dict(padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True)
+            tok = self.tokenizer(new, return_tensors="pt", **padded)
             emb, pooled = self.model.encode_prompt(tok.input_ids.to(self.device))  # [n,L,D], [n,D]
             for i, text in enumerate(new):
                 self._prompt_cache[text] = (emb[i], pooled[i])
@@ -386,15 +383,15 @@ def load_pipeline(
     dtype: torch.dtype | str | None = None,
     cache_dir: str | Path | None = None,
     offline: bool | None = None,
+    compile: bool = False,
 ) -> DigsegPipeline:
     """A pipeline from a checkpoint folder, an SD base (folder or Hub id), a compact config name or a
-    registry name. `device` defaults to CPU and `dtype` to float32; pass `device="auto"` to pick one."""
+    registry name. `device` defaults to CPU and `dtype` to float32; pass `device="auto"` to pick one.
+    `compile`: its parts through torch.compile (`inference.compiling`; a `UsageError` when it cannot run here)."""
     from digseg_cli.inference.device import resolve_device, resolve_dtype
 
     dev = resolve_device(device or "cpu")
-    dt = (
-        dtype
-        if isinstance(dtype, torch.dtype)
-        else resolve_dtype(dtype or ("fp32" if dev.type != "cuda" else "auto"), dev)
-    )
-    return DigsegPipeline(load_model(name_or_path, cache_dir=cache_dir, offline=offline), dev, dt)
+    auto = "fp32" if dev.type != "cuda" else "auto"
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or auto, dev)
+    pipe = DigsegPipeline(load_model(name_or_path, cache_dir=cache_dir, offline=offline), dev, dt)
+    return compile_pipeline(pipe) if compile else pipe

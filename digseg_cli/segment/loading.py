@@ -41,9 +41,11 @@ def open_pipeline(
     cache_dir: Path | None = None,
     offline: bool = False,
     deterministic: bool = False,
+    compile: bool = False,
 ) -> LoadedPipeline:
     """Resolve the device (exit code 4 when an explicit one is missing) and precision, then load `weights`
-    (exit code 5 when they are not available): before any image is read."""
+    (exit code 5 when they are not available): before any image is read. `compile`: through torch.compile
+    (`inference.compiling`; exit code 2 when it cannot run here), compiled by the run's first calls."""
     from digseg_cli.inference.device import describe, precision_note, resolve_device, resolve_dtype
     from digseg_cli.inference.pipeline import load_pipeline
 
@@ -54,7 +56,9 @@ def open_pipeline(
 
         torch.use_deterministic_algorithms(True, warn_only=True)
     t0 = time.perf_counter()
-    pipe = load_pipeline(weights, device=dev, dtype=dtype, cache_dir=cache_dir, offline=offline or None)
+    pipe = load_pipeline(
+        weights, device=dev, dtype=dtype, cache_dir=cache_dir, offline=offline or None, compile=compile
+    )
     folder = weights_folder(weights, cache_dir, offline)
     load_s = time.perf_counter() - t0
     picked = f" (auto → {dev})" if device.strip().lower() == "auto" else ""

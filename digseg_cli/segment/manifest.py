@@ -122,7 +122,8 @@ class RunOrigin:
 
 def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipeline, origin: RunOrigin) -> dict:
     """Everything the manifest says of a run but its counts and timings (the same before and after it)."""
-    from digseg_cli.inference.device import PRECISION_NAMES  # torch is loaded by now: there is a pipeline
+    from digseg_cli.inference.compiling import compile_record  # torch is loaded by now: there is a pipeline
+    from digseg_cli.inference.device import PRECISION_NAMES
 
     cfg, classes = pipe.config, resolved.classes
     return {
@@ -155,6 +156,7 @@ def describe(settings: SegmentSettings, resolved: ResolvedRun, pipe: DigsegPipel
         "versions": versions(),
         "device": str(pipe.device),
         "precision": PRECISION_NAMES.get(pipe.dtype),
+        "compile": compile_record(pipe),  # --compile: backend, warm-up seconds, parts that went back to eager
         "probability_scale": PROBABILITY_SCALE,
         "outputs": {
             "mask": f"<rel>{MASK_SUFFIX}: palette PNG; 0 = background, k = class k (see resolved.labels)",

@@ -29,6 +29,7 @@ import numpy as np
 from digseg_cli.errors import DigsegError, OutOfMemoryError, OutputUnwritableError
 from digseg_cli.inference import images
 from digseg_cli.inference.stopping import BackgroundPool, StopSignals
+from digseg_cli.inference.warmup import warm_up
 from digseg_cli.segment import groups
 from digseg_cli.segment.backoff import infer
 from digseg_cli.segment.georun import raster_job
@@ -105,6 +106,9 @@ def run_segment(
     files, previous, earlier, rle = prepare() if shard is None else shard.agree(prepare)
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
+    # --compile: the calls that compile, after the checks and before the first image; the run's timings leave
+    # them out (run.json's `compile.warmup_s` has them).
+    t_start += warm_up(pipe, resolved.prompts, resolved.call)
     records: list[ImageResult] = []  # many processes: this rank's, for the first to hand on in input order
     mine, report = (files, on_result) if shard is None else (shard.mine(files), records.append)
     run = _FolderRun(pipe, settings, resolved, mine, out_dir, progress=progress, on_result=report, rle=rle)
