@@ -65,11 +65,25 @@ def tile_size_for(tile: int | str | None, resolution: int, height: int, width: i
     return int(tile)
 
 
-def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
-    """Windows `(top, left, h, w)` covering the image with `overlap` (fraction of the tile)."""
+def tile_grid(height: int, width: int, tile: int, overlap: float) -> tuple[list[int], list[int], int, int]:
+    """The tile windows as a grid: (their tops, their lefts, h, w); `tile_windows` is every (top, left) pair.
+    A grid is O(H + W) where the window list is O(H·W): a 20000² raster has 694k 32 px windows."""
     stride = max(1, int(round(tile * (1 - overlap))))
-    th, tw = min(tile, height), min(tile, width)
-    return [(y, x, th, tw) for y in tile_starts(height, tile, stride) for x in tile_starts(width, tile, stride)]
+    return tile_starts(height, tile, stride), tile_starts(width, tile, stride), min(tile, height), min(tile, width)
+
+
+def tile_count(height: int, width: int, tile: int, overlap: float) -> int:
+    """How many tile windows `tile_windows` gives (1 for `tile` 0: the whole image, untiled)."""
+    if not tile:
+        return 1
+    tops, lefts, _, _ = tile_grid(height, width, tile, overlap)
+    return len(tops) * len(lefts)
+
+
+def tile_windows(height: int, width: int, tile: int, overlap: float) -> list[tuple[int, int, int, int]]:
+    """Windows `(top, left, h, w)` covering the image with `overlap` (fraction of the tile), row by row."""
+    tops, lefts, th, tw = tile_grid(height, width, tile, overlap)
+    return [(y, x, th, tw) for y in tops for x in lefts]
 
 
 def feather_weights(h: int, w: int, ramp: int, device=None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Images too large for memory, segmented block by block through the pipeline's own tiling.
 
 One job: cut an image into blocks (`plan_blocks`) and segment each one (`BlockSegmentation.predict`) from only the
-pixels its tile windows cover. The windows are the whole image's (`transforms.tile_windows`), each block takes
+pixels its tile windows cover. The windows are the whole image's (`transforms.tile_grid`), each block takes
 those that overlap it and blends them as the whole image would (`tiling.blend_windows`), so every pixel's
 probabilities and label are the ones a single call on the whole image gives, whatever the block size; memory
 holds one block, its windows' pixels and one batch of tiles. The price: a window that straddles a block's edge
@@ -41,12 +41,21 @@ def block_side(tile: int) -> int:
 
 @dataclass(frozen=True)
 class Block:
-    """One block of an image: the `box` it gives results for, the tile `windows` that reach into it (in the
-    image's order) and the pixels they `read` (their bounding box; the whole image when it is not tiled)."""
+    """One block of an image: the `box` it gives results for, the tile windows that reach into it (`windows`, in
+    the image's order) and the pixels they `read` (their bounding box; the whole image when it is not tiled).
+    The windows are kept as their grid (`tops` × `lefts`, all `size`): a raster's blocks hold O(H + W) numbers,
+    not one tuple per window."""
 
     box: Box
     read: Box
-    windows: tuple[Box, ...]
+    tops: tuple[int, ...]
+    lefts: tuple[int, ...]
+    size: tuple[int, int]  # (h, w) of every window
+
+    @property
+    def windows(self) -> tuple[Box, ...]:
+        h, w = self.size
+        return tuple((y, x, h, w) for y in self.tops for x in self.lefts)
 
 
 def plan_blocks(height: int, width: int, tile: int, overlap: float, side: int) -> list[Block]:
@@ -54,19 +63,17 @@ def plan_blocks(height: int, width: int, tile: int, overlap: float, side: int) -
     for an image that is not tiled (`tile` 0), whatever its size."""
     if not tile:
         whole = (0, 0, height, width)
-        return [Block(whole, whole, (whole,))]
-    windows = transforms.tile_windows(height, width, tile, overlap)
-    _, _, th, tw = windows[0]
-    tops, lefts = sorted({w[0] for w in windows}), sorted({w[1] for w in windows})
+        return [Block(whole, whole, (0,), (0,), (height, width))]
+    tops, lefts, th, tw = transforms.tile_grid(height, width, tile, overlap)
     blocks = []
     for top in range(0, height, side):
         bh = min(side, height - top)
-        ys = [y for y in tops if y < top + bh and y + th > top]
+        ys = tuple(y for y in tops if y < top + bh and y + th > top)
         for left in range(0, width, side):
             bw = min(side, width - left)
-            xs = [x for x in lefts if x < left + bw and x + tw > left]
+            xs = tuple(x for x in lefts if x < left + bw and x + tw > left)
             read = (ys[0], xs[0], ys[-1] + th - ys[0], xs[-1] + tw - xs[0])
-            blocks.append(Block((top, left, bh, bw), read, tuple((y, x, th, tw) for y in ys for x in xs)))
+            blocks.append(Block((top, left, bh, bw), read, ys, xs, (th, tw)))
     return blocks
 
 
@@ -95,8 +102,7 @@ class BlockSegmentation:
         self.blocks = plan_blocks(height, width, self.tile, self.call.run.overlap, side)
         # The image's tile windows (what one call on the whole image runs), and those run so far: a window
         # straddling blocks counts once per block, one over no data not at all.
-        overlap = self.call.run.overlap
-        self.grid_windows = len(transforms.tile_windows(height, width, self.tile, overlap)) if self.tile else 1
+        self.grid_windows = transforms.tile_count(height, width, self.tile, self.call.run.overlap)
         self.windows_run = 0
 
     @torch.no_grad()

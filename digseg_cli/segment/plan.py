@@ -26,10 +26,9 @@ from digseg_cli.segment.settings import SegmentSettings
 
 def count_tiles(height: int, width: int, tile: int | str, resolution: int, overlap: float) -> int:
     """How many windows the pipeline runs for an image (1 = whole image), by the pipeline's own rule."""
-    from digseg_cli.core.transforms import tile_size_for, tile_windows
+    from digseg_cli.core import transforms
 
-    size = tile_size_for(tile, resolution, height, width)
-    return len(tile_windows(height, width, size, overlap)) if size else 1
+    return transforms.tile_count(height, width, transforms.tile_size_for(tile, resolution, height, width), overlap)
 
 
 def plan_segment(
