@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from digseg_cli.core.model import (
     DigsegModel,
@@ -37,6 +37,7 @@ from digseg_cli.files import read_settings_file
 from digseg_cli.models import text_encoders
 from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
+from digseg_cli.models.strict_load import load_strict, uninitialized
 from digseg_cli.typecheck import check_type
 from digseg_cli.weights.hub import SD_WEIGHTS
 
@@ -220,18 +221,19 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     missing = [c for c in COMPONENTS if not (folder / c).is_dir() and not (pretrained_text and c == "tokenizer")]
     if missing:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {', '.join(missing)}/")
-    with _component(folder / "unet" / "config.json"):
+    with _component(folder / "unet" / "config.json"), uninitialized():
         unet = UNet2DConditionModel.from_config(_read_json(folder / "unet" / "config.json"))
-    _load_strict(unet, folder / "unet" / "diffusion_pytorch_model.safetensors")
-    with _component(folder / "vae" / "config.json"):
+    load_strict(unet, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with _component(folder / "vae" / "config.json"), uninitialized():
         vae = AutoencoderKL.from_config(_read_json(folder / "vae" / "config.json"))
-    _load_strict(vae, folder / "vae" / "diffusion_pytorch_model.safetensors")
+    load_strict(vae, folder / "vae" / "diffusion_pytorch_model.safetensors")
     text_encoder, tokenizer = _load_text_encoder(folder, pretrained_text)
     pcfg = _read_json(folder / "text_pathway" / "config.json")
     for key, kind in (("text_dim", int), ("level_channels", list[int]), ("hidden", int)):
         check_type(pcfg.get(key), kind, f"{folder / 'text_pathway' / 'config.json'}: {key}", error=CheckpointError)
-    pathway = TextPathway(pcfg["text_dim"], pcfg["level_channels"], hidden=pcfg["hidden"])
-    _load_strict(pathway, folder / "text_pathway" / "model.safetensors")
+    with uninitialized():
+        pathway = TextPathway(pcfg["text_dim"], pcfg["level_channels"], hidden=pcfg["hidden"])
+    load_strict(pathway, folder / "text_pathway" / "model.safetensors")
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = {k: v for k, v in _read_json(sched_path).items() if not k.startswith("_")}
     with _component(sched_path):
@@ -249,13 +251,14 @@ def _load_text_encoder(folder: Path, pretrained: bool):
 
     if pretrained:
         text_encoder, tokenizer = text_encoders.load(folder / "text_encoder")
-        _load_strict(text_encoder.adapter, folder / "text_encoder" / text_encoders.ADAPTER_FILE)
+        load_strict(text_encoder.adapter, folder / "text_encoder" / text_encoders.ADAPTER_FILE)
         return text_encoder, tokenizer
     with _component(folder / "text_encoder" / "config.json"):
         # A readable JSON object first: transformers' own errors for a broken config run over many lines.
         _read_json(folder / "text_encoder" / "config.json")
-        text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
-    _load_strict(text_encoder, folder / "text_encoder" / "model.safetensors")
+        with uninitialized():
+            text_encoder = CLIPTextModel(AutoConfig.from_pretrained(folder / "text_encoder"))
+    load_strict(text_encoder, folder / "text_encoder" / "model.safetensors")
     with _component(folder / "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     return text_encoder, tokenizer
@@ -299,32 +302,13 @@ def load_fast_part(folder: Path) -> torch.nn.Module:
     kind = {"fast_decoder": FastMaskDecoder, "fast_encoder": FastImageEncoder}[folder.name]
     cfg = _read_json(folder / "config.json")
     try:
-        module = kind(**cfg)
+        with uninitialized():
+            module = kind(**cfg)
     except (TypeError, ValueError) as exc:
         what = folder.name.replace("_", "-")
         raise CheckpointError(f"{folder}/config.json is not a {what} config: {exc}") from None
-    _load_strict(module, folder / "model.safetensors")
+    load_strict(module, folder / "model.safetensors")
     return module.requires_grad_(False).eval()
-
-
-def _load_strict(module: torch.nn.Module, path: Path) -> None:
-    if not path.is_file():
-        raise CheckpointError(f"missing weights file {path}")
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for truncated / corrupt files
-        raise CheckpointError(f"cannot read {path}: {exc} (re-download or re-save the checkpoint)") from None
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not match its config: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected keys {unexpected[:3]}"
-        )
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # shape mismatch
-        raise CheckpointError(f"{path} does not match its config: {str(exc).splitlines()[-1].strip()}") from None
 
 
 def _read_json(path: Path) -> dict:

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from digseg_cli.core.sentence_encoder import SentenceEncoder
 from digseg_cli.errors import CheckpointError
 from digseg_cli.files import read_settings_file
+from digseg_cli.models.strict_load import load_strict, uninitialized
 from digseg_cli.typecheck import check_type
 
 KIND = "sentence-encoder"
@@ -40,7 +41,6 @@ def _spec(name: str):
 
 def load_pretrained(name: str, *, cache_dir=None, offline=None):
     """(frozen BERT-style encoder, its fast tokenizer) from registry entry `name`, files checked by sha256."""
-    from safetensors.torch import load_file
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     from digseg_cli.weights.store import resolve_weights
@@ -50,9 +50,9 @@ def load_pretrained(name: str, *, cache_dir=None, offline=None):
     if not pooling.get("pooling_mode_mean_tokens"):
         raise CheckpointError(f"{name}: digseg uses mean pooling, but {folder} pools otherwise")
     config = BertConfig.from_dict(read_settings_file(folder / "config.json", "encoder config", error=CheckpointError))
-    encoder = BertModel(config, add_pooling_layer=False)
-    state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith(_UNUSED_KEYS)}
-    encoder.load_state_dict(state, strict=True)
+    with uninitialized():  # every weight is loaded next
+        encoder = BertModel(config, add_pooling_layer=False)
+    load_strict(encoder, folder / "model.safetensors", skip=_UNUSED_KEYS)
     tokenizer = BertTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), model_max_length=MAX_TOKENS)
     return encoder.eval(), tokenizer
 
