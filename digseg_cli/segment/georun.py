@@ -24,6 +24,7 @@ import numpy as np
 from digseg_cli.inference.blocks import Block, BlockSegmentation
 from digseg_cli.segment.backoff import infer_block
 from digseg_cli.segment.geotiff import GeoTiffOutputs, OverlayPreview
+from digseg_cli.segment.heap import map_large_allocations, return_freed_memory
 from digseg_cli.segment.outputs import ClassTally, ImageResult, Segmented, write_regions
 from digseg_cli.segment.rasters import RasterInfo, raster_env, read_labels
 from digseg_cli.segment.settings import ResolvedRun, SegmentSettings
@@ -57,6 +58,7 @@ def segment_raster(
     regions = RegionCollector(info.height, info.width, min_pixels=min_pixels) if "vector" in paths else None
     spent = {"read": 0.0, "model": 0.0, "write": 0.0}
     outputs = GeoTiffOutputs(paths, info, resolved.palette, names=resolved.names, probs_format=settings.probs_format)
+    map_large_allocations()  # with the trim after each block: memory bounded by the block, not the raster
     with raster_env(), info.reader() as reader, outputs:
         for block in blocks.blocks:
             if stop():
@@ -78,6 +80,7 @@ def segment_raster(
             spent["read"], spent["model"] = spent["read"] + t1 - t0, spent["model"] + t2 - t1
             spent["write"] += time.perf_counter() - t2
             del pixels, valid, image, out, seg  # before the next block is read: one block in memory, not two
+            return_freed_memory()  # else the heap keeps every block's freed arrays as fragments (heap.py)
     t0 = time.perf_counter()
     if preview is not None:
         preview.write(paths["overlay"], resolved.palette, resolved.names, settings.overlay_alpha, settings.jpeg_quality)
