@@ -10,8 +10,12 @@ the file, so the input fails alone.
   as does `--bands 4`.
 - 8-bit bands are used as they are; wider integer and float bands are stretched linearly from their 2nd to
   their 98th percentile onto 0–255 (clipped). The percentiles are taken once per raster, over the valid pixels of a
-  decimated read of the whole raster (at most 1024 pixels on the long side, from its overviews when it has
-  them), so every window of a raster is stretched alike. A band with one value throughout reads as 0.
+  sample of the whole raster (every n-th pixel of every n-th row, at most 1024 on the long side: from an
+  overview of about that size when it has one, else the file's blocks read one at a time, so the sample never
+  holds more than one block), so every window of a raster is stretched alike. A band with one value throughout
+  reads as 0.
+- GDAL's block cache is held to `GDAL_CACHE_BYTES` for the whole process from the first raster on (its default,
+  5 % of RAM, had filled with a large raster's blocks while its stretch was sampled).
 - No data: the GDAL mask of the chosen bands (their nodata value, an alpha band or a mask band) and, in float
   bands, non-finite values. No-data pixels read as black.
 
@@ -39,8 +43,8 @@ GEO_EXTRA = 'pip install "digseg[geo]"'
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
 _GEO_TAGS = (33550, 33922, 34264, 34735)  # ModelPixelScale, ModelTiepoint, ModelTransformation, GeoKeyDirectory
 STRETCH_PERCENTILES = (2.0, 98.0)
-SAMPLE_SIDE = 1024  # the long side of the decimated read the percentiles come from
-GDAL_CACHE_BYTES = 64 * 2**20  # GDAL's block cache while a raster is read and written (its default: 5 % of RAM)
+SAMPLE_SIDE = 1024  # the long side of the sample the percentiles come from
+GDAL_CACHE_BYTES = 64 * 2**20  # GDAL's block cache, for the process (its default: 5 % of RAM)
 
 
 @functools.cache
@@ -116,13 +120,21 @@ def _rasterio_errors() -> tuple[type[Exception], ...]:
     return (RasterioError, CPLE_BaseError)
 
 
+@functools.cache
+def hold_gdal_cache() -> None:
+    """Hold GDAL's block cache to `GDAL_CACHE_BYTES` for the rest of the process (all threads: GDAL has one cache).
+    Set once and never restored, so no thread's exit can give it back its default under a raster in progress."""
+    from rasterio.env import set_gdal_config
+
+    set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
+
+
 def raster_env():
-    """The GDAL settings a raster is segmented under: a bounded block cache (process-wide while it lasts), masks
-    inside the GeoTIFFs written. Entered by the run's thread only: the reads ahead (`open_raster`, headers) on worker
-    threads change no setting, so none of them can restore the cache's size under a raster in progress."""
+    """The GDAL settings a raster is segmented under: the held block cache, masks inside the GeoTIFFs written."""
     import rasterio
 
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES, GDAL_TIFF_INTERNAL_MASK=True)
+    hold_gdal_cache()
+    return rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -202,6 +214,7 @@ def open_raster(path: str | os.PathLike[str], bands: tuple[int, ...] | None = No
     from rasterio.enums import MaskFlags
 
     require_image_file(path)
+    hold_gdal_cache()
     try:
         with rasterio.open(path) as src:
             chosen = _choose_bands(src.count, bands, path)
@@ -228,22 +241,38 @@ def _choose_bands(count: int, bands: tuple[int, ...] | None, path) -> tuple[int,
 
 
 def _stretch_limits(src, bands: tuple[int, ...]) -> tuple[tuple[float, float] | None, ...]:
-    """Per band: None for 8-bit bands, else the (2nd, 98th) percentiles of its valid values in a decimated read."""
-    from rasterio.enums import Resampling
-
+    """Per band: None for 8-bit bands, else the (2nd, 98th) percentiles of its valid values in the sample."""
     wide = [b for b in bands if src.dtypes[b - 1] != "uint8"]
     if not wide:
         return (None,) * len(bands)
-    step = max(1, math.ceil(max(src.height, src.width) / SAMPLE_SIDE))
-    shape = (len(wide), math.ceil(src.height / step), math.ceil(src.width / step))
-    sample = src.read(wide, out_shape=shape, masked=True, resampling=Resampling.nearest)
+    sample = _sample(src, wide, step=max(1, math.ceil(max(src.height, src.width) / SAMPLE_SIDE)))
     limits = {}
-    for i, band in enumerate(wide):
-        values = np.ma.compressed(sample[i]).astype(np.float64)
-        values = values[np.isfinite(values)]
+    for band, values in zip(wide, sample, strict=True):
+        values = values.astype(np.float64)[np.isfinite(values)]
         lo, hi = np.percentile(values, STRETCH_PERCENTILES) if values.size else (0.0, 0.0)
         limits[band] = (float(lo), float(hi))
     return tuple(limits.get(b) for b in bands)
+
+
+def _sample(src, bands: list[int], step: int) -> list[np.ndarray]:
+    """The valid values of every `step`-th pixel of every `step`-th row, per band (1-D each): a decimated read when
+    the file has an overview GDAL reads it from (a factor from half the step to the step: at most twice the
+    sample's side), else block by block at full resolution."""
+    from rasterio.enums import Resampling
+
+    if step > 1 and any(step / 2 <= f <= step for f in src.overviews(bands[0])):
+        shape = (len(bands), math.ceil(src.height / step), math.ceil(src.width / step))
+        whole = src.read(bands, out_shape=shape, masked=True, resampling=Resampling.nearest)
+        return [np.ma.compressed(band) for band in whole]
+    parts: list[list[np.ndarray]] = [[] for _ in bands]
+    for _, window in src.block_windows(bands[0]):
+        rows = np.arange((-window.row_off) % step, window.height, step)  # the window's rows ≡ 0 (mod step)
+        cols = np.arange((-window.col_off) % step, window.width, step)
+        if rows.size and cols.size:
+            block = src.read(bands, window=window, masked=True)  # [B,h,w], one of the file's blocks
+            for i, band in enumerate(block[:, rows][:, :, cols]):
+                parts[i].append(np.ma.compressed(band))
+    return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -143,6 +143,25 @@ def test_bands_stretch_and_grey(tmp_path, pipe):
     assert summary.exit_code == 1 and "asks for band 6, but the raster has 5" in summary.failed[0][1]
 
 
+def test_the_stretch_samples_block_by_block_or_from_an_overview(tmp_path, monkeypatch):
+    # A sample of every 3rd pixel of every 3rd row (SAMPLE_SIDE 40 on 96 px): read block by block (32 px tiles)
+    # it is exactly those pixels of the whole raster; from an overview, a decimated read of it.
+    monkeypatch.setattr(rasters, "SAMPLE_SIDE", 40)
+    path = _geotiff(tmp_path / "scene.tif", count=3, seed=3)
+    with rasterio.open(path) as src:
+        whole = src.read(masked=True)[:, ::3, ::3]
+    want = [np.percentile(np.ma.compressed(b).astype(np.float64), (2, 98)) for b in whole]
+    info = rasters.open_raster(path)
+    assert [tuple(limits) for limits in info.stretch] == [pytest.approx(tuple(w)) for w in want]
+    assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == rasters.GDAL_CACHE_BYTES  # held for the process
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews([2], rasterio.enums.Resampling.nearest)  # GDAL reads the 3× sample from it
+    with rasterio.open(path) as src:
+        coarse = src.read(out_shape=(3, 32, 32), masked=True, resampling=rasterio.enums.Resampling.nearest)
+    want = [np.percentile(np.ma.compressed(b).astype(np.float64), (2, 98)) for b in coarse]
+    assert [tuple(limits) for limits in rasters.open_raster(path).stretch] == [pytest.approx(tuple(w)) for w in want]
+
+
 def test_a_corrupt_raster_fails_alone(tmp_path, pipe):
     """Damaged pixels fail their input with GDAL's reason, when opened (16-bit: the stretch reads them) or in the
     middle of its blocks (8-bit), and leave none of its outputs behind."""
