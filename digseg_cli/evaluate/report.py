@@ -28,9 +28,12 @@ DIGITS = 4
 
 
 def fmt(value: Any) -> str:
-    """A fraction as shown to people (4 decimals); ``—`` for undefined (NaN/None)."""
+    """A fraction as shown to people (4 decimals); ``—`` for undefined (NaN/None); a record (say `--compile`'s) as
+    its `key: value` pairs."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {fmt(v)}" for k, v in value.items()) or "—"
     if isinstance(value, (list, tuple)):
         return ", ".join(fmt(v) for v in value)
     if isinstance(value, float):

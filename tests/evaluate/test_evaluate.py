@@ -315,3 +315,10 @@ def test_confusion_matrix_is_summed_across_processes_through_accelerate(samples,
         assert got["n"] == 5 and got["shard"] == {"rank": rank, "world_size": 2, "all_reduced": True}
         assert got["worst"] == [w[1] for w in whole.worst]  # the worst images of all shards, in order
     assert (tmp_path / "r0/metrics.json").is_file() and not (tmp_path / "r1").exists()  # only rank 0 writes
+
+
+def test_a_record_in_the_report_reads_as_its_pairs():
+    from digseg_cli.evaluate.report import fmt
+
+    record = {"enabled": True, "backend": "inductor", "warmup_s": 139.04, "eager_fallbacks": {}}
+    assert fmt(record) == "enabled: True; backend: inductor; warmup_s: 139.0400; eager_fallbacks: —"
