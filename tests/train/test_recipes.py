@@ -84,7 +84,7 @@ def test_a_recipe_that_is_neither_shipped_nor_a_file_names_the_shipped_ones(tmp_
     assert "no such file" in line and "paper-open-vocab" in line
 
 
-@pytest.mark.parametrize("name", ["paper-open-vocab", "paper-ade20k", "demo"])
+@pytest.mark.parametrize("name", ["paper-open-vocab", "paper-ade20k", "demo", "demo-192"])
 def test_each_shipped_recipe_resolves_to_settings_a_run_can_use(name):
     assert name in recipes.shipped_recipes()
     settings = recipes.resolve_settings(recipes.load_recipe(name), {})
@@ -97,7 +97,9 @@ def test_each_shipped_recipe_resolves_to_settings_a_run_can_use(name):
         assert "A RECONSTRUCTION, NOT THE PAPER'S RECIPE" in text and "published neither code nor" in text
     else:
         assert (settings.base, settings.datasets, settings.vocabulary) == ("small-minilm", ["synth-train"], "synth")
-        assert "three chained runs" in text
+        assert "three chained runs" in text if name == "demo" else "second stage" in text
+        if name == "demo-192":  # the demo's second stage: from the first (the bundled demo unless --init says)
+            assert (settings.init, settings.vae_steps, settings.resolution) == ("demo", 0, 192)
 
 
 def test_the_shipped_recipes_are_package_data():
@@ -107,7 +109,7 @@ def test_the_shipped_recipes_are_package_data():
     patterns = config["package-data"]["digseg_cli.train"]
     package = ROOT / "digseg_cli" / "train"
     shipped = {p for pattern in patterns for p in package.glob(pattern)}
-    assert shipped == set(recipes.RECIPES_DIR.glob("*.yaml")) and len(shipped) == 3
+    assert shipped == set(recipes.RECIPES_DIR.glob("*.yaml")) and len(shipped) == 4
 
 
 def test_print_config_touches_nothing_and_loads_no_model(tmp_path, monkeypatch):
