@@ -24,11 +24,14 @@ def test_demo_is_a_small_documented_checkpoint():
     assert "synthetic" in config["description"]
     # The recorded recipe is the shipped one, and the whole build a script in weights/ that anyone can run; no
     # machine paths in the shipped record.
-    assert config["training"]["recipe"] == "digseg train --recipe demo"
-    assert config["training"]["settings"]["recipe"] == "demo"
+    # Two stages: `--recipe demo` (recorded under first_stage), then `--recipe demo-192` from its best checkpoint.
+    assert config["training"]["recipe"].startswith("digseg train --recipe demo, then digseg train --recipe demo-192")
+    assert config["training"]["settings"]["recipe"] == "demo-192"
+    assert config["training"]["first_stage"]["settings"]["recipe"] == "demo"
     assert config["training"]["build"] == "bash weights/make_demo.sh"
     script = (REPO / "weights" / "make_demo.sh").read_text()
-    assert "digseg train --recipe demo" in script and "digseg decoder train" in script
+    assert "digseg train --recipe demo --out" in script and "digseg decoder train" in script
+    assert 'digseg train --recipe demo-192 --init "$work/run/best"' in script
     # It records its whole training vocabulary and the text encoder it needs, not a copy of the encoder.
     assert config["unrelated_words"] and all(c["synonyms"] for c in config["classes"])
     encoder = json.loads((DEMO / "text_encoder" / "config.json").read_text())
