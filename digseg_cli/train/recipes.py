@@ -4,8 +4,9 @@
 or any YAML/JSON file by path, and checks it as the command line would be checked: every key a settings field
 (a dash may stand for an underscore: `max-steps` is `max_steps`), an unknown key refused with the nearest
 one suggested, every value of its field's type (`time_limit` also as a duration such as `45m`; `1e-3` read
-as the number YAML 1.1 leaves as text). `resolve_settings` lays the command line over the recipe over the
-defaults. What a run folder records of its recipe is `TrainSettings.to_yaml`.
+as the number YAML 1.1 leaves as text), and `extends: NAME|FILE` laying another recipe under it.
+`resolve_settings` lays the command line over the recipe over the defaults. What a run folder records of its
+recipe is `TrainSettings.to_yaml`: the resolved values, not the chain they came from.
 
 It knows nothing of the command line's parsing or of what a run does with its settings.
 """
@@ -33,12 +34,15 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def recipe_file(name_or_file: str) -> Path:
-    """The shipped recipe of that name, else the file at that path; neither is a `UsageError` naming both."""
+def recipe_file(name_or_file: str, *, beside: Path | None = None) -> Path:
+    """The shipped recipe of that name, else the file at that path (relative to the folder `beside`, the
+    extending recipe's, when given); neither is a `UsageError` naming both."""
     shipped = RECIPES_DIR / f"{name_or_file}.yaml"
     if name_or_file in shipped_recipes():
         return shipped
     path = Path(name_or_file).expanduser()
+    if beside is not None and not path.is_absolute():
+        path = beside / path
     if not path.exists():
         raise UsageError(
             f"--recipe {name_or_file}: no such file, and not a shipped recipe ({', '.join(shipped_recipes())})"
@@ -49,13 +53,30 @@ def recipe_file(name_or_file: str) -> Path:
 def load_recipe(name_or_file: str) -> dict[str, Any]:
     """The settings a recipe sets, checked (see the module docstring), with `recipe` set to `name_or_file`:
     a key or value the recipe cannot set, a file that is missing, not YAML or not a mapping is one
-    `UsageError` line (exit 2) naming the file and the key."""
-    path = recipe_file(name_or_file)
+    `UsageError` line (exit 2) naming the file and the key. A recipe with `extends: NAME|FILE` sets what
+    that recipe sets, its own keys over them (a file named relative to the extending recipe's folder)."""
+    return {**_load(recipe_file(name_or_file), ()), "recipe": name_or_file}
+
+
+def _load(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The settings of the recipe at `path`, its `extends` chain laid under them; `chain` is the recipes that
+    extend it, so that one that extends itself, directly or not, is refused instead of recursing forever."""
     where = f"recipe {path}"
+    if path.resolve() in chain:
+        raise UsageError(f"{where} extends itself (through {', '.join(str(p) for p in chain)}); remove a link")
     data = read_settings_file(path, "recipe")
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
         raise UsageError(f"{where} must be a mapping of settings (`lr: 3.0e-5`, one a line), got {got}")
+    parent = data.pop("extends", None)
+    if parent is not None and not isinstance(parent, str):
+        raise UsageError(f"{where}: `extends` must be a recipe's name or file, got {parent!r}")
+    under = {} if parent is None else _load(recipe_file(parent, beside=path.parent), (*chain, path.resolve()))
+    return {**under, **_settings(data, where)}
+
+
+def _settings(data: dict[Any, Any], where: str) -> dict[str, Any]:
+    """One recipe file's own keys as settings, each checked (see the module docstring)."""
     fields = {f.name for f in dataclasses.fields(TrainSettings)} - set(RUN_ONLY)
     keys = [k.replace("-", "_") if isinstance(k, str) else k for k in data]
     if run_only := sorted(set(RUN_ONLY) & set(keys)):
@@ -65,8 +86,7 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
         twice = sorted({k for k in keys if keys.count(k) > 1})
         raise UsageError(f"{where} sets {', '.join(twice)} twice (once with dashes, once with underscores)")
     hints = typing.get_type_hints(TrainSettings)
-    settings = {key: _value(value, hints[key], key, where) for key, value in zip(keys, data.values(), strict=True)}
-    return {**settings, "recipe": name_or_file}
+    return {key: _value(value, hints[key], key, where) for key, value in zip(keys, data.values(), strict=True)}
 
 
 def _value(value: Any, hint: Any, key: str, where: str) -> Any:

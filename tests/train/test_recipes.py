@@ -79,12 +79,43 @@ def test_a_bad_recipe_is_one_line_and_exit_2(tmp_path, text, says):
     assert says in _refused("--recipe", str(recipe), "--print-config")
 
 
+def test_a_recipe_extends_another_its_own_keys_over_the_others(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _write(tmp_path / "base.yaml", "base: tiny\nlr: 1e-3\nmax_steps: 5\n")
+    _write(tmp_path / "sub" / "mid.yaml", "extends: ../base.yaml\nmax_steps: 7\nbatch_size: 2\n")  # beside it
+    top = _write(tmp_path / "top.yaml", "extends: sub/mid.yaml\nbatch_size: 3\n")
+    printed = _print_config("--recipe", str(top), "--lr", "0.01")
+    assert (printed["base"], printed["max_steps"], printed["batch_size"], printed["lr"]) == ("tiny", 7, 3, 0.01)
+    assert printed["recipe"] == str(top) and "extends" not in printed  # the resolved values, not the chain
+    # A shipped recipe by name: demo-256 is demo-192's values with three changed.
+    assert _print_config("--recipe", "demo-256", "--max-steps", "1200", "--lr", "2e-4", "--resolution", "192") == {
+        **_print_config("--recipe", "demo-192"),
+        "recipe": "demo-256",
+    }
+
+
+@pytest.mark.parametrize(
+    ("files", "says"),
+    [
+        ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, "extends itself (through"),
+        ({"a.yaml": "extends: a.yaml\n"}, "extends itself (through"),
+        ({"a.yaml": "extends: [demo]\n"}, "`extends` must be a recipe's name or file"),
+        ({"a.yaml": "extends: missing.yaml\n"}, "missing.yaml: no such file"),
+        ({"a.yaml": "extends: b.yaml\n", "b.yaml": "max_step: 1\n"}, "b.yaml"),  # the parent's bad key, named
+    ],
+)
+def test_a_bad_extends_is_one_line_and_exit_2(tmp_path, files, says):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    assert says in _refused("--recipe", str(tmp_path / "a.yaml"), "--print-config")
+
+
 def test_a_recipe_that_is_neither_shipped_nor_a_file_names_the_shipped_ones(tmp_path):
     line = _refused("--recipe", str(tmp_path / "missing.yaml"), "--print-config")
     assert "no such file" in line and "paper-open-vocab" in line
 
 
-@pytest.mark.parametrize("name", ["paper-open-vocab", "paper-ade20k", "demo", "demo-192"])
+@pytest.mark.parametrize("name", ["paper-open-vocab", "paper-ade20k", "demo", "demo-192", "demo-256"])
 def test_each_shipped_recipe_resolves_to_settings_a_run_can_use(name):
     assert name in recipes.shipped_recipes()
     settings = recipes.resolve_settings(recipes.load_recipe(name), {})
@@ -97,9 +128,10 @@ def test_each_shipped_recipe_resolves_to_settings_a_run_can_use(name):
         assert "A RECONSTRUCTION, NOT THE PAPER'S RECIPE" in text and "published neither code nor" in text
     else:
         assert (settings.base, settings.datasets, settings.vocabulary) == ("small-minilm", ["synth-train"], "synth")
-        assert "three chained runs" in text if name == "demo" else "second stage" in text
-        if name == "demo-192":  # the demo's second stage: from the first (the bundled demo unless --init says)
-            assert (settings.init, settings.vae_steps, settings.resolution) == ("demo", 0, 192)
+        stage = {"demo": "three chained runs", "demo-192": "second stage", "demo-256": "third stage"}[name]
+        assert stage in text
+        if name != "demo":  # a later stage: from the one before (the bundled demo unless --init says)
+            assert (settings.init, settings.vae_steps, settings.resolution) == ("demo", 0, int(name[-3:]))
 
 
 def test_the_shipped_recipes_are_package_data():
@@ -109,7 +141,7 @@ def test_the_shipped_recipes_are_package_data():
     patterns = config["package-data"]["digseg_cli.train"]
     package = ROOT / "digseg_cli" / "train"
     shipped = {p for pattern in patterns for p in package.glob(pattern)}
-    assert shipped == set(recipes.RECIPES_DIR.glob("*.yaml")) and len(shipped) == 4
+    assert shipped == set(recipes.RECIPES_DIR.glob("*.yaml")) and len(shipped) == 5
 
 
 def test_print_config_touches_nothing_and_loads_no_model(tmp_path, monkeypatch):
