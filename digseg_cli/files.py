@@ -64,6 +64,14 @@ def new_folder_mode() -> int:
     return 0o777 & ~user_umask()
 
 
+def follow_umask(folder: PathLike) -> None:
+    """Give every file and folder under `folder` (itself included) the umask's permissions: writers that
+    make their own temporary file, as safetensors' `save_file` does, leave 0600 behind."""
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, new_folder_mode() if path.is_dir() else new_file_mode())
+
+
 def fsync_file(path: PathLike) -> None:
     """Make a file's bytes durable before it is renamed into place."""
     with open(path, "rb+") as f:

@@ -33,7 +33,7 @@ from digseg_cli.core.model import (
 )
 from digseg_cli.core.sentence_encoder import SentenceEncoder
 from digseg_cli.errors import CheckpointError, DigsegError, UsageError
-from digseg_cli.files import read_settings_file
+from digseg_cli.files import follow_umask, read_settings_file
 from digseg_cli.models import text_encoders
 from digseg_cli.models.compact import COMPACT_PREFIX
 from digseg_cli.models.config import CONFIG_NAME, DigsegConfig
@@ -185,6 +185,7 @@ def save_checkpoint(
     if extra is not None:
         extra(tmp)
     loaded.config.save(tmp)  # written last: a folder without it is never taken for a checkpoint
+    follow_umask(tmp)  # safetensors writes its files 0600 whatever the umask
     _replace_dir(tmp, folder)
     return folder
 
