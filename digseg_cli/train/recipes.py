@@ -34,9 +34,9 @@ def shipped_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def recipe_file(name_or_file: str, *, beside: Path | None = None) -> Path:
+def recipe_file(name_or_file: str, *, beside: Path | None = None, asked_by: str = "--recipe") -> Path:
     """The shipped recipe of that name, else the file at that path (relative to the folder `beside`, the
-    extending recipe's, when given); neither is a `UsageError` naming both."""
+    extending recipe's, when given); neither is a `UsageError` naming both and who asked (`asked_by`)."""
     shipped = RECIPES_DIR / f"{name_or_file}.yaml"
     if name_or_file in shipped_recipes():
         return shipped
@@ -45,7 +45,7 @@ def recipe_file(name_or_file: str, *, beside: Path | None = None) -> Path:
         path = beside / path
     if not path.exists():
         raise UsageError(
-            f"--recipe {name_or_file}: no such file, and not a shipped recipe ({', '.join(shipped_recipes())})"
+            f"{asked_by} {name_or_file}: no such file, and not a shipped recipe ({', '.join(shipped_recipes())})"
         )
     return path
 
@@ -61,8 +61,8 @@ def load_recipe(name_or_file: str) -> dict[str, Any]:
 def _load(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     """The settings of the recipe at `path`, its `extends` chain laid under them; `chain` is the recipes that
     extend it, so that one that extends itself, directly or not, is refused instead of recursing forever."""
-    where = f"recipe {path}"
-    if path.resolve() in chain:
+    where, resolved = f"recipe {path}", path.resolve()
+    if resolved in chain:
         raise UsageError(f"{where} extends itself (through {', '.join(str(p) for p in chain)}); remove a link")
     data = read_settings_file(path, "recipe")
     if not isinstance(data, dict):
@@ -71,7 +71,9 @@ def _load(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     parent = data.pop("extends", None)
     if parent is not None and not isinstance(parent, str):
         raise UsageError(f"{where}: `extends` must be a recipe's name or file, got {parent!r}")
-    under = {} if parent is None else _load(recipe_file(parent, beside=path.parent), (*chain, path.resolve()))
+    if parent is None:
+        return _settings(data, where)
+    under = _load(recipe_file(parent, beside=path.parent, asked_by=f"{where}: extends:"), (*chain, resolved))
     return {**under, **_settings(data, where)}
 
 

@@ -100,7 +100,7 @@ def test_a_recipe_extends_another_its_own_keys_over_the_others(tmp_path):
         ({"a.yaml": "extends: b.yaml\n", "b.yaml": "extends: a.yaml\n"}, "extends itself (through"),
         ({"a.yaml": "extends: a.yaml\n"}, "extends itself (through"),
         ({"a.yaml": "extends: [demo]\n"}, "`extends` must be a recipe's name or file"),
-        ({"a.yaml": "extends: missing.yaml\n"}, "missing.yaml: no such file"),
+        ({"a.yaml": "extends: missing.yaml\n"}, "a.yaml: extends: missing.yaml: no such file"),  # who asked
         ({"a.yaml": "extends: b.yaml\n", "b.yaml": "max_step: 1\n"}, "b.yaml"),  # the parent's bad key, named
     ],
 )
