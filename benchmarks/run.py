@@ -8,7 +8,8 @@ measures in one run, on this machine, ratios against baselines timed in the same
   (b) ours vs diffusers' MarigoldDepthPipeline built from the same components, run once per prompt;
   (c) ours vs the floor: one image encode + K U-Net passes + K decodes, each timed alone in its faster layout;
   (d) peak resident memory against the size of the weights;
-  (e) `digseg --help` vs `python -c pass`;
+  (e) `digseg --help` vs `python -c pass`; and `digseg segment` on the example image with the built-in demo vs
+      importing the diffusers classes its model is built from (a single-image command's start-up floor);
   (f) a large image with tiled inference vs (number of tiles × one tile);
   (g) ours (channels_last, the default layout) vs the same pipeline switched to the contiguous layout;
   (h) ours compiled (`--compile`: torch.compile, inductor) vs ours eager, K=2, fast decoder: the eager median,
@@ -348,6 +349,30 @@ def startup(repeats: int) -> tuple[float, float]:
     return timed(run(cmd), repeats, warmup=1), timed(run([sys.executable, "-c", "pass"]), repeats, warmup=1)
 
 
+EXAMPLE = HERE.parent / "examples" / "aerial-1.png"
+EXAMPLE_PROMPTS = "road, tree, building, water, field"
+
+
+def segment_startup(repeats: int, device: str) -> tuple[float, float]:
+    """Median wall times of `digseg segment` on the example image (built-in demo, five prompts, fresh output
+    folder each run) and of a Python that only imports the diffusers classes every digseg model is built from:
+    the floor under any single-image command."""
+    import tempfile
+
+    exe = Path(sys.executable).with_name("digseg")
+    digseg = [str(exe)] if exe.exists() else [sys.executable, "-m", "digseg_cli"]
+    work = Path(tempfile.mkdtemp(prefix="digseg-bench-"))
+    runs = iter(range(10**6))
+
+    def segment():
+        argv = [*digseg, "segment", str(EXAMPLE), "--prompt", EXAMPLE_PROMPTS, "--device", device]
+        subprocess.run([*argv, "--out", str(work / f"run{next(runs)}")], capture_output=True, check=True)
+
+    imports = [sys.executable, "-c", "from diffusers import AutoencoderKL, UNet2DConditionModel"]
+    t_import = timed(lambda: subprocess.run(imports, capture_output=True, check=True), repeats, warmup=1)
+    return timed(segment, repeats, warmup=1), t_import
+
+
 def cli_threads() -> tuple[int, int]:
     """torch's thread count in a process that imports the CLI and the pipeline, with no thread env vars."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -552,6 +577,18 @@ def run(a: argparse.Namespace) -> str:
             f"{t_help / t_pass:.1f}×",
             "≤ 4×",
             yes(t_help / t_pass <= 4),
+        )
+        t_segment, t_import = segment_startup(3 if a.quick else 5, str(a.device))
+        table.add(
+            "e",
+            f"(e) `digseg segment examples/{EXAMPLE.name}` (built-in demo, 5 prompts, {a.device}) / importing "
+            "diffusers' `AutoencoderKL` and `UNet2DConditionModel` alone (median wall time; the import is "
+            "the floor of any single-image command)",
+            s(t_segment),
+            s(t_import),
+            f"{t_segment / t_import:.2f}×",
+            "≤ 2 s on a CPU (issue 19)" if a.device.type == "cpu" else "— (reported)",
+            yes(t_segment <= 2) if a.device.type == "cpu" else "—",
         )
     threads, cores = cli_threads()
     table.add(
