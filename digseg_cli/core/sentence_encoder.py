@@ -13,12 +13,19 @@ tokenizers or saving.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 CACHE_LIMIT = 4096  # distinct prompts whose embeddings are kept (the encoder is frozen: they never change)
+
+
+class EncoderOutput(NamedTuple):
+    """Read by name or, as transformers' text encoders' outputs are (`output[0]`), by position."""
+
+    last_hidden_state: torch.Tensor  # [B,N,D]: the context tokens the U-Net's cross-attention reads
+    pooler_output: torch.Tensor  # [B,E]: the unit sentence embedding
 
 
 class SentenceEncoder(nn.Module):
@@ -49,6 +56,16 @@ class SentenceEncoder(nn.Module):
         nn.init.zeros_(self.adapter[-1].weight)
         nn.init.zeros_(self.adapter[-1].bias)
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+
+    # As transformers' and diffusers' models have them: pipelines built from these parts (diffusers' Marigold,
+    # for one) ask their components where they are.
+    @property
+    def device(self) -> torch.device:
+        return self.adapter[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter[0].weight.dtype
 
     # The pretrained encoder never trains: only the adapter follows requires_grad_ and train().
     def requires_grad_(self, requires_grad: bool = True) -> SentenceEncoder:
@@ -83,9 +100,9 @@ class SentenceEncoder(nn.Module):
             self._cache.update(zip(missing, nn.functional.normalize(mean, dim=-1), strict=True))
         return torch.stack([self._cache[key] for key in keys])  # [B,E]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> SimpleNamespace:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
         """What `DigsegModel.encode_prompt` reads: `last_hidden_state` `[B,N,D]` and `pooler_output` `[B,E]`."""
         pooled = self.embed(input_ids, attention_mask)  # [B,E], no gradient: the encoder is frozen
         context = self.adapter(pooled.to(self.adapter[0].weight.dtype))  # [B,N·D]
         context = context.view(-1, self.context_tokens, self.context_dim)  # [B,N,D]
-        return SimpleNamespace(last_hidden_state=context, pooler_output=pooled)
+        return EncoderOutput(context, pooled)

@@ -45,6 +45,7 @@ def _picture(run: FolderRun, i: int) -> np.ndarray | None:
 def _per_call(run: FolderRun, image: np.ndarray) -> int:
     texts = sum(1 if isinstance(p, str) else len(p) for p in run.resolved.prompts)
     if run.settings.batch_size is None and not run.batch_sized and run.pipe.device.type == "cuda":
+        run.model_ready()  # --compile's warm-up first: the probe then meets compiled shapes
         call = {**run.resolved.call, "seed": 0}
         run.pipe.batch_size = auto_batch_size(run.pipe, image, run.resolved.prompts, call)
         log.info("--batch-size auto: %d (image, prompt) pairs per U-Net call", run.pipe.batch_size)
@@ -75,6 +76,7 @@ def segment_group(run: FolderRun, group: list[int]) -> list[tuple[ImageResult, F
     reads = [taken[j][1].result() for j in group]  # (image, seconds): read already, by `group_from`
     for item, (paths, _, _), result in zip(items, taken.values(), results, strict=True):
         run.describe(item, paths, result)
+    run.model_ready()
     t0, notes = time.perf_counter(), results[0].warnings
     try:
         outs = infer_batch(

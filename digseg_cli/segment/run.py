@@ -106,12 +106,12 @@ def run_segment(
     files, previous, earlier, rle = prepare() if shard is None else shard.agree(prepare)
     if settings.batch_size:
         pipe.batch_size = settings.batch_size
-    # --compile: the calls that compile, after the checks and before the first image; the run's timings leave
-    # them out (run.json's `compile.warmup_s` has them).
-    t_start += warm_up(pipe, resolved.prompts, resolved.call)
     records: list[ImageResult] = []  # many processes: this rank's, for the first to hand on in input order
     mine, report = (files, on_result) if shard is None else (shard.mine(files), records.append)
     run = _FolderRun(pipe, settings, resolved, mine, out_dir, progress=progress, on_result=report, rle=rle)
+    # --compile: the calls that compile, before the first image the model segments (none when every input is
+    # skipped); the run's timings leave them out (run.json's `compile.warmup_s` has them).
+    run.warm = lambda: warm_up(pipe, resolved.prompts, resolved.call)
     sha_job = run.start_sha256(weights_folder if shard is None or shard.main else None)
     error: BaseException | None = None
     with StopSignals() as run.signals:
@@ -169,6 +169,8 @@ class _FolderRun:
         self.unwritable: tuple[str, OSError] | None = None  # (input, error) of the first write the disk refused
         self.rle = rle  # --rle: the run's sem_seg_predictions.json, records taken as images are written
         self.batch_sized = False  # whether `--batch-size auto` has been sized (`groups.py`, on a GPU)
+        self.warm: Callable[[], float] | None = None  # --compile's warm-up, made by `model_ready`
+        self.warmup_s = 0.0  # its seconds, left out of the run's wall time
 
     def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
         """Digest the weights for the manifest on a worker thread while the run goes on."""
@@ -177,6 +179,12 @@ class _FolderRun:
         from digseg_cli.weights.store import weights_sha256
 
         return self.digest.submit(weights_sha256, weights_folder)
+
+    def model_ready(self) -> None:
+        """Before the model's first image: the warm-up (`warm`), once."""
+        if self.warm is not None:
+            warm, self.warm = self.warm, None
+            self.warmup_s = warm()
 
     def segment_all(self) -> None:
         """The inputs in order: read ahead, segment (equal-size pictures several per call, `groups.py`) or skip
@@ -242,6 +250,7 @@ class _FolderRun:
             return None
         image, read_s = read
         self.describe(item, paths, result)
+        self.model_ready()
         t0 = time.perf_counter()
         try:
             if isinstance(image, RasterInfo):  # segmented and written block by block, here
@@ -360,7 +369,7 @@ class _FolderRun:
         summary = self.summary
         if summary.status == "completed" and (self.stop or self.unwritable is not None):
             summary.status = "output-error" if self.unwritable is not None else "stopped"
-        summary.wall_s = time.perf_counter() - t_start
+        summary.wall_s = time.perf_counter() - t_start - self.warmup_s
         summary.peak_memory_bytes, summary.peak_memory_kind = peak_memory(getattr(self.pipe, "device", None))
         sha = None
         if sha_job is not None and (sha_job.done() or summary.status != "interrupted"):

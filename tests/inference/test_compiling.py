@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -113,6 +114,17 @@ def test_segment_compile_records_the_warm_up_apart_from_the_images(tmp_path, mon
     assert json.loads((tmp_path / "plain/run.json").read_text())["compile"] == {"enabled": False}
     compiled, eager = (np.asarray(Image.open(folder / "a.mask.png")) for folder in (out, tmp_path / "plain"))
     assert np.array_equal(compiled, eager)
+
+
+def test_segment_compile_skips_the_warm_up_when_every_input_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(compiling, "BACKEND", "eager")
+    args = ["segment", str(_image(tmp_path / "a.png")), "-p", "road", "-w", "tiny", "-o", str(tmp_path / "out")]
+    assert CliRunner().invoke(app, args).exit_code == 0  # an earlier run: every output there
+    calls = []
+    monkeypatch.setattr(DigsegPipeline, "__call__", lambda self, *a, **k: calls.append(a) or 1 / 0)
+    result = CliRunner().invoke(app, [*args, "--compile", "--skip-existing"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"skipped\W+1\b", result.output) and calls == []  # no model call, not even the warm-up's
 
 
 def test_eval_compile_records_the_warm_up_apart_from_seconds_per_image(tmp_path, monkeypatch):

@@ -73,3 +73,26 @@ def test_segment_flags_a_prompt_far_from_every_word_the_model_trained_on(tiny_mi
     (warning,) = pipe.check_prompt("quantum chromodynamics")
     assert warning.startswith("prompt 'quantum chromodynamics' is far from every word the model trained on")
     assert "known words are at 0.45 or more" in warning and warning.count(" 0.") >= 3  # nearest words, scored
+
+
+def test_the_sentence_encoder_stands_in_for_a_transformers_text_encoder_in_a_diffusers_pipeline(tiny_minilm):
+    """diffusers' Marigold, built from these parts (benchmarks/run.py's row (b)), asks the text encoder where it
+    is and reads its output by position, as of a CLIPTextModel."""
+    from diffusers import DDIMScheduler, MarigoldDepthPipeline
+
+    text, model = tiny_minilm.model.text_encoder, tiny_minilm.model
+    assert (text.device, text.dtype) == (torch.device("cpu"), torch.float32)
+    ids = tiny_minilm.tokenizer(["road"], padding="max_length", max_length=8, return_tensors="pt").input_ids
+    output = text(ids)
+    assert output[0] is output.last_hidden_state and output[0].shape[:2] == (1, text.context_tokens)
+    marigold = MarigoldDepthPipeline(
+        unet=model.unet,
+        vae=model.vae,
+        scheduler=DDIMScheduler(),
+        text_encoder=text,
+        tokenizer=tiny_minilm.tokenizer,
+        prediction_type="depth",
+    )
+    marigold.set_progress_bar_config(disable=True)
+    depth = marigold(torch.zeros(1, 3, 32, 32), num_inference_steps=1, processing_resolution=32, output_type="pt")
+    assert depth.prediction.shape[-2:] == (32, 32) and torch.isfinite(depth.prediction).all()
