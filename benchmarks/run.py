@@ -335,9 +335,14 @@ def marigold(pipe, size: int, steps: int):
     return mg
 
 
-def startup(repeats: int) -> tuple[float, float]:
+def digseg_command() -> list[str]:
+    """The argv that runs `digseg` as a user would: the installed script beside this Python, else the module."""
     exe = Path(sys.executable).with_name("digseg")
-    cmd = [str(exe), "--help"] if exe.exists() else [sys.executable, "-m", "digseg_cli", "--help"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "digseg_cli"]
+
+
+def startup(repeats: int) -> tuple[float, float]:
+    cmd = [*digseg_command(), "--help"]
     from digseg_cli.cli.entry import plain_render_env
 
     # A user's default: none of the variables (COLUMNS, FORCE_COLOR, ...) that make `digseg` render help with Typer.
@@ -357,15 +362,13 @@ def segment_startup(repeats: int, device: str) -> tuple[float, float]:
     """Median wall times of `digseg segment` on the example image (built-in demo, five prompts, fresh output
     folder each run) and of a Python that only imports the diffusers classes every digseg model is built from:
     the floor under any single-image command."""
+    import itertools
     import tempfile
 
-    exe = Path(sys.executable).with_name("digseg")
-    digseg = [str(exe)] if exe.exists() else [sys.executable, "-m", "digseg_cli"]
-    work = Path(tempfile.mkdtemp(prefix="digseg-bench-"))
-    runs = iter(range(10**6))
+    argv = [*digseg_command(), "segment", str(EXAMPLE), "--prompt", EXAMPLE_PROMPTS, "--device", device]
+    work, runs = Path(tempfile.mkdtemp(prefix="digseg-bench-")), itertools.count()
 
     def segment():
-        argv = [*digseg, "segment", str(EXAMPLE), "--prompt", EXAMPLE_PROMPTS, "--device", device]
         subprocess.run([*argv, "--out", str(work / f"run{next(runs)}")], capture_output=True, check=True)
 
     imports = [sys.executable, "-c", "from diffusers import AutoencoderKL, UNet2DConditionModel"]

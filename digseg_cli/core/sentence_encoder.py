@@ -103,6 +103,6 @@ class SentenceEncoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:
         """What `DigsegModel.encode_prompt` reads: `last_hidden_state` `[B,N,D]` and `pooler_output` `[B,E]`."""
         pooled = self.embed(input_ids, attention_mask)  # [B,E], no gradient: the encoder is frozen
-        context = self.adapter(pooled.to(self.adapter[0].weight.dtype))  # [B,N·D]
+        context = self.adapter(pooled.to(self.dtype))  # [B,N·D]
         context = context.view(-1, self.context_tokens, self.context_dim)  # [B,N,D]
         return EncoderOutput(context, pooled)

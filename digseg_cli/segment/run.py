@@ -109,9 +109,6 @@ def run_segment(
     records: list[ImageResult] = []  # many processes: this rank's, for the first to hand on in input order
     mine, report = (files, on_result) if shard is None else (shard.mine(files), records.append)
     run = _FolderRun(pipe, settings, resolved, mine, out_dir, progress=progress, on_result=report, rle=rle)
-    # --compile: the calls that compile, before the first image the model segments (none when every input is
-    # skipped); the run's timings leave them out (run.json's `compile.warmup_s` has them).
-    run.warm = lambda: warm_up(pipe, resolved.prompts, resolved.call)
     sha_job = run.start_sha256(weights_folder if shard is None or shard.main else None)
     error: BaseException | None = None
     with StopSignals() as run.signals:
@@ -169,8 +166,7 @@ class _FolderRun:
         self.unwritable: tuple[str, OSError] | None = None  # (input, error) of the first write the disk refused
         self.rle = rle  # --rle: the run's sem_seg_predictions.json, records taken as images are written
         self.batch_sized = False  # whether `--batch-size auto` has been sized (`groups.py`, on a GPU)
-        self.warm: Callable[[], float] | None = None  # --compile's warm-up, made by `model_ready`
-        self.warmup_s = 0.0  # its seconds, left out of the run's wall time
+        self.warmup_s: float | None = None  # --compile's warm-up seconds once `model_ready` made it
 
     def start_sha256(self, weights_folder: str | Path | None) -> Future | None:
         """Digest the weights for the manifest on a worker thread while the run goes on."""
@@ -181,10 +177,10 @@ class _FolderRun:
         return self.digest.submit(weights_sha256, weights_folder)
 
     def model_ready(self) -> None:
-        """Before the model's first image: the warm-up (`warm`), once."""
-        if self.warm is not None:
-            warm, self.warm = self.warm, None
-            self.warmup_s = warm()
+        """Before the model's first image, once: --compile's calls that compile (`warm_up`; none when every
+        input is skipped). The run's wall time leaves them out; run.json's `compile.warmup_s` has them."""
+        if self.warmup_s is None:
+            self.warmup_s = warm_up(self.pipe, self.resolved.prompts, self.resolved.call)
 
     def segment_all(self) -> None:
         """The inputs in order: read ahead, segment (equal-size pictures several per call, `groups.py`) or skip
@@ -369,7 +365,7 @@ class _FolderRun:
         summary = self.summary
         if summary.status == "completed" and (self.stop or self.unwritable is not None):
             summary.status = "output-error" if self.unwritable is not None else "stopped"
-        summary.wall_s = time.perf_counter() - t_start - self.warmup_s
+        summary.wall_s = time.perf_counter() - t_start - (self.warmup_s or 0.0)
         summary.peak_memory_bytes, summary.peak_memory_kind = peak_memory(getattr(self.pipe, "device", None))
         sha = None
         if sha_job is not None and (sha_job.done() or summary.status != "interrupted"):
