@@ -139,36 +139,58 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def build_tokenizer(words: list[str] = VOCABULARY):
-    """A CLIP tokenizer whose BPE merges keep `words` whole; any other text still tokenises by bytes."""
-    import json
-
-    from tokenizers import trainers
+    """A CLIP tokenizer whose BPE merges keep `words` whole; any other text still tokenises by bytes. The same
+    tokenizer in every process (`learn_merges`), so a compact model built with one seed is one model."""
     from transformers import CLIPTokenizer
 
     chars = _bytes_to_unicode()
     specials = ["<|startoftext|>", "<|endoftext|>"]
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    # Learn merges with the tokenizer's own pre-tokenizer, then put them on top of the full byte alphabet.
+    # The words as the tokenizer itself splits them (lower case, byte-level pieces), then merges on top of the
+    # full byte alphabet.
     scratch = CLIPTokenizer(vocab={**vocab, **{s: len(vocab) + i for i, s in enumerate(specials)}}, merges=[])
     backend = scratch.backend_tokenizer
-    trainer = trainers.BpeTrainer(
-        vocab_size=10_000,
-        special_tokens=specials,
-        initial_alphabet=chars,
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    backend.train_from_iterator(sorted(set(words)) * 2, trainer=trainer)
-    merges = [
-        tuple(m) if isinstance(m, list) else tuple(m.split(" "))
-        for m in json.loads(backend.to_str())["model"]["merges"]
-    ]
+    pieces = [p for w in words for p, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(w))]
+    merges = learn_merges(pieces)
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     for s in specials:
         vocab[s] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_TOKENS)
+
+
+def learn_merges(pieces: list[str]) -> list[tuple[str, str]]:
+    """BPE merges, most frequent pair first, until every piece is one token (its last symbol ends in `</w>`).
+
+    Ties go to the smaller pair, so the merges are the same in every process: tokenizers' `BpeTrainer` breaks
+    them by hash-map order and gave `er</w>` id 592 in one process and 593 in the next (huggingface/tokenizers
+    #1794), so `-w tiny` was a different model in each."""
+    words = [[*p[:-1], p[-1] + "</w>"] for p in sorted(set(pieces))]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for symbols in words:
+            for pair in zip(symbols, symbols[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        words = [_merge(symbols, best) for symbols in words]
+
+
+def _merge(symbols: list[str], pair: tuple[str, str]) -> list[str]:
+    """`symbols` with each occurrence of `pair` (left to right, not overlapping) joined into one symbol."""
+    out, i = [], 0
+    while i < len(symbols):
+        if symbols[i : i + 2] == list(pair):
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(symbols[i])
+            i += 1
+    return out
 
 
 def build_components(name: str, seed: int = 0):
