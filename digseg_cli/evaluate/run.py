@@ -6,8 +6,8 @@ through Accelerate (one GPU per process under CUDA, gloo on the CPU), load the m
 ``inference.pipeline.load_pipeline``, wrap it as a predictor and call ``evaluate.scoring``, which shards
 the samples, sums the confusion matrices and writes the reports. Each image's noise comes from the seed and
 the image's name (``inference.seeds.image_seed``), as in ``segment``. ``score_dataset`` is the scoring half
-alone (an opened split, the processes already joined), for ``evaluate.suite`` to join them once for all its
-benchmarks.
+alone (an opened split, the processes already joined), for ``evaluate.suite`` to join them and load the model
+(``SharedModel``) once for all its benchmarks.
 
 It renders nothing and maps no exit codes (``digseg_cli.cli.eval`` does both); errors a user can cause are
 ``DigsegError``s.
@@ -31,8 +31,9 @@ from digseg_cli.models.config import check_prompt_template
 if TYPE_CHECKING:
     from accelerate import PartialState
 
-    from digseg_cli.data.benchmarks.base import BenchmarkDataset, DatasetSpec
+    from digseg_cli.data.benchmarks.base import BenchmarkDataset
     from digseg_cli.data.benchmarks.catalog import LayoutReport
+    from digseg_cli.inference.pipeline import DigsegPipeline
 
 TILES = ("auto", "off")
 Note = Callable[[str], None]  # a one-line note for the user (reduced precision), main process only
@@ -137,11 +138,13 @@ def score_dataset(
     processes: PartialState | None = None,
     progress: Progress | None = None,
     note: Note | None = None,
+    model: SharedModel | None = None,
 ) -> EvalResult:
     """Score an opened split as ``settings`` say (saved label maps, or the model) and write its reports.
 
-    ``processes``: the group this process joined (``join_processes``), or None for one process; a suite joins
-    it once for all its benchmarks."""
+    ``processes``: the group this process joined (``join_processes``), or None for one process; ``model``: the
+    model to score, loaded on first use (None: loaded for this split alone). A suite joins the processes and
+    loads (and compiles) the model once for all its benchmarks."""
     s, spec = settings, data.spec
     # Where the reports go (probed before the model loads), the protocol and what the reports record of this run.
     out_dir = require_writable_folder(s.out or default_out_dir(spec.name, data.split), "--out")
@@ -164,7 +167,8 @@ def score_dataset(
         **protocol,
     }
     if s.predictions is None:
-        return _score_model(s, spec, data, processes=processes, note=note, record=record, common=common)
+        model = SharedModel() if model is None else model
+        return _score_model(s, data, model, processes=processes, note=note, record=record, common=common)
     record["predictions"] = str(s.predictions)
     return score_predictions(
         data,
@@ -176,30 +180,49 @@ def score_dataset(
     )
 
 
+@dataclass
+class SharedModel:
+    """The model a run scores: loaded (and compiled, with ``--compile``) by the first ``get`` and kept, so that
+    ``eval --suite`` loads it once for all its benchmarks. Every benchmark of a suite has the same weights,
+    device, precision and ``--compile``."""
+
+    pipe: DigsegPipeline | None = None
+
+    def get(self, s: EvalSettings, processes: PartialState | None, note: Note | None) -> DigsegPipeline:
+        if self.pipe is None:
+            from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
+            from digseg_cli.inference.device import precision_note
+
+            # Under CUDA each process has its own GPU (Accelerate picked cuda:LOCAL_RANK); elsewhere --device holds.
+            cuda = processes is not None and processes.device.type == "cuda"
+            device = str(processes.device) if cuda else s.device
+            dtype = None if s.precision == "auto" else s.precision
+            self.pipe = pipeline.load_pipeline(s.weights, device=device, dtype=dtype, compile=s.compile)
+            main = processes is None or processes.is_main_process
+            if note is not None and main and (text := precision_note(self.pipe.dtype, self.pipe.device)) is not None:
+                note(text)
+        return self.pipe
+
+
 def _score_model(
     s: EvalSettings,
-    spec: DatasetSpec,
     data: BenchmarkDataset,
+    model: SharedModel,
     *,
     processes: PartialState | None,
     note: Note | None,
     record: dict[str, Any],
     common: dict[str, Any],
 ) -> EvalResult:
-    """Load the model on this process's device, record the settings it runs with, score it."""
-    from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
+    """Get the model on this process's device, record the settings it runs with, score it."""
     from digseg_cli.inference.compiling import compile_record
-    from digseg_cli.inference.device import PRECISION_NAMES, precision_note
+    from digseg_cli.inference.device import PRECISION_NAMES
     from digseg_cli.inference.warmup import warm_up
 
+    spec = data.spec
     vocabulary = _word_test_vocabulary(s, spec)  # checked before the model loads and the images are scored
-    # Under CUDA each process has its own GPU (Accelerate picked cuda:LOCAL_RANK); elsewhere --device holds.
-    device = str(processes.device) if processes is not None and processes.device.type == "cuda" else s.device
-    dtype = None if s.precision == "auto" else s.precision
-    pipe = pipeline.load_pipeline(s.weights, device=device, dtype=dtype, compile=s.compile)
+    pipe = model.get(s, processes, note)
     main = processes is None or processes.is_main_process
-    if note is not None and main and (text := precision_note(pipe.dtype, pipe.device)) is not None:
-        note(text)
     decoder, encoder = pipe.resolve_decoder(s.decoder), pipe.resolve_encoder(s.encoder)
     side = spec.short_side if s.short_side is None else s.short_side
     record.update(

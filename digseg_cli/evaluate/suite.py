@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from digseg_cli.errors import DatasetError, UsageError, as_user_error
 from digseg_cli.evaluate.report import json_safe
-from digseg_cli.evaluate.run import EVAL_OUT, EvalSettings, Note, score_dataset
+from digseg_cli.evaluate.run import EVAL_OUT, EvalSettings, Note, SharedModel, score_dataset
 from digseg_cli.evaluate.scoring import EvalResult, Progress
 from digseg_cli.files import atomic_write_json, atomic_write_text, require_writable_folder
 
@@ -204,6 +204,7 @@ def run_suite(
     if missing:
         say(f"not on this machine, left out (suite.md says how to get them): {', '.join(missing)}")
     present = [r for r in rows if r.status == "present"]
+    model = SharedModel()  # loaded (and compiled) by the first benchmark that scores it, kept for the others
     for k, row in enumerate(present, 1):
         name = row.benchmark.dataset
         say(f"benchmark {k} of {len(present)}: {name} ({', '.join(p.name for p in row.benchmark.published)})")
@@ -214,7 +215,9 @@ def run_suite(
             predictions=None if settings.predictions is None else Path(settings.predictions) / name,
         )
         try:
-            row.result = score_dataset(one, opened[name], processes=processes, progress=progress, note=note)
+            row.result = score_dataset(
+                one, opened[name], processes=processes, progress=progress, note=note, model=model
+            )
             row.status = "scored"
         except Exception as exc:
             error = as_user_error(exc)

@@ -130,3 +130,29 @@ def test_the_suite_table_names_real_benchmarks_and_sources(name):
         for published in bench.published:
             assert published.source in SOURCES and published.metric
             assert published.metric == "miou" or spec.headline in ("road_iou", "refuge_dice", "phenobench_miou")
+
+
+def test_a_suite_scoring_a_model_loads_it_once_and_scores_as_single_evaluations(tmp_path, monkeypatch):
+    from layouts import write_pascal_context_59
+
+    from digseg_cli.inference import pipeline
+
+    write_cityscapes(tmp_path / "data", n=1, seed=8)
+    write_pascal_context_59(tmp_path / "data", n=1, seed=9)
+    loads = []
+    real_load = pipeline.load_pipeline
+    monkeypatch.setattr(pipeline, "load_pipeline", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    fast = ["-w", "tiny", "--limit", "1", "--short-side", "0", "--tile", "off"]  # 8x8 images as they are
+    res = _suite(tmp_path, "paper", *fast)
+    assert res.exit_code == 0, res.output
+    assert len(loads) == 1  # one model for the three benchmarks, not one each
+    table = json.loads((tmp_path / "out/suite.json").read_text())
+    scored = [e["dataset"] for e in table["benchmarks"] if e["status"] == "scored"]
+    assert scored == ["cityscapes", "pascal-context-459", "pascal-context-59"]  # PC-59 and PC-459: one release
+    for dataset in ("cityscapes", "pascal-context-59"):
+        args = ["eval", "-d", dataset, "--data-root", str(tmp_path / "data"), *fast]
+        single = runner.invoke(app, [*args, "--out", str(tmp_path / "single" / dataset), "--json"])
+        assert single.exit_code == 0, single.output
+        written = json.loads((tmp_path / "out" / dataset / "metrics.json").read_text())
+        assert written["metrics"] == json.loads(single.stdout)["metrics"], dataset  # shared scores as fresh
+    assert len(loads) == 3
