@@ -58,6 +58,14 @@ def plan_segment(
     return rows
 
 
+def _require_compiler_on(device: str) -> None:
+    """The run's own `--compile` checks, without a model: the device resolves and torch.compile can run on it."""
+    from digseg_cli.inference.compiling import BACKEND, require_compiler
+    from digseg_cli.inference.device import resolve_device
+
+    require_compiler(BACKEND, resolve_device(device))
+
+
 @dataclass(frozen=True)
 class DryRun:
     """A run's plan: one row per input (`plan_segment`), the processing resolution and why the plan is partial."""
@@ -74,9 +82,13 @@ def dry_run(
     *,
     weights: str,
     cache_dir: Path | None = None,
+    compile_on: str | None = None,
 ) -> DryRun:
     """Plan a run of `weights` on `files`; the checkpoint config is read only when the settings leave the
-    resolution, the classes or (for `--save-confidence`'s spread map) the ensemble to it."""
+    resolution, the classes or (for `--save-confidence`'s spread map) the ensemble to it. `compile_on`: the
+    `--device` of a `--compile` run, whose refusals (no such device, no compiler for it) the plan makes too."""
+    if compile_on is not None:
+        _require_compiler_on(compile_on)
     resolution, classes, note = settings.resolution, list(settings.classes), None
     members = settings.ensemble or 1
     if resolution is None or not classes or (settings.save_confidence and settings.ensemble is None):

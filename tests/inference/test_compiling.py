@@ -158,6 +158,10 @@ def test_without_a_cpp_compiler_compile_is_one_line_and_exit_2(tmp_path, monkeyp
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and "C++ compiler" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o" / "run.json").exists()
+    planned = CliRunner().invoke(app, [*args, "--dry-run"])  # the plan refuses what the run refuses
+    assert planned.exit_code == 2 and "C++ compiler" in planned.stderr, planned.output
+    plain = [a for a in args if a != "--compile"]
+    assert CliRunner().invoke(app, [*plain, "--dry-run"]).exit_code == 0  # no --compile: nothing to check
 
 
 @pytest.mark.slow
