@@ -11,28 +11,24 @@ import typer
 
 from digseg_cli.cli.common import err_console, handle_errors
 from digseg_cli.errors import EXIT_CODES_HELP
-
-# What the command line says of each part (the library's `Part`s hold the rest; importing them loads torch).
-PARTS = {
-    "decoder": {"what": "mask decoder", "inputs": "latents", "each": "3 latents each", "width": 32, "loss": "BCE"},
-    "encoder": {"what": "image encoder", "inputs": "images", "each": "one image each", "width": 64, "loss": "MSE"},
-}
+from digseg_cli.train.distill_parts import PARTS  # torch-free: the help is made without loading torch
 
 
 def _train_command(part: str):
     """The `train` command of `part` ("decoder" or "encoder")."""
     about = PARTS[part]
+    loss = about.loss.upper()
 
     def train_command(
         *,
         weights: Annotated[str, typer.Option("--weights", help="Checkpoint folder or registry name (e.g. demo).")],
         out: Annotated[Path, typer.Option("--out", help=f"Folder for the copy of the checkpoint with fast_{part}/.")],
         steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 800,
-        batch_size: Annotated[int, typer.Option(help=f"{about['inputs'].capitalize()} per step.")] = 8,
+        batch_size: Annotated[int, typer.Option(help=f"{about.inputs.capitalize()} per step.")] = 8,
         lr: Annotated[float, typer.Option(help="Peak learning rate (AdamW, cosine decay).")] = 2e-3,
-        width: Annotated[int, typer.Option(help="Channels at latent resolution.")] = about["width"],
+        width: Annotated[int, typer.Option(help="Channels at latent resolution.")] = about.width,
         blocks: Annotated[int, typer.Option(help="Residual blocks at latent resolution.")] = 2,
-        pool: Annotated[int, typer.Option(help=f"Synthetic scenes in the distillation pool ({about['each']}).")] = 192,
+        pool: Annotated[int, typer.Option(help=f"Synthetic scenes in the distillation pool ({about.each}).")] = 192,
         resolution: Annotated[int | None, typer.Option(help="Scene size (default: the model's resolution).")] = None,
         val_limit: Annotated[int | None, typer.Option(help="Score only this many synth validation images.")] = None,
         tolerance: Annotated[
@@ -42,18 +38,18 @@ def _train_command(part: str):
         overwrite: Annotated[bool, typer.Option(help="Replace --out if it exists.")] = False,
     ) -> None:
         # The options are `DistillSettings`' fields, one to one; a closure's locals() holds its free variables too.
-        options = {k: v for k, v in locals().items() if k not in ("part", "about")}
+        options = {k: v for k, v in locals().items() if k not in ("part", "about", "loss")}
         with handle_errors():
             from digseg_cli.train import distill_decoder, distill_encoder
             from digseg_cli.train.distill import DistillSettings
 
             train = {"decoder": distill_decoder.train_fast_decoder, "encoder": distill_encoder.train_fast_encoder}
-            result = train[part](DistillSettings(**options), progress=_Lines(about["inputs"], about["loss"]))
+            result = train[part](DistillSettings(**options), progress=_Lines(about.inputs, loss))
         ev = result.evaluation
         verb = "decode" if part == "decoder" else "encode"
         verdict = "passed" if ev["passed"] else f"NOT passed (--{part} auto keeps the VAE {part})"
         err_console.print(
-            f"done: {result.params:,}-parameter {part}, {result.steps} steps, {about['loss']} {result.loss:.4f}; "
+            f"done: {result.params:,}-parameter {part}, {result.steps} steps, {loss} {result.loss:.4f}; "
             f"synth mIoU {ev['miou_vae']:.2f} (vae) → {ev['miou_fast']:.2f} (fast), change "
             f"{ev['miou_change_points']:+.2f} points: {verdict}; {verb} {ev[f'{verb}_speedup']:.0f}× faster; "
             f"wrote {result.out}",
@@ -86,13 +82,13 @@ def register(app: typer.Typer) -> None:
     for part, about in PARTS.items():
         sub = typer.Typer(
             name=part,
-            help=f"Fast {about['what']}s: distil the VAE {part} into a small network.",
+            help=f"Fast {about.what}s: distil the VAE {part} into a small network.",
             no_args_is_help=True,
             context_settings={"help_option_names": ["-h", "--help"]},
         )
         sub.command(
             "train",
             epilog=EXIT_CODES_HELP,
-            help=f"Train a small {about['what']} against the VAE {part}'s own output and check its mIoU on synth.",
+            help=f"Train a small {about.what} against the VAE {part}'s own output and check its mIoU on synth.",
         )(_train_command(part))
         app.add_typer(sub, name=part)

@@ -24,6 +24,7 @@ import torch
 
 from digseg_cli.core import transforms
 from digseg_cli.errors import UsageError
+from digseg_cli.train.distill_parts import PartAbout
 from digseg_cli.train.settings import refuse_broken
 
 log = logging.getLogger("digseg")
@@ -62,12 +63,9 @@ class DistillResult:
 @dataclass(frozen=True)
 class Part:
     """What one distillation knows that the other does not (fields in this order: the parts are declared
-    positionally, one line each)."""
+    positionally, one line each); what is said of it is `distill_parts.PARTS`'."""
 
-    name: str  # "decoder" | "encoder": the pipeline's option, and the model's `fast_<name>` it fills
-    width: int  # the student's default width
-    inputs: str  # what the pool holds, for its record: "latents" | "images"
-    loss_name: str  # "bce" | "mse", recorded as the distillation's `final_<loss_name>`
+    about: PartAbout  # its name, what its pool holds, the student's default width, the loss's name
     pool: Callable  # (pipe, settings, resolution, emit) → (inputs `[N,...]`, teacher's outputs `[N,...]`)
     student: type  # the small network: built as (latent channels, VAE factor, width=, blocks=)
     loss: Callable  # (student, inputs `[b,...]`, targets `[b,...]`) → scalar loss
@@ -106,28 +104,30 @@ def distil(s: DistillSettings, part: Part, progress: Progress | None = None) -> 
     # 3. Fit the small network.
     torch.manual_seed(s.seed)
     model = pipe.model
-    student = part.student(model.latent_channels, model.vae_scale_factor, width=s.width or part.width, blocks=s.blocks)
+    student = part.student(
+        model.latent_channels, model.vae_scale_factor, width=s.width or part.about.width, blocks=s.blocks
+    )
     loss = _fit(student, inputs, targets, part.loss, s, emit)
-    setattr(model, f"fast_{part.name}", student.requires_grad_(False).eval())
+    setattr(model, f"fast_{part.about.name}", student.requires_grad_(False).eval())
     pipe.memory_format = pipe.memory_format  # the new part in the layout the others run in, timed as users run it
     # 4. Accuracy (mIoU on the synth validation split, each choice of the part) and speed.
     params = sum(p.numel() for p in student.parameters())
-    distillation = {"steps": s.steps, f"pool_{part.inputs}": len(inputs), "resolution": resolution}
+    distillation = {"steps": s.steps, f"pool_{part.about.inputs}": len(inputs), "resolution": resolution}
     evaluation = {
-        "teacher": f"vae {part.name}",
+        "teacher": f"vae {part.about.name}",
         "params": params,
-        "distillation": {**distillation, f"final_{part.loss_name}": loss},
+        "distillation": {**distillation, f"final_{part.about.loss}": loss},
     }
-    evaluation.update(_compare(pipe, part.name, s.val_limit, s.tolerance, emit))
+    evaluation.update(_compare(pipe, part.about.name, s.val_limit, s.tolerance, emit))
     evaluation.update(_time_parts(model, part.timed, inputs[: min(8, len(inputs))]))
     # 5. A copy of the checkpoint with fast_<part>/ and the result in its config. The U-Net and VAE are
     # unchanged, so the checkpoint's other scores stay true, except those measured with a fast <part>: that
     # was another one.
-    key = f"fast_{part.name}"
+    key = f"fast_{part.about.name}"
     kept = {
         k: v
         for k, v in pipe.config.evaluation.items()
-        if k != key and not (isinstance(v, dict) and v.get(part.name) == "fast")
+        if k != key and not (isinstance(v, dict) and v.get(part.about.name) == "fast")
     }
     pipe.config.evaluation = {**kept, key: evaluation}
     pipe.save_pretrained(s.out, overwrite=s.overwrite)

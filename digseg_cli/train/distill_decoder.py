@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from digseg_cli.core import diffusion, transforms
 from digseg_cli.core.fast_decoder import FastMaskDecoder
 from digseg_cli.train.distill import DistillResult, DistillSettings, Part, Progress, distil, synth_scenes
+from digseg_cli.train.distill_parts import PARTS
 
 
 def train_fast_decoder(s: DistillSettings, progress: Progress | None = None) -> DistillResult:
@@ -60,6 +61,4 @@ def _bce(decoder: FastMaskDecoder, latents: torch.Tensor, targets: torch.Tensor)
     return F.binary_cross_entropy_with_logits(decoder.logits(latents)[:, 0], targets)
 
 
-DECODER = Part(
-    "decoder", 32, "latents", "bce", _latent_pool, FastMaskDecoder, _bce, ("decode_probs", "decode_probs_fast")
-)
+DECODER = Part(PARTS["decoder"], _latent_pool, FastMaskDecoder, _bce, ("decode_probs", "decode_probs_fast"))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from digseg_cli.core.fast_encoder import FastImageEncoder
 from digseg_cli.train.distill import DistillResult, DistillSettings, Part, Progress, distil, synth_scenes
+from digseg_cli.train.distill_parts import PARTS
 
 
 def train_fast_encoder(s: DistillSettings, progress: Progress | None = None) -> DistillResult:
@@ -33,6 +34,4 @@ def _mse(encoder: FastImageEncoder, images: torch.Tensor, latents: torch.Tensor)
     return F.mse_loss(encoder(images), latents)
 
 
-ENCODER = Part(
-    "encoder", 64, "images", "mse", _image_pool, FastImageEncoder, _mse, ("encode_image", "encode_image_fast")
-)
+ENCODER = Part(PARTS["encoder"], _image_pool, FastImageEncoder, _mse, ("encode_image", "encode_image_fast"))
