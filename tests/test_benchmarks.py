@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,6 @@ def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_quick_tiny_run_writes_the_table(tmp_path):
     out = tmp_path / "RESULTS.md"
-    t0 = time.monotonic()
     done = _bench(
         "run.py",
         "--quick",
@@ -46,7 +44,6 @@ def test_quick_tiny_run_writes_the_table(tmp_path):
         str(out),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert time.monotonic() - t0 < 60
     text = out.read_text()
     assert text.startswith("# digseg performance results")
     section = text[text.index("## Run: `--size tiny`") :]
