@@ -2,7 +2,8 @@
 
 One job: hold the suites as one declarative table (``SUITES``: suite → benchmarks; each benchmark: its catalog
 dataset and the published DiGSeg numbers it is compared with, each with its metric key and where the number
-comes from), run ``evaluate.run.score_dataset`` for every benchmark whose data is on this machine, each into
+comes from), run ``evaluate.run.score_dataset`` for every benchmark whose data is on this machine (one model,
+``SharedModel``, loaded and compiled once for all of them), each into
 ``<out>/<dataset>/`` with its usual reports (and, with ``--predictions DIR``, from ``DIR/<dataset>/``), and
 write ``<out>/suite.md`` and ``<out>/suite.json``: our number beside the paper's, the benchmarks that are
 missing with the catalog's own text on how to get them, and the ones that failed.
