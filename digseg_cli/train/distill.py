@@ -63,7 +63,7 @@ class DistillResult:
 @dataclass(frozen=True)
 class Part:
     """What one distillation knows that the other does not (fields in this order: the parts are declared
-    positionally, one line each); what is said of it is `distill_parts.PARTS`'."""
+    positionally, one line each); what is said of it is in `distill_parts.PARTS`."""
 
     about: PartAbout  # its name, what its pool holds, the student's default width, the loss's name
     pool: Callable  # (pipe, settings, resolution, emit) → (inputs `[N,...]`, teacher's outputs `[N,...]`)
@@ -103,31 +103,29 @@ def distil(s: DistillSettings, part: Part, progress: Progress | None = None) -> 
     inputs, targets = part.pool(pipe, s, resolution, emit)
     # 3. Fit the small network.
     torch.manual_seed(s.seed)
-    model = pipe.model
-    student = part.student(
-        model.latent_channels, model.vae_scale_factor, width=s.width or part.about.width, blocks=s.blocks
-    )
+    model, about = pipe.model, part.about
+    student = part.student(model.latent_channels, model.vae_scale_factor, width=s.width or about.width, blocks=s.blocks)
     loss = _fit(student, inputs, targets, part.loss, s, emit)
-    setattr(model, f"fast_{part.about.name}", student.requires_grad_(False).eval())
+    setattr(model, f"fast_{about.name}", student.requires_grad_(False).eval())
     pipe.memory_format = pipe.memory_format  # the new part in the layout the others run in, timed as users run it
     # 4. Accuracy (mIoU on the synth validation split, each choice of the part) and speed.
     params = sum(p.numel() for p in student.parameters())
-    distillation = {"steps": s.steps, f"pool_{part.about.inputs}": len(inputs), "resolution": resolution}
+    distillation = {"steps": s.steps, f"pool_{about.inputs}": len(inputs), "resolution": resolution}
     evaluation = {
-        "teacher": f"vae {part.about.name}",
+        "teacher": f"vae {about.name}",
         "params": params,
-        "distillation": {**distillation, f"final_{part.about.loss}": loss},
+        "distillation": {**distillation, f"final_{about.loss}": loss},
     }
-    evaluation.update(_compare(pipe, part.about.name, s.val_limit, s.tolerance, emit))
+    evaluation.update(_compare(pipe, about.name, s.val_limit, s.tolerance, emit))
     evaluation.update(_time_parts(model, part.timed, inputs[: min(8, len(inputs))]))
     # 5. A copy of the checkpoint with fast_<part>/ and the result in its config. The U-Net and VAE are
     # unchanged, so the checkpoint's other scores stay true, except those measured with a fast <part>: that
     # was another one.
-    key = f"fast_{part.about.name}"
+    key = f"fast_{about.name}"
     kept = {
         k: v
         for k, v in pipe.config.evaluation.items()
-        if k != key and not (isinstance(v, dict) and v.get(part.about.name) == "fast")
+        if k != key and not (isinstance(v, dict) and v.get(about.name) == "fast")
     }
     pipe.config.evaluation = {**kept, key: evaluation}
     pipe.save_pretrained(s.out, overwrite=s.overwrite)
