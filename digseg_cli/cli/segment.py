@@ -250,8 +250,7 @@ def segment(
         if dry_run:
             from digseg_cli.segment.plan import dry_run as plan_run
 
-            compile_on = device if compile else None  # a --compile plan refuses what the run would refuse
-            plan = plan_run(files, out, settings, weights=weights, cache_dir=cache_dir, compile_on=compile_on)
+            plan = plan_run(files, out, settings, weights=weights, cache_dir=cache_dir, device=device, compile=compile)
             view.show_plan(plan, out, weights, as_json)
             return
         # 2. The output folder takes files (exit code 2), then device, precision and weights (4 and 5).

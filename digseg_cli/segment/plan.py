@@ -58,12 +58,15 @@ def plan_segment(
     return rows
 
 
-def _require_compiler_on(device: str) -> None:
-    """The run's own `--compile` checks, without a model: the device resolves and torch.compile can run on it."""
+def _check_device(device: str, compile: bool) -> None:
+    """The run's own device checks, without a model: `device` resolves (exit 2 or 4) and, with `--compile`,
+    torch.compile can run on it (exit 2)."""
     from digseg_cli.inference.compiling import BACKEND, require_compiler
     from digseg_cli.inference.device import resolve_device
 
-    require_compiler(BACKEND, resolve_device(device))
+    resolved = resolve_device(device)
+    if compile:
+        require_compiler(BACKEND, resolved)
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,13 @@ def dry_run(
     *,
     weights: str,
     cache_dir: Path | None = None,
-    compile_on: str | None = None,
+    device: str = "auto",
+    compile: bool = False,
 ) -> DryRun:
     """Plan a run of `weights` on `files`; the checkpoint config is read only when the settings leave the
-    resolution, the classes or (for `--save-confidence`'s spread map) the ensemble to it. `compile_on`: the
-    `--device` of a `--compile` run, whose refusals (no such device, no compiler for it) the plan makes too."""
-    if compile_on is not None:
-        _require_compiler_on(compile_on)
+    resolution, the classes or (for `--save-confidence`'s spread map) the ensemble to it. The plan refuses what
+    the run would refuse before its first image: a `device` that is not here, `--compile` without a compiler."""
+    _check_device(device, compile)
     resolution, classes, note = settings.resolution, list(settings.classes), None
     members = settings.ensemble or 1
     if resolution is None or not classes or (settings.save_confidence and settings.ensemble is None):

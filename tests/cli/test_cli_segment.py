@@ -191,6 +191,17 @@ def test_dry_run_loads_no_model(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("device", "code"), [("bogus", 2), ("mps", 4), ("cuda:7", 4)])
+def test_dry_run_refuses_the_device_the_run_would_refuse(tmp_path, device, code):
+    if code == 4 and (torch.cuda.device_count() > 7 or torch.backends.mps.is_available()):
+        pytest.skip("this machine has the device")
+    _save(tmp_path / "a.png", 1)
+    args = [str(tmp_path / "a.png"), "-p", "road", "--out", str(tmp_path / "out"), "--device", device]
+    planned, ran = _run(*args, "--dry-run"), _run(*args)
+    assert planned.exit_code == ran.exit_code == code, planned.output
+    assert planned.stderr == ran.stderr and len(planned.stderr.strip().splitlines()) == 1  # the same one line
+
+
 def test_stdin_to_stdout_pipe(tmp_path):
     import io
 
