@@ -113,7 +113,7 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
     ``progress(done, total, stem)`` is called after each image this process scores; ``note(text)`` gets the
     main process's notes for the user (e.g. that bf16 moves probabilities)."""
     from digseg_cli.data.benchmarks import catalog as D
-    from digseg_cli.inference.device import join_processes, leave_process_group
+    from digseg_cli.inference.device import is_main, join_processes, leave_process_group
 
     s = settings
     # 1. Options, dataset, and what was asked besides scoring.
@@ -128,7 +128,7 @@ def run_eval(settings: EvalSettings, *, progress: Progress | None = None, note: 
     processes = join_processes(s.device)
     result = score_dataset(s, data, processes=processes, progress=progress, note=note)
     leave_process_group()
-    return EvalRun(result=result, main_process=processes is None or processes.is_main_process)
+    return EvalRun(result=result, main_process=is_main(processes))
 
 
 def score_dataset(
@@ -191,15 +191,15 @@ class SharedModel:
     def get(self, s: EvalSettings, processes: PartialState | None, note: Note | None) -> DigsegPipeline:
         if self.pipe is None:
             from digseg_cli.inference import pipeline  # loads diffusers: only when a model is scored
-            from digseg_cli.inference.device import precision_note
+            from digseg_cli.inference.device import is_main, precision_note
 
             # Under CUDA each process has its own GPU (Accelerate picked cuda:LOCAL_RANK); elsewhere --device holds.
             cuda = processes is not None and processes.device.type == "cuda"
             device = str(processes.device) if cuda else s.device
             dtype = None if s.precision == "auto" else s.precision
             self.pipe = pipeline.load_pipeline(s.weights, device=device, dtype=dtype, compile=s.compile)
-            main = processes is None or processes.is_main_process
-            if note is not None and main and (text := precision_note(self.pipe.dtype, self.pipe.device)) is not None:
+            text = precision_note(self.pipe.dtype, self.pipe.device)
+            if note is not None and is_main(processes) and text is not None:
                 note(text)
         return self.pipe
 
@@ -216,13 +216,13 @@ def _score_model(
 ) -> EvalResult:
     """Get the model on this process's device, record the settings it runs with, score it."""
     from digseg_cli.inference.compiling import compile_record
-    from digseg_cli.inference.device import PRECISION_NAMES
+    from digseg_cli.inference.device import PRECISION_NAMES, is_main
     from digseg_cli.inference.warmup import warm_up
 
     spec = data.spec
     vocabulary = _word_test_vocabulary(s, spec)  # checked before the model loads and the images are scored
     pipe = model.get(s, processes, note)
-    main = processes is None or processes.is_main_process
+    main = is_main(processes)
     decoder, encoder = pipe.resolve_decoder(s.decoder), pipe.resolve_encoder(s.encoder)
     side = spec.short_side if s.short_side is None else s.short_side
     record.update(

@@ -189,7 +189,7 @@ def run_suite(
     docstring. ``settings`` are one evaluation's, with ``dataset`` empty (each benchmark sets its own), ``out``
     the suite's folder and ``predictions`` the folder of per-benchmark folders. ``note(text)`` gets a line per
     benchmark as it starts ("benchmark k of N: ...") and the run's other notes."""
-    from digseg_cli.inference.device import join_processes, leave_process_group
+    from digseg_cli.inference.device import is_main, join_processes, leave_process_group
 
     benchmarks = get_suite(suite)
     _check_settings(settings, benchmarks)
@@ -199,7 +199,7 @@ def run_suite(
         raise DatasetError(f"no benchmark of suite {suite} is on this machine. {how}")
     out = require_writable_folder(settings.out or default_suite_out(suite), "--out")  # before any model loads
     processes = join_processes(settings.device)
-    main = processes is None or processes.is_main_process
+    main = is_main(processes)
     say = note if note is not None and main else (lambda _text: None)
     missing = [r.benchmark.dataset for r in rows if r.status == "missing"]
     if missing:

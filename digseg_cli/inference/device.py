@@ -151,6 +151,11 @@ def join_processes(device: str) -> PartialState | None:
     return PartialState(cpu=not (torch.cuda.is_available() and device not in ("cpu", "mps")))
 
 
+def is_main(processes: PartialState | None) -> bool:
+    """Whether this process reports for the group `join_processes` joined (always, for one process)."""
+    return processes is None or processes.is_main_process
+
+
 def leave_process_group() -> None:
     """Meet the other processes, then close the process group of a multi-process run (no-op otherwise).
 
