@@ -46,12 +46,12 @@ def _train_command(part: str):
             train = {"decoder": distill_decoder.train_fast_decoder, "encoder": distill_encoder.train_fast_encoder}
             result = train[part](DistillSettings(**options), progress=_Lines(about.inputs, loss))
         ev = result.evaluation
-        verb = "decode" if part == "decoder" else "encode"
+        speedup = ev[f"{about.verb}_speedup"]
         verdict = "passed" if ev["passed"] else f"NOT passed (--{part} auto keeps the VAE {part})"
         err_console.print(
             f"done: {result.params:,}-parameter {part}, {result.steps} steps, {loss} {result.loss:.4f}; "
             f"synth mIoU {ev['miou_vae']:.2f} (vae) → {ev['miou_fast']:.2f} (fast), change "
-            f"{ev['miou_change_points']:+.2f} points: {verdict}; {verb} {ev[f'{verb}_speedup']:.0f}× faster; "
+            f"{ev['miou_change_points']:+.2f} points: {verdict}; {about.verb} {speedup:.0f}× faster; "
             f"wrote {result.out}",
             highlight=False,
         )

@@ -117,7 +117,7 @@ def distil(s: DistillSettings, part: Part, progress: Progress | None = None) -> 
         "distillation": {**distillation, f"final_{about.loss}": loss},
     }
     evaluation.update(_compare(pipe, about.name, s.val_limit, s.tolerance, emit))
-    evaluation.update(_time_parts(model, part.timed, inputs[: min(8, len(inputs))]))
+    evaluation.update(_time_parts(model, part.timed, inputs[: min(8, len(inputs))], about.verb))
     # 5. A copy of the checkpoint with fast_<part>/ and the result in its config. The U-Net and VAE are
     # unchanged, so the checkpoint's other scores stay true, except those measured with a fast <part>: that
     # was another one.
@@ -218,10 +218,9 @@ def _predictor(pipe, parts: dict[str, str]):
 
 
 @torch.no_grad()
-def _time_parts(model, methods: tuple[str, str], inputs: torch.Tensor, repeats: int = 3) -> dict:
+def _time_parts(model, methods: tuple[str, str], inputs: torch.Tensor, verb: str, repeats: int = 3) -> dict:
     """Seconds for the VAE's and the fast part's `methods` on `inputs` (median of `repeats`, after a warm-up),
-    recorded as `<verb>_seconds_vae` etc. (verb "decode" or "encode")."""
-    verb = methods[0].split("_")[0]
+    recorded as `<verb>_seconds_vae` etc. (the part's verb, "decode" or "encode")."""
     times = {}
     for name, method in zip(("vae", "fast"), methods, strict=True):
         fn = getattr(model, method)
